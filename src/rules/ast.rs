@@ -103,6 +103,8 @@ pub enum Priority {
     Number(i32),
     /// `filter`, `dstnat`, `filter - 10`, ...
     Named(String, i32),
+    /// `$prio`, resolved by the checker.
+    Var(String),
 }
 
 #[derive(Clone, Debug)]

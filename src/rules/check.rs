@@ -544,6 +544,7 @@ impl<'a> Checker<'a> {
     }
 
     fn base_chain(&mut self, family: Family, h: &HookSpec, policy: &Option<Name>) -> Option<MBase> {
+        let policy = &policy.clone().map(|p| self.subst_name(p));
         let chain_type = match h.chain_type.node.as_str() {
             "filter" => ChainType::Filter,
             "nat" => ChainType::Nat,
@@ -581,7 +582,23 @@ impl<'a> Checker<'a> {
         if let Some(d) = &h.device {
             self.err(d.span, "`device` applies only to netdev and flowtable hooks");
         }
-        let priority = match &h.priority.node {
+        let resolved = match &h.priority.node {
+            Priority::Var(v) => match self.defines.get(v).map(|d| d.node.clone()) {
+                Some(Expr::Number(n)) => Priority::Number(n.min(i32::MAX as u128) as i32),
+                Some(Expr::Word(w)) => Priority::Named(w, 0),
+                Some(_) => {
+                    self.err(h.priority.span, format!("variable `${v}` does not hold a priority"));
+                    return None;
+                }
+                None => {
+                    self.err(h.priority.span, format!("undefined variable `${v}`"));
+                    return None;
+                }
+            },
+            other => other.clone(),
+        };
+        let priority = match &resolved {
+            Priority::Var(_) => 0,
             Priority::Number(n) => *n,
             Priority::Named(name, off) => match std_priority(family, hook, name) {
                 Some(p) => p + off,
@@ -730,6 +747,14 @@ impl<'a> Checker<'a> {
                 }
             }
         }
+        if interval && key.len() == 1 {
+            let mut b: Vec<(u128, u128)> = elems.iter().map(|e| e.key[0].bounds(key[0])).collect();
+            b.sort();
+            if b.windows(2).any(|w| w[1].0 <= w[0].1) {
+                let span = s.elements.as_ref().map_or(s.name.span, |e| e.span);
+                self.err(span, format!("set `{}` has overlapping elements", s.name.node));
+            }
+        }
         Some(MSet {
             name: s.name.node.clone(),
             key,
@@ -842,7 +867,7 @@ impl<'a> Checker<'a> {
                     self.err(e.span, "range is backwards: the first value is larger than the second");
                     return None;
                 }
-                Some(if a == b { Atom::Value(a) } else { Atom::Range(a, b) })
+                Some(Atom::Range(a, b))
             }
             Expr::Prefix(base, len) => {
                 if !matches!(ty, DType::Ipv4Addr | DType::Ipv6Addr) {
@@ -888,6 +913,7 @@ impl<'a> Checker<'a> {
             (Expr::Ipv6(a), DType::Ipv6Addr) => Some(u128::from(*a)),
             (Expr::Ipv4(a), _) => bad(self, &format!("address {a}")),
             (Expr::Ipv6(a), _) => bad(self, &format!("address {a}")),
+            (Expr::Number(n), DType::Ipv4Addr | DType::Ipv6Addr) if *n <= ty_max(ty) => Some(*n),
             (Expr::Number(n), DType::Ipv4Addr | DType::Ipv6Addr | DType::Ifname | DType::Str) => {
                 bad(self, &format!("number {n}"))
             }
@@ -957,11 +983,11 @@ impl<'a> Checker<'a> {
         let before = self.diags.len();
         let mut items = Vec::new();
         let mut seen_stmt = false;
-        let mut seen_terminal: Option<Span> = None;
+        let mut seen_terminal = false;
         let mut has_l4 = false;
+        let mut l3: Option<Family> = None;
         for it in &r.items {
-            if let Some(t) = seen_terminal {
-                let _ = t;
+            if seen_terminal {
                 self.err(it.span, "statement after a terminal verdict has no effect: move it before the verdict or remove it");
                 break;
             }
@@ -975,18 +1001,31 @@ impl<'a> Checker<'a> {
                         continue;
                     }
                     if let Some(m) = self.relation(rcx, rel, it.span) {
-                        if m.sels.iter().any(|s| implies_l4(*s)) {
-                            has_l4 = true;
+                        for s in &m.sels {
+                            has_l4 |= implies_l4(*s);
+                            l3 = l3.or(sel_family(*s));
+                        }
+                        if matches!(m.rhs, MRhs::Vmap(_) | MRhs::VmapRef(_)) {
+                            // A verdict map decides like a statement: nothing may follow it
+                            // but statements.
+                            seen_stmt = true;
                         }
                         items.push(MItem::Match(m));
                     }
                 }
                 RuleItem::Stmt(s) => {
                     seen_stmt = true;
-                    if let Some(ms) = self.stmt(rcx, s, it.span, has_l4) {
-                        if stmt_is_terminal(&ms) {
-                            seen_terminal = Some(it.span);
+                    if let Some(ms) = self.stmt(rcx, s, it.span, has_l4, l3) {
+                        if ms == MStmt::Reject(Reject::TcpReset) && rcx.family == Family::Inet && !has_l4 {
+                            // nft adds this dependency, and lists it.
+                            items.push(MItem::Match(MMatch {
+                                sels: vec![Sel::MetaL4proto],
+                                mask: None,
+                                op: None,
+                                rhs: MRhs::Value(Atom::Value(6)),
+                            }));
                         }
+                        seen_terminal = stmt_is_terminal(&ms);
                         items.push(MItem::Stmt(ms));
                     }
                 }
@@ -995,6 +1034,7 @@ impl<'a> Checker<'a> {
         if self.diags.len() > before {
             return None;
         }
+        elide_dependencies(rcx.family, &mut items);
         Some(MRule {
             loc: self.map.loc(r.span),
             items,
@@ -1046,9 +1086,7 @@ impl<'a> Checker<'a> {
             Sel::IpSaddr | Sel::IpDaddr | Sel::IpProtocol | Sel::IpTtl | Sel::IpLength => {
                 Some(Family::Ip)
             }
-            Sel::IcmpType | Sel::IcmpCode => Some(Family::Ip),
             Sel::Ip6Saddr | Sel::Ip6Daddr | Sel::Ip6Nexthdr | Sel::Ip6Hoplimit => Some(Family::Ip6),
-            Sel::Icmp6Type | Sel::Icmp6Code => Some(Family::Ip6),
             _ => None,
         };
         if let Some(f) = needs {
@@ -1152,8 +1190,24 @@ impl<'a> Checker<'a> {
                 });
             }
             Rhs::Expr(e) => {
-                let e = Spanned::new(e.clone(), rs);
+                let mut e = Spanned::new(e.clone(), rs);
+                // nft turns a set literal of one element into that element when it parses it.
+                if let Expr::Set(items) = &e.node {
+                    let mut flat = Vec::new();
+                    flatten_set(&e, &mut flat);
+                    if items.len() == 1 && flat.len() == 1 && sels.len() == 1 {
+                        e = flat.pop().expect("one element");
+                    }
+                }
                 match &e.node {
+                    Expr::Or(_) if ty.is_bitmask() => {
+                        let v = self.flag_value(ty, &e)?;
+                        if op.is_none() && mask.is_none() {
+                            MRhs::Flags(vec![v])
+                        } else {
+                            MRhs::Value(Atom::Value(v))
+                        }
+                    }
                     Expr::Set(_) => {
                         if mask.is_some() {
                             self.err(rs, "a mask cannot be combined with a set");
@@ -1296,7 +1350,14 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn stmt(&mut self, rcx: &RuleCx, s: &StmtAst, span: Span, has_l4: bool) -> Option<MStmt> {
+    fn stmt(
+        &mut self,
+        rcx: &RuleCx,
+        s: &StmtAst,
+        span: Span,
+        has_l4: bool,
+        l3: Option<Family>,
+    ) -> Option<MStmt> {
         Some(match s {
             StmtAst::Verdict(v) => {
                 let mv = verdict_of(v);
@@ -1353,6 +1414,13 @@ impl<'a> Checker<'a> {
                             _ => Reject::Icmpx(v),
                         }
                     }
+                };
+                // nft lists each family's default as a bare `reject`.
+                let rej = match (rcx.family, rej) {
+                    (Family::Ip, Reject::Icmp(3)) => Reject::Default,
+                    (Family::Ip6, Reject::Icmp6(4)) => Reject::Default,
+                    (Family::Inet, Reject::Icmpx(1)) => Reject::Default,
+                    (_, r) => r,
                 };
                 if rcx.hook.is_some_and(|h| !matches!(h, Hook::Input | Hook::Forward | Hook::Output)) {
                     self.err(span, "reject is only valid in the input, forward and output hooks");
@@ -1438,7 +1506,7 @@ impl<'a> Checker<'a> {
                     burst: *burst,
                 }
             }
-            StmtAst::Nat(n) => MStmt::Nat(self.nat(rcx, n, span, has_l4)?),
+            StmtAst::Nat(n) => MStmt::Nat(self.nat(rcx, n, span, has_l4, l3)?),
             StmtAst::CtHelperSet(e) => {
                 let name = match &e.node {
                     Expr::Str(s) | Expr::Word(s) => s.clone(),
@@ -1473,7 +1541,14 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn nat(&mut self, rcx: &RuleCx, n: &NatAst, span: Span, has_l4: bool) -> Option<MNat> {
+    fn nat(
+        &mut self,
+        rcx: &RuleCx,
+        n: &NatAst,
+        span: Span,
+        has_l4: bool,
+        l3: Option<Family>,
+    ) -> Option<MNat> {
         let kind = match n.kind {
             NatKindAst::Snat => NatKind::Snat,
             NatKindAst::Dnat => NatKind::Dnat,
@@ -1501,7 +1576,7 @@ impl<'a> Checker<'a> {
                 return None;
             }
         }
-        let family = match n.family.as_deref() {
+        let mut family = match n.family.as_deref() {
             Some("ip") => Some(Family::Ip),
             Some("ip6") => Some(Family::Ip6),
             _ => None,
@@ -1526,6 +1601,7 @@ impl<'a> Checker<'a> {
             }
             let addr_family = if v6 { Family::Ip6 } else { Family::Ip };
             match (rcx.family, family) {
+                (Family::Inet, None) if l3 == Some(addr_family) => family = Some(addr_family),
                 (Family::Inet, None) => {
                     self.err(
                         span,
@@ -1573,6 +1649,10 @@ impl<'a> Checker<'a> {
                 return None;
             }
             port = Some((a, b));
+        }
+        if rcx.family != Family::Inet {
+            // `snat ip to` in an ip table is just `snat to`.
+            family = None;
         }
         let mut flags = NatFlags::default();
         for f in &n.flags {
@@ -1663,6 +1743,102 @@ fn stmt_is_terminal(s: &MStmt) -> bool {
                 MVerdict::Accept | MVerdict::Drop | MVerdict::Return | MVerdict::Jump(_) | MVerdict::Goto(_)
             )
     )
+}
+
+/// The IP family a selector implies, if any.
+fn sel_family(s: Sel) -> Option<Family> {
+    match s {
+        Sel::IpSaddr | Sel::IpDaddr | Sel::IpProtocol | Sel::IpTtl | Sel::IpLength => Some(Family::Ip),
+        Sel::IcmpType | Sel::IcmpCode => Some(Family::Ip),
+        Sel::Ip6Saddr | Sel::Ip6Daddr | Sel::Ip6Nexthdr | Sel::Ip6Hoplimit => Some(Family::Ip6),
+        Sel::Icmp6Type | Sel::Icmp6Code => Some(Family::Ip6),
+        _ => None,
+    }
+}
+
+/// Removes protocol matches that a later match implies, as nft's listing does
+/// (payload dependency elimination): `meta l4proto tcp tcp dport 22` lists as `tcp dport 22`,
+/// `meta l4proto udp th dport 53` as `udp dport 53`, `meta nfproto ipv4 ip saddr ...` as
+/// `ip saddr ...`. The meaning is unchanged: the later match carries the dependency.
+fn elide_dependencies(family: Family, items: &mut Vec<MItem>) {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Dep {
+        L4(u128),
+        Nf(u128),
+    }
+    let mut remove = vec![false; items.len()];
+    for i in 0..items.len() {
+        let dep = match &items[i] {
+            MItem::Match(MMatch {
+                sels,
+                mask: None,
+                op: None | Some(RelOp::Eq),
+                rhs: MRhs::Value(Atom::Value(v)),
+            }) if sels.len() == 1 => match sels[0] {
+                Sel::MetaL4proto => Dep::L4(*v),
+                Sel::IpProtocol if family == Family::Ip => Dep::L4(*v),
+                Sel::Ip6Nexthdr if family == Family::Ip6 => Dep::L4(*v),
+                Sel::MetaNfproto if family == Family::Inet => Dep::Nf(*v),
+                _ => continue,
+            },
+            _ => continue,
+        };
+        for j in i + 1..items.len() {
+            let hit = match &mut items[j] {
+                MItem::Match(m) => {
+                    let mut hit = false;
+                    for s in m.sels.iter_mut() {
+                        let implied = match (dep, *s) {
+                            (Dep::L4(6), Sel::TcpSport | Sel::TcpDport | Sel::TcpFlags) => true,
+                            (Dep::L4(17), Sel::UdpSport | Sel::UdpDport) => true,
+                            (Dep::L4(1), Sel::IcmpType | Sel::IcmpCode) => true,
+                            (Dep::L4(58), Sel::Icmp6Type | Sel::Icmp6Code) => true,
+                            (Dep::L4(6), Sel::ThSport) => {
+                                *s = Sel::TcpSport;
+                                true
+                            }
+                            (Dep::L4(6), Sel::ThDport) => {
+                                *s = Sel::TcpDport;
+                                true
+                            }
+                            (Dep::L4(17), Sel::ThSport) => {
+                                *s = Sel::UdpSport;
+                                true
+                            }
+                            (Dep::L4(17), Sel::ThDport) => {
+                                *s = Sel::UdpDport;
+                                true
+                            }
+                            (Dep::Nf(nf), sel) => sel_family(sel) == Some(if nf == 2 { Family::Ip } else { Family::Ip6 })
+                                && !matches!(sel, Sel::IcmpType | Sel::IcmpCode | Sel::Icmp6Type | Sel::Icmp6Code),
+                            _ => false,
+                        };
+                        hit |= implied;
+                    }
+                    if let (Dep::Nf(nf), [Sel::MetaL4proto], MRhs::Value(Atom::Value(p))) =
+                        (dep, m.sels.as_slice(), &m.rhs)
+                    {
+                        hit |= (nf == 2 && *p == 1) || (nf == 10 && *p == 58);
+                    }
+                    hit
+                }
+                MItem::Stmt(MStmt::Reject(r)) => matches!(
+                    (dep, r),
+                    (Dep::Nf(2), Reject::Icmp(_)) | (Dep::Nf(10), Reject::Icmp6(_))
+                ),
+                MItem::Stmt(_) => false,
+            };
+            if hit {
+                remove[i] = true;
+                break;
+            }
+        }
+    }
+    let mut k = 0;
+    items.retain(|_| {
+        k += 1;
+        !remove[k - 1]
+    });
 }
 
 fn type_list(t: &[DType]) -> String {

@@ -474,7 +474,9 @@ impl Cx {
         let span = self.span(&p);
         let mut it = p.kids();
         let first = it.next().expect("priority value");
-        let node = if first.as_rule() == Rule::signed_int {
+        let node = if first.as_rule() == Rule::variable {
+            Priority::Var(first.as_str().trim_start_matches('$').to_string())
+        } else if first.as_rule() == Rule::signed_int {
             Priority::Number(first.as_str().parse().unwrap_or(i32::MAX))
         } else {
             let name = first.as_str().to_string();
@@ -700,6 +702,14 @@ impl Cx {
                 }
                 Expr::List(items)
             }
+            Rule::or_expr => {
+                let mut items: Vec<Spanned<Expr>> =
+                    p.kids().map(|x| self.expr_any(x)).collect();
+                if items.len() == 1 {
+                    return items.pop().expect("one item");
+                }
+                Expr::Or(items)
+            }
             Rule::concat_expr | Rule::set_elem => {
                 let mut items: Vec<Spanned<Expr>> =
                     p.kids().map(|x| self.expr_any(x)).collect();
@@ -830,12 +840,22 @@ impl Cx {
                 }))
             }
             Rule::counter => {
-                let nums: Vec<u64> = p
-                    .kids()
-                    .map(|n| n.as_str().parse().unwrap_or(u64::MAX))
-                    .collect();
-                StmtAst::Counter(if nums.len() == 2 {
-                    Some((nums[0], nums[1]))
+                let mut packets = None;
+                let mut bytes = None;
+                for part in p.kids() {
+                    let kind = part.as_rule();
+                    let n = part
+                        .kids()
+                        .next()
+                        .map_or(u64::MAX, |n| n.as_str().parse().unwrap_or(u64::MAX));
+                    if kind == Rule::counter_packets {
+                        packets = Some(n);
+                    } else {
+                        bytes = Some(n);
+                    }
+                }
+                StmtAst::Counter(if packets.is_some() || bytes.is_some() {
+                    Some((packets.unwrap_or(0), bytes.unwrap_or(0)))
                 } else {
                     None
                 })

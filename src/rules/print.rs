@@ -79,7 +79,7 @@ fn print_set(s: &MSet) -> String {
         let _ = writeln!(out, "\t\tcomment \"{c}\"");
     }
     let interval = s.flags.iter().any(|f| f == "interval");
-    let elems = normalise_elems(&s.key, &s.elems, interval);
+    let elems = normalise_elems(&s.key, &s.elems, interval, false);
     if !elems.is_empty() {
         let parts: Vec<String> = elems.iter().map(|e| elem_str(&s.key, s.data.as_ref(), e)).collect();
         // nft's calculate_delim(): numbers 5 a line, IPv4 addresses 2 a line, anything else
@@ -310,7 +310,7 @@ fn match_str(m: &MMatch) -> String {
             let interval = elems
                 .iter()
                 .any(|e| e.key.iter().any(|a| !matches!(a, Atom::Value(_))));
-            let el = normalise_elems(&types, elems, interval);
+            let el = normalise_elems(&types, elems, interval, true);
             let parts: Vec<String> = el.iter().map(|e| elem_str(&types, None, e)).collect();
             let _ = write!(s, "{{ {} }}", parts.join(", "));
         }
@@ -321,7 +321,7 @@ fn match_str(m: &MMatch) -> String {
             let interval = elems
                 .iter()
                 .any(|e| e.key.iter().any(|a| !matches!(a, Atom::Value(_))));
-            let el = normalise_elems(&types, elems, interval);
+            let el = normalise_elems(&types, elems, interval, true);
             let parts: Vec<String> = el
                 .iter()
                 .map(|e| elem_str(&types, Some(&MapData::Verdict), e))
@@ -377,10 +377,11 @@ fn interval_atom(t: DType, lo: u128, hi: u128) -> Atom {
     Atom::Range(lo, hi)
 }
 
-/// The elements as nft lists them: interval sets merged and sorted by value (big-endian),
+/// The elements as nft lists them: interval sets sorted by value (big-endian) and, when
+/// anonymous, merged;
 /// other sets sorted as nft's mergesort orders them (numbers by value, strings as
 /// little-endian integers).
-fn normalise_elems(key: &[DType], elems: &[MElem], interval: bool) -> Vec<MElem> {
+fn normalise_elems(key: &[DType], elems: &[MElem], interval: bool, merge: bool) -> Vec<MElem> {
     let mut v: Vec<MElem> = elems.to_vec();
     if key.len() == 1 && interval {
         let t = key[0];
@@ -396,7 +397,7 @@ fn normalise_elems(key: &[DType], elems: &[MElem], interval: bool) -> Vec<MElem>
         for (lo, hi, d) in ivs {
             if let Some(last) = merged.last_mut() {
                 // Sets (not maps) merge overlapping and adjacent intervals.
-                if d.is_none() && last.2.is_none() && lo <= last.1.saturating_add(1) {
+                if merge && d.is_none() && last.2.is_none() && lo <= last.1.saturating_add(1) {
                     last.1 = last.1.max(hi);
                     continue;
                 }
@@ -410,6 +411,28 @@ fn normalise_elems(key: &[DType], elems: &[MElem], interval: bool) -> Vec<MElem>
                 data: d,
             })
             .collect();
+    }
+    if key.len() > 1 {
+        // A concatenation is compared as one little-endian integer of its bytes, each
+        // component big-endian and padded to 4 bytes (nft's register layout).
+        let bytes = |e: &MElem| -> Vec<u8> {
+            let mut out = Vec::new();
+            for (a, t) in e.key.iter().zip(key) {
+                let (lo, _) = bounds(*t, a);
+                let len = (t.bits() as usize).div_ceil(8);
+                let be = lo.to_be_bytes();
+                let mut comp = be[16 - len..].to_vec();
+                while comp.len() % 4 != 0 {
+                    comp.push(0);
+                }
+                out.extend(comp);
+            }
+            out.reverse();
+            out
+        };
+        v.sort_by_key(|e| bytes(e));
+        v.dedup_by(|a, b| a.key == b.key);
+        return v;
     }
     let sort_key = |e: &MElem| -> Vec<u128> {
         e.key

@@ -326,21 +326,24 @@ pub fn format_value(ty: DType, v: u128) -> String {
     }
 }
 
-/// A bitmask value as nft lists it: its flag names joined with `,` in bit order.
+/// A bitmask value as nft lists it: its flag names joined with `,` in bit order, a bit
+/// without a name as hex.
 pub fn format_flags(ty: DType, v: u128) -> String {
     if let Some(n) = symbol_name(ty.symbols(), v) {
         return n.to_string();
     }
-    let mut names = Vec::new();
-    let mut rest = v;
-    for (name, bit) in ty.symbols() {
-        if *bit != 0 && rest & bit == *bit {
-            names.push(*name);
-            rest &= !bit;
-        }
+    if v == 0 {
+        return "0x0".to_string();
     }
-    if names.is_empty() || rest != 0 {
-        return format!("0x{v:x}");
+    let mut names = Vec::new();
+    for bit in 0..ty.bits() {
+        let b = 1u128 << bit;
+        if v & b != 0 {
+            match symbol_name(ty.symbols(), b) {
+                Some(n) => names.push(n.to_string()),
+                None => names.push(format!("0x{b:x}")),
+            }
+        }
     }
     names.join(",")
 }

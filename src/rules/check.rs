@@ -134,6 +134,13 @@ impl<'a> Checker<'a> {
         match c {
             Command::FlushRuleset => self.tables.clear(),
             Command::Define { name, value } => {
+                if self.defines.contains_key(&name.node) {
+                    self.err(
+                        name.span,
+                        format!("variable `${}` is already defined", name.node),
+                    );
+                    return;
+                }
                 let value = self.subst(value);
                 self.defines.insert(name.node, value);
             }
@@ -219,7 +226,9 @@ impl<'a> Checker<'a> {
                 {
                     Some(s) => {
                         let merged = match s.elements.take() {
-                            Some(old) => Spanned::new(Expr::Set(vec![old, elems.clone()]), elems.span),
+                            Some(old) => {
+                                Spanned::new(Expr::Set(vec![old, elems.clone()]), elems.span)
+                            }
                             None => elems,
                         };
                         s.elements = Some(merged);
@@ -341,9 +350,10 @@ impl<'a> Checker<'a> {
                     node: Expr::Word(w) | Expr::Str(w),
                     ..
                 }) => return Spanned::new(w.clone(), n.span),
-                Some(_) => {
-                    self.err(n.span, format!("variable `${var}` does not hold a chain name"))
-                }
+                Some(_) => self.err(
+                    n.span,
+                    format!("variable `${var}` does not hold a chain name"),
+                ),
                 None => self.err(n.span, format!("undefined variable `${var}`")),
             }
         }
@@ -413,7 +423,9 @@ impl<'a> Checker<'a> {
     fn subst_mark(&mut self, m: Spanned<MarkSrc>) -> Spanned<MarkSrc> {
         let span = m.span;
         match m.node {
-            MarkSrc::Expr(e) => Spanned::new(MarkSrc::Expr(self.subst(Spanned::new(e, span)).node), span),
+            MarkSrc::Expr(e) => {
+                Spanned::new(MarkSrc::Expr(self.subst(Spanned::new(e, span)).node), span)
+            }
             other => Spanned::new(other, span),
         }
     }
@@ -444,7 +456,10 @@ impl<'a> Checker<'a> {
             .collect();
         let mut chains = Vec::new();
         for c in &t.chains {
-            let base = c.hook.as_ref().and_then(|h| self.base_chain(t.family, h, &c.policy));
+            let base = c
+                .hook
+                .as_ref()
+                .and_then(|h| self.base_chain(t.family, h, &c.policy));
             if c.hook.is_none() {
                 if let Some(p) = &c.policy {
                     self.err(
@@ -508,7 +523,12 @@ impl<'a> Checker<'a> {
         }
         // Depth-first search with colours; report the first cycle found from each chain.
         let mut colour = vec![0u8; chains.len()];
-        fn dfs(u: usize, edges: &[Vec<usize>], colour: &mut [u8], path: &mut Vec<usize>) -> Option<Vec<usize>> {
+        fn dfs(
+            u: usize,
+            edges: &[Vec<usize>],
+            colour: &mut [u8],
+            path: &mut Vec<usize>,
+        ) -> Option<Vec<usize>> {
             colour[u] = 1;
             path.push(u);
             for &v in &edges[u] {
@@ -534,10 +554,7 @@ impl<'a> Checker<'a> {
                 if let Some(cyc) = dfs(u, &edges, &mut colour, &mut path) {
                     let names: Vec<&str> = cyc.iter().map(|&i| chains[i].name.as_str()).collect();
                     let span = t.chains[cyc[0]].name.span;
-                    self.err(
-                        span,
-                        format!("jumps form a loop: {}", names.join(" -> ")),
-                    );
+                    self.err(span, format!("jumps form a loop: {}", names.join(" -> ")));
                 }
             }
         }
@@ -574,20 +591,29 @@ impl<'a> Checker<'a> {
             }
         };
         if chain_type == ChainType::Nat && hook == Hook::Forward {
-            self.err(h.hook.span, "nat chains cannot hook forward (use prerouting, input, output or postrouting)");
+            self.err(
+                h.hook.span,
+                "nat chains cannot hook forward (use prerouting, input, output or postrouting)",
+            );
         }
         if chain_type == ChainType::Route && hook != Hook::Output {
             self.err(h.hook.span, "route chains can only hook output");
         }
         if let Some(d) = &h.device {
-            self.err(d.span, "`device` applies only to netdev and flowtable hooks");
+            self.err(
+                d.span,
+                "`device` applies only to netdev and flowtable hooks",
+            );
         }
         let resolved = match &h.priority.node {
             Priority::Var(v) => match self.defines.get(v).map(|d| d.node.clone()) {
                 Some(Expr::Number(n)) => Priority::Number(n.min(i32::MAX as u128) as i32),
                 Some(Expr::Word(w)) => Priority::Named(w, 0),
                 Some(_) => {
-                    self.err(h.priority.span, format!("variable `${v}` does not hold a priority"));
+                    self.err(
+                        h.priority.span,
+                        format!("variable `${v}` does not hold a priority"),
+                    );
                     return None;
                 }
                 None => {
@@ -605,7 +631,10 @@ impl<'a> Checker<'a> {
                 None => {
                     self.err(
                         h.priority.span,
-                        format!("`{name}` is not a valid priority for hook {}", hook_name(hook)),
+                        format!(
+                            "`{name}` is not a valid priority for hook {}",
+                            hook_name(hook)
+                        ),
                     );
                     0
                 }
@@ -616,7 +645,10 @@ impl<'a> Checker<'a> {
             Some("drop") => Policy::Drop,
             Some(other) => {
                 let span = policy.as_ref().map(|p| p.span).unwrap_or(h.span);
-                self.err(span, format!("unknown policy `{other}` (expected accept or drop)"));
+                self.err(
+                    span,
+                    format!("unknown policy `{other}` (expected accept or drop)"),
+                );
                 Policy::Accept
             }
         };
@@ -631,7 +663,13 @@ impl<'a> Checker<'a> {
 
     fn helper(&mut self, family: Family, h: &HelperDecl) -> Option<MHelper> {
         let Some(ty) = &h.helper_type else {
-            self.err(h.name.span, format!("ct helper `{}` needs `type \"NAME\" protocol tcp|udp`", h.name.node));
+            self.err(
+                h.name.span,
+                format!(
+                    "ct helper `{}` needs `type \"NAME\" protocol tcp|udp`",
+                    h.name.node
+                ),
+            );
             return None;
         };
         let protocol = match h.protocol.as_ref().map(|p| p.node.as_str()) {
@@ -646,7 +684,10 @@ impl<'a> Checker<'a> {
         if !matches!(ty.node.as_str(), "ftp" | "sip") {
             self.err(
                 ty.span,
-                format!("unknown helper type `{}` (keepstate has ftp and sip)", ty.node),
+                format!(
+                    "unknown helper type `{}` (keepstate has ftp and sip)",
+                    ty.node
+                ),
             );
         }
         let l3proto = match h.l3proto.as_ref().map(|p| (p.node.as_str(), p.span)) {
@@ -655,7 +696,10 @@ impl<'a> Checker<'a> {
             Some(("ip6", _)) => Some(Family::Ip6),
             Some(("inet", _)) => Some(Family::Inet),
             Some((other, span)) => {
-                self.err(span, format!("unknown l3proto `{other}` (expected ip, ip6 or inet)"));
+                self.err(
+                    span,
+                    format!("unknown l3proto `{other}` (expected ip, ip6 or inet)"),
+                );
                 None
             }
         };
@@ -706,7 +750,10 @@ impl<'a> Checker<'a> {
             },
         };
         if s.is_map && data.is_none() {
-            self.err(s.name.span, format!("map `{}` needs `type KEY : VALUE`", s.name.node));
+            self.err(
+                s.name.span,
+                format!("map `{}` needs `type KEY : VALUE`", s.name.node),
+            );
             return None;
         }
         let mut flags = Vec::new();
@@ -728,11 +775,17 @@ impl<'a> Checker<'a> {
         if let Some(e) = &s.elements {
             let mut items = Vec::new();
             flatten_set(e, &mut items);
+            if items.is_empty() {
+                self.err(e.span, "empty element list: leave out `elements = { }`");
+            }
             for item in &items {
                 if let Some(el) = self.element(&key, data.as_ref(), item, s.is_map) {
                     if !interval
                         && key.len() == 1
-                        && el.key.iter().any(|a| matches!(a, Atom::Range(..) | Atom::Prefix(..)))
+                        && el
+                            .key
+                            .iter()
+                            .any(|a| matches!(a, Atom::Range(..) | Atom::Prefix(..)))
                     {
                         self.err(
                             item.span,
@@ -752,7 +805,10 @@ impl<'a> Checker<'a> {
             b.sort();
             if b.windows(2).any(|w| w[1].0 <= w[0].1) {
                 let span = s.elements.as_ref().map_or(s.name.span, |e| e.span);
-                self.err(span, format!("set `{}` has overlapping elements", s.name.node));
+                self.err(
+                    span,
+                    format!("set `{}` has overlapping elements", s.name.node),
+                );
             }
         }
         Some(MSet {
@@ -807,7 +863,10 @@ impl<'a> Checker<'a> {
                 Some(MData::Value(a))
             }
             (Some(MapData::Verdict), _) => {
-                self.err(v.span, "this map holds verdicts (accept, drop, jump CHAIN, ...)");
+                self.err(
+                    v.span,
+                    "this map holds verdicts (accept, drop, jump CHAIN, ...)",
+                );
                 None
             }
             _ => {
@@ -864,20 +923,29 @@ impl<'a> Checker<'a> {
                     return None;
                 }
                 if a > b {
-                    self.err(e.span, "range is backwards: the first value is larger than the second");
+                    self.err(
+                        e.span,
+                        "range is backwards: the first value is larger than the second",
+                    );
                     return None;
                 }
                 Some(Atom::Range(a, b))
             }
             Expr::Prefix(base, len) => {
                 if !matches!(ty, DType::Ipv4Addr | DType::Ipv6Addr) {
-                    self.err(e.span, format!("a prefix needs an address, not {}", ty.name()));
+                    self.err(
+                        e.span,
+                        format!("a prefix needs an address, not {}", ty.name()),
+                    );
                     return None;
                 }
                 let v = self.scalar(ty, base)?;
                 let bits = ty.bits();
                 if u32::from(*len) > bits {
-                    self.err(e.span, format!("prefix length {len} is longer than {bits} bits"));
+                    self.err(
+                        e.span,
+                        format!("prefix length {len} is longer than {bits} bits"),
+                    );
                     return None;
                 }
                 if u32::from(*len) == bits {
@@ -921,7 +989,11 @@ impl<'a> Checker<'a> {
                 if *n > ty_max(ty) {
                     self.err(
                         e.span,
-                        format!("{n} is out of range for {} (at most {})", ty.name(), ty_max(ty)),
+                        format!(
+                            "{n} is out of range for {} (at most {})",
+                            ty.name(),
+                            ty_max(ty)
+                        ),
                     );
                     None
                 } else {
@@ -947,7 +1019,9 @@ impl<'a> Checker<'a> {
             (Expr::Word(w), DType::Ipv4Addr | DType::Ipv6Addr) => {
                 self.err(
                     e.span,
-                    format!("`{w}` is not an address (host names are not resolved: write the address)"),
+                    format!(
+                        "`{w}` is not an address (host names are not resolved: write the address)"
+                    ),
                 );
                 None
             }
@@ -958,7 +1032,11 @@ impl<'a> Checker<'a> {
                         let names: Vec<&str> = t.symbols().iter().map(|(n, _)| *n).collect();
                         self.err(
                             e.span,
-                            format!("unknown {} `{w}` (expected one of: {})", t.name(), names.join(", ")),
+                            format!(
+                                "unknown {} `{w}` (expected one of: {})",
+                                t.name(),
+                                names.join(", ")
+                            ),
                         );
                         None
                     }
@@ -966,7 +1044,10 @@ impl<'a> Checker<'a> {
             }
             (Expr::Word(w) | Expr::Str(w), _) => bad(self, &format!("`{w}`")),
             (Expr::SetRef(n), _) => {
-                self.err(e.span, format!("set `@{n}` cannot be used inside another set"));
+                self.err(
+                    e.span,
+                    format!("set `@{n}` cannot be used inside another set"),
+                );
                 None
             }
             _ => {
@@ -1016,7 +1097,10 @@ impl<'a> Checker<'a> {
                 RuleItem::Stmt(s) => {
                     seen_stmt = true;
                     if let Some(ms) = self.stmt(rcx, s, it.span, has_l4, l3) {
-                        if ms == MStmt::Reject(Reject::TcpReset) && rcx.family == Family::Inet && !has_l4 {
+                        if ms == MStmt::Reject(Reject::TcpReset)
+                            && rcx.family == Family::Inet
+                            && !has_l4
+                        {
                             // nft adds this dependency, and lists it.
                             items.push(MItem::Match(MMatch {
                                 sels: vec![Sel::MetaL4proto],
@@ -1030,6 +1114,9 @@ impl<'a> Checker<'a> {
                     }
                 }
             }
+        }
+        if r.comment.as_ref().is_some_and(|c| c.len() > 128) {
+            self.err(r.span, "comment too long: at most 128 characters");
         }
         if self.diags.len() > before {
             return None;
@@ -1077,11 +1164,19 @@ impl<'a> Checker<'a> {
             ("ct", "direction") => Sel::CtDirection,
             ("ct", "helper") => Sel::CtHelper,
             (p, f) => {
-                let what = if p.is_empty() { f.to_string() } else { format!("{p} {f}") };
+                let what = if p.is_empty() {
+                    f.to_string()
+                } else {
+                    format!("{p} {f}")
+                };
                 self.err(s.span, format!("unknown or unsupported selector `{what}`"));
                 return None;
             }
         };
+        if sel == Sel::MetaNfproto && rcx.family != Family::Inet {
+            self.err(s.span, "meta nfproto is only useful in inet tables");
+            return None;
+        }
         let needs = match sel {
             Sel::IpSaddr | Sel::IpDaddr | Sel::IpProtocol | Sel::IpTtl | Sel::IpLength => {
                 Some(Family::Ip)
@@ -1153,11 +1248,14 @@ impl<'a> Checker<'a> {
                             return None;
                         }
                         if set.key != types {
-                            self.err(rs, format!(
-                                "map `@{n}` is keyed by {}, not {}",
-                                type_list(&set.key),
-                                type_list(&types)
-                            ));
+                            self.err(
+                                rs,
+                                format!(
+                                    "map `@{n}` is keyed by {}, not {}",
+                                    type_list(&set.key),
+                                    type_list(&types)
+                                ),
+                            );
                             return None;
                         }
                         MRhs::VmapRef(n.clone())
@@ -1252,10 +1350,7 @@ impl<'a> Checker<'a> {
                     }
                     Expr::List(items) => {
                         if !ty.is_bitmask() || sels.len() > 1 {
-                            self.err(
-                                rs,
-                                "a list of values needs braces: write `{ a, b }`",
-                            );
+                            self.err(rs, "a list of values needs braces: write `{ a, b }`");
                             return None;
                         }
                         let mut v = Vec::new();
@@ -1274,7 +1369,10 @@ impl<'a> Checker<'a> {
                     }
                     _ => {
                         if sels.len() > 1 {
-                            self.err(rs, format!("expected {} values joined with `.`", sels.len()));
+                            self.err(
+                                rs,
+                                format!("expected {} values joined with `.`", sels.len()),
+                            );
                             return None;
                         }
                         let a = self.atom(ty, &e)?;
@@ -1386,11 +1484,18 @@ impl<'a> Checker<'a> {
                             "icmpv6" => (types::ICMPV6_CODES, 1, Some(Family::Ip6)),
                             _ => (types::ICMPX_CODES, 2, None),
                         };
+                        if which == 2 && rcx.family != Family::Inet {
+                            self.err(span, "`reject with icmpx` applies only to inet tables: use icmp or icmpv6");
+                            return None;
+                        }
                         if let Some(f) = needs {
                             if rcx.family != Family::Inet && rcx.family != f {
                                 self.err(
                                     span,
-                                    format!("`reject with {fam}` cannot apply in a table of family {}", family_name(rcx.family)),
+                                    format!(
+                                        "`reject with {fam}` cannot apply in a table of family {}",
+                                        family_name(rcx.family)
+                                    ),
                                 );
                                 return None;
                             }
@@ -1403,7 +1508,11 @@ impl<'a> Checker<'a> {
                                 let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
                                 self.err(
                                     code.span,
-                                    format!("unknown {fam} reject code `{}` (expected one of: {})", code.node, names.join(", ")),
+                                    format!(
+                                        "unknown {fam} reject code `{}` (expected one of: {})",
+                                        code.node,
+                                        names.join(", ")
+                                    ),
                                 );
                                 return None;
                             }
@@ -1422,8 +1531,14 @@ impl<'a> Checker<'a> {
                     (Family::Inet, Reject::Icmpx(1)) => Reject::Default,
                     (_, r) => r,
                 };
-                if rcx.hook.is_some_and(|h| !matches!(h, Hook::Input | Hook::Forward | Hook::Output)) {
-                    self.err(span, "reject is only valid in the input, forward and output hooks");
+                if rcx
+                    .hook
+                    .is_some_and(|h| !matches!(h, Hook::Input | Hook::Forward | Hook::Output))
+                {
+                    self.err(
+                        span,
+                        "reject is only valid in the input, forward and output hooks",
+                    );
                     return None;
                 }
                 MStmt::Reject(rej)
@@ -1441,8 +1556,14 @@ impl<'a> Checker<'a> {
                     None => None,
                     Some(Spanned {
                         node: Expr::Str(s) | Expr::Word(s),
-                        ..
-                    }) => Some(s.clone()),
+                        span,
+                    }) => {
+                        if s.len() > 127 {
+                            self.err(*span, "log prefix too long: at most 127 characters");
+                            return None;
+                        }
+                        Some(s.clone())
+                    }
                     Some(p) => {
                         self.err(p.span, "a log prefix is a quoted string");
                         return None;
@@ -1562,7 +1683,10 @@ impl<'a> Checker<'a> {
             NatKind::Redirect => "redirect",
         };
         if rcx.chain_type != Some(ChainType::Nat) {
-            self.err(span, format!("`{kw}` is only allowed in a nat chain (type nat hook ...)"));
+            self.err(
+                span,
+                format!("`{kw}` is only allowed in a nat chain (type nat hook ...)"),
+            );
             return None;
         }
         let ok_hooks: &[Hook] = match kind {
@@ -1572,7 +1696,10 @@ impl<'a> Checker<'a> {
         if let Some(h) = rcx.hook {
             if !ok_hooks.contains(&h) {
                 let names: Vec<&str> = ok_hooks.iter().map(|h| hook_name(*h)).collect();
-                self.err(span, format!("`{kw}` is only valid in the {} hooks", names.join(" and ")));
+                self.err(
+                    span,
+                    format!("`{kw}` is only valid in the {} hooks", names.join(" and ")),
+                );
                 return None;
             }
         }
@@ -1583,7 +1710,14 @@ impl<'a> Checker<'a> {
         };
         if let Some(f) = family {
             if rcx.family != Family::Inet && rcx.family != f {
-                self.err(span, format!("`{kw} {}` does not fit a table of family {}", family_name(f), family_name(rcx.family)));
+                self.err(
+                    span,
+                    format!(
+                        "`{kw} {}` does not fit a table of family {}",
+                        family_name(f),
+                        family_name(rcx.family)
+                    ),
+                );
                 return None;
             }
         }
@@ -1596,7 +1730,10 @@ impl<'a> Checker<'a> {
             };
             let v6 = a.is_ipv6();
             if b.is_some_and(|b| b.is_ipv6() != v6) {
-                self.err(lo.span, "the two ends of an address range are of different families");
+                self.err(
+                    lo.span,
+                    "the two ends of an address range are of different families",
+                );
                 return None;
             }
             let addr_family = if v6 { Family::Ip6 } else { Family::Ip };
@@ -1610,11 +1747,17 @@ impl<'a> Checker<'a> {
                     return None;
                 }
                 (_, Some(f)) if f != addr_family => {
-                    self.err(lo.span, format!("address is not an {} address", family_name(f)));
+                    self.err(
+                        lo.span,
+                        format!("address is not an {} address", family_name(f)),
+                    );
                     return None;
                 }
                 (f, None) if f != addr_family => {
-                    self.err(lo.span, format!("address does not fit a table of family {}", family_name(f)));
+                    self.err(
+                        lo.span,
+                        format!("address does not fit a table of family {}", family_name(f)),
+                    );
                     return None;
                 }
                 _ => {}
@@ -1740,7 +1883,11 @@ fn stmt_is_terminal(s: &MStmt) -> bool {
         s,
         MStmt::Reject(_)
             | MStmt::Verdict(
-                MVerdict::Accept | MVerdict::Drop | MVerdict::Return | MVerdict::Jump(_) | MVerdict::Goto(_)
+                MVerdict::Accept
+                    | MVerdict::Drop
+                    | MVerdict::Return
+                    | MVerdict::Jump(_)
+                    | MVerdict::Goto(_)
             )
     )
 }
@@ -1748,7 +1895,9 @@ fn stmt_is_terminal(s: &MStmt) -> bool {
 /// The IP family a selector implies, if any.
 fn sel_family(s: Sel) -> Option<Family> {
     match s {
-        Sel::IpSaddr | Sel::IpDaddr | Sel::IpProtocol | Sel::IpTtl | Sel::IpLength => Some(Family::Ip),
+        Sel::IpSaddr | Sel::IpDaddr | Sel::IpProtocol | Sel::IpTtl | Sel::IpLength => {
+            Some(Family::Ip)
+        }
         Sel::IcmpType | Sel::IcmpCode => Some(Family::Ip),
         Sel::Ip6Saddr | Sel::Ip6Daddr | Sel::Ip6Nexthdr | Sel::Ip6Hoplimit => Some(Family::Ip6),
         Sel::Icmp6Type | Sel::Icmp6Code => Some(Family::Ip6),
@@ -1768,19 +1917,38 @@ fn elide_dependencies(family: Family, items: &mut Vec<MItem>) {
     }
     let mut remove = vec![false; items.len()];
     for i in 0..items.len() {
-        let dep = match &items[i] {
+        let (sel0, v) = match &items[i] {
             MItem::Match(MMatch {
                 sels,
                 mask: None,
                 op: None | Some(RelOp::Eq),
                 rhs: MRhs::Value(Atom::Value(v)),
-            }) if sels.len() == 1 => match sels[0] {
-                Sel::MetaL4proto => Dep::L4(*v),
-                Sel::IpProtocol if family == Family::Ip => Dep::L4(*v),
-                Sel::Ip6Nexthdr if family == Family::Ip6 => Dep::L4(*v),
-                Sel::MetaNfproto if family == Family::Inet => Dep::Nf(*v),
-                _ => continue,
-            },
+            }) if sels.len() == 1 => (sels[0], *v),
+            _ => continue,
+        };
+        let v = &v;
+        let dep = match sel0 {
+            Sel::MetaL4proto => Dep::L4(*v),
+            Sel::IpProtocol if family == Family::Ip => Dep::L4(*v),
+            Sel::Ip6Nexthdr if family == Family::Ip6 => Dep::L4(*v),
+            Sel::MetaNfproto if family == Family::Inet => Dep::Nf(*v),
+            Sel::IpProtocol | Sel::Ip6Nexthdr => {
+                // In inet the dependency stays, but a later `th` port becomes tcp/udp.
+                for it in items.iter_mut().skip(i + 1) {
+                    if let MItem::Match(m) = it {
+                        for s in m.sels.iter_mut() {
+                            *s = match (*v, *s) {
+                                (6, Sel::ThSport) => Sel::TcpSport,
+                                (6, Sel::ThDport) => Sel::TcpDport,
+                                (17, Sel::ThSport) => Sel::UdpSport,
+                                (17, Sel::ThDport) => Sel::UdpDport,
+                                (_, other) => other,
+                            };
+                        }
+                    }
+                }
+                continue;
+            }
             _ => continue,
         };
         for j in i + 1..items.len() {
@@ -1809,8 +1977,17 @@ fn elide_dependencies(family: Family, items: &mut Vec<MItem>) {
                                 *s = Sel::UdpDport;
                                 true
                             }
-                            (Dep::Nf(nf), sel) => sel_family(sel) == Some(if nf == 2 { Family::Ip } else { Family::Ip6 })
-                                && !matches!(sel, Sel::IcmpType | Sel::IcmpCode | Sel::Icmp6Type | Sel::Icmp6Code),
+                            (Dep::Nf(nf), sel) => {
+                                sel_family(sel)
+                                    == Some(if nf == 2 { Family::Ip } else { Family::Ip6 })
+                                    && !matches!(
+                                        sel,
+                                        Sel::IcmpType
+                                            | Sel::IcmpCode
+                                            | Sel::Icmp6Type
+                                            | Sel::Icmp6Code
+                                    )
+                            }
                             _ => false,
                         };
                         hit |= implied;
@@ -1822,10 +1999,13 @@ fn elide_dependencies(family: Family, items: &mut Vec<MItem>) {
                     }
                     hit
                 }
-                MItem::Stmt(MStmt::Reject(r)) => matches!(
-                    (dep, r),
-                    (Dep::Nf(2), Reject::Icmp(_)) | (Dep::Nf(10), Reject::Icmp6(_))
-                ),
+                MItem::Stmt(MStmt::Reject(r)) => {
+                    let r = *r;
+                    matches!(
+                        (dep, r),
+                        (Dep::Nf(2), Reject::Icmp(_)) | (Dep::Nf(10), Reject::Icmp6(_))
+                    ) || (family != Family::Inet && dep == Dep::L4(6) && r == Reject::TcpReset)
+                }
                 MItem::Stmt(_) => false,
             };
             if hit {

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use super::ast::RelOp;
 use super::check::sel_type;
-use super::ir::{self, Field, Interval, IntervalSet, Match, Stmt, Verdict, NFPROTO_IPV4, NFPROTO_IPV6};
+use super::ir::{
+    self, Field, Interval, IntervalSet, Match, Stmt, Verdict, NFPROTO_IPV4, NFPROTO_IPV6,
+};
 use super::model::*;
 use super::print::rule_str;
 use super::types::DType;
@@ -227,7 +229,8 @@ impl Lower<'_> {
                 let set = IntervalSet::from_intervals(iv.into_iter().collect());
                 Lowered::Match(Match::Set {
                     field: f,
-                    negate: negate && !matches!(m.op, Some(RelOp::Lt | RelOp::Gt | RelOp::Le | RelOp::Ge)),
+                    negate: negate
+                        && !matches!(m.op, Some(RelOp::Lt | RelOp::Gt | RelOp::Le | RelOp::Ge)),
                     set: Arc::new(set),
                 })
             }
@@ -288,7 +291,10 @@ impl Lower<'_> {
     }
 
     fn lower_elems(&self, types: &[DType], elems: &[MElem]) -> LoweredSet {
-        if elems.iter().any(|e| matches!(e.data, Some(MData::Verdict(_)))) {
+        if elems
+            .iter()
+            .any(|e| matches!(e.data, Some(MData::Verdict(_))))
+        {
             let entries = elems
                 .iter()
                 .filter_map(|e| match &e.data {

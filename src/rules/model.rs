@@ -5,7 +5,9 @@
 use std::net::IpAddr;
 
 use super::ast::RelOp;
-use super::ir::{ChainType, Family, Hook, LogLevel, MarkValue, NatFlags, NatKind, Policy, RateUnit};
+use super::ir::{
+    ChainType, Family, Hook, LogLevel, MarkValue, NatFlags, NatKind, Policy, RateUnit,
+};
 use super::ir::{Reject, SourceLoc};
 use super::types::DType;
 
@@ -74,7 +76,11 @@ impl Atom {
             Atom::Value(v) => (*v, *v),
             Atom::Range(a, b) => (*a, *b),
             Atom::Prefix(v, len) => {
-                let host = if *len == 0 { max } else { max >> u32::from(*len) };
+                let host = if *len == 0 {
+                    max
+                } else {
+                    max >> u32::from(*len)
+                };
                 (*v, *v | host)
             }
             Atom::Wildcard(p) => {

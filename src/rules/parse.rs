@@ -30,7 +30,10 @@ pub fn parse_path(
 ) {
     match std::fs::read_to_string(path) {
         Ok(text) => parse_text(map, name, path, text, 0, out, diags),
-        Err(e) => diags.push(Diagnostic::whole_file(name, format!("cannot read file: {e}"))),
+        Err(e) => diags.push(Diagnostic::whole_file(
+            name,
+            format!("cannot read file: {e}"),
+        )),
     }
 }
 
@@ -249,15 +252,20 @@ fn string_of(pair: Pair<Rule>) -> String {
 
 /// Children of a pair without the keyword tokens (`kw_*`), which only mark word boundaries.
 trait Kids<'a> {
-    fn kids(self) -> std::iter::Filter<pest::iterators::Pairs<'a, Rule>, fn(&Pair<'a, Rule>) -> bool>;
+    fn kids(
+        self,
+    ) -> std::iter::Filter<pest::iterators::Pairs<'a, Rule>, fn(&Pair<'a, Rule>) -> bool>;
 }
 
 impl<'a> Kids<'a> for Pair<'a, Rule> {
-    fn kids(self) -> std::iter::Filter<pest::iterators::Pairs<'a, Rule>, fn(&Pair<'a, Rule>) -> bool> {
+    fn kids(
+        self,
+    ) -> std::iter::Filter<pest::iterators::Pairs<'a, Rule>, fn(&Pair<'a, Rule>) -> bool> {
         fn not_kw(p: &Pair<'_, Rule>) -> bool {
             !format!("{:?}", p.as_rule()).starts_with("kw_")
         }
-        self.into_inner().filter(not_kw as fn(&Pair<'a, Rule>) -> bool)
+        self.into_inner()
+            .filter(not_kw as fn(&Pair<'a, Rule>) -> bool)
     }
 }
 
@@ -571,12 +579,11 @@ impl Cx {
             let ispan = self.span(&item);
             match item.as_rule() {
                 Rule::rule_comment => {
-                    rule.comment = Some(string_of(item.kids().next().expect("comment")))
+                    rule.comment = Some(self.name(item.kids().next().expect("comment")).node)
                 }
-                Rule::relation => rule.items.push(Spanned::new(
-                    RuleItem::Relation(self.relation(item)),
-                    ispan,
-                )),
+                Rule::relation => rule
+                    .items
+                    .push(Spanned::new(RuleItem::Relation(self.relation(item)), ispan)),
                 _ => rule
                     .items
                     .push(Spanned::new(RuleItem::Stmt(self.stmt(item)), ispan)),
@@ -695,24 +702,21 @@ impl Cx {
         let span = self.span(&p);
         let e = match p.as_rule() {
             Rule::expr => {
-                let mut items: Vec<Spanned<Expr>> =
-                    p.kids().map(|x| self.expr_any(x)).collect();
+                let mut items: Vec<Spanned<Expr>> = p.kids().map(|x| self.expr_any(x)).collect();
                 if items.len() == 1 {
                     return items.pop().expect("one item");
                 }
                 Expr::List(items)
             }
             Rule::or_expr => {
-                let mut items: Vec<Spanned<Expr>> =
-                    p.kids().map(|x| self.expr_any(x)).collect();
+                let mut items: Vec<Spanned<Expr>> = p.kids().map(|x| self.expr_any(x)).collect();
                 if items.len() == 1 {
                     return items.pop().expect("one item");
                 }
                 Expr::Or(items)
             }
             Rule::concat_expr | Rule::set_elem => {
-                let mut items: Vec<Spanned<Expr>> =
-                    p.kids().map(|x| self.expr_any(x)).collect();
+                let mut items: Vec<Spanned<Expr>> = p.kids().map(|x| self.expr_any(x)).collect();
                 if items.len() == 1 {
                     return items.pop().expect("one item");
                 }
@@ -934,9 +938,7 @@ impl Cx {
                             }
                         }
                         Rule::nat_port => nat.port = Some(self.nat_range(part)),
-                        Rule::nat_flags => {
-                            nat.flags = part.kids().map(|f| self.name(f)).collect()
-                        }
+                        Rule::nat_flags => nat.flags = part.kids().map(|f| self.name(f)).collect(),
                         other => unreachable!("grammar yields no nat part {other:?}"),
                     }
                 }
@@ -976,8 +978,16 @@ mod tests {
         let mut map = SourceMap::default();
         let mut out = Vec::new();
         let mut d = Vec::new();
-        parse_path(&mut map, "/tmp/t/a.nft", Path::new("/tmp/t/a.nft"), &mut out, &mut d);
-        for x in &d { eprintln!("{x}"); }
+        parse_path(
+            &mut map,
+            "/tmp/t/a.nft",
+            Path::new("/tmp/t/a.nft"),
+            &mut out,
+            &mut d,
+        );
+        for x in &d {
+            eprintln!("{x}");
+        }
         eprintln!("{out:#?}");
     }
 }

@@ -81,7 +81,10 @@ fn print_set(s: &MSet) -> String {
     let interval = s.flags.iter().any(|f| f == "interval");
     let elems = normalise_elems(&s.key, &s.elems, interval, false);
     if !elems.is_empty() {
-        let parts: Vec<String> = elems.iter().map(|e| elem_str(&s.key, s.data.as_ref(), e)).collect();
+        let parts: Vec<String> = elems
+            .iter()
+            .map(|e| elem_str(&s.key, s.data.as_ref(), e))
+            .collect();
         // nft's calculate_delim(): numbers 5 a line, IPv4 addresses 2 a line, anything else
         // (IPv6, strings, concatenations) one a line.
         let per_line = if s.key.len() > 1 {
@@ -268,7 +271,12 @@ fn match_str(m: &MMatch) -> String {
                 let _ = write!(s, " ! {}", types::format_flags(ty, mask));
                 return s;
             }
-            let _ = write!(s, " {} / {}", types::format_flags(ty, *v), types::format_flags(ty, mask));
+            let _ = write!(
+                s,
+                " {} / {}",
+                types::format_flags(ty, *v),
+                types::format_flags(ty, mask)
+            );
             return s;
         }
         let _ = write!(
@@ -359,8 +367,14 @@ fn interval_atom(t: DType, lo: u128, hi: u128) -> Atom {
     if prefix_type(t) {
         let size = hi.wrapping_sub(lo).wrapping_add(1);
         let bits = t.bits();
-        if (size == 0 && lo == 0 && hi == bits_max(t)) || (size.is_power_of_two() && lo & (size - 1) == 0) {
-            let host_bits = if size == 0 { 128 } else { size.trailing_zeros() };
+        if (size == 0 && lo == 0 && hi == bits_max(t))
+            || (size.is_power_of_two() && lo & (size - 1) == 0)
+        {
+            let host_bits = if size == 0 {
+                128
+            } else {
+                size.trailing_zeros()
+            };
             let len = bits - host_bits.min(bits);
             return Atom::Prefix(lo, len as u8);
         }
@@ -411,6 +425,16 @@ fn normalise_elems(key: &[DType], elems: &[MElem], interval: bool, merge: bool) 
                 data: d,
             })
             .collect();
+    }
+    if key.len() > 1 && interval {
+        v.sort_by_key(|e| {
+            e.key
+                .iter()
+                .zip(key)
+                .map(|(a, t)| bounds(*t, a))
+                .collect::<Vec<_>>()
+        });
+        return v;
     }
     if key.len() > 1 {
         // A concatenation is compared as one little-endian integer of its bytes, each

@@ -66,7 +66,10 @@ impl SourceFile {
             .line_starts
             .get(i + 1)
             .map_or(self.text.len(), |e| e.saturating_sub(1));
-        self.text.get(start..end.max(start)).unwrap_or("").trim_end_matches('\r')
+        self.text
+            .get(start..end.max(start))
+            .unwrap_or("")
+            .trim_end_matches('\r')
     }
 }
 
@@ -156,7 +159,11 @@ impl fmt::Display for Diagnostic {
         if self.line == 0 {
             return writeln!(f, "{}: {}", self.file, self.message);
         }
-        writeln!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)?;
+        writeln!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.col, self.message
+        )?;
         // Tabs are kept so the caret lines up under the same tab stops.
         let pad: String = self
             .source_line

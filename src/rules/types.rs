@@ -301,11 +301,22 @@ pub fn unpack_name(v: u128) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
+/// An IPv6 address as glibc's inet_ntop writes it: like Rust's, except that an
+/// IPv4-compatible address (`::/96`, not `::` or `::1`) ends in a dotted quad.
+pub fn format_ipv6(a: Ipv6Addr) -> String {
+    let s = a.segments();
+    if s[..6].iter().all(|&w| w == 0) && s[6] != 0 {
+        let o = a.octets();
+        return format!("::{}.{}.{}.{}", o[12], o[13], o[14], o[15]);
+    }
+    a.to_string()
+}
+
 /// Formats a single value of a type the way nft lists it.
 pub fn format_value(ty: DType, v: u128) -> String {
     match ty {
         DType::Ipv4Addr => Ipv4Addr::from(v as u32).to_string(),
-        DType::Ipv6Addr => Ipv6Addr::from(v).to_string(),
+        DType::Ipv6Addr => format_ipv6(Ipv6Addr::from(v)),
         DType::InetService | DType::Integer(_) | DType::IcmpCode | DType::Icmpv6Code => {
             match symbol_name(ty.symbols(), v) {
                 Some(n) => n.to_string(),

@@ -1086,6 +1086,13 @@ impl<'a> Checker<'a> {
                             has_l4 |= implies_l4(*s);
                             l3 = l3.or(sel_family(*s));
                         }
+                        if let (Sel::MetaNfproto, MRhs::Value(Atom::Value(nf))) = (m.sels[0], &m.rhs) {
+                            l3 = l3.or(match nf {
+                                2 => Some(Family::Ip),
+                                10 => Some(Family::Ip6),
+                                _ => None,
+                            });
+                        }
                         if matches!(m.rhs, MRhs::Vmap(_) | MRhs::VmapRef(_)) {
                             // A verdict map decides like a statement: nothing may follow it
                             // but statements.
@@ -1096,7 +1103,15 @@ impl<'a> Checker<'a> {
                 }
                 RuleItem::Stmt(s) => {
                     seen_stmt = true;
-                    if let Some(ms) = self.stmt(rcx, s, it.span, has_l4, l3) {
+                    if let Some(mut ms) = self.stmt(rcx, s, it.span, has_l4, l3) {
+                        if ms == MStmt::Reject(Reject::Default) && rcx.family == Family::Inet {
+                            // With the family known, nft picks that family's port unreachable.
+                            match l3 {
+                                Some(Family::Ip) => ms = MStmt::Reject(Reject::Icmp(3)),
+                                Some(Family::Ip6) => ms = MStmt::Reject(Reject::Icmp6(4)),
+                                _ => {}
+                            }
+                        }
                         if ms == MStmt::Reject(Reject::TcpReset)
                             && rcx.family == Family::Inet
                             && !has_l4

@@ -1086,7 +1086,9 @@ impl<'a> Checker<'a> {
                             has_l4 |= implies_l4(*s);
                             l3 = l3.or(sel_family(*s));
                         }
-                        if let (Sel::MetaNfproto, MRhs::Value(Atom::Value(nf))) = (m.sels[0], &m.rhs) {
+                        if let (Sel::MetaNfproto, MRhs::Value(Atom::Value(nf))) =
+                            (m.sels[0], &m.rhs)
+                        {
                             l3 = l3.or(match nf {
                                 2 => Some(Family::Ip),
                                 10 => Some(Family::Ip6),
@@ -1995,13 +1997,6 @@ fn elide_dependencies(family: Family, items: &mut Vec<MItem>) {
                             (Dep::Nf(nf), sel) => {
                                 sel_family(sel)
                                     == Some(if nf == 2 { Family::Ip } else { Family::Ip6 })
-                                    && !matches!(
-                                        sel,
-                                        Sel::IcmpType
-                                            | Sel::IcmpCode
-                                            | Sel::Icmp6Type
-                                            | Sel::Icmp6Code
-                                    )
                             }
                             _ => false,
                         };

@@ -49,6 +49,8 @@ pub fn parse_text(
 ) {
     let file = map.add(SourceFile::new(name, path, text));
     let text = map.file(file).text.clone();
+    // Track the literal tokens pest tried at the farthest position, for "expected `}`".
+    pest::set_error_detail(true);
     let pairs = match NftParser::parse(Rule::file, &text) {
         Ok(mut p) => p.next().expect("file rule always yields one pair"),
         Err(e) => {
@@ -156,23 +158,44 @@ fn glob_match(pat: &str, name: &str) -> bool {
 
 /// Turns pest's error into one the user can act on: where, what was found, what was expected.
 fn syntax_error(map: &SourceMap, file: u32, text: &str, e: pest::error::Error<Rule>) -> Diagnostic {
-    let pos = match e.location {
+    let mut pos = match e.location {
         InputLocation::Pos(p) => p,
         InputLocation::Span((s, _)) => s,
     };
+    let mut expected = BTreeSet::new();
+    let attempts = e.parse_attempts();
+    if let Some(a) = &attempts {
+        if a.max_position >= pos {
+            pos = a.max_position;
+        }
+    }
+    if let ErrorVariant::ParsingError { positives, .. } = &e.variant {
+        for r in positives {
+            if let Some(d) = describe(*r) {
+                expected.insert(d.to_string());
+            }
+        }
+    }
+    if let Some(a) = &attempts {
+        for t in a.expected_tokens() {
+            // Punctuation is what a user most often forgot; keywords are covered by the rule
+            // descriptions above. (pest does not export the token type; its text will do.)
+            let token = t.to_string();
+            {
+                if matches!(
+                    token.as_str(),
+                    "{" | "}" | "," | ";" | ":" | "=" | "/" | "-" | "(" | ")" | "\""
+                ) {
+                    expected.insert(format!("`{token}`"));
+                }
+            }
+        }
+    }
     let found: String = text[pos..]
         .chars()
         .take_while(|c| !c.is_whitespace())
         .take(24)
         .collect();
-    let mut expected = BTreeSet::new();
-    if let ErrorVariant::ParsingError { positives, .. } = &e.variant {
-        for r in positives {
-            if let Some(d) = describe(*r) {
-                expected.insert(d);
-            }
-        }
-    }
     let found_desc = if pos >= text.len() {
         "end of file".to_string()
     } else if found.is_empty() {
@@ -182,7 +205,7 @@ fn syntax_error(map: &SourceMap, file: u32, text: &str, e: pest::error::Error<Ru
     };
     let mut msg = format!("syntax error: unexpected {found_desc}");
     if !expected.is_empty() {
-        let list: Vec<&str> = expected.into_iter().collect();
+        let list: Vec<&str> = expected.iter().map(|s| s.as_str()).collect();
         msg.push_str(&format!(", expected {}", join_or(&list)));
     }
     let end = pos + found.len().max(1);

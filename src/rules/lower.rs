@@ -311,7 +311,9 @@ impl Lower<'_> {
                     )),
                     _ => None,
                 })
-                .collect();
+                .collect::<Vec<(Vec<Interval>, Verdict)>>();
+            let mut entries = entries;
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
             return LoweredSet::Vmap(Arc::new(entries));
         }
         if types.len() == 1 {
@@ -324,21 +326,23 @@ impl Lower<'_> {
                 .collect();
             return LoweredSet::Single(Arc::new(IntervalSet::from_intervals(ivs)));
         }
-        LoweredSet::Concat(Arc::new(
-            elems
-                .iter()
-                .map(|e| {
-                    e.key
-                        .iter()
-                        .zip(types)
-                        .map(|(a, t)| {
-                            let (lo, hi) = a.bounds(*t);
-                            Interval::new(lo, hi)
-                        })
-                        .collect()
-                })
-                .collect(),
-        ))
+        // Sorted, so the IR does not depend on the order elements were written in.
+        let mut rows: Vec<Vec<Interval>> = elems
+            .iter()
+            .map(|e| {
+                e.key
+                    .iter()
+                    .zip(types)
+                    .map(|(a, t)| {
+                        let (lo, hi) = a.bounds(*t);
+                        Interval::new(lo, hi)
+                    })
+                    .collect()
+            })
+            .collect();
+        rows.sort();
+        rows.dedup();
+        LoweredSet::Concat(Arc::new(rows))
     }
 
     fn verdict(&self, v: &MVerdict) -> Verdict {

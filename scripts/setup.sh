@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what keepstate's build, demo and tests need on a fresh Debian machine that has only
+# the Rust toolchain. Idempotent: packages already present are skipped, and apt-get runs only
+# when something is missing. Needs root for apt-get (CI and the lab machines run as root).
+set -euo pipefail
+
+# nftables: the reference the tests compare against (nft); iproute2: ip netns for those tests.
+packages=(nftables iproute2)
+
+missing=()
+for p in "${packages[@]}"; do
+	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+		missing+=("$p")
+	fi
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+	if [ "$(id -u)" -ne 0 ]; then
+		echo "setup: missing Debian packages: ${missing[*]} (run as root to install them)" >&2
+		echo "setup: continuing; tests that need them will say they are skipped" >&2
+	else
+		echo "setup: installing ${missing[*]}"
+		export DEBIAN_FRONTEND=noninteractive
+		apt-get update -qq
+		apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	fi
+fi

@@ -38,7 +38,8 @@ impl Pkt {
 
 /// The single rule of `table inet t { chain c { RULE } }`.
 fn rule(text: &str) -> ir::Rule {
-    let src = format!("table inet t {{\n\tchain c {{\n\t\t{text}\n\t}}\n\tchain web {{\n\t}}\n}}\n");
+    let src =
+        format!("table inet t {{\n\tchain c {{\n\t\t{text}\n\t}}\n\tchain web {{\n\t}}\n}}\n");
     let loaded = rules::load_str("t.nft", &src).unwrap_or_else(|d| panic!("{text}:\n{d}"));
     loaded.ruleset.tables[0].chains[0].rules[0].clone()
 }
@@ -54,13 +55,22 @@ fn ports_and_dependencies() {
     assert!(matches(&r, &p));
     assert!(!matches(&r, &p.clone().with(Field::Dport, 91)));
     // A UDP packet to port 22 is not `tcp dport 22`: the protocol dependency is explicit.
-    assert!(!matches(&r, &p.clone().with(Field::L4proto, 17).with(Field::Dport, 22)));
+    assert!(!matches(
+        &r,
+        &p.clone().with(Field::L4proto, 17).with(Field::Dport, 22)
+    ));
     // `th dport` has no protocol dependency.
     let th = rule("th dport 53 accept");
-    assert!(matches(&th, &p.clone().with(Field::L4proto, 17).with(Field::Dport, 53)));
+    assert!(matches(
+        &th,
+        &p.clone().with(Field::L4proto, 17).with(Field::Dport, 53)
+    ));
     // A negated test of an absent field fails too (nft's dependency fails first).
     let ne = rule("tcp dport != 22 accept");
-    assert!(!matches(&ne, &p.clone().without(Field::Dport).with(Field::L4proto, 1)));
+    assert!(!matches(
+        &ne,
+        &p.clone().without(Field::Dport).with(Field::L4proto, 1)
+    ));
     assert!(matches(&ne, &p));
 }
 
@@ -78,7 +88,10 @@ fn relational_operators() {
 fn addresses_prefixes_ranges_and_family() {
     let p = Pkt::v4_tcp([192, 168, 1, 7], [10, 0, 0, 2], 1000, 22);
     assert!(matches(&rule("ip saddr 192.168.1.0/24 accept"), &p));
-    assert!(matches(&rule("ip saddr 192.168.1.5-192.168.1.9 accept"), &p));
+    assert!(matches(
+        &rule("ip saddr 192.168.1.5-192.168.1.9 accept"),
+        &p
+    ));
     assert!(!matches(&rule("ip saddr != 192.168.0.0/16 accept"), &p));
     // In an inet table `ip saddr` also requires IPv4.
     let r = rule("ip saddr 0.0.0.0/0 accept");
@@ -95,12 +108,27 @@ fn ct_state_is_a_bit_test() {
     let r = rule("ct state established,related accept");
     let p = Pkt::v4_tcp([1, 1, 1, 1], [2, 2, 2, 2], 1, 2);
     assert!(!matches(&r, &p));
-    assert!(matches(&r, &p.clone().with(Field::CtState, ct_state::ESTABLISHED)));
-    assert!(matches(&r, &p.clone().with(Field::CtState, ct_state::RELATED)));
+    assert!(matches(
+        &r,
+        &p.clone().with(Field::CtState, ct_state::ESTABLISHED)
+    ));
+    assert!(matches(
+        &r,
+        &p.clone().with(Field::CtState, ct_state::RELATED)
+    ));
     assert!(matches(&rule("ct state != invalid accept"), &p));
     let st = rule("ct status dnat accept");
-    assert!(matches(&st, &p.clone().with(Field::CtStatus, ir::ct_status::DNAT | ir::ct_status::ASSURED)));
-    assert!(!matches(&st, &p.clone().with(Field::CtStatus, ir::ct_status::SNAT)));
+    assert!(matches(
+        &st,
+        &p.clone().with(
+            Field::CtStatus,
+            ir::ct_status::DNAT | ir::ct_status::ASSURED
+        )
+    ));
+    assert!(!matches(
+        &st,
+        &p.clone().with(Field::CtStatus, ir::ct_status::SNAT)
+    ));
 }
 
 #[test]
@@ -121,7 +149,8 @@ fn tcp_flags_forms() {
 
 #[test]
 fn interfaces_and_wildcards() {
-    let p = Pkt::v4_tcp([1, 1, 1, 1], [2, 2, 2, 2], 1, 2).with(Field::Iifname, ir::pack_name("eth3"));
+    let p =
+        Pkt::v4_tcp([1, 1, 1, 1], [2, 2, 2, 2], 1, 2).with(Field::Iifname, ir::pack_name("eth3"));
     assert!(matches(&rule("iifname \"eth*\" accept"), &p));
     assert!(!matches(&rule("iifname \"eth\" accept"), &p));
     assert!(matches(&rule("iifname { \"lan\", \"eth3\" } accept"), &p));
@@ -136,16 +165,40 @@ fn concatenations() {
     let p = Pkt::v4_tcp([10, 0, 0, 1], [9, 9, 9, 9], 5000, 22);
     assert!(matches(&r, &p));
     assert!(!matches(&r, &p.clone().with(Field::Dport, 443)));
-    assert!(matches(&r, &p.clone().with(Field::Dport, 443).with(Field::Ip4Saddr, 0x0a000002)));
+    assert!(matches(
+        &r,
+        &p.clone()
+            .with(Field::Dport, 443)
+            .with(Field::Ip4Saddr, 0x0a000002)
+    ));
 }
 
 #[test]
 fn statements_and_verdicts() {
-    let r = rule("tcp dport 22 counter log prefix \"ssh \" limit rate 5/minute meta mark set 0x10 accept");
-    assert!(matches!(r.stmts[0], Stmt::Counter { packets: 0, bytes: 0 }));
+    let r = rule(
+        "tcp dport 22 counter log prefix \"ssh \" limit rate 5/minute meta mark set 0x10 accept",
+    );
+    assert!(matches!(
+        r.stmts[0],
+        Stmt::Counter {
+            packets: 0,
+            bytes: 0
+        }
+    ));
     assert!(matches!(&r.stmts[1], Stmt::Log { prefix: Some(p), .. } if p == "ssh "));
-    assert!(matches!(r.stmts[2], Stmt::Limit { rate: 5, burst: 5, over: false, .. }));
-    assert!(matches!(r.stmts[3], Stmt::MetaMarkSet(ir::MarkValue::Const(0x10))));
+    assert!(matches!(
+        r.stmts[2],
+        Stmt::Limit {
+            rate: 5,
+            burst: 5,
+            over: false,
+            ..
+        }
+    ));
+    assert!(matches!(
+        r.stmts[3],
+        Stmt::MetaMarkSet(ir::MarkValue::Const(0x10))
+    ));
     assert_eq!(r.stmts[4], Stmt::Verdict(Verdict::Accept));
     let j = rule("tcp dport 80 jump web");
     assert_eq!(j.stmts, vec![Stmt::Verdict(Verdict::Jump(1))]);
@@ -160,7 +213,13 @@ fn statements_and_verdicts() {
     }
     // `reject with tcp reset` applies to TCP only.
     let rst = rule("reject with tcp reset");
-    assert!(rst.matches.iter().any(|m| matches!(m, Match::Set { field: Field::L4proto, .. })));
+    assert!(rst.matches.iter().any(|m| matches!(
+        m,
+        Match::Set {
+            field: Field::L4proto,
+            ..
+        }
+    )));
 }
 
 #[test]
@@ -178,8 +237,10 @@ fn named_sets_are_inlined_and_shared() {
 
 #[test]
 fn rule_ids_and_locations() {
-    let l = rules::load_file(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/home-router.nft"))
-        .unwrap();
+    let l = rules::load_file(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/home-router.nft"),
+    )
+    .unwrap();
     let ids: Vec<u32> = l.ruleset.rules().map(|r| r.id).collect();
     assert_eq!(ids, (0..ids.len() as u32).collect::<Vec<_>>());
     for r in l.ruleset.rules() {

@@ -996,21 +996,161 @@ impl Cx {
 mod tests {
     use super::*;
 
-    #[test]
-    fn dump() {
+    fn parse(text: &str) -> (Vec<Command>, Vec<Diagnostic>) {
         let mut map = SourceMap::default();
         let mut out = Vec::new();
         let mut d = Vec::new();
-        parse_path(
+        parse_text(
             &mut map,
-            "/tmp/t/a.nft",
-            Path::new("/tmp/t/a.nft"),
+            "t.nft",
+            Path::new("t.nft"),
+            text.into(),
+            0,
             &mut out,
             &mut d,
         );
-        for x in &d {
-            eprintln!("{x}");
+        (out, d)
+    }
+
+    fn one_rule(rule: &str) -> RuleAst {
+        let (cmds, d) = parse(&format!("table inet t {{ chain c {{\n{rule}\n}} }}"));
+        assert!(d.is_empty(), "{rule}: {d:?}");
+        match &cmds[0] {
+            Command::Table { items, .. } => match &items[0] {
+                TableItem::Chain(c) => c.rules[0].clone(),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
         }
-        eprintln!("{out:#?}");
+    }
+
+    #[test]
+    fn separators_comments_and_continuations() {
+        let (cmds, d) = parse("# c\nflush ruleset; define x = 1 \\\n\n table ip t { }\n");
+        assert!(d.is_empty(), "{d:?}");
+        assert_eq!(cmds.len(), 3);
+    }
+
+    #[test]
+    fn keywords_need_a_word_boundary() {
+        // `dropped` is not `drop`: it is a syntax error, not a verdict.
+        let (_, d) = parse("table ip t { chain c {\ndropped\n} }");
+        assert_eq!(d.len(), 1);
+        assert!(d[0].message.starts_with("syntax error"), "{}", d[0].message);
+    }
+
+    #[test]
+    fn relation_shapes() {
+        let r = one_rule("tcp flags & (syn|ack) == syn ip saddr . tcp dport { 10.0.0.1 . 22 } ct state vmap { new : accept }");
+        assert_eq!(r.items.len(), 3);
+        let RuleItem::Relation(flags) = &r.items[0].node else {
+            panic!()
+        };
+        assert!(matches!(flags.mask.as_ref().map(|m| &m.node), Some(Expr::Or(v)) if v.len() == 2));
+        assert_eq!(flags.op.as_ref().map(|o| o.node), Some(RelOp::Eq));
+        let RuleItem::Relation(cat) = &r.items[1].node else {
+            panic!()
+        };
+        assert_eq!(cat.left.len(), 2);
+        let RuleItem::Relation(vm) = &r.items[2].node else {
+            panic!()
+        };
+        assert!(matches!(vm.right.node, Rhs::Vmap(Expr::Map(_))));
+        let fm = one_rule("tcp flags syn / fin,syn,rst,ack");
+        let RuleItem::Relation(fm) = &fm.items[0].node else {
+            panic!()
+        };
+        assert!(matches!(&fm.right.node, Rhs::FlagMask(v, m) if v.len() == 1 && m.len() == 4));
+    }
+
+    #[test]
+    fn values() {
+        let r = one_rule(
+            "ip6 saddr fe80::/10 ip daddr 10.0.0.1-10.0.0.9 meta mark 0x10 iifname \"eth*\"",
+        );
+        let vals: Vec<&Rhs> = r
+            .items
+            .iter()
+            .map(|i| match &i.node {
+                RuleItem::Relation(rel) => &rel.right.node,
+                RuleItem::Stmt(_) => panic!(),
+            })
+            .collect();
+        assert!(
+            matches!(vals[0], Rhs::Expr(Expr::Prefix(b, 10)) if matches!(b.node, Expr::Ipv6(_)))
+        );
+        assert!(matches!(vals[1], Rhs::Expr(Expr::Range(..))));
+        assert!(matches!(vals[2], Rhs::Expr(Expr::Number(16))));
+        assert!(matches!(vals[3], Rhs::Expr(Expr::Str(s)) if s == "eth*"));
+    }
+
+    #[test]
+    fn statements() {
+        let r = one_rule("counter packets 1 bytes 2 log prefix \"x\" level info limit rate over 5/minute burst 9 packets meta mark set ct mark ct helper set \"ftp\" dnat ip to [2001:db8::1]:80 random,persistent");
+        let kinds: Vec<String> = r
+            .items
+            .iter()
+            .map(|i| match &i.node {
+                RuleItem::Stmt(s) => format!("{s:?}")
+                    .split(['(', ' '])
+                    .next()
+                    .unwrap()
+                    .to_string(),
+                RuleItem::Relation(_) => "relation".into(),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "Counter",
+                "Log",
+                "Limit",
+                "MetaMarkSet",
+                "CtHelperSet",
+                "Nat"
+            ]
+        );
+        let RuleItem::Stmt(StmtAst::Nat(n)) = &r.items[5].node else {
+            panic!()
+        };
+        assert_eq!(n.kind, NatKindAst::Dnat);
+        assert_eq!(n.family.as_deref(), Some("ip"));
+        assert!(n.port.is_some() && n.flags.len() == 2);
+    }
+
+    #[test]
+    fn include_cycle_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.nft");
+        std::fs::write(&a, "include \"./a.nft\"\n").unwrap();
+        let mut map = SourceMap::default();
+        let mut out = Vec::new();
+        let mut d = Vec::new();
+        parse_path(&mut map, "a.nft", &a, &mut out, &mut d);
+        assert_eq!(d.len(), 1);
+        assert!(d[0].message.contains("nested too deep"), "{}", d[0].message);
+    }
+
+    #[test]
+    fn glob_includes_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/2.nft"), "table ip b { }\n").unwrap();
+        std::fs::write(dir.path().join("d/1.nft"), "table ip a { }\n").unwrap();
+        let main = dir.path().join("main.nft");
+        std::fs::write(&main, "include \"./d/*.nft\"\n").unwrap();
+        let mut map = SourceMap::default();
+        let mut out = Vec::new();
+        let mut d = Vec::new();
+        parse_path(&mut map, "main.nft", &main, &mut out, &mut d);
+        assert!(d.is_empty(), "{d:?}");
+        let names: Vec<&str> = out
+            .iter()
+            .map(|c| match c {
+                Command::Table { name, .. } => name.node.as_str(),
+                _ => "",
+            })
+            .collect();
+        assert_eq!(names, ["a", "b"]);
     }
 }

@@ -67,7 +67,7 @@ fn every_error_is_reported_not_only_the_first() {
         err.contains("unknown-chain.nft:4:21: unknown chain `web`"),
         "{err}"
     );
-    assert_eq!(err.matches('^').count() >= 7, true);
+    assert!(err.matches('^').count() >= 7);
 }
 
 #[test]

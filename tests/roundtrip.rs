@@ -159,7 +159,7 @@ fn relation(fam: Fam) -> BoxedStrategy<String> {
 }
 
 fn statement() -> BoxedStrategy<String> {
-    let mut v: Vec<BoxedStrategy<String>> = vec![
+    let v: Vec<BoxedStrategy<String>> = vec![
         Just("counter".to_string()).boxed(),
         (0u64..1000, 0u64..100000)
             .prop_map(|(p, b)| format!("counter packets {p} bytes {b}"))

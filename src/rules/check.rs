@@ -1968,8 +1968,8 @@ fn elide_dependencies(family: Family, items: &mut Vec<MItem>) {
             }
             _ => continue,
         };
-        for j in i + 1..items.len() {
-            let hit = match &mut items[j] {
+        for item in items.iter_mut().skip(i + 1) {
+            let hit = match item {
                 MItem::Match(m) => {
                     let mut hit = false;
                     for s in m.sels.iter_mut() {

@@ -274,16 +274,15 @@ fn string_of(pair: Pair<Rule>) -> String {
 }
 
 /// Children of a pair without the keyword tokens (`kw_*`), which only mark word boundaries.
+type KidsIter<'a> =
+    std::iter::Filter<pest::iterators::Pairs<'a, Rule>, fn(&Pair<'a, Rule>) -> bool>;
+
 trait Kids<'a> {
-    fn kids(
-        self,
-    ) -> std::iter::Filter<pest::iterators::Pairs<'a, Rule>, fn(&Pair<'a, Rule>) -> bool>;
+    fn kids(self) -> KidsIter<'a>;
 }
 
 impl<'a> Kids<'a> for Pair<'a, Rule> {
-    fn kids(
-        self,
-    ) -> std::iter::Filter<pest::iterators::Pairs<'a, Rule>, fn(&Pair<'a, Rule>) -> bool> {
+    fn kids(self) -> KidsIter<'a> {
         fn not_kw(p: &Pair<'_, Rule>) -> bool {
             !format!("{:?}", p.as_rule()).starts_with("kw_")
         }
@@ -834,12 +833,8 @@ impl Cx {
     fn target(&self, p: Pair<Rule>) -> Name {
         let t = p.kids().next().expect("chain name");
         let span = self.span(&t);
-        let s = if t.as_rule() == Rule::variable {
-            t.as_str().to_string()
-        } else {
-            t.as_str().to_string()
-        };
-        Spanned::new(s, span)
+        // A `$variable` keeps its `$`; the checker substitutes it.
+        Spanned::new(t.as_str().to_string(), span)
     }
 
     fn nat_range(&self, p: Pair<Rule>) -> (Spanned<Expr>, Option<Spanned<Expr>>) {

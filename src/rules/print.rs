@@ -406,7 +406,7 @@ fn normalise_elems(key: &[DType], elems: &[MElem], interval: bool, merge: bool) 
                 (lo, hi, e.data.clone())
             })
             .collect();
-        ivs.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        ivs.sort_by_key(|a| (a.0, a.1));
         let mut merged: Vec<(u128, u128, Option<MData>)> = Vec::new();
         for (lo, hi, d) in ivs {
             if let Some(last) = merged.last_mut() {

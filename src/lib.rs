@@ -4,6 +4,7 @@
 //!
 //! ```text
 //!   cli        clap subcommands; wires the library together, holds no policy
+//!   config     the TOML configuration: rules file, ports, routes, conntrack settings
 //!   rules      rules file -> pest -> spanned AST -> checked -> lowered IR (rules::ir)
 //!   classify   IR -> decision tree; `linear` is the obviously-right reference it is tested against
 //! ```
@@ -13,4 +14,5 @@
 //! packet's fields, never the parser.
 
 pub mod cli;
+pub mod config;
 pub mod rules;

@@ -99,13 +99,12 @@ fn listing_matches_nft_for_every_fixture() {
                 )),
                 Err(d) => failures.push(format!("{stem}: nft accepts it, keepstate says\n{d}")),
             }
-        } else if err.exists()
-            && got.is_ok() {
-                let why = std::fs::read_to_string(&err).unwrap();
-                failures.push(format!(
-                    "{stem}: nft refuses it, keepstate accepts it\n{why}"
-                ));
-            }
+        } else if err.exists() && got.is_ok() {
+            let why = std::fs::read_to_string(&err).unwrap();
+            failures.push(format!(
+                "{stem}: nft refuses it, keepstate accepts it\n{why}"
+            ));
+        }
     }
     assert!(checked > 200, "only {checked} fixtures found");
     assert!(

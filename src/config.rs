@@ -1,0 +1,459 @@
+//! The configuration file (TOML), shared by offline replay and the live appliance: where the
+//! rules are, the ports (name, interface, addresses), the routes, and the conntrack settings
+//! under the kernel's sysctl names. Defaults that work; an unknown key, a bad value or an
+//! inconsistent setting is an error naming `file:line:col`.
+//!
+//! Owns only the file's meaning; it opens no sockets and touches no interface.
+//!
+//! ```toml
+//! rules = "home-router.nft"          # relative to this file
+//!
+//! [[port]]
+//! name = "lan"                       # what iifname/oifname rules match
+//! interface = "veth-lan"             # the kernel interface it runs on
+//! addresses = ["192.168.1.1/24"]     # connected networks follow from these
+//!
+//! [[port]]
+//! name = "wan"
+//! interface = "veth-wan"
+//! addresses = ["203.0.113.2/24"]
+//!
+//! [[route]]
+//! to = "0.0.0.0/0"                   # or "default"
+//! via = "203.0.113.1"
+//!
+//! [conntrack]
+//! max = 262144
+//! nf_conntrack_tcp_timeout_established = 432000
+//! ```
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration error, already placed at `file:line:col`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}:{col}: {message}")]
+    At {
+        file: String,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+}
+
+/// The whole configuration, checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The rules file, resolved against the configuration file's directory.
+    pub rules: Option<PathBuf>,
+    pub ports: Vec<Port>,
+    pub routes: Vec<Route>,
+    pub conntrack: Conntrack,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Port {
+    pub name: String,
+    pub interface: String,
+    /// The port's own addresses with their prefix lengths (`192.168.1.1/24`).
+    pub addresses: Vec<IpNet>,
+}
+
+impl Port {
+    /// The networks this port is directly connected to.
+    pub fn connected(&self) -> impl Iterator<Item = IpNet> + '_ {
+        self.addresses.iter().map(|a| a.trunc())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Route {
+    pub to: IpNet,
+    /// The next hop; `None` for a route straight out of `port`.
+    pub via: Option<IpAddr>,
+    /// The port the route leaves by: given, or the one whose connected network holds `via`.
+    pub port: String,
+}
+
+/// Conntrack settings. Timeouts are in seconds, named as the kernel's sysctls
+/// (`/proc/sys/net/netfilter/nf_conntrack_*`), with the kernel's defaults.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Conntrack {
+    /// `nf_conntrack_max`: the most connections tracked at once.
+    pub max: u32,
+    /// `nf_conntrack_tcp_loose`: pick up connections already established.
+    pub tcp_loose: bool,
+    /// `nf_conntrack_tcp_be_liberal`: accept out-of-window segments.
+    pub tcp_be_liberal: bool,
+    /// `nf_conntrack_checksum`: packets with bad checksums are INVALID.
+    pub checksum: bool,
+    /// `nf_conntrack_tcp_max_retrans`.
+    pub tcp_max_retrans: u32,
+    /// `nf_conntrack_expect_max`: the most expectations (FTP, SIP) at once.
+    pub expect_max: u32,
+    pub nf_conntrack_tcp_timeout_syn_sent: u32,
+    pub nf_conntrack_tcp_timeout_syn_recv: u32,
+    pub nf_conntrack_tcp_timeout_established: u32,
+    pub nf_conntrack_tcp_timeout_fin_wait: u32,
+    pub nf_conntrack_tcp_timeout_close_wait: u32,
+    pub nf_conntrack_tcp_timeout_last_ack: u32,
+    pub nf_conntrack_tcp_timeout_time_wait: u32,
+    pub nf_conntrack_tcp_timeout_close: u32,
+    pub nf_conntrack_tcp_timeout_max_retrans: u32,
+    pub nf_conntrack_tcp_timeout_unacknowledged: u32,
+    pub nf_conntrack_udp_timeout: u32,
+    pub nf_conntrack_udp_timeout_stream: u32,
+    pub nf_conntrack_icmp_timeout: u32,
+    pub nf_conntrack_icmpv6_timeout: u32,
+    pub nf_conntrack_generic_timeout: u32,
+}
+
+impl Default for Conntrack {
+    /// The kernel's defaults (nf_conntrack_proto_*.c, nf_conntrack_core.c).
+    fn default() -> Self {
+        Conntrack {
+            max: 262_144,
+            tcp_loose: true,
+            tcp_be_liberal: false,
+            checksum: true,
+            tcp_max_retrans: 3,
+            expect_max: 4096,
+            nf_conntrack_tcp_timeout_syn_sent: 120,
+            nf_conntrack_tcp_timeout_syn_recv: 60,
+            nf_conntrack_tcp_timeout_established: 432_000,
+            nf_conntrack_tcp_timeout_fin_wait: 120,
+            nf_conntrack_tcp_timeout_close_wait: 60,
+            nf_conntrack_tcp_timeout_last_ack: 30,
+            nf_conntrack_tcp_timeout_time_wait: 120,
+            nf_conntrack_tcp_timeout_close: 10,
+            nf_conntrack_tcp_timeout_max_retrans: 300,
+            nf_conntrack_tcp_timeout_unacknowledged: 300,
+            nf_conntrack_udp_timeout: 30,
+            nf_conntrack_udp_timeout_stream: 120,
+            nf_conntrack_icmp_timeout: 30,
+            nf_conntrack_icmpv6_timeout: 30,
+            nf_conntrack_generic_timeout: 600,
+        }
+    }
+}
+
+// The file as written, with spans where a later check needs a line number.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    rules: Option<String>,
+    #[serde(default)]
+    port: Vec<RawPort>,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+    #[serde(default)]
+    conntrack: Conntrack,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    name: Spanned<String>,
+    interface: Option<Spanned<String>>,
+    #[serde(default)]
+    addresses: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    to: Spanned<String>,
+    via: Option<Spanned<String>>,
+    port: Option<Spanned<String>>,
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Checks configuration text as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let at = |span: std::ops::Range<usize>, message: String| {
+            let (line, col) = line_col(text, span.start);
+            ConfigError::At {
+                file: file.clone(),
+                line,
+                col,
+                message,
+            }
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            at(span, e.message().trim().to_string())
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut names = HashSet::new();
+        let mut ports = Vec::new();
+        for p in &raw.port {
+            let name = p.name.get_ref();
+            if name.is_empty() || name.len() > 15 {
+                return Err(at(
+                    p.name.span(),
+                    format!("port name `{name}` must be 1 to 15 characters (it is what iifname matches)"),
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err(at(p.name.span(), format!("port `{name}` is defined twice")));
+            }
+            let interface = p
+                .interface
+                .as_ref()
+                .map_or(name.clone(), |i| i.get_ref().clone());
+            if interface.is_empty() || interface.len() > 15 {
+                let span = p.interface.as_ref().map_or(p.name.span(), |i| i.span());
+                return Err(at(
+                    span,
+                    format!("interface `{interface}` must be 1 to 15 characters"),
+                ));
+            }
+            let mut addresses = Vec::new();
+            for a in &p.addresses {
+                let net: IpNet = a.get_ref().parse().map_err(|_| {
+                    at(
+                        a.span(),
+                        format!(
+                            "`{}` is not an address with a prefix length, such as 192.168.1.1/24",
+                            a.get_ref()
+                        ),
+                    )
+                })?;
+                addresses.push(net);
+            }
+            ports.push(Port {
+                name: name.clone(),
+                interface,
+                addresses,
+            });
+        }
+        let mut routes = Vec::new();
+        for r in &raw.route {
+            let to_text = r.to.get_ref();
+            let to: IpNet = match to_text.as_str() {
+                "default" => {
+                    let v6 = r.via.as_ref().is_some_and(|v| v.get_ref().contains(':'));
+                    if v6 {
+                        "::/0".parse().expect("literal")
+                    } else {
+                        "0.0.0.0/0".parse().expect("literal")
+                    }
+                }
+                t => t.parse().map_err(|_| {
+                    at(
+                        r.to.span(),
+                        format!("`{t}` is not a network such as 10.0.0.0/8 (or `default`)"),
+                    )
+                })?,
+            };
+            let via =
+                match &r.via {
+                    None => None,
+                    Some(v) => Some(v.get_ref().parse::<IpAddr>().map_err(|_| {
+                        at(v.span(), format!("`{}` is not an address", v.get_ref()))
+                    })?),
+                };
+            if let Some(v) = via {
+                if v.is_ipv4() != to.addr().is_ipv4() {
+                    let span = r.via.as_ref().map_or(r.to.span(), |v| v.span());
+                    return Err(at(
+                        span,
+                        "the next hop and the destination are of different families".into(),
+                    ));
+                }
+            }
+            let port = match (&r.port, via) {
+                (Some(p), _) => {
+                    if !names.contains(p.get_ref()) {
+                        return Err(at(p.span(), format!("unknown port `{}`", p.get_ref())));
+                    }
+                    p.get_ref().clone()
+                }
+                (None, Some(v)) => {
+                    match ports.iter().find(|p| p.connected().any(|n| n.contains(&v))) {
+                        Some(p) => p.name.clone(),
+                        None => {
+                            let span = r.via.as_ref().map_or(r.to.span(), |v| v.span());
+                            return Err(at(
+                            span,
+                            format!("next hop {v} is on no port's connected network: give `port = \"...\"`"),
+                        ));
+                        }
+                    }
+                }
+                (None, None) => {
+                    return Err(at(
+                        r.to.span(),
+                        "a route needs `via` (a next hop) or `port`".into(),
+                    ));
+                }
+            };
+            routes.push(Route { to, via, port });
+        }
+        if raw.conntrack.max == 0 {
+            return Err(at(0..0, "[conntrack] max must be at least 1".into()));
+        }
+        Ok(Config {
+            rules: raw.rules.map(|r| base.join(r)),
+            ports,
+            routes,
+            conntrack: raw.conntrack,
+        })
+    }
+
+    /// The port a packet to `dst` leaves by, and its next hop (the destination itself on a
+    /// connected network): the longest matching connected network or route.
+    pub fn route(&self, dst: IpAddr) -> Option<(&Port, IpAddr)> {
+        let mut best: Option<(u8, &Port, IpAddr)> = None;
+        for p in &self.ports {
+            for n in p.connected() {
+                if n.contains(&dst) && best.is_none_or(|(l, _, _)| n.prefix_len() > l) {
+                    best = Some((n.prefix_len(), p, dst));
+                }
+            }
+        }
+        for r in &self.routes {
+            if r.to.contains(&dst) && best.is_none_or(|(l, _, _)| r.to.prefix_len() > l) {
+                if let Some(p) = self.ports.iter().find(|p| p.name == r.port) {
+                    best = Some((r.to.prefix_len(), p, r.via.unwrap_or(dst)));
+                }
+            }
+        }
+        best.map(|(_, p, hop)| (p, hop))
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+rules = "home-router.nft"
+
+[[port]]
+name = "lan"
+interface = "veth-lan"
+addresses = ["192.168.1.1/24", "fd00::1/64"]
+
+[[port]]
+name = "wan"
+addresses = ["203.0.113.2/24"]
+
+[[route]]
+to = "default"
+via = "203.0.113.1"
+
+[[route]]
+to = "10.9.0.0/16"
+via = "192.168.1.254"
+
+[conntrack]
+max = 65536
+nf_conntrack_tcp_timeout_established = 7200
+"#;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(t, Path::new("/etc/keepstate/ks.toml"))
+    }
+
+    #[test]
+    fn a_full_file() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(
+            c.rules.as_deref(),
+            Some(Path::new("/etc/keepstate/home-router.nft"))
+        );
+        assert_eq!(c.ports[1].interface, "wan");
+        assert_eq!(c.routes[0].port, "wan");
+        assert_eq!(c.routes[1].port, "lan");
+        assert_eq!(c.conntrack.max, 65536);
+        assert_eq!(c.conntrack.nf_conntrack_tcp_timeout_established, 7200);
+        // Untouched settings keep the kernel's defaults.
+        assert_eq!(c.conntrack.nf_conntrack_udp_timeout_stream, 120);
+        let (p, hop) = c.route("8.8.8.8".parse().unwrap()).unwrap();
+        assert_eq!(
+            (p.name.as_str(), hop.to_string().as_str()),
+            ("wan", "203.0.113.1")
+        );
+        let (p, hop) = c.route("192.168.1.7".parse().unwrap()).unwrap();
+        assert_eq!(
+            (p.name.as_str(), hop.to_string().as_str()),
+            ("lan", "192.168.1.7")
+        );
+        let (p, _) = c.route("10.9.3.4".parse().unwrap()).unwrap();
+        assert_eq!(p.name, "lan");
+        assert!(c.route("2001:db8::1".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn empty_file_has_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.conntrack, Conntrack::default());
+        assert!(c.ports.is_empty() && c.rules.is_none());
+    }
+
+    fn err(t: &str) -> String {
+        parse(t).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let e = err("[conntrack]\nmax = 10\nnf_conntrack_tcp_timeout_establised = 5\n");
+        assert!(
+            e.starts_with(
+                "/etc/keepstate/ks.toml:3:1: unknown field `nf_conntrack_tcp_timeout_establised`"
+            ),
+            "{e}"
+        );
+        let e = err("[[port]]\nname = \"lan\"\naddresses = [\"192.168.1.1\"]\n");
+        assert!(
+            e.starts_with(
+                "/etc/keepstate/ks.toml:3:14: `192.168.1.1` is not an address with a prefix"
+            ),
+            "{e}"
+        );
+        let e = err("[[port]]\nname = \"a\"\n[[port]]\nname = \"a\"\n");
+        assert!(e.contains(":4:8: port `a` is defined twice"), "{e}");
+        let e = err("[[route]]\nto = \"default\"\nvia = \"10.0.0.1\"\n");
+        assert!(
+            e.contains(":3:7: next hop 10.0.0.1 is on no port's connected network"),
+            "{e}"
+        );
+        let e = err("[[route]]\nto = \"10.0.0.0/8\"\nport = \"dmz\"\n");
+        assert!(e.contains(":3:8: unknown port `dmz`"), "{e}");
+        let e = err("rules = 5\n");
+        assert!(e.contains(":1:9:"), "{e}");
+    }
+}

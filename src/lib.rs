@@ -6,6 +6,8 @@
 //!   cli        clap subcommands; wires the library together, holds no policy
 //!   rules      rules file -> pest -> spanned AST -> checked -> lowered IR (rules::ir)
 //!   classify   IR -> decision tree; `linear` is the obviously-right reference it is tested against
+//!   conntrack  the connection tracker (Linux semantics, sans-IO): knows packets and time, never rules
+//!   packet     frame bytes -> checked flow view (etherparse); depends on nothing of ours
 //! ```
 //!
 //! Data flows one way: text -> AST -> IR -> classifier. `rules` exports the IR and the
@@ -13,4 +15,6 @@
 //! packet's fields, never the parser.
 
 pub mod cli;
+pub mod conntrack;
+pub mod packet;
 pub mod rules;

@@ -1,12 +1,11 @@
 //! UDP, ICMP/ICMPv6 and generic tracking through the public API with a fake clock.
 
 #[path = "common/ctkit.rs"]
+#[allow(dead_code)]
 mod ctkit;
 
 use ctkit::*;
-use keepstate::conntrack::{
-    ct_state, status, Classified, CtInfo, Dir, InvalidReason, ProtoState,
-};
+use keepstate::conntrack::{ct_state, status, Classified, CtInfo, Dir, InvalidReason, ProtoState};
 
 const A: &str = "10.0.0.1";
 const B: &str = "192.0.2.53";
@@ -87,14 +86,20 @@ fn udp_bad_length_and_zero_checksum() {
     let mut h = H::new();
     let mut p = udp(A, 5000, B, 53, 4);
     p[20 + 5] = 200; // length field past the packet
-    assert!(matches!(h.send(&p), Classified::Invalid(InvalidReason::Malformed(_))));
+    assert!(matches!(
+        h.send(&p),
+        Classified::Invalid(InvalidReason::Malformed(_))
+    ));
     let mut p = udp(A, 5000, B, 53, 4);
     p[20 + 6] = 0;
     p[20 + 7] = 0; // no checksum: allowed
     assert_eq!(info(&h.send(&p)), Some(CtInfo::New));
     let mut p = udp(A, 5001, B, 53, 4);
     p[20 + 9] ^= 1; // payload changed, checksum now wrong
-    assert!(matches!(h.send(&p), Classified::Invalid(InvalidReason::Checksum(_))));
+    assert!(matches!(
+        h.send(&p),
+        Classified::Invalid(InvalidReason::Checksum(_))
+    ));
 }
 
 #[test]
@@ -106,7 +111,10 @@ fn icmp_echo_tracked_by_id_with_reply_type() {
     assert_eq!(c.reply().icmp_id(), 0x42);
     assert_eq!(c.timeout_secs(h.now), 30);
     h.advance(10);
-    assert_eq!(info(&h.send(&echo(B, A, 0, 0x42, 1))), Some(CtInfo::EstablishedReply));
+    assert_eq!(
+        info(&h.send(&echo(B, A, 0, 0x42, 1))),
+        Some(CtInfo::EstablishedReply)
+    );
     assert_eq!(c.timeout_secs(h.now), 30);
     assert_ne!(c.status() & status::SEEN_REPLY, 0);
     assert_eq!(c.status() & status::ASSURED, 0);
@@ -170,11 +178,17 @@ fn icmp_errors_for_unknown_connections_or_wrong_daddr_are_invalid() {
     let mut h = H::new();
     let q = udp(A, 5000, B, 53, 10);
     let e = icmp_error(B, A, 3, 3, &q);
-    assert!(matches!(h.send(&e), Classified::Invalid(InvalidReason::IcmpErrorNoConn)));
+    assert!(matches!(
+        h.send(&e),
+        Classified::Invalid(InvalidReason::IcmpErrorNoConn)
+    ));
     h.send(&q);
     // Outer destination is not the connection's: "outer daddr != inner".
     let e = icmp_error(B, "10.9.9.9", 3, 3, &q);
-    assert!(matches!(h.send(&e), Classified::Invalid(InvalidReason::IcmpOuterDaddr)));
+    assert!(matches!(
+        h.send(&e),
+        Classified::Invalid(InvalidReason::IcmpOuterDaddr)
+    ));
     let st = h.ct.stats();
     assert_eq!(st[0].error, 2);
 }
@@ -201,7 +215,10 @@ fn icmpv6_echo_errors_and_neighbour_discovery() {
     let mut h = H::new();
     assert_eq!(info(&h.send(&echo(a6, b6, 128, 7, 1))), Some(CtInfo::New));
     assert_eq!(conn_of(&h).reply().icmp_type(), 129);
-    assert_eq!(info(&h.send(&echo(b6, a6, 129, 7, 1))), Some(CtInfo::EstablishedReply));
+    assert_eq!(
+        info(&h.send(&echo(b6, a6, 129, 7, 1))),
+        Some(CtInfo::EstablishedReply)
+    );
     // Neighbour solicitation: untracked.
     let ns = icmp(a6, "ff02::1:ff00:53", 135, 0, &[0; 20]);
     let r = h.send(&ns);
@@ -233,8 +250,20 @@ fn generic_protocols_600s_by_protocol_number() {
     h.send(&ip_packet(A, B, 50, vec![0; 8], None));
     assert_eq!(h.ct.count(), 2);
     // SCTP keeps its ports in the tuple.
-    h.send(&ip_packet(A, B, 132, vec![0x0b, 0xb8, 0x00, 0x50, 0, 0, 0, 0], None));
-    h.send(&ip_packet(A, B, 132, vec![0x0b, 0xb9, 0x00, 0x50, 0, 0, 0, 0], None));
+    h.send(&ip_packet(
+        A,
+        B,
+        132,
+        vec![0x0b, 0xb8, 0x00, 0x50, 0, 0, 0, 0],
+        None,
+    ));
+    h.send(&ip_packet(
+        A,
+        B,
+        132,
+        vec![0x0b, 0xb9, 0x00, 0x50, 0, 0, 0, 0],
+        None,
+    ));
     assert_eq!(h.ct.count(), 4);
     h.advance(599);
     assert_eq!(h.ct.gc_step(h.now, usize::MAX), 0);
@@ -254,6 +283,9 @@ fn fragments_are_invalid_without_reassembly() {
     let mut p = udp(A, 5000, B, 53, 10);
     p[6] = 0x00;
     p[7] = 0x10; // offset 128 bytes: a non-first fragment
-    // Fix the IPv4 header checksum (not checked by conntrack anyway).
-    assert!(matches!(h.send(&p), Classified::Invalid(InvalidReason::Tuple(_))));
+                 // Fix the IPv4 header checksum (not checked by conntrack anyway).
+    assert!(matches!(
+        h.send(&p),
+        Classified::Invalid(InvalidReason::Tuple(_))
+    ));
 }

@@ -2,6 +2,7 @@
 //! `conntrack -L` / `-E` / `-S` and /proc renderings.
 
 #[path = "common/ctkit.rs"]
+#[allow(dead_code)]
 mod ctkit;
 
 use std::sync::Arc;
@@ -9,8 +10,7 @@ use std::sync::Arc;
 use ctkit::*;
 use keepstate::conntrack::show::{self, ShowOpts};
 use keepstate::conntrack::{
-    Classified, CtConfig, CtInfo, DropReason, Hook, PktCtx, Timestamp, Tracker, EV_DESTROY,
-    EV_NEW,
+    Classified, CtConfig, CtInfo, DropReason, Hook, PktCtx, Timestamp, Tracker, EV_DESTROY, EV_NEW,
 };
 use keepstate::packet::{parse_ip, Frame};
 
@@ -56,8 +56,20 @@ fn full_table_of_assured_entries_drops_and_counts() {
     for i in 0..64u32 {
         let src = format!("10.0.0.{}", i + 1);
         h.send(&tcp(&src, 40000, "192.0.2.1", 80, &Seg::new(SYN, 1000, 0)));
-        h.send(&tcp("192.0.2.1", 80, &src, 40000, &Seg::new(SYN | ACK, 5000, 1001)));
-        h.send(&tcp(&src, 40000, "192.0.2.1", 80, &Seg::new(ACK, 1001, 5001)));
+        h.send(&tcp(
+            "192.0.2.1",
+            80,
+            &src,
+            40000,
+            &Seg::new(SYN | ACK, 5000, 1001),
+        ));
+        h.send(&tcp(
+            &src,
+            40000,
+            "192.0.2.1",
+            80,
+            &Seg::new(ACK, 1001, 5001),
+        ));
         n += 1;
     }
     assert_eq!(h.ct.count(), n);
@@ -68,7 +80,13 @@ fn full_table_of_assured_entries_drops_and_counts() {
     let st = h.ct.stats()[0];
     assert_eq!((st.drop, st.early_drop), (1, 0));
     // Packets of existing connections still pass.
-    let r = h.send(&tcp("10.0.0.1", 40000, "192.0.2.1", 80, &Seg::new(ACK, 1001, 5001)));
+    let r = h.send(&tcp(
+        "10.0.0.1",
+        40000,
+        "192.0.2.1",
+        80,
+        &Seg::new(ACK, 1001, 5001),
+    ));
     assert_eq!(info(&r), Some(CtInfo::Established));
 }
 
@@ -78,10 +96,28 @@ fn gc_under_pressure_evicts_closing_assured_entries() {
     for i in 0..64u32 {
         let src = format!("10.0.0.{}", i + 1);
         h.send(&tcp(&src, 40000, "192.0.2.1", 80, &Seg::new(SYN, 1000, 0)));
-        h.send(&tcp("192.0.2.1", 80, &src, 40000, &Seg::new(SYN | ACK, 5000, 1001)));
-        h.send(&tcp(&src, 40000, "192.0.2.1", 80, &Seg::new(ACK, 1001, 5001)));
+        h.send(&tcp(
+            "192.0.2.1",
+            80,
+            &src,
+            40000,
+            &Seg::new(SYN | ACK, 5000, 1001),
+        ));
+        h.send(&tcp(
+            &src,
+            40000,
+            "192.0.2.1",
+            80,
+            &Seg::new(ACK, 1001, 5001),
+        ));
         if i % 2 == 0 {
-            h.send(&tcp(&src, 40000, "192.0.2.1", 80, &Seg::new(FIN | ACK, 1001, 5001)));
+            h.send(&tcp(
+                &src,
+                40000,
+                "192.0.2.1",
+                80,
+                &Seg::new(FIN | ACK, 1001, 5001),
+            ));
         }
     }
     assert!(matches!(h.send(&syn(999_999)), Classified::Drop(_)));
@@ -248,7 +284,13 @@ fn udp_icmp_and_generic_lines() {
         "ipv4     2 icmp     1 3 src=1.1.1.2 dst=1.1.1.1 type=8 code=0 id=32354 [UNREPLIED] src=1.1.1.1 dst=1.1.1.2 type=0 code=0 id=32354 mark=0 use=2\n"
     );
     let mut h = H::new();
-    h.send(&ip_packet("2001:db8::1", "2001:db8::2", 50, vec![0; 8], None));
+    h.send(&ip_packet(
+        "2001:db8::1",
+        "2001:db8::2",
+        50,
+        vec![0; 8],
+        None,
+    ));
     let c = h.ct.conns().pop().unwrap();
     assert_eq!(
         show::list_line(&c, h.now, ShowOpts { extended: true, ..ShowOpts::default() }),

@@ -2,6 +2,7 @@
 //! open, teardown both ways, RST cases, retransmissions, windows, pickup, timeouts.
 
 #[path = "common/ctkit.rs"]
+#[allow(dead_code)]
 mod ctkit;
 
 use ctkit::*;
@@ -76,7 +77,10 @@ fn invalid_flag_combinations_and_invalid_new() {
     let mut t = Tcp::new();
     for f in [0, FIN, SYN | FIN, SYN | RST, PSH] {
         let c = t.c2s(Seg::new(f, 1, 0));
-        assert!(matches!(c, Classified::Invalid(InvalidReason::TcpFlags)), "{f:#x}");
+        assert!(
+            matches!(c, Classified::Invalid(InvalidReason::TcpFlags)),
+            "{f:#x}"
+        );
     }
     for f in [RST, RST | ACK, SYN | ACK, FIN | ACK] {
         let c = t.c2s(Seg::new(f, 1, 1));
@@ -95,7 +99,10 @@ fn bad_checksum_is_invalid_at_prerouting_only() {
     let mut t = Tcp::new();
     let mut b = tcp(t.c, t.cport, t.s, t.sport, &Seg::new(SYN, 1000, 0));
     b[20 + 16] ^= 0xff;
-    assert!(matches!(t.h.send(&b), Classified::Invalid(InvalidReason::Checksum(_))));
+    assert!(matches!(
+        t.h.send(&b),
+        Classified::Invalid(InvalidReason::Checksum(_))
+    ));
     t.h.ctx.hook = keepstate::conntrack::Hook::Output;
     assert_eq!(info(&t.h.send(&b)), Some(CtInfo::New));
 }
@@ -211,7 +218,10 @@ fn rst_not_at_maxack_keeps_established_for_challenge_ack() {
     assert_eq!(t.state(), Some(TcpState::Established));
     // RST before the peer's max ack is INVALID.
     let c = t.c2s(Seg::new(RST, 1050, 0));
-    assert!(matches!(c, Classified::Invalid(InvalidReason::TcpInvalidRst)));
+    assert!(matches!(
+        c,
+        Classified::Invalid(InvalidReason::TcpInvalidRst)
+    ));
     // ... unless tcp_ignore_invalid_rst.
     let mut t = Tcp::with(CtConfig {
         tcp_ignore_invalid_rst: true,
@@ -328,10 +338,16 @@ fn out_of_window_segments() {
     t.c2s(Seg::new(ACK, 1001, 5001).win(1000));
     // I: seq far above the receiver's window: INVALID.
     let c = t.c2s(Seg::new(ACK, 1001 + 100_000, 5001).win(1000));
-    assert!(matches!(c, Classified::Invalid(InvalidReason::TcpSeqOverUpperBound)));
+    assert!(matches!(
+        c,
+        Classified::Invalid(InvalidReason::TcpSeqOverUpperBound)
+    ));
     // III: acking data never sent: INVALID.
     let c = t.c2s(Seg::new(ACK, 1001, 5001 + 100_000).win(1000));
-    assert!(matches!(c, Classified::Invalid(InvalidReason::TcpAckOverUpperBound)));
+    assert!(matches!(
+        c,
+        Classified::Invalid(InvalidReason::TcpAckOverUpperBound)
+    ));
     // II: old data retransmitted far below the window: IGNORE (accepted, not counted).
     let before = t.conn().unwrap().counters();
     let c = t.c2s(Seg::new(ACK, 1001u32.wrapping_sub(50_000), 5001).win(1000));
@@ -340,7 +356,10 @@ fn out_of_window_segments() {
     // Check I looks at the segment's start only: 1200 bytes at the window's start pass.
     let c = t.c2s(Seg::new(ACK | PSH, 1001, 5001).win(1000).len(1200));
     assert_eq!(info(&c), Some(CtInfo::Established));
-    assert_eq!(t.conn().unwrap().counters()[0].packets, before[0].packets + 1);
+    assert_eq!(
+        t.conn().unwrap().counters()[0].packets,
+        before[0].packets + 1
+    );
     // Starting past the receiver's window by less than its size: IGNORE ("bytes more
     // than expected"), accepted but not counted.
     let before = t.conn().unwrap().counters();
@@ -377,7 +396,10 @@ fn window_scaling_negotiated_by_both() {
     t.s2c(Seg::new(SYN | ACK, 5000, 1001).win(100));
     t.c2s(Seg::new(ACK, 1001, 5001).win(100));
     let c = t.s2c(Seg::new(ACK | PSH, 17_000, 1001).win(100).len(1));
-    assert!(matches!(c, Classified::Invalid(InvalidReason::TcpSeqOverUpperBound)));
+    assert!(matches!(
+        c,
+        Classified::Invalid(InvalidReason::TcpSeqOverUpperBound)
+    ));
 }
 
 #[test]
@@ -389,10 +411,12 @@ fn retransmissions_lower_timeout_to_max_retrans() {
         t.c2s(Seg::new(ACK | PSH, 1001, 5001).len(10));
     }
     assert_eq!(t.timeout(), 300);
-    // With a longer UNACK timeout, RETRANS (300) wins over it and ESTABLISHED.
-    let mut to = Timeouts::default();
-    to.tcp_unacknowledged = 1000;
-    to.tcp_max_retrans = 200;
+    // With a longer UNACK timeout, RETRANS wins over it and ESTABLISHED.
+    let to = Timeouts {
+        tcp_unacknowledged: 1000,
+        tcp_max_retrans: 200,
+        ..Timeouts::default()
+    };
     let mut t = Tcp::with(CtConfig {
         timeouts: to,
         ..CtConfig::default()
@@ -461,9 +485,17 @@ fn assured_established_out_of_window_fin_both_ways_cuts_timeout() {
     t.handshake();
     assert_eq!(t.timeout(), 432_000);
     // Out-of-window FIN from the client (INVALID), then from the server.
-    assert!(is_invalid(&t.c2s(Seg::new(FIN | ACK, 1001 + 1_000_000, 5001))));
+    assert!(is_invalid(&t.c2s(Seg::new(
+        FIN | ACK,
+        1001 + 1_000_000,
+        5001
+    ))));
     assert_eq!(t.timeout(), 432_000);
-    assert!(is_invalid(&t.s2c(Seg::new(FIN | ACK, 5001 + 1_000_000, 1001))));
+    assert!(is_invalid(&t.s2c(Seg::new(
+        FIN | ACK,
+        5001 + 1_000_000,
+        1001
+    ))));
     assert_eq!(t.timeout(), 300);
 }
 
@@ -490,6 +522,10 @@ fn sack_blocks_extend_the_ack_check() {
         o.extend_from_slice(&right.to_be_bytes());
         o
     };
-    assert!(!is_invalid(&t.c2s(Seg::new(ACK, 1001, 5001).opts(&sack(5201)))));
-    assert!(is_invalid(&t.c2s(Seg::new(ACK, 1001, 5001).opts(&sack(9999)))));
+    assert!(!is_invalid(
+        &t.c2s(Seg::new(ACK, 1001, 5001).opts(&sack(5201)))
+    ));
+    assert!(is_invalid(
+        &t.c2s(Seg::new(ACK, 1001, 5001).opts(&sack(9999)))
+    ));
 }

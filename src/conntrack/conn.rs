@@ -68,8 +68,9 @@ impl fmt::Debug for HelperName {
     }
 }
 
-/// The part of a connection behind its mutex.
+/// The part of a connection behind its mutex; the hot fields first.
 #[derive(Clone, Debug)]
+#[repr(C)]
 pub(crate) struct ConnInner {
     pub proto: ProtoState,
     pub counters: [Counter; 2],
@@ -79,22 +80,28 @@ pub(crate) struct ConnInner {
 
 /// One connection. Created tentative by [`super::Tracker::classify`], inserted by
 /// [`super::Tracker::confirm`].
+///
+/// Laid out in the order a packet touches it (`repr(C)`), so a lookup's cache misses land
+/// on the first three lines: `Arc` counts, status, expiry, the ORIGINAL tuple (to tell the
+/// direction), the mutex, the protocol state and the counters. The REPLY tuple is not
+/// stored: without NAT it is the ORIGINAL inverted (XXX: the NAT issue keeps its own in
+/// [`NatBinding`] and must make `reply()` return it).
+#[repr(C)]
 pub struct Conn {
-    orig: Tuple,
-    reply: Tuple,
-    start: u64,
     pub(crate) status: AtomicU32,
     mark: AtomicU32,
     /// Absolute expiry time in ns (`ct->timeout`).
     pub(crate) expires: AtomicU64,
+    orig: Tuple,
     pub(crate) inner: Mutex<ConnInner>,
+    start: u64,
 }
 
 impl Conn {
-    pub(crate) fn new(orig: Tuple, reply: Tuple, proto: ProtoState, now: u64) -> Conn {
+    /// `orig` must have an inverse (checked by the caller, `nf_ct_invert_tuple`).
+    pub(crate) fn new(orig: Tuple, proto: ProtoState, now: u64) -> Conn {
         Conn {
             orig,
-            reply,
             start: now,
             status: AtomicU32::new(0),
             mark: AtomicU32::new(0),
@@ -113,13 +120,13 @@ impl Conn {
         &self.orig
     }
     /// The REPLY tuple.
-    pub fn reply(&self) -> &Tuple {
-        &self.reply
+    pub fn reply(&self) -> Tuple {
+        self.orig.invert().unwrap_or(self.orig)
     }
-    pub fn tuple(&self, dir: Dir) -> &Tuple {
+    pub fn tuple(&self, dir: Dir) -> Tuple {
         match dir {
-            Dir::Original => &self.orig,
-            Dir::Reply => &self.reply,
+            Dir::Original => self.orig,
+            Dir::Reply => self.reply(),
         }
     }
     /// When the first packet was seen (the `delta-time` base).
@@ -200,7 +207,7 @@ impl fmt::Debug for Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Conn")
             .field("orig", &self.orig)
-            .field("reply", &self.reply)
+            .field("reply", &self.reply())
             .field("status", &format_args!("{:#x}", self.status()))
             .field("expires", &self.expires())
             .finish_non_exhaustive()

@@ -256,7 +256,11 @@ impl CtConfig {
             "tcp_ignore_invalid_rst" => self.tcp_ignore_invalid_rst = value != 0,
             "tcp_max_retrans" => self.tcp_max_retrans = value.min(255) as u8,
             "checksum" => self.checksum = value != 0,
-            _ => return self.timeouts.set(name, value.min(u64::from(u32::MAX)) as u32),
+            _ => {
+                return self
+                    .timeouts
+                    .set(name, value.min(u64::from(u32::MAX)) as u32)
+            }
         }
         Ok(())
     }
@@ -611,7 +615,9 @@ impl Tracker {
             };
             match self.packet(&conn, dir, p, now) {
                 Outcome::Accepted { mut events, kill } => {
-                    if dir == Dir::Reply && conn.set_status(status::SEEN_REPLY) & status::SEEN_REPLY == 0 {
+                    if dir == Dir::Reply
+                        && conn.set_status(status::SEEN_REPLY) & status::SEEN_REPLY == 0
+                    {
                         events |= EV_REPLY;
                     }
                     if kill && self.table.remove(&conn) {
@@ -649,7 +655,9 @@ impl Tracker {
                 };
                 tcp::tcp_packet(tc, th, cx, cfg, &mut events)
             }
-            (ProtoState::Udp { stream_ts }, _) => udp::udp_packet(*stream_ts, s, now, cfg, &mut events),
+            (ProtoState::Udp { stream_ts }, _) => {
+                udp::udp_packet(*stream_ts, s, now, cfg, &mut events)
+            }
             (ProtoState::Icmp, _) => {
                 icmp::icmp_packet(conn.orig().icmp_type(), conn.orig().l3 == L3::V6, cfg)
             }
@@ -666,21 +674,33 @@ impl Tracker {
                     conn.expires
                         .store(now + u64::from(timeout) * NS, Ordering::Relaxed);
                 }
-                if events & EV_ASSURED != 0 && conn.set_status(status::ASSURED) & status::ASSURED != 0 {
+                if events & EV_ASSURED != 0
+                    && conn.set_status(status::ASSURED) & status::ASSURED != 0
+                {
                     events &= !EV_ASSURED;
                 }
-                Outcome::Accepted { events, kill: false }
+                Outcome::Accepted {
+                    events,
+                    kill: false,
+                }
             }
-            L4Verdict::Ignore => Outcome::Accepted { events, kill: false },
+            L4Verdict::Ignore => Outcome::Accepted {
+                events,
+                kill: false,
+            },
             L4Verdict::Kill => {
                 let c = &mut g.counters[dir.index()];
                 c.packets += 1;
                 c.bytes += bytes;
                 Outcome::Accepted { events, kill: true }
             }
-            L4Verdict::Invalid { reason, cut_timeout } => {
+            L4Verdict::Invalid {
+                reason,
+                cut_timeout,
+            } => {
                 if let Some(t) = cut_timeout {
-                    conn.expires.store(now + u64::from(t) * NS, Ordering::Relaxed);
+                    conn.expires
+                        .store(now + u64::from(t) * NS, Ordering::Relaxed);
                 }
                 Outcome::Invalid(reason)
             }
@@ -691,13 +711,10 @@ impl Tracker {
     /// `init_conntrack` + the first run of the protocol tracker on the tentative entry.
     fn new_conn(&self, tuple: Tuple, p: &Packet<'_>, ctx: PktCtx, now: u64) -> Classified {
         let st = self.slot(ctx.cpu);
-        let reply = match tuple.invert() {
-            Ok(r) => r,
-            Err(e) => {
-                inc(&st.invalid);
-                return Classified::Invalid(e.into());
-            }
-        };
+        if let Err(e) = tuple.invert() {
+            inc(&st.invalid);
+            return Classified::Invalid(e.into());
+        }
         // __nf_conntrack_alloc: over nf_conntrack_max, evict or drop.
         if self.table.count() >= self.cfg.max {
             let evicted = self.table.early_drop(&tuple, now);
@@ -722,7 +739,7 @@ impl Tracker {
             L4::Icmp(_) | L4::Icmp6(_) => ProtoState::Icmp,
             _ => ProtoState::Generic,
         };
-        let conn = Arc::new(Conn::new(tuple, reply, proto, now));
+        let conn = Arc::new(Conn::new(tuple, proto, now));
         match self.packet(&conn, Dir::Original, p, now) {
             Outcome::Accepted { events, .. } => {
                 inc(&st.new);

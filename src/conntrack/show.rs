@@ -10,7 +10,7 @@ use std::fmt::Write;
 
 use super::conn::{Conn, Counter};
 use super::proto::{Dir, ProtoState};
-use super::tuple::{Tuple, L3, IPPROTO_DCCP, IPPROTO_SCTP, IPPROTO_UDPLITE};
+use super::tuple::{Tuple, IPPROTO_DCCP, IPPROTO_SCTP, IPPROTO_UDPLITE, L3};
 use super::{status, CtStats, Timestamp, EV_DESTROY, EV_MARK, EV_NEW};
 
 /// What the listing includes, as the kernel sysctls and `conntrack -o` decide.
@@ -133,7 +133,7 @@ fn body(conn: &Conn, now: Timestamp, opts: ShowOpts, events: Option<u16>) -> Str
     if st & status::SEEN_REPLY == 0 {
         out.push_str("[UNREPLIED] ");
     }
-    tuple(&mut out, conn.reply());
+    tuple(&mut out, &conn.reply());
     if acct {
         counter(&mut out, &counters[1]);
     }
@@ -185,7 +185,7 @@ pub fn proc_line(conn: &Conn, now: Timestamp, opts: ShowOpts) -> String {
     if st & status::SEEN_REPLY == 0 {
         out.push_str("[UNREPLIED] ");
     }
-    tuple(&mut out, conn.reply());
+    tuple(&mut out, &conn.reply());
     if opts.acct {
         counter(&mut out, &counters[Dir::Reply.index()]);
     }
@@ -204,9 +204,9 @@ pub fn proc_line(conn: &Conn, now: Timestamp, opts: ShowOpts) -> String {
 pub fn stats_lines(stats: &[CtStats]) -> String {
     let mut out = String::new();
     for (cpu, s) in stats.iter().enumerate() {
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "cpu={cpu:<4}\tfound={} invalid={} insert={} insert_failed={} drop={} early_drop={} error={} search_restart={} clash_resolve={} chaintoolong={} \n",
+            "cpu={cpu:<4}\tfound={} invalid={} insert={} insert_failed={} drop={} early_drop={} error={} search_restart={} clash_resolve={} chaintoolong={} ",
             s.found,
             s.invalid,
             s.insert,

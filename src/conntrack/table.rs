@@ -62,7 +62,9 @@ pub struct Table {
 impl Table {
     /// A table bounded to `max` connections, with `shards` dashmap shards (a power of two).
     pub fn new(max: usize, shards: usize) -> Table {
-        let nbuckets = (max / ENTRIES_PER_BUCKET).clamp(64, 1 << 20).next_power_of_two();
+        let nbuckets = (max / ENTRIES_PER_BUCKET)
+            .clamp(64, 1 << 20)
+            .next_power_of_two();
         let buckets = (0..nbuckets).map(|_| Mutex::new(Vec::new())).collect();
         let shards = shards.max(2).next_power_of_two();
         Table {
@@ -118,7 +120,7 @@ impl Table {
     /// dying entry holding a tuple is replaced.
     pub fn insert(&self, conn: &ConnRef, now: u64) -> Result<(), InsertError> {
         let orig = *conn.orig();
-        let reply = *conn.reply();
+        let reply = conn.reply();
         let mut replaced: Option<ConnRef> = None;
         match self.map.entry(orig) {
             Entry::Occupied(mut e) => {
@@ -138,7 +140,10 @@ impl Table {
                 let old = e.get();
                 if Arc::ptr_eq(old, conn) {
                     true
-                } else if old.is_expired(now) || old.is_dying() || replaced.as_ref().is_some_and(|r| Arc::ptr_eq(r, old)) {
+                } else if old.is_expired(now)
+                    || old.is_dying()
+                    || replaced.as_ref().is_some_and(|r| Arc::ptr_eq(r, old))
+                {
                     let o = e.insert(conn.clone());
                     if replaced.is_none() {
                         replaced = Some(o);
@@ -175,7 +180,8 @@ impl Table {
             return false;
         }
         self.map.remove_if(conn.orig(), |_, v| Arc::ptr_eq(v, conn));
-        self.map.remove_if(conn.reply(), |_, v| Arc::ptr_eq(v, conn));
+        self.map
+            .remove_if(&conn.reply(), |_, v| Arc::ptr_eq(v, conn));
         if prev & status::CONFIRMED != 0 {
             self.count.fetch_sub(1, Ordering::Relaxed);
         }
@@ -207,9 +213,7 @@ impl Table {
                     }
                     continue;
                 }
-                if !c.is_assured()
-                    && victim.is_none_or(|v| list[v].expires() > c.expires())
-                {
+                if !c.is_assured() && victim.is_none_or(|v| list[v].expires() > c.expires()) {
                     victim = Some(j);
                 }
                 j += 1;
@@ -236,8 +240,8 @@ impl Table {
     pub fn gc_step(&self, now: u64, buckets: usize, reaped: &mut Vec<ConnRef>) -> usize {
         let n = buckets.min(self.buckets.len());
         let start = self.gc_cursor.fetch_add(n, Ordering::Relaxed);
-        let pressure = self.early_drop_pending.load(Ordering::Relaxed)
-            && self.count() >= self.max / 100 * 95;
+        let pressure =
+            self.early_drop_pending.load(Ordering::Relaxed) && self.count() >= self.max / 100 * 95;
         if self.early_drop_pending.load(Ordering::Relaxed) && !pressure {
             self.early_drop_pending.store(false, Ordering::Relaxed);
         }

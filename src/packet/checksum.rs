@@ -10,7 +10,7 @@
 
 use etherparse::checksum::Sum16BitWords;
 
-use super::{Ip, Packet, L4, IPPROTO_ICMPV6};
+use super::{Ip, Packet, IPPROTO_ICMPV6, L4};
 
 /// Which checksum failed.
 #[derive(thiserror::Error, Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,7 +30,10 @@ pub enum ChecksumError {
 /// Checks the IPv4 header checksum (what `ip_rcv_core` drops on) and the transport checksum.
 pub fn verify(pkt: &Packet<'_>) -> Result<(), ChecksumError> {
     if let Ip::V4(v4) = &pkt.ip {
-        let hdr = pkt.ip_bytes.get(..usize::from(v4.header_len)).unwrap_or(&[]);
+        let hdr = pkt
+            .ip_bytes
+            .get(..usize::from(v4.header_len))
+            .unwrap_or(&[]);
         if Sum16BitWords::new().add_slice(hdr).ones_complement() != 0 {
             return Err(ChecksumError::Ipv4Header);
         }
@@ -109,7 +112,11 @@ pub fn compute_l4(pkt: &Packet<'_>) -> Option<u16> {
     // etherparse sums in native byte order; turn the result into the header's value.
     let c = u16::from_be_bytes(sum.ones_complement().to_ne_bytes());
     // UDP sends an all-ones checksum for a computed zero (RFC 768).
-    Some(if matches!(pkt.l4, L4::Udp(_)) && c == 0 { 0xffff } else { c })
+    Some(if matches!(pkt.l4, L4::Udp(_)) && c == 0 {
+        0xffff
+    } else {
+        c
+    })
 }
 
 #[cfg(test)]
@@ -179,9 +186,7 @@ pub(crate) mod tests {
         f[14 + 12] = 11;
         f[24] = 0;
         f[25] = 0;
-        let c = Sum16BitWords::new()
-            .add_slice(&f[14..34])
-            .ones_complement();
+        let c = Sum16BitWords::new().add_slice(&f[14..34]).ones_complement();
         f[24..26].copy_from_slice(&c.to_ne_bytes());
         let Frame::Ip(p) = parse_ethernet(&f) else {
             panic!()

@@ -20,8 +20,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
     Ethernet2HeaderSlice, IpAuthHeaderSlice, Ipv4HeaderSlice, Ipv6FragmentHeaderSlice,
-    Ipv6HeaderSlice, Ipv6RawExtHeaderSlice, SingleVlanHeaderSlice, TcpHeaderSlice,
-    UdpHeaderSlice,
+    Ipv6HeaderSlice, Ipv6RawExtHeaderSlice, SingleVlanHeaderSlice, TcpHeaderSlice, UdpHeaderSlice,
 };
 
 /// `ETH_P_IP`.
@@ -228,9 +227,13 @@ pub enum L4<'a> {
     Icmp(IcmpView),
     Icmp6(IcmpView),
     /// Any other protocol; `protocol` is its number.
-    Other { protocol: u8 },
+    Other {
+        protocol: u8,
+    },
     /// A non-first fragment: it carries no transport header.
-    Fragment { protocol: u8 },
+    Fragment {
+        protocol: u8,
+    },
     /// The transport header is truncated or inconsistent. The ports are given when at least
     /// four bytes are present, since nft's payload matches still read them.
     Malformed {
@@ -795,9 +798,7 @@ mod tests {
     use super::*;
 
     /// An Ethernet header (dst, src, type 0x0800) for the fixtures below.
-    const ETH4: [u8; 14] = [
-        0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00,
-    ];
+    const ETH4: [u8; 14] = [0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00];
 
     /// 10.0.0.1:40000 -> 10.0.0.2:80 SYN, seq 1000, win 64240, MSS 1460, SACK-perm, wscale 7;
     /// checksums valid.
@@ -823,7 +824,10 @@ mod tests {
         assert_eq!(p.l3_offset, 14);
         assert_eq!(p.ip.src(), IpAddr::from([10, 0, 0, 1]));
         let L4::Tcp(t) = p.l4 else { panic!() };
-        assert_eq!((t.sport, t.dport, t.seq, t.window), (40000, 80, 1000, 64240));
+        assert_eq!(
+            (t.sport, t.dport, t.seq, t.window),
+            (40000, 80, 1000, 64240)
+        );
         assert!(t.syn() && !t.ack_flag());
         assert_eq!(t.header_len, 32);
         assert_eq!(t.end(), 1001);
@@ -868,10 +872,7 @@ mod tests {
             Frame::Invalid(Invalid::TotalLenBelowHeader { total: 16, .. })
         ));
         let f = syn_v4();
-        assert_eq!(
-            parse_ethernet(&f[..30]),
-            Frame::Invalid(Invalid::ShortIpv4)
-        );
+        assert_eq!(parse_ethernet(&f[..30]), Frame::Invalid(Invalid::ShortIpv4));
     }
 
     #[test]
@@ -894,7 +895,13 @@ mod tests {
         let Frame::Ip(p) = parse_ethernet(&f) else {
             panic!()
         };
-        assert!(matches!(p.l4, L4::Malformed { reason: Invalid::TcpBadDataOffset(15), .. }));
+        assert!(matches!(
+            p.l4,
+            L4::Malformed {
+                reason: Invalid::TcpBadDataOffset(15),
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -909,10 +916,7 @@ mod tests {
         assert_eq!(p.vlan, Some(42));
         assert_eq!(p.l3_offset, 18);
         assert!(matches!(p.l4, L4::Tcp(_)));
-        assert_eq!(
-            parse_ethernet(&f[..16]),
-            Frame::Invalid(Invalid::ShortVlan)
-        );
+        assert_eq!(parse_ethernet(&f[..16]), Frame::Invalid(Invalid::ShortVlan));
     }
 
     #[test]
@@ -1090,7 +1094,13 @@ mod tests {
         let Frame::Ip(p) = parse_ethernet(&t) else {
             panic!()
         };
-        assert!(matches!(p.l4, L4::Malformed { reason: Invalid::IcmpTruncated(6), .. }));
+        assert!(matches!(
+            p.l4,
+            L4::Malformed {
+                reason: Invalid::IcmpTruncated(6),
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -1,11 +1,10 @@
 //! Test kit for the tracker: hand-built IPv4/IPv6 packets with correct checksums, and a
 //! harness that runs classify + confirm (every packet accepted) with a fake clock.
-#![allow(dead_code)]
 
 use std::net::IpAddr;
 
 use keepstate::conntrack::{
-    Classified, Confirmed, CtConfig, CtInfo, Dir, PktCtx, TcpState, Timestamp, Tracker, Hook,
+    Classified, Confirmed, CtConfig, CtInfo, Dir, Hook, PktCtx, TcpState, Timestamp, Tracker,
 };
 use keepstate::packet::{checksum, parse_ip, Frame};
 
@@ -55,7 +54,13 @@ fn fold(mut s: u32) -> u16 {
 }
 
 /// Builds an IP packet around `l4` and fixes the transport checksum at `csum_at`.
-pub fn ip_packet(src: &str, dst: &str, proto: u8, mut l4: Vec<u8>, csum_at: Option<usize>) -> Vec<u8> {
+pub fn ip_packet(
+    src: &str,
+    dst: &str,
+    proto: u8,
+    mut l4: Vec<u8>,
+    csum_at: Option<usize>,
+) -> Vec<u8> {
     let src: IpAddr = src.parse().unwrap();
     let dst: IpAddr = dst.parse().unwrap();
     let mut p = ip_header(src, dst, proto, l4.len());
@@ -195,9 +200,8 @@ impl H {
     pub fn send(&mut self, bytes: &[u8]) -> Classified {
         let c = self.classify(bytes);
         if let Classified::Tracked(t) = &c {
-            match self.ct.confirm(t, self.ctx, self.now) {
-                Confirmed::Failed(r) => panic!("confirm failed: {r}"),
-                _ => {}
+            if let Confirmed::Failed(r) = self.ct.confirm(t, self.ctx, self.now) {
+                panic!("confirm failed: {r}");
             }
         }
         c
@@ -293,4 +297,3 @@ impl Tcp {
 pub fn dir_of(c: &Classified) -> Option<Dir> {
     c.ct_direction()
 }
-

@@ -629,26 +629,25 @@ pub fn tcp_packet(
                 cut_timeout: None,
             };
         }
-        S::TimeWait => {
-            // RFC 5961 challenge ACK after a SYN in LAST_ACK: not an ACK of the last FIN.
+        // RFC 5961 challenge ACK after a SYN in LAST_ACK: not an ACK of the last FIN.
+        S::TimeWait
             if old_state == S::LastAck
                 && index == TcpIndex::Ack
                 && ct.last_dir != d
                 && ct.last_index == TcpIndex::Syn as u8
-                && ct.last_flags & flag::EXP_CHALLENGE_ACK != 0
-            {
-                ct.last_flags &= !flag::EXP_CHALLENGE_ACK;
-                return L4Verdict::Ignore;
-            }
+                && ct.last_flags & flag::EXP_CHALLENGE_ACK != 0 =>
+        {
+            ct.last_flags &= !flag::EXP_CHALLENGE_ACK;
+            return L4Verdict::Ignore;
         }
         S::SynSent2 => ct.last_flags |= flag::SIMULTANEOUS_OPEN,
-        S::SynRecv => {
+        // Simultaneous open: the REPLY ACK in SYN_RECV completes it.
+        S::SynRecv
             if dir == Dir::Reply
                 && index == TcpIndex::Ack
-                && ct.last_flags & flag::SIMULTANEOUS_OPEN != 0
-            {
-                new_state = S::Established;
-            }
+                && ct.last_flags & flag::SIMULTANEOUS_OPEN != 0 =>
+        {
+            new_state = S::Established;
         }
         S::Close if index == TcpIndex::Rst => {
             let peer = ct.seen[dir.other().index()];
@@ -888,11 +887,29 @@ mod tests {
     #[test]
     fn flag_combinations() {
         use tcp_flags::*;
-        for ok in [SYN, SYN | URG, SYN | ACK, RST, RST | ACK, FIN | ACK, ACK, ACK | URG] {
+        for ok in [
+            SYN,
+            SYN | URG,
+            SYN | ACK,
+            RST,
+            RST | ACK,
+            FIN | ACK,
+            ACK,
+            ACK | URG,
+        ] {
             assert!(tcp_flags_valid(ok), "{ok:#x}");
             assert!(tcp_flags_valid(ok | PSH | ECE | CWR), "{ok:#x}");
         }
-        for bad in [0, FIN, SYN | FIN, SYN | RST, FIN | RST | ACK, URG, PSH, SYN | FIN | ACK] {
+        for bad in [
+            0,
+            FIN,
+            SYN | FIN,
+            SYN | RST,
+            FIN | RST | ACK,
+            URG,
+            PSH,
+            SYN | FIN | ACK,
+        ] {
             assert!(!tcp_flags_valid(bad), "{bad:#x}");
         }
     }
@@ -910,7 +927,9 @@ mod tests {
     fn sack_takes_highest_right_edge_of_first_option() {
         let mut sack = 100;
         tcp_sack(
-            &[1, 1, 5, 18, 0, 0, 0, 1, 0, 0, 0, 150, 0, 0, 0, 1, 0, 0, 0, 120],
+            &[
+                1, 1, 5, 18, 0, 0, 0, 1, 0, 0, 0, 150, 0, 0, 0, 1, 0, 0, 0, 120,
+            ],
             &mut sack,
         );
         assert_eq!(sack, 150);

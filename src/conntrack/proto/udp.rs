@@ -18,7 +18,13 @@ pub fn udp_new(now: u64) -> u64 {
 
 /// `nf_conntrack_udp_packet`. `ct_status` is read before this packet (so the packet that
 /// brings the first reply still refreshes with the unreplied timeout).
-pub fn udp_packet(stream_ts: u64, ct_status: u32, now: u64, cfg: &CtConfig, events: &mut u16) -> L4Verdict {
+pub fn udp_packet(
+    stream_ts: u64,
+    ct_status: u32,
+    now: u64,
+    cfg: &CtConfig,
+    events: &mut u16,
+) -> L4Verdict {
     let t = &cfg.timeouts;
     if ct_status & status::SEEN_REPLY != 0 {
         let mut timeout = t.udp;

@@ -7,6 +7,8 @@
 //!   config     the TOML configuration: rules file, ports, routes, conntrack settings
 //!   rules      rules file -> pest -> spanned AST -> checked -> lowered IR (rules::ir)
 //!   classify   IR -> decision tree; `linear` is the obviously-right reference it is tested against
+//!   conntrack  the connection tracker (Linux semantics, sans-IO): knows packets and time, never rules
+//!   packet     frame bytes -> checked flow view (etherparse); depends on nothing of ours
 //! ```
 //!
 //! Data flows one way: text -> AST -> IR -> classifier. `rules` exports the IR and the
@@ -15,4 +17,6 @@
 
 pub mod cli;
 pub mod config;
+pub mod conntrack;
+pub mod packet;
 pub mod rules;

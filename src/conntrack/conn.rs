@@ -1,0 +1,215 @@
+//! One tracked connection (`struct nf_conn`): both tuples, status bits, mark, timeout,
+//! per-direction counters, the protocol state, the helper name and a place for NAT.
+//!
+//! Owns the entry's layout and its locking: what a packet touches on the hot path is either an
+//! atomic (`status`, `mark`, `expires`) or behind the entry's own mutex (protocol state and
+//! counters), so a packet of an established flow takes one shard read lock in the table plus
+//! this entry's uncontended mutex. Must not touch the table or rules.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::proto::tcp::TcpState;
+use super::proto::{Dir, ProtoState};
+use super::tuple::Tuple;
+use super::{status, Timestamp};
+
+/// A shared handle on a connection.
+pub type ConnRef = Arc<Conn>;
+
+/// `NF_CT_HELPER_NAME_LEN`.
+pub const HELPER_NAME_LEN: usize = 16;
+
+/// Packet and byte counters of one direction (`struct nf_conn_counter`). Bytes are IP
+/// lengths, as the kernel counts `skb->len` at layer 3.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The NAT binding of a connection. Opaque until the NAT issue: the tracker only stores it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NatBinding {}
+
+/// A helper's name, at most [`HELPER_NAME_LEN`] - 1 bytes like the kernel's.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct HelperName {
+    len: u8,
+    bytes: [u8; HELPER_NAME_LEN - 1],
+}
+
+impl HelperName {
+    /// `None` if the name is empty or too long.
+    pub fn new(name: &str) -> Option<HelperName> {
+        let b = name.as_bytes();
+        if b.is_empty() || b.len() >= HELPER_NAME_LEN {
+            return None;
+        }
+        let mut bytes = [0u8; HELPER_NAME_LEN - 1];
+        bytes[..b.len()].copy_from_slice(b);
+        Some(HelperName {
+            len: b.len() as u8,
+            bytes,
+        })
+    }
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl fmt::Debug for HelperName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// The part of a connection behind its mutex; the hot fields first.
+#[derive(Clone, Debug)]
+#[repr(C)]
+pub(crate) struct ConnInner {
+    pub proto: ProtoState,
+    pub counters: [Counter; 2],
+    pub helper: Option<HelperName>,
+    pub nat: Option<Box<NatBinding>>,
+}
+
+/// One connection. Created tentative by [`super::Tracker::classify`], inserted by
+/// [`super::Tracker::confirm`].
+///
+/// Laid out in the order a packet touches it (`repr(C)`), so a lookup's cache misses land
+/// on the first three lines: `Arc` counts, status, expiry, the ORIGINAL tuple (to tell the
+/// direction), the mutex, the protocol state and the counters. The REPLY tuple is not
+/// stored: without NAT it is the ORIGINAL inverted (XXX: the NAT issue keeps its own in
+/// [`NatBinding`] and must make `reply()` return it).
+#[repr(C)]
+pub struct Conn {
+    pub(crate) status: AtomicU32,
+    mark: AtomicU32,
+    /// Absolute expiry time in ns (`ct->timeout`).
+    pub(crate) expires: AtomicU64,
+    orig: Tuple,
+    pub(crate) inner: Mutex<ConnInner>,
+    start: u64,
+}
+
+impl Conn {
+    /// `orig` must have an inverse (checked by the caller, `nf_ct_invert_tuple`).
+    pub(crate) fn new(orig: Tuple, proto: ProtoState, now: u64) -> Conn {
+        Conn {
+            orig,
+            start: now,
+            status: AtomicU32::new(0),
+            mark: AtomicU32::new(0),
+            expires: AtomicU64::new(now),
+            inner: Mutex::new(ConnInner {
+                proto,
+                counters: [Counter::default(); 2],
+                helper: None,
+                nat: None,
+            }),
+        }
+    }
+
+    /// The ORIGINAL tuple (the first packet's).
+    pub fn orig(&self) -> &Tuple {
+        &self.orig
+    }
+    /// The REPLY tuple.
+    pub fn reply(&self) -> Tuple {
+        self.orig.invert().unwrap_or(self.orig)
+    }
+    pub fn tuple(&self, dir: Dir) -> Tuple {
+        match dir {
+            Dir::Original => self.orig,
+            Dir::Reply => self.reply(),
+        }
+    }
+    /// When the first packet was seen (the `delta-time` base).
+    pub fn start(&self) -> Timestamp {
+        Timestamp(self.start)
+    }
+    /// `ct->status`: [`status`] bits.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Relaxed)
+    }
+    pub(crate) fn set_status(&self, bits: u32) -> u32 {
+        self.status.fetch_or(bits, Ordering::Relaxed)
+    }
+    pub fn is_assured(&self) -> bool {
+        self.status() & status::ASSURED != 0
+    }
+    pub fn is_confirmed(&self) -> bool {
+        self.status() & status::CONFIRMED != 0
+    }
+    pub fn is_dying(&self) -> bool {
+        self.status() & status::DYING != 0
+    }
+    /// `ct mark`.
+    pub fn mark(&self) -> u32 {
+        self.mark.load(Ordering::Relaxed)
+    }
+    /// `ct mark set`.
+    pub fn set_mark(&self, mark: u32) {
+        self.mark.store(mark, Ordering::Relaxed);
+    }
+    /// When the entry expires unless refreshed.
+    pub fn expires(&self) -> Timestamp {
+        Timestamp(self.expires.load(Ordering::Relaxed))
+    }
+    pub(crate) fn is_expired(&self, now: u64) -> bool {
+        // nf_ct_is_expired: timeout - now <= 0.
+        self.expires.load(Ordering::Relaxed) <= now
+    }
+    /// Whole seconds left, as /proc and `conntrack -L` print them (rounded down, never
+    /// negative).
+    pub fn timeout_secs(&self, now: Timestamp) -> u64 {
+        self.expires.load(Ordering::Relaxed).saturating_sub(now.0) / 1_000_000_000
+    }
+    /// Counters of both directions, ORIGINAL first.
+    pub fn counters(&self) -> [Counter; 2] {
+        self.inner.lock().counters
+    }
+    /// A copy of the protocol state.
+    pub fn proto_state(&self) -> ProtoState {
+        self.inner.lock().proto
+    }
+    /// The TCP state, for TCP connections.
+    pub fn tcp_state(&self) -> Option<TcpState> {
+        match self.inner.lock().proto {
+            ProtoState::Tcp(t) => Some(t.state),
+            _ => None,
+        }
+    }
+    pub fn helper(&self) -> Option<HelperName> {
+        self.inner.lock().helper
+    }
+    /// `ct helper set`: attaches a helper by name (the helpers themselves come later).
+    pub fn set_helper(&self, helper: Option<HelperName>) {
+        self.inner.lock().helper = helper;
+        if helper.is_some() {
+            self.set_status(status::HELPER);
+        }
+    }
+    pub fn nat(&self) -> Option<NatBinding> {
+        self.inner.lock().nat.as_deref().cloned()
+    }
+    pub fn set_nat(&self, nat: Option<NatBinding>) {
+        self.inner.lock().nat = nat.map(Box::new);
+    }
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn")
+            .field("orig", &self.orig)
+            .field("reply", &self.reply())
+            .field("status", &format_args!("{:#x}", self.status()))
+            .field("expires", &self.expires())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,311 @@
+//! The connection table: one table shared by every worker thread, on dashmap, with both
+//! directions' tuples leading to the same [`Conn`].
+//!
+//! Owns insertion (`__nf_conntrack_confirm`: both tuples or neither), removal, the bound
+//! `nf_conntrack_max`, eviction when full (`early_drop`), and expiry without a stop-the-world
+//! sweep: entries past their timeout are reaped lazily when a lookup meets them, and by
+//! [`Table::gc_step`], an incremental bounded scan the caller runs (the kernel's
+//! `gc_worker`). Must not know protocols' rules of validity, packets or rules.
+//!
+//! Layout: `map` indexes tuples (two keys per connection, each holding an `Arc`), sharded
+//! by dashmap; `buckets` are small lists of the connections grouped by the hash of their
+//! ORIGINAL tuple, which is what the GC walks and what early drop scans "near the new
+//! entry's bucket" (`NF_CT_EVICTION_RANGE` consecutive buckets). A bucket only ever grows on
+//! insert and shrinks in the GC, so killed entries linger in a bucket (not in `map`) until
+//! the GC passes. Lock order: bucket -> map shard -> connection; nothing takes them in any
+//! other order.
+
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+
+use super::conn::{Conn, ConnRef};
+use super::proto::{tcp, Dir, ProtoState};
+use super::status;
+use super::tuple::Tuple;
+
+/// `NF_CT_EVICTION_RANGE`: buckets scanned by early drop.
+pub const EVICTION_RANGE: usize = 8;
+/// Average entries per GC bucket when the table is full (the kernel's hash chains are ~1;
+/// a few more keeps the bucket array small).
+const ENTRIES_PER_BUCKET: usize = 8;
+
+type Hasher = foldhash::fast::RandomState;
+
+/// Why a connection could not be inserted.
+#[derive(Clone, Debug)]
+pub enum InsertError {
+    /// The ORIGINAL tuple is already in the table (another packet of the same flow was
+    /// confirmed first): the existing entry.
+    Clash(ConnRef),
+    /// The REPLY tuple belongs to another connection.
+    ReplyTaken,
+}
+
+pub struct Table {
+    map: DashMap<Tuple, ConnRef, Hasher>,
+    buckets: Box<[Mutex<Vec<ConnRef>>]>,
+    bucket_mask: usize,
+    shards: usize,
+    count: AtomicUsize,
+    max: usize,
+    gc_cursor: AtomicUsize,
+    /// Set when a packet was dropped because nothing could be evicted; the GC then evicts
+    /// harder while the table is >= 95 % full (`gc_worker`'s `early_drop`).
+    early_drop_pending: AtomicBool,
+}
+
+impl Table {
+    /// A table bounded to `max` connections, with `shards` dashmap shards (a power of two).
+    pub fn new(max: usize, shards: usize) -> Table {
+        let nbuckets = (max / ENTRIES_PER_BUCKET)
+            .clamp(64, 1 << 20)
+            .next_power_of_two();
+        let buckets = (0..nbuckets).map(|_| Mutex::new(Vec::new())).collect();
+        let shards = shards.max(2).next_power_of_two();
+        Table {
+            map: DashMap::with_capacity_and_hasher_and_shard_amount(0, Hasher::default(), shards),
+            buckets,
+            bucket_mask: nbuckets - 1,
+            shards,
+            count: AtomicUsize::new(0),
+            max,
+            gc_cursor: AtomicUsize::new(0),
+            early_drop_pending: AtomicBool::new(false),
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+    /// Connections in the table (`nf_conntrack_count`).
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+    fn bucket_of(&self, t: &Tuple) -> usize {
+        (self.map.hasher().hash_one(t) as usize) & self.bucket_mask
+    }
+
+    /// The connection `t` belongs to and the direction it matched, if present and not
+    /// expired. An expired entry met here is removed and returned as the second value
+    /// (for the DESTROY event).
+    pub fn find(&self, t: &Tuple, now: u64) -> (Option<(ConnRef, Dir)>, Option<ConnRef>) {
+        let hit = match self.map.get(t) {
+            Some(r) => {
+                let c = r.value().clone();
+                let dir = if *c.orig() == *t {
+                    Dir::Original
+                } else {
+                    Dir::Reply
+                };
+                (c, dir)
+            }
+            None => return (None, None),
+        };
+        if hit.0.is_expired(now) {
+            let dead = hit.0;
+            if self.remove(&dead) {
+                return (None, Some(dead));
+            }
+            return (None, None);
+        }
+        (Some(hit), None)
+    }
+
+    /// Inserts both tuples of `conn`, or neither (`__nf_conntrack_confirm`). An expired or
+    /// dying entry holding a tuple is replaced.
+    pub fn insert(&self, conn: &ConnRef, now: u64) -> Result<(), InsertError> {
+        let orig = *conn.orig();
+        let reply = conn.reply();
+        let mut replaced: Option<ConnRef> = None;
+        match self.map.entry(orig) {
+            Entry::Occupied(mut e) => {
+                let old = e.get();
+                if old.is_expired(now) || old.is_dying() {
+                    replaced = Some(e.insert(conn.clone()));
+                } else {
+                    return Err(InsertError::Clash(old.clone()));
+                }
+            }
+            Entry::Vacant(v) => {
+                v.insert(conn.clone());
+            }
+        }
+        let reply_ok = match self.map.entry(reply) {
+            Entry::Occupied(mut e) => {
+                let old = e.get();
+                if Arc::ptr_eq(old, conn) {
+                    true
+                } else if old.is_expired(now)
+                    || old.is_dying()
+                    || replaced.as_ref().is_some_and(|r| Arc::ptr_eq(r, old))
+                {
+                    let o = e.insert(conn.clone());
+                    if replaced.is_none() {
+                        replaced = Some(o);
+                    }
+                    true
+                } else {
+                    false
+                }
+            }
+            Entry::Vacant(v) => {
+                v.insert(conn.clone());
+                true
+            }
+        };
+        if !reply_ok {
+            self.map.remove_if(&orig, |_, v| Arc::ptr_eq(v, conn));
+            return Err(InsertError::ReplyTaken);
+        }
+        if let Some(old) = replaced {
+            // The entry we displaced loses its other key too.
+            self.remove(&old);
+        }
+        conn.set_status(status::CONFIRMED);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let b = self.bucket_of(&orig);
+        self.buckets[b].lock().push(conn.clone());
+        Ok(())
+    }
+
+    /// Unlinks `conn` (`nf_ct_delete`). Returns false if someone else already did.
+    pub fn remove(&self, conn: &ConnRef) -> bool {
+        let prev = conn.set_status(status::DYING);
+        if prev & status::DYING != 0 {
+            return false;
+        }
+        self.map.remove_if(conn.orig(), |_, v| Arc::ptr_eq(v, conn));
+        self.map
+            .remove_if(&conn.reply(), |_, v| Arc::ptr_eq(v, conn));
+        if prev & status::CONFIRMED != 0 {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Makes room for one connection whose ORIGINAL tuple is `t` (`early_drop`): scans the
+    /// [`EVICTION_RANGE`] buckets from `t`'s and evicts the entry that would expire first
+    /// among those that are not ASSURED (expired entries are reaped in passing). Returns the
+    /// evicted or reaped entries; empty if nothing could go.
+    pub fn early_drop(&self, t: &Tuple, now: u64) -> Vec<ConnRef> {
+        let start = self.bucket_of(t);
+        let mut out = Vec::new();
+        for i in 0..EVICTION_RANGE.min(self.buckets.len()) {
+            let b = (start + i) & self.bucket_mask;
+            let mut list = self.buckets[b].lock();
+            let mut victim: Option<usize> = None;
+            let mut j = 0;
+            while j < list.len() {
+                let c = &list[j];
+                if c.is_dying() {
+                    list.swap_remove(j);
+                    continue;
+                }
+                if c.is_expired(now) {
+                    let c = list.swap_remove(j);
+                    if self.remove(&c) {
+                        out.push(c);
+                    }
+                    continue;
+                }
+                if !c.is_assured() && victim.is_none_or(|v| list[v].expires() > c.expires()) {
+                    victim = Some(j);
+                }
+                j += 1;
+            }
+            if let Some(v) = victim {
+                let c = list.swap_remove(v);
+                if self.remove(&c) {
+                    out.push(c);
+                }
+            }
+            if !out.is_empty() {
+                return out;
+            }
+        }
+        self.early_drop_pending.store(true, Ordering::Relaxed);
+        out
+    }
+
+    /// One bounded GC step (`gc_worker`): scans the next `buckets` buckets, reaps expired
+    /// entries into `reaped` and forgets killed ones. While a drop for lack of room is
+    /// pending and the table is at least 95 % full, it also evicts entries that are not
+    /// ASSURED or whose TCP state may be dropped early (`tcp_can_early_drop`). Returns the
+    /// number of buckets scanned.
+    pub fn gc_step(&self, now: u64, buckets: usize, reaped: &mut Vec<ConnRef>) -> usize {
+        let n = buckets.min(self.buckets.len());
+        let start = self.gc_cursor.fetch_add(n, Ordering::Relaxed);
+        let pressure =
+            self.early_drop_pending.load(Ordering::Relaxed) && self.count() >= self.max / 100 * 95;
+        if self.early_drop_pending.load(Ordering::Relaxed) && !pressure {
+            self.early_drop_pending.store(false, Ordering::Relaxed);
+        }
+        for i in 0..n {
+            let b = (start + i) & self.bucket_mask;
+            let mut list = self.buckets[b].lock();
+            list.retain(|c| {
+                if c.is_dying() {
+                    return false;
+                }
+                let evict = c.is_expired(now)
+                    || (pressure
+                        && (!c.is_assured()
+                            || matches!(c.proto_state(), ProtoState::Tcp(t) if tcp::can_early_drop(&t))));
+                if evict {
+                    if self.remove(c) {
+                        reaped.push(c.clone());
+                    }
+                    return false;
+                }
+                true
+            });
+        }
+        n
+    }
+
+    /// Number of GC buckets (a full GC pass is this many bucket steps).
+    pub fn buckets(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Every live connection (one per connection, from the ORIGINAL keys).
+    pub fn conns(&self) -> Vec<ConnRef> {
+        self.map
+            .iter()
+            .filter(|r| *r.value().orig() == *r.key() && !r.value().is_dying())
+            .map(|r| r.value().clone())
+            .collect()
+    }
+
+    /// Number of tuple keys in the index (twice the connections).
+    pub fn keys(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Approximate heap bytes held by the index and the GC buckets (for the memory report).
+    pub fn index_bytes(&self) -> usize {
+        let slot = std::mem::size_of::<(Tuple, dashmap::SharedValue<ConnRef>)>() + 1;
+        let shards = self.shards;
+        // dashmap has no capacity accessor without the raw API: hashbrown sizes each shard
+        // to the next power of two >= len * 8 / 7.
+        let per_shard = self.map.len().div_ceil(shards).max(1);
+        let cap = (per_shard * 8).div_ceil(7).next_power_of_two();
+        let buckets: usize = self
+            .buckets
+            .iter()
+            .map(|b| {
+                std::mem::size_of::<Mutex<Vec<ConnRef>>>()
+                    + b.lock().capacity() * std::mem::size_of::<ConnRef>()
+            })
+            .sum();
+        shards * cap * slot + buckets
+    }
+}
+
+/// What [`Conn`] weighs, heap allocation header included (`Arc`'s two counters).
+pub const CONN_BYTES: usize = std::mem::size_of::<Conn>() + 2 * std::mem::size_of::<usize>();

@@ -149,6 +149,37 @@ impl Default for Conntrack {
     }
 }
 
+impl Conntrack {
+    /// The tracker's settings.
+    pub fn tracker_config(&self) -> crate::conntrack::CtConfig {
+        let mut c = crate::conntrack::CtConfig {
+            max: self.max as usize,
+            tcp_loose: self.tcp_loose,
+            tcp_be_liberal: self.tcp_be_liberal,
+            checksum: self.checksum,
+            tcp_max_retrans: self.tcp_max_retrans.min(255) as u8,
+            ..Default::default()
+        };
+        let t = &mut c.timeouts;
+        t.tcp_syn_sent = self.nf_conntrack_tcp_timeout_syn_sent;
+        t.tcp_syn_recv = self.nf_conntrack_tcp_timeout_syn_recv;
+        t.tcp_established = self.nf_conntrack_tcp_timeout_established;
+        t.tcp_fin_wait = self.nf_conntrack_tcp_timeout_fin_wait;
+        t.tcp_close_wait = self.nf_conntrack_tcp_timeout_close_wait;
+        t.tcp_last_ack = self.nf_conntrack_tcp_timeout_last_ack;
+        t.tcp_time_wait = self.nf_conntrack_tcp_timeout_time_wait;
+        t.tcp_close = self.nf_conntrack_tcp_timeout_close;
+        t.tcp_max_retrans = self.nf_conntrack_tcp_timeout_max_retrans;
+        t.tcp_unacknowledged = self.nf_conntrack_tcp_timeout_unacknowledged;
+        t.udp = self.nf_conntrack_udp_timeout;
+        t.udp_stream = self.nf_conntrack_udp_timeout_stream;
+        t.icmp = self.nf_conntrack_icmp_timeout;
+        t.icmpv6 = self.nf_conntrack_icmpv6_timeout;
+        t.generic = self.nf_conntrack_generic_timeout;
+        c
+    }
+}
+
 // The file as written, with spans where a later check needs a line number.
 
 #[derive(Deserialize)]
@@ -421,6 +452,11 @@ nf_conntrack_tcp_timeout_established = 7200
     fn empty_file_has_defaults() {
         let c = parse("").unwrap();
         assert_eq!(c.conntrack, Conntrack::default());
+        // Our defaults and the tracker's agree.
+        assert_eq!(
+            c.conntrack.tracker_config(),
+            crate::conntrack::CtConfig::default()
+        );
         assert!(c.ports.is_empty() && c.rules.is_none());
     }
 

@@ -277,9 +277,11 @@ impl Field {
             Field::Icmp6Type | Field::Icmp6Code | Field::CtState | Field::CtDirection => 8,
             Field::Sport | Field::Dport | Field::Ip4Length => 16,
             Field::Mark | Field::Ip4Saddr | Field::Ip4Daddr | Field::CtStatus | Field::CtMark => 32,
-            Field::Iifname | Field::Oifname | Field::CtHelper | Field::Ip6Saddr | Field::Ip6Daddr => {
-                128
-            }
+            Field::Iifname
+            | Field::Oifname
+            | Field::CtHelper
+            | Field::Ip6Saddr
+            | Field::Ip6Daddr => 128,
         }
     }
 
@@ -488,7 +490,10 @@ impl RateUnit {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Stmt {
     /// Per-rule packet and byte counter; `packets`/`bytes` are the initial values.
-    Counter { packets: u64, bytes: u64 },
+    Counter {
+        packets: u64,
+        bytes: u64,
+    },
     Log {
         prefix: Option<String>,
         level: Option<LogLevel>,
@@ -553,7 +558,11 @@ mod tests {
         ]);
         assert_eq!(
             s.intervals(),
-            &[Interval::new(5, 7), Interval::new(10, 21), Interval::new(30, 40)]
+            &[
+                Interval::new(5, 7),
+                Interval::new(10, 21),
+                Interval::new(30, 40)
+            ]
         );
         assert!(s.contains(5) && s.contains(21) && s.contains(40));
         assert!(!s.contains(8) && !s.contains(22) && !s.contains(41) && !s.contains(0));

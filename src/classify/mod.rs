@@ -38,6 +38,7 @@ pub mod bench;
 mod build;
 pub mod classbench;
 mod linear;
+pub mod trace;
 mod tree;
 
 use std::fmt;

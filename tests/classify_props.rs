@@ -508,7 +508,7 @@ fn later_rules_see_the_new_meta_mark() {
     let e = both(&rs, Hook::Input, &PacketKey::new().with(Field::Mark, 0));
     assert_eq!(e.verdict, Decision::Drop);
     assert_eq!(e.rules, vec![0, 1]);
-    assert_eq!(e.key.get(Field::Mark), Some(7));
+    assert_eq!(e.meta_mark, Some(7));
 }
 
 #[test]

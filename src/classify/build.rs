@@ -31,7 +31,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::tree::{BaseProgram, Cond, Entry, Exit, LeafItem, Node, Op, Program};
+use super::tree::{
+    push128, BaseProgram, Cond, Entry, Exit, Op, Program, CHECK_COND, CHECK_NEG, CHECK_RANGE128,
+    CHECK_RANGE32, LEAF, WIDE,
+};
 use super::{field_index, validate, BuildError, Decision, LimitSpec, NFIELDS};
 use crate::rules::ir::{
     Field, Interval, IntervalSet, Match, Policy, Rule, RuleId, Ruleset, Stmt, Table, Verdict,
@@ -48,8 +51,8 @@ const MAX_DEPTH: usize = 40;
 /// Flattened entries over all programs; inlining a chain jumped to from many places, or many
 /// mark-setting rules, multiplies entries.
 const MAX_ENTRIES: usize = 1 << 20;
-/// Leaf items over all trees (about 12 bytes each).
-const MAX_ITEMS: usize = 1 << 23;
+/// Leaf items over all trees (each 8 bytes plus its checks, 8 to 40 bytes each).
+const MAX_ITEMS: usize = 1 << 22;
 
 /// What building cost and produced.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -720,45 +723,27 @@ fn build_program(
     let mut b = TreeBuilder {
         conds: &prog.conds,
         infos: &infos,
-        nodes: Vec::new(),
-        bounds: Vec::new(),
-        kids: Vec::new(),
-        items: Vec::new(),
-        resid: Vec::new(),
+        code: Vec::new(),
         leaf_memo: HashMap::new(),
         node_memo: HashMap::new(),
         budget,
         max_depth: 0,
         max_leaf: 0,
         leaves: 0,
+        items: 0,
     };
     let all: Vec<u32> = (0..infos.len() as u32).collect();
     let mut bx = Bx::full();
     let root = b.build(&all, &mut bx, 0)?;
-    stats.nodes += b.nodes.len();
+    stats.nodes += b.leaf_memo.len() + b.node_memo.len();
     stats.leaves += b.leaves;
-    stats.leaf_items += b.items.len();
+    stats.leaf_items += b.items;
     stats.max_depth = stats.max_depth.max(b.max_depth);
     stats.max_leaf = stats.max_leaf.max(b.max_leaf);
-    let TreeBuilder {
-        nodes,
-        bounds,
-        kids,
-        items,
-        resid,
-        ..
-    } = b;
-    prog.nodes = nodes;
-    prog.bounds = bounds;
-    prog.kids = kids;
-    prog.items = items;
-    prog.resid = resid;
+    let mut code = b.code;
+    code.shrink_to_fit();
+    prog.code = code;
     prog.root = root;
-    prog.nodes.shrink_to_fit();
-    prog.bounds.shrink_to_fit();
-    prog.kids.shrink_to_fit();
-    prog.items.shrink_to_fit();
-    prog.resid.shrink_to_fit();
     Ok(prog)
 }
 
@@ -1035,17 +1020,14 @@ fn negate(s: Status, neg: bool) -> Status {
 struct TreeBuilder<'a> {
     conds: &'a [Cond],
     infos: &'a [EntryInfo],
-    nodes: Vec<Node>,
-    bounds: Vec<u128>,
-    kids: Vec<u32>,
-    items: Vec<LeafItem>,
-    resid: Vec<u32>,
+    code: Vec<u32>,
     leaf_memo: HashMap<Vec<(u32, Vec<u32>)>, u32>,
     node_memo: HashMap<(u8, Vec<u128>, Vec<u32>, u32), u32>,
     budget: &'a mut Budget,
     max_depth: usize,
     max_leaf: usize,
     leaves: usize,
+    items: usize,
 }
 
 /// A candidate cut: field, child lower bounds (first is the box's low end), children's entries.
@@ -1266,28 +1248,47 @@ impl TreeBuilder<'_> {
                 what: format!("more than {MAX_ITEMS} leaf entries in the decision trees"),
             });
         }
-        let start = self.items.len() as u32;
+        let id = self.code.len() as u32;
+        self.code.push(LEAF | live.len() as u32);
         for (e, resid) in &live {
-            let rstart = self.resid.len() as u32;
-            self.resid.extend_from_slice(resid);
-            self.items.push(LeafItem {
-                entry: *e,
-                rstart,
-                rlen: resid.len() as u32,
-            });
+            self.code.push(*e);
+            let len_at = self.code.len();
+            self.code.push(0);
+            for &c in resid {
+                self.push_check(c);
+            }
+            self.code[len_at] = (self.code.len() - len_at - 1) as u32;
         }
-        let id = self.nodes.len() as u32;
-        self.nodes.push(Node {
-            field: 0,
-            leaf: true,
-            start,
-            len: live.len() as u32,
-            absent: 0,
-        });
         self.leaves += 1;
+        self.items += live.len();
         self.max_leaf = self.max_leaf.max(live.len());
         self.leaf_memo.insert(live, id);
         Ok(id)
+    }
+
+    /// Appends the leaf check of condition `c`: ranges inline (no pointer chase), anything else
+    /// by index.
+    fn push_check(&mut self, c: u32) {
+        match &self.conds[c as usize] {
+            Cond::Range { f, neg, lo, hi } => {
+                let head = *f as u32 | if *neg { CHECK_NEG } else { 0 };
+                let max = super::FIELDS[*f as usize].max();
+                if max <= u32::MAX as u128 && *lo <= max {
+                    // Values of a narrow field never exceed its max: clamping `hi` is exact.
+                    self.code.push(head | CHECK_RANGE32 << 6);
+                    self.code.push(*lo as u32);
+                    self.code.push((*hi).min(max) as u32);
+                } else {
+                    self.code.push(head | CHECK_RANGE128 << 6);
+                    push128(&mut self.code, *lo);
+                    push128(&mut self.code, *hi);
+                }
+            }
+            _ => {
+                self.code.push(CHECK_COND << 6);
+                self.code.push(c);
+            }
+        }
     }
 
     fn cut_node(&mut self, field: u8, bounds: Vec<u128>, kids: Vec<u32>, absent: u32) -> u32 {
@@ -1307,17 +1308,20 @@ impl TreeBuilder<'_> {
         if let Some(&id) = self.node_memo.get(&key) {
             return id;
         }
-        let start = self.bounds.len() as u32;
-        self.bounds.extend_from_slice(&key.1);
-        self.kids.extend_from_slice(&key.2);
-        let id = self.nodes.len() as u32;
-        self.nodes.push(Node {
-            field,
-            leaf: false,
-            start,
-            len: key.2.len() as u32,
-            absent,
-        });
+        let id = self.code.len() as u32;
+        let wide = super::FIELDS[field as usize].bits() > 32;
+        let n = key.2.len() as u32;
+        self.code
+            .push(field as u32 | if wide { WIDE } else { 0 } | n << 8);
+        self.code.push(absent);
+        for &b in &key.1[1..] {
+            if wide {
+                push128(&mut self.code, b);
+            } else {
+                self.code.push(b as u32);
+            }
+        }
+        self.code.extend_from_slice(&key.2);
         self.node_memo.insert(key, id);
         id
     }

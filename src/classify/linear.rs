@@ -30,6 +30,7 @@ impl Linear {
         table: &Table,
         base: usize,
         policy: Policy,
+        key: &mut PacketKey,
         limiter: &mut dyn Limiter,
         out: &mut Evaluation,
     ) -> (Decision, bool) {
@@ -51,7 +52,6 @@ impl Linear {
                 }
             };
             r += 1;
-            let key = out.key;
             if !rule.matches.iter().all(|m| m.eval(|f| key.get(f))) {
                 continue;
             }
@@ -87,20 +87,22 @@ impl Linear {
                         continue 'rules;
                     }
                     Stmt::MetaMarkSet(v) => {
-                        let Some(m) = resolve_mark(*v, &out.key) else {
+                        let Some(m) = resolve_mark(*v, key) else {
                             continue 'rules;
                         };
                         out.actions.push(here);
-                        out.key.set(Field::Mark, m as u128);
+                        key.set(Field::Mark, m as u128);
+                        out.meta_mark = Some(m);
                         continue;
                     }
                     Stmt::CtMarkSet(v) => {
-                        let Some(m) = resolve_mark(*v, &out.key) else {
+                        let Some(m) = resolve_mark(*v, key) else {
                             continue 'rules;
                         };
                         out.actions.push(here);
-                        if out.key.get(Field::CtMark).is_some() {
-                            out.key.set(Field::CtMark, m as u128);
+                        if key.get(Field::CtMark).is_some() {
+                            key.set(Field::CtMark, m as u128);
+                            out.ct_mark = Some(m);
                         }
                         continue;
                     }
@@ -110,12 +112,10 @@ impl Linear {
                     }
                     Stmt::Reject(how) => return (Decision::Reject(*how), false),
                     Stmt::Verdict(v) => *v,
-                    Stmt::Vmap { fields, entries } => {
-                        match vmap_lookup(fields, entries, &out.key) {
-                            Some(v) => v,
-                            None => continue 'rules,
-                        }
-                    }
+                    Stmt::Vmap { fields, entries } => match vmap_lookup(fields, entries, key) {
+                        Some(v) => v,
+                        None => continue 'rules,
+                    },
                 };
                 match verdict {
                     Verdict::Accept => return (Decision::Accept, false),
@@ -145,13 +145,15 @@ impl Linear {
 
 impl Classifier for Linear {
     fn eval(&self, hook: Hook, key: &PacketKey, limiter: &mut dyn Limiter, out: &mut Evaluation) {
-        out.reset(key);
+        out.reset();
+        let mut key = *key;
         for &(t, c) in &self.hooks[hook_index(hook)] {
             let table = &self.rs.tables[t];
             let Some(base) = table.chains[c].base else {
                 continue;
             };
-            let (decision, by_policy) = self.run_base(table, c, base.policy, limiter, out);
+            let (decision, by_policy) =
+                self.run_base(table, c, base.policy, &mut key, limiter, out);
             out.end_chain(t, c, decision, by_policy);
             if decision != Decision::Accept {
                 break;

@@ -27,7 +27,8 @@
 //!   kernel would, and skip the rest of the rule when it says no. A test's fake limiter
 //!   therefore sees identical call sequences from [`Linear`] and [`Tree`].
 //! - **`meta mark set` / `ct mark set`** change fields later rules match on; later rules see the
-//!   new value, as in the kernel. [`Evaluation::key`] carries the updated key. `ct mark set`
+//!   new value, as in the kernel. [`Evaluation::meta_mark`] and [`Evaluation::ct_mark`] say what
+//!   was written. `ct mark set`
 //!   without a connection (no [`Field::CtMark`]) does nothing (`nft_ct_set_eval`); a value read
 //!   from an absent field (`meta mark set ct mark` without a connection) breaks the rule
 //!   (`nft_ct_get_eval` sets `NFT_BREAK`).
@@ -232,8 +233,11 @@ pub struct Evaluation {
     pub actions: Vec<Action>,
     /// The hook's verdict: `Accept` when every base chain accepted (or there were none).
     pub verdict: Decision,
-    /// The packet's key after `meta mark set` / `ct mark set`.
-    pub key: PacketKey,
+    /// The meta mark the last `meta mark set` wrote, if one ran.
+    pub meta_mark: Option<u32>,
+    /// The ct mark the last `ct mark set` wrote to the packet's connection, if one ran and the
+    /// packet has a connection.
+    pub ct_mark: Option<u32>,
 }
 
 impl Default for Evaluation {
@@ -243,7 +247,8 @@ impl Default for Evaluation {
             rules: Vec::new(),
             actions: Vec::new(),
             verdict: Decision::Accept,
-            key: PacketKey::new(),
+            meta_mark: None,
+            ct_mark: None,
         }
     }
 }
@@ -253,12 +258,13 @@ impl Evaluation {
         Self::default()
     }
 
-    pub(crate) fn reset(&mut self, key: &PacketKey) {
+    pub(crate) fn reset(&mut self) {
         self.chains.clear();
         self.rules.clear();
         self.actions.clear();
         self.verdict = Decision::Accept;
-        self.key = *key;
+        self.meta_mark = None;
+        self.ct_mark = None;
     }
 
     pub(crate) fn end_chain(

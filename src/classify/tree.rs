@@ -138,24 +138,38 @@ pub(crate) struct Entry {
     pub exit: Exit,
 }
 
-/// A tree node. A cut sends a packet to `kids[start + i]` where `i` is the number of
-/// `bounds[start + 1 .. start + len]` at or below the field's value, or to `absent` when the
-/// packet lacks the field. A leaf lists `items[start .. start + len]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct Node {
-    pub field: u8,
-    pub leaf: bool,
-    pub start: u32,
-    pub len: u32,
-    pub absent: u32,
+/// Tree code layout. A tree is one `Vec<u32>` (cache lines hold whole small nodes); a node is
+/// named by its offset. Children are emitted before parents, so offsets only point backwards.
+///
+/// A cut: `[header, absent, bounds of children 1..n, child offsets 0..n]`; the header holds the
+/// field (bits 0-4), [`WIDE`] when bounds take four words (fields over 32 bits; otherwise one),
+/// and `n` (bits 8-30). A packet goes to child `i`, the number of bounds at or below its value,
+/// or to `absent` when it lacks the field.
+///
+/// A leaf: `[LEAF | items, (entry, words, checks...)...]`: the candidate entries in order, each
+/// with the conditions the leaf's box does not already prove. A check is `[kind, ...]`: the
+/// kind word holds the field (bits 0-4), [`CHECK_NEG`] and the kind (bits 6-7):
+/// [`CHECK_RANGE32`] `lo hi`, [`CHECK_RANGE128`] `lo hi` as four words each, or
+/// [`CHECK_COND`] an index into [`Program::conds`].
+pub(crate) const LEAF: u32 = 1 << 31;
+pub(crate) const WIDE: u32 = 1 << 5;
+pub(crate) const CHECK_NEG: u32 = 1 << 5;
+pub(crate) const CHECK_RANGE32: u32 = 0;
+pub(crate) const CHECK_RANGE128: u32 = 1;
+pub(crate) const CHECK_COND: u32 = 2;
+
+/// Reads the `i`th u128 stored as four little-endian words.
+#[inline]
+pub(crate) fn read128(w: &[u32], i: usize) -> u128 {
+    let q = &w[4 * i..4 * i + 4];
+    u128::from(q[0]) | u128::from(q[1]) << 32 | u128::from(q[2]) << 64 | u128::from(q[3]) << 96
 }
 
-/// A candidate entry of a leaf and the conditions the leaf's box does not already prove.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct LeafItem {
-    pub entry: u32,
-    pub rstart: u32,
-    pub rlen: u32,
+/// Appends `v` as four little-endian words.
+pub(crate) fn push128(code: &mut Vec<u32>, v: u128) {
+    for k in 0..4 {
+        code.push((v >> (32 * k)) as u32);
+    }
 }
 
 /// One flattened program and its decision tree.
@@ -164,50 +178,90 @@ pub(crate) struct Program {
     pub entries: Vec<Entry>,
     pub ops: Vec<Op>,
     pub conds: Vec<Cond>,
-    pub nodes: Vec<Node>,
-    pub bounds: Vec<u128>,
-    pub kids: Vec<u32>,
-    pub items: Vec<LeafItem>,
-    pub resid: Vec<u32>,
+    pub code: Vec<u32>,
     pub root: u32,
 }
 
 impl Program {
-    /// The leaf whose box holds `key`.
+    /// The offset of the leaf whose box holds `key`.
     #[inline]
-    pub(crate) fn leaf(&self, key: &PacketKey) -> Node {
-        let mut n = self.nodes[self.root as usize];
-        while !n.leaf {
-            let next = match key.get_index(n.field as usize) {
-                None => n.absent,
+    pub(crate) fn leaf(&self, key: &PacketKey) -> usize {
+        let code = &self.code[..];
+        let mut o = self.root as usize;
+        loop {
+            let h = code[o];
+            if h & LEAF != 0 {
+                return o;
+            }
+            let n = (h >> 8) as usize;
+            o = match key.get_index((h & 31) as usize) {
+                None => code[o + 1] as usize,
+                Some(v) if h & WIDE == 0 => {
+                    // The key holds values truncated to the field's width: `v` fits in u32.
+                    let b = o + 2;
+                    let i = code[b..b + n - 1].partition_point(|&x| x as u128 <= v);
+                    code[b + n - 1 + i] as usize
+                }
                 Some(v) => {
-                    let s = n.start as usize;
-                    let e = s + n.len as usize;
-                    let i = self.bounds[s + 1..e].partition_point(|&b| b <= v);
-                    self.kids[s + i]
+                    let b = o + 2;
+                    let bounds = &code[b..b + 4 * (n - 1)];
+                    let (mut lo, mut hi) = (0, n - 1);
+                    while lo < hi {
+                        let mid = (lo + hi) / 2;
+                        if read128(bounds, mid) <= v {
+                            lo = mid + 1;
+                        } else {
+                            hi = mid;
+                        }
+                    }
+                    code[b + 4 * (n - 1) + lo] as usize
                 }
             };
-            n = self.nodes[next as usize];
         }
-        n
     }
 
-    /// The first entry of `leaf` at index `from` or later whose conditions hold.
+    /// The first entry of the leaf at `leaf`, at index `from` or later, whose checks hold.
     #[inline]
-    pub(crate) fn scan(&self, leaf: Node, key: &PacketKey, from: u32) -> Option<u32> {
-        let s = leaf.start as usize;
-        let items = &self.items[s..s + leaf.len as usize];
-        for it in items {
-            if it.entry < from {
-                continue;
-            }
-            let rs = it.rstart as usize;
-            let resid = &self.resid[rs..rs + it.rlen as usize];
-            if resid.iter().all(|&c| self.conds[c as usize].eval(key)) {
-                return Some(it.entry);
+    pub(crate) fn scan(&self, leaf: usize, key: &PacketKey, from: u32) -> Option<u32> {
+        let code = &self.code[..];
+        let n = code[leaf] & !LEAF;
+        let mut p = leaf + 1;
+        for _ in 0..n {
+            let entry = code[p];
+            let body = p + 2;
+            p = body + code[p + 1] as usize;
+            if entry >= from && self.checks_hold(&code[body..p], key) {
+                return Some(entry);
             }
         }
         None
+    }
+
+    #[inline]
+    fn checks_hold(&self, mut w: &[u32], key: &PacketKey) -> bool {
+        while let Some(&h) = w.first() {
+            let field = key.get_index((h & 31) as usize);
+            let neg = h & CHECK_NEG != 0;
+            let (ok, len) = match h >> 6 {
+                CHECK_RANGE32 => match field {
+                    Some(v) => ((u128::from(w[1]) <= v && v <= u128::from(w[2])) != neg, 3),
+                    None => (false, 3),
+                },
+                CHECK_RANGE128 => match field {
+                    Some(v) => (
+                        (read128(&w[1..], 0) <= v && v <= read128(&w[5..], 0)) != neg,
+                        9,
+                    ),
+                    None => (false, 9),
+                },
+                _ => (self.conds[w[1] as usize].eval(key), 2),
+            };
+            if !ok {
+                return false;
+            }
+            w = &w[len..];
+        }
+        true
     }
 
     pub(crate) fn heap_bytes(&self) -> usize {
@@ -224,11 +278,7 @@ impl Program {
             + self.ops.capacity() * size_of::<Op>()
             + self.conds.capacity() * size_of::<Cond>()
             + conds
-            + self.nodes.capacity() * size_of::<Node>()
-            + self.bounds.capacity() * size_of::<u128>()
-            + self.kids.capacity() * size_of::<u32>()
-            + self.items.capacity() * size_of::<LeafItem>()
-            + self.resid.capacity() * size_of::<u32>()
+            + self.code.capacity() * size_of::<u32>()
     }
 }
 
@@ -261,61 +311,34 @@ impl Tree {
     }
 
     /// Runs one base chain from its first program; returns its decision and whether the
-    /// policy made it.
+    /// policy made it. `owned` is the key once a mark was set (copied on the first write, so
+    /// the common path never copies the key).
     #[inline]
     fn run_base(
         &self,
         bp: &BaseProgram,
+        key: &PacketKey,
+        owned: &mut Option<PacketKey>,
         limiter: &mut dyn Limiter,
         out: &mut Evaluation,
     ) -> (Decision, bool) {
         let Some(mut prog) = bp.programs.first() else {
             return (bp.policy, true);
         };
-        let mut leaf = prog.leaf(&out.key);
+        let mut leaf = prog.leaf(owned.as_ref().unwrap_or(key));
         let mut from = 0u32;
         loop {
-            let Some(i) = prog.scan(leaf, &out.key, from) else {
+            let Some(i) = prog.scan(leaf, owned.as_ref().unwrap_or(key), from) else {
                 return (bp.policy, true);
             };
-            let e = prog.entries[i as usize];
+            let e = &prog.entries[i as usize];
             if e.report {
                 out.rules.push(e.rule);
             }
-            let ops = &prog.ops[e.ops_start as usize..(e.ops_start + e.ops_len) as usize];
             let mut broke = None;
-            for op in ops {
-                match *op {
-                    Op::Record(stmt) => out.actions.push(Action { rule: e.rule, stmt }),
-                    Op::Limit { stmt, spec, fail } => {
-                        if !limiter.pass(e.rule, stmt as usize, &spec) {
-                            broke = Some(fail);
-                            break;
-                        }
-                    }
-                    Op::MetaMark { stmt, value, fail } => match resolve_mark(value, &out.key) {
-                        Some(m) => {
-                            out.actions.push(Action { rule: e.rule, stmt });
-                            out.key.set(Field::Mark, m as u128);
-                        }
-                        None => {
-                            broke = Some(fail);
-                            break;
-                        }
-                    },
-                    Op::CtMark { stmt, value, fail } => match resolve_mark(value, &out.key) {
-                        Some(m) => {
-                            out.actions.push(Action { rule: e.rule, stmt });
-                            if out.key.get(Field::CtMark).is_some() {
-                                out.key.set(Field::CtMark, m as u128);
-                            }
-                        }
-                        None => {
-                            broke = Some(fail);
-                            break;
-                        }
-                    },
-                }
+            if e.ops_len > 0 {
+                let ops = &prog.ops[e.ops_start as usize..(e.ops_start + e.ops_len) as usize];
+                broke = run_ops(e.rule, ops, key, owned, limiter, out);
             }
             // The leaf stays valid while the program does: a mark change that some rule tests
             // always ends the program (Exit::Resume), and one that no rule tests cannot change
@@ -332,7 +355,7 @@ impl Tree {
                         return (bp.policy, true);
                     };
                     prog = next;
-                    leaf = prog.leaf(&out.key);
+                    leaf = prog.leaf(owned.as_ref().unwrap_or(key));
                     0
                 }
             };
@@ -340,11 +363,52 @@ impl Tree {
     }
 }
 
+/// Runs an entry's statements; returns where to go on when one breaks the rule.
+fn run_ops(
+    rule: RuleId,
+    ops: &[Op],
+    key: &PacketKey,
+    owned: &mut Option<PacketKey>,
+    limiter: &mut dyn Limiter,
+    out: &mut Evaluation,
+) -> Option<u32> {
+    for op in ops {
+        let (stmt, value, fail, meta) = match *op {
+            Op::Record(stmt) => {
+                out.actions.push(Action { rule, stmt });
+                continue;
+            }
+            Op::Limit { stmt, spec, fail } => {
+                if !limiter.pass(rule, stmt as usize, &spec) {
+                    return Some(fail);
+                }
+                continue;
+            }
+            Op::MetaMark { stmt, value, fail } => (stmt, value, fail, true),
+            Op::CtMark { stmt, value, fail } => (stmt, value, fail, false),
+        };
+        let cur = owned.get_or_insert(*key);
+        let Some(m) = resolve_mark(value, cur) else {
+            return Some(fail);
+        };
+        out.actions.push(Action { rule, stmt });
+        if meta {
+            cur.set(Field::Mark, m as u128);
+            out.meta_mark = Some(m);
+        } else if cur.get(Field::CtMark).is_some() {
+            cur.set(Field::CtMark, m as u128);
+            out.ct_mark = Some(m);
+        }
+    }
+    None
+}
+
 impl Classifier for Tree {
     fn eval(&self, hook: Hook, key: &PacketKey, limiter: &mut dyn Limiter, out: &mut Evaluation) {
-        out.reset(key);
+        out.reset();
+        let mut owned = None;
         for bp in &self.hooks[hook_index(hook)] {
-            let (decision, by_policy) = self.run_base(bp, limiter, out);
+            let (decision, by_policy) = self.run_base(bp, key, &mut owned, limiter, out);
             out.end_chain(bp.table, bp.chain, decision, by_policy);
             if decision != Decision::Accept {
                 break;

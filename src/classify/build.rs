@@ -32,8 +32,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::tree::{
-    push128, BaseProgram, Cond, Entry, Exit, Op, Program, CHECK_COND, CHECK_NEG, CHECK_RANGE128,
-    CHECK_RANGE32, LEAF, WIDE,
+    push128, BaseProgram, Cond, Entry, Exit, Op, Program, CERTAIN, CHECK_COND, CHECK_NEG,
+    CHECK_RANGE128, CHECK_RANGE32, LEAF, WIDE,
 };
 use super::{field_index, validate, BuildError, Decision, LimitSpec, NFIELDS};
 use crate::rules::ir::{
@@ -731,7 +731,9 @@ fn build_program(
         max_leaf: 0,
         leaves: 0,
         items: 0,
+        blobs: Vec::new(),
     };
+    b.emit_blobs();
     let all: Vec<u32> = (0..infos.len() as u32).collect();
     let mut bx = Bx::full();
     let root = b.build(&all, &mut bx, 0)?;
@@ -1021,7 +1023,9 @@ struct TreeBuilder<'a> {
     conds: &'a [Cond],
     infos: &'a [EntryInfo],
     code: Vec<u32>,
-    leaf_memo: HashMap<Vec<(u32, Vec<u32>)>, u32>,
+    leaf_memo: HashMap<Vec<u32>, u32>,
+    /// Offset of each entry's check blob.
+    blobs: Vec<u32>,
     node_memo: HashMap<(u8, Vec<u128>, Vec<u32>, u32), u32>,
     budget: &'a mut Budget,
     max_depth: usize,
@@ -1239,31 +1243,44 @@ impl TreeBuilder<'_> {
     }
 
     fn leaf(&mut self, live: Vec<(u32, Vec<u32>)>) -> Result<u32, BuildError> {
-        if let Some(&id) = self.leaf_memo.get(&live) {
+        // Items name the entry's check blob; an entry the box proves needs no checks.
+        let words: Vec<u32> = live
+            .iter()
+            .map(|(e, resid)| self.blobs[*e as usize] | if resid.is_empty() { CERTAIN } else { 0 })
+            .collect();
+        if let Some(&id) = self.leaf_memo.get(&words) {
             return Ok(id);
         }
         self.budget.items += live.len();
-        if self.budget.items > MAX_ITEMS {
+        if self.budget.items > MAX_ITEMS || self.code.len() >= CERTAIN as usize / 2 {
             return Err(BuildError::TooLarge {
                 what: format!("more than {MAX_ITEMS} leaf entries in the decision trees"),
             });
         }
         let id = self.code.len() as u32;
         self.code.push(LEAF | live.len() as u32);
-        for (e, resid) in &live {
-            self.code.push(*e);
+        self.code.extend_from_slice(&words);
+        self.leaves += 1;
+        self.items += live.len();
+        self.max_leaf = self.max_leaf.max(live.len());
+        self.leaf_memo.insert(words, id);
+        Ok(id)
+    }
+
+    /// Emits each entry's check blob `[entry, words, checks...]` once, at the start of the code;
+    /// leaves point at them. A blob checks every condition of its entry: re-checking the few a
+    /// leaf's box proves costs less than the cache misses of a copy per leaf.
+    fn emit_blobs(&mut self) {
+        for (e, info) in self.infos.iter().enumerate() {
+            self.blobs.push(self.code.len() as u32);
+            self.code.push(e as u32);
             let len_at = self.code.len();
             self.code.push(0);
-            for &c in resid {
+            for &c in &info.conds {
                 self.push_check(c);
             }
             self.code[len_at] = (self.code.len() - len_at - 1) as u32;
         }
-        self.leaves += 1;
-        self.items += live.len();
-        self.max_leaf = self.max_leaf.max(live.len());
-        self.leaf_memo.insert(live, id);
-        Ok(id)
     }
 
     /// Appends the leaf check of condition `c`: ranges inline (no pointer chase), anything else

@@ -146,12 +146,14 @@ pub(crate) struct Entry {
 /// and `n` (bits 8-30). A packet goes to child `i`, the number of bounds at or below its value,
 /// or to `absent` when it lacks the field.
 ///
-/// A leaf: `[LEAF | items, (entry, words, checks...)...]`: the candidate entries in order, each
-/// with the conditions the leaf's box does not already prove. A check is `[kind, ...]`: the
-/// kind word holds the field (bits 0-4), [`CHECK_NEG`] and the kind (bits 6-7):
-/// [`CHECK_RANGE32`] `lo hi`, [`CHECK_RANGE128`] `lo hi` as four words each, or
+/// A leaf: `[LEAF | n, items...]`, the candidate entries in order. An item is the offset of its
+/// entry's check blob, with [`CERTAIN`] set when the leaf's box proves every condition. A blob
+/// (one per entry, at the start of the code) is `[entry, words, checks...]`. A check is
+/// `[kind, ...]`: the kind word holds the field (bits 0-4), [`CHECK_NEG`] and the kind (bits
+/// 6-7): [`CHECK_RANGE32`] `lo hi`, [`CHECK_RANGE128`] `lo hi` as four words each, or
 /// [`CHECK_COND`] an index into [`Program::conds`].
 pub(crate) const LEAF: u32 = 1 << 31;
+pub(crate) const CERTAIN: u32 = 1 << 31;
 pub(crate) const WIDE: u32 = 1 << 5;
 pub(crate) const CHECK_NEG: u32 = 1 << 5;
 pub(crate) const CHECK_RANGE32: u32 = 0;
@@ -198,8 +200,15 @@ impl Program {
                 None => code[o + 1] as usize,
                 Some(v) if h & WIDE == 0 => {
                     // The key holds values truncated to the field's width: `v` fits in u32.
+                    let v = v as u32;
                     let b = o + 2;
-                    let i = code[b..b + n - 1].partition_point(|&x| x as u128 <= v);
+                    let bounds = &code[b..b + n - 1];
+                    // Counting is branchless and vectorises; a search wins on wide nodes.
+                    let i = if bounds.len() <= 32 {
+                        bounds.iter().filter(|&&x| x <= v).count()
+                    } else {
+                        bounds.partition_point(|&x| x <= v)
+                    };
                     code[b + n - 1 + i] as usize
                 }
                 Some(v) => {
@@ -224,13 +233,16 @@ impl Program {
     #[inline]
     pub(crate) fn scan(&self, leaf: usize, key: &PacketKey, from: u32) -> Option<u32> {
         let code = &self.code[..];
-        let n = code[leaf] & !LEAF;
-        let mut p = leaf + 1;
-        for _ in 0..n {
-            let entry = code[p];
-            let body = p + 2;
-            p = body + code[p + 1] as usize;
-            if entry >= from && self.checks_hold(&code[body..p], key) {
+        let n = (code[leaf] & !LEAF) as usize;
+        for &item in &code[leaf + 1..leaf + 1 + n] {
+            let b = (item & !CERTAIN) as usize;
+            let entry = code[b];
+            if entry < from {
+                continue;
+            }
+            if item & CERTAIN != 0
+                || self.checks_hold(&code[b + 2..b + 2 + code[b + 1] as usize], key)
+            {
                 return Some(entry);
             }
         }

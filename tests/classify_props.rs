@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use keepstate::classify::{
-    Action, Classifier, Decision, Evaluation, LimitSpec, Limiter, Linear, PacketKey, Tree, FIELDS,
-    HOOKS,
+    Action, Classifier, Decision, Evaluation, LimitSpec, Limiter, Linear, PacketKey, Tree,
+    TreeOptions, FIELDS, HOOKS,
 };
 use keepstate::rules::ir::*;
 use proptest::prelude::*;
@@ -405,17 +405,25 @@ proptest! {
     ) {
         let rs = Arc::new(lower(&tables));
         let linear = Linear::new(rs.clone()).expect("generated rulesets are valid");
-        let tree = Tree::new(rs.clone()).expect("generated rulesets compile");
+        // The default tree, and one forced to cut down to single entries and to split into
+        // several trees, so that small rulesets exercise cuts and forests too.
+        let forced = TreeOptions { binth: 1, spfac: 4, max_kids: 4, max_trees: 4, partition_above: 0 };
+        let trees = [
+            Tree::new(rs.clone()).expect("generated rulesets compile"),
+            Tree::with_options(rs.clone(), &forced).expect("generated rulesets compile"),
+        ];
         let (mut a, mut b) = (Evaluation::new(), Evaluation::new());
         for p in &packets {
             let k = key(p);
             for hook in HOOKS {
-                let mut la = ScriptedLimiter { script: &script, calls: Vec::new() };
                 let mut lb = ScriptedLimiter { script: &script, calls: Vec::new() };
-                tree.eval(hook, &k, &mut la, &mut a);
                 linear.eval(hook, &k, &mut lb, &mut b);
-                prop_assert_eq!(&a, &b, "hook {:?}, key {:?}", hook, k);
-                prop_assert_eq!(&la.calls, &lb.calls);
+                for tree in &trees {
+                    let mut la = ScriptedLimiter { script: &script, calls: Vec::new() };
+                    tree.eval(hook, &k, &mut la, &mut a);
+                    prop_assert_eq!(&a, &b, "hook {:?}, key {:?}, {:?}", hook, k, tree.stats());
+                    prop_assert_eq!(&la.calls, &lb.calls);
+                }
             }
         }
     }

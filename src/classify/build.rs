@@ -40,12 +40,36 @@ use crate::rules::ir::{
     Field, Interval, IntervalSet, Match, Policy, Rule, RuleId, Ruleset, Stmt, Table, Verdict,
 };
 
-/// A node with at most this many entries is a leaf.
-const BINTH: usize = 8;
-/// Children plus replicated entries may reach `SPFAC` × the node's entries (HiCuts' spfac).
-const SPFAC: usize = 4;
-/// Most children of one cut.
-const MAX_KIDS: usize = 64;
+/// How trees are built. The defaults were chosen on the ClassBench sets (`benches/classify.rs`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TreeOptions {
+    /// A node with at most this many entries is a leaf.
+    pub binth: usize,
+    /// Children plus replicated entries of a cut may reach `spfac` × the node's entries
+    /// (HiCuts' space factor).
+    pub spfac: usize,
+    /// Most children of one cut.
+    pub max_kids: usize,
+    /// Most trees per program (EffiCuts' separable trees); 1 never partitions.
+    pub max_trees: usize,
+    /// Partition when one tree's code would exceed this many bytes (or the item budget). A
+    /// forest is far smaller on wildcard-heavy sets (fw1_1k: 0.1 MiB against 0.9 MiB) but costs
+    /// a descent per tree, so a tree that fits in cache is faster.
+    pub partition_above: usize,
+}
+
+impl Default for TreeOptions {
+    fn default() -> Self {
+        TreeOptions {
+            binth: 8,
+            spfac: 4,
+            max_kids: 64,
+            max_trees: 4,
+            partition_above: 16 << 20,
+        }
+    }
+}
+
 /// Deeper nodes are leaves whatever their size.
 const MAX_DEPTH: usize = 40;
 /// Flattened entries over all programs; inlining a chain jumped to from many places, or many
@@ -62,6 +86,8 @@ pub struct BuildStats {
     pub base_chains: usize,
     /// Programs (base chains plus continuations after a mark change).
     pub programs: usize,
+    /// Trees over all programs (a program has one, or a few when partitioned).
+    pub trees: usize,
     /// Flattened entries over all programs.
     pub entries: usize,
     /// Tree nodes (cuts and leaves), after sharing.
@@ -80,7 +106,7 @@ pub struct BuildStats {
 pub(crate) type Hooks = [Vec<BaseProgram>; 5];
 
 /// Compiles every base chain of every hook.
-pub(crate) fn compile(rs: &Ruleset) -> Result<(Hooks, BuildStats), BuildError> {
+pub(crate) fn compile(rs: &Ruleset, opts: &TreeOptions) -> Result<(Hooks, BuildStats), BuildError> {
     let started = Instant::now();
     validate(rs)?;
     let mut stats = BuildStats::default();
@@ -111,7 +137,7 @@ pub(crate) fn compile(rs: &Ruleset) -> Result<(Hooks, BuildStats), BuildError> {
             let flat = Flattener::run(table, c, &tested, &mut budget)?;
             let mut programs = Vec::with_capacity(flat.len());
             for fp in flat {
-                programs.push(build_program(fp, &mut budget, &mut stats)?);
+                programs.push(build_program(fp, opts, &mut budget, &mut stats)?);
             }
             stats.base_chains += 1;
             stats.programs += programs.len();
@@ -635,6 +661,7 @@ struct EntryInfo {
 
 fn build_program(
     fp: FlatProgram,
+    opts: &TreeOptions,
     budget: &mut Budget,
     stats: &mut BuildStats,
 ) -> Result<Program, BuildError> {
@@ -720,9 +747,67 @@ fn build_program(
         });
         max_skip = max_skip.max(skip_to);
     }
+    let all: Vec<u32> = (0..infos.len() as u32).collect();
+    let single = if opts.partition_above == 0 && opts.max_trees > 1 {
+        None
+    } else {
+        match build_forest(&prog.conds, &infos, &[all], opts, budget) {
+            Ok(f) => Some(f),
+            Err(BuildError::TooLarge { .. }) if opts.max_trees > 1 => None,
+            Err(e) => return Err(e),
+        }
+    };
+    let (mut code, roots, shape) = match single {
+        Some(f) if f.0.len() * 4 <= opts.partition_above || opts.max_trees <= 1 => f,
+        single => {
+            // Wildcards replicate into every child of a cut on their field; trees of entries
+            // that are wide in the same fields replicate far less (EffiCuts).
+            let groups = partition(&infos, opts);
+            match (
+                build_forest(&prog.conds, &infos, &groups, opts, budget),
+                single,
+            ) {
+                (Ok(f), Some(s)) if s.0.len() <= f.0.len() => s,
+                (Ok(f), _) => f,
+                (Err(_), Some(s)) => s,
+                (Err(e), None) => return Err(e),
+            }
+        }
+    };
+    stats.nodes += shape.nodes;
+    stats.leaves += shape.leaves;
+    stats.leaf_items += shape.items;
+    stats.max_depth = stats.max_depth.max(shape.max_depth);
+    stats.max_leaf = stats.max_leaf.max(shape.max_leaf);
+    stats.trees += roots.len();
+    code.shrink_to_fit();
+    prog.code = code;
+    prog.roots = roots;
+    Ok(prog)
+}
+
+/// Shape of a forest, for [`BuildStats`].
+#[derive(Default)]
+struct Shape {
+    nodes: usize,
+    leaves: usize,
+    items: usize,
+    max_depth: usize,
+    max_leaf: usize,
+}
+
+/// One tree per group of entries, sharing one code array (and its check blobs).
+fn build_forest(
+    conds: &[Cond],
+    infos: &[EntryInfo],
+    groups: &[Vec<u32>],
+    opts: &TreeOptions,
+    budget: &mut Budget,
+) -> Result<(Vec<u32>, Vec<u32>, Shape), BuildError> {
     let mut b = TreeBuilder {
-        conds: &prog.conds,
-        infos: &infos,
+        conds,
+        infos,
+        opts,
         code: Vec::new(),
         leaf_memo: HashMap::new(),
         node_memo: HashMap::new(),
@@ -734,19 +819,82 @@ fn build_program(
         blobs: Vec::new(),
     };
     b.emit_blobs();
-    let all: Vec<u32> = (0..infos.len() as u32).collect();
-    let mut bx = Bx::full();
-    let root = b.build(&all, &mut bx, 0)?;
-    stats.nodes += b.leaf_memo.len() + b.node_memo.len();
-    stats.leaves += b.leaves;
-    stats.leaf_items += b.items;
-    stats.max_depth = stats.max_depth.max(b.max_depth);
-    stats.max_leaf = stats.max_leaf.max(b.max_leaf);
-    let mut code = b.code;
-    code.shrink_to_fit();
-    prog.code = code;
-    prog.root = root;
-    Ok(prog)
+    let mut roots = Vec::with_capacity(groups.len());
+    for g in groups {
+        roots.push(b.build(g, &mut Bx::full(), 0)?);
+    }
+    let shape = Shape {
+        nodes: b.leaf_memo.len() + b.node_memo.len(),
+        leaves: b.leaves,
+        items: b.items,
+        max_depth: b.max_depth,
+        max_leaf: b.max_leaf,
+    };
+    Ok((b.code, roots, shape))
+}
+
+/// Splits entries into at most `max_trees` groups by the fields in which they are wide (cover
+/// half the field's values or more, or do not test it), over fields of 16 bits or more, where
+/// replication hurts. Small groups merge into the group that is wide in the most of the same
+/// fields (EffiCuts' category merging). Each group keeps entry order.
+fn partition(infos: &[EntryInfo], opts: &TreeOptions) -> Vec<Vec<u32>> {
+    let dims: Vec<u8> = (0..NFIELDS as u8)
+        .filter(|&f| super::FIELDS[f as usize].bits() >= 16)
+        .collect();
+    let wide_mask = |info: &EntryInfo| -> u32 {
+        let mut m = 0u32;
+        for (bit, &f) in dims.iter().enumerate() {
+            let wide = match info.proj.iter().find(|(g, _)| *g == f) {
+                None => true,
+                Some((_, ivs)) => {
+                    let size = ivs.iter().fold(0u128, |acc, iv| {
+                        acc.saturating_add(iv.hi - iv.lo).saturating_add(1)
+                    });
+                    size >= field_max(f) / 2
+                }
+            };
+            if wide {
+                m |= 1 << bit;
+            }
+        }
+        m
+    };
+    let mut groups: Vec<(u32, Vec<u32>)> = Vec::new();
+    for (e, info) in infos.iter().enumerate() {
+        let m = wide_mask(info);
+        match groups.iter_mut().find(|(g, _)| *g == m) {
+            Some((_, v)) => v.push(e as u32),
+            None => groups.push((m, vec![e as u32])),
+        }
+    }
+    let min_size = (opts.binth * 4).max(infos.len() / 20);
+    loop {
+        if groups.len() <= 1 {
+            break;
+        }
+        let Some((si, _)) = groups.iter().enumerate().min_by_key(|(_, (_, v))| v.len()) else {
+            break;
+        };
+        if groups.len() <= opts.max_trees && groups[si].1.len() >= min_size {
+            break;
+        }
+        let (sm, small) = groups.swap_remove(si);
+        // Prefer a group wide in every field this one is (a superset), with the fewest extra;
+        // otherwise the nearest mask.
+        let score = |m: u32| {
+            let superset = m & sm == sm;
+            (!superset, (m ^ sm).count_ones())
+        };
+        let Some(target) = (0..groups.len()).min_by_key(|&i| score(groups[i].0)) else {
+            groups.push((sm, small));
+            break;
+        };
+        let (tm, tv) = &mut groups[target];
+        *tm |= sm;
+        tv.extend(small);
+        tv.sort_unstable();
+    }
+    groups.into_iter().map(|(_, v)| v).collect()
 }
 
 fn field_max(f: u8) -> u128 {
@@ -1022,6 +1170,7 @@ fn negate(s: Status, neg: bool) -> Status {
 struct TreeBuilder<'a> {
     conds: &'a [Cond],
     infos: &'a [EntryInfo],
+    opts: &'a TreeOptions,
     code: Vec<u32>,
     leaf_memo: HashMap<Vec<u32>, u32>,
     /// Offset of each entry's check blob.
@@ -1066,7 +1215,7 @@ impl TreeBuilder<'_> {
         }
         self.max_depth = self.max_depth.max(depth);
         // 2. Few entries, or too deep: a leaf.
-        if live.len() <= BINTH || depth >= MAX_DEPTH {
+        if live.len() <= self.opts.binth || depth >= MAX_DEPTH {
             return self.leaf(live);
         }
         // 3. The best cut, if any makes progress.
@@ -1219,7 +1368,7 @@ impl TreeBuilder<'_> {
                     .unwrap_or(0)
                     .max(absent.len());
                 let total: usize = kids.iter().map(Vec::len).sum::<usize>() + absent.len();
-                let fits = total + nk <= SPFAC * n;
+                let fits = total + nk <= self.opts.spfac * n;
                 if worst < n && (best.is_none() || fits) {
                     best = Some(Cut {
                         field: f,
@@ -1234,7 +1383,7 @@ impl TreeBuilder<'_> {
                     break;
                 }
             }
-            if kk >= nseg || k >= MAX_KIDS {
+            if kk >= nseg || k >= self.opts.max_kids {
                 break;
             }
             k *= 2;

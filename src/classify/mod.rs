@@ -46,7 +46,7 @@ use std::fmt;
 
 use crate::rules::ir::{self, Field, Hook, MarkValue, RateUnit, Reject, RuleId, Ruleset, Stmt};
 
-pub use build::BuildStats;
+pub use build::{BuildStats, TreeOptions};
 pub use linear::Linear;
 pub use tree::Tree;
 

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use super::{
     hook_index, resolve_mark, Action, BuildError, BuildStats, Classifier, Decision, Evaluation,
-    LimitSpec, Limiter, PacketKey,
+    LimitSpec, Limiter, PacketKey, TreeOptions,
 };
 use crate::rules::ir::{Field, Hook, Interval, IntervalSet, MarkValue, Reject, RuleId, Ruleset};
 
@@ -181,15 +181,20 @@ pub(crate) struct Program {
     pub ops: Vec<Op>,
     pub conds: Vec<Cond>,
     pub code: Vec<u32>,
-    pub root: u32,
+    /// One tree, or a few over disjoint groups of entries; the first match is the least
+    /// entry any of them finds.
+    pub roots: Vec<u32>,
 }
 
+/// Most trees per program the executor supports ([`TreeOptions::max_trees`] is clamped).
+pub(crate) const MAX_TREES: usize = 4;
+
 impl Program {
-    /// The offset of the leaf whose box holds `key`.
+    /// The offset of the leaf of the tree at `root` whose box holds `key`.
     #[inline]
-    pub(crate) fn leaf(&self, key: &PacketKey) -> usize {
+    pub(crate) fn leaf(&self, root: u32, key: &PacketKey) -> usize {
         let code = &self.code[..];
-        let mut o = self.root as usize;
+        let mut o = root as usize;
         loop {
             let h = code[o];
             if h & LEAF != 0 {
@@ -229,9 +234,10 @@ impl Program {
         }
     }
 
-    /// The first entry of the leaf at `leaf`, at index `from` or later, whose checks hold.
+    /// The first entry of the leaf at `leaf`, at index `from` or later and below `below`,
+    /// whose checks hold.
     #[inline]
-    pub(crate) fn scan(&self, leaf: usize, key: &PacketKey, from: u32) -> Option<u32> {
+    pub(crate) fn scan(&self, leaf: usize, key: &PacketKey, from: u32, below: u32) -> Option<u32> {
         let code = &self.code[..];
         let n = (code[leaf] & !LEAF) as usize;
         for &item in &code[leaf + 1..leaf + 1 + n] {
@@ -240,6 +246,9 @@ impl Program {
             if entry < from {
                 continue;
             }
+            if entry >= below {
+                return None;
+            }
             if item & CERTAIN != 0
                 || self.checks_hold(&code[b + 2..b + 2 + code[b + 1] as usize], key)
             {
@@ -247,6 +256,33 @@ impl Program {
             }
         }
         None
+    }
+
+    /// The leaf of each tree for `key`.
+    #[inline]
+    pub(crate) fn find_leaves(&self, key: &PacketKey, leaves: &mut [usize; MAX_TREES]) {
+        for (slot, &root) in leaves.iter_mut().zip(&self.roots) {
+            *slot = self.leaf(root, key);
+        }
+    }
+
+    /// The first entry at `from` or later whose checks hold, over every tree's leaf.
+    #[inline]
+    pub(crate) fn first(
+        &self,
+        leaves: &[usize; MAX_TREES],
+        key: &PacketKey,
+        from: u32,
+    ) -> Option<u32> {
+        let mut best = None;
+        let mut below = u32::MAX;
+        for &leaf in &leaves[..self.roots.len()] {
+            if let Some(e) = self.scan(leaf, key, from, below) {
+                best = Some(e);
+                below = e;
+            }
+        }
+        best
     }
 
     #[inline]
@@ -313,7 +349,16 @@ pub struct Tree {
 impl Tree {
     /// Compiles every base chain of `rs`.
     pub fn new(rs: Arc<Ruleset>) -> Result<Self, BuildError> {
-        let (hooks, stats) = super::build::compile(&rs)?;
+        Self::with_options(rs, &TreeOptions::default())
+    }
+
+    /// Compiles with non-default tree parameters (tests force partitioning with these).
+    pub fn with_options(rs: Arc<Ruleset>, opts: &TreeOptions) -> Result<Self, BuildError> {
+        let mut opts = *opts;
+        opts.max_trees = opts.max_trees.clamp(1, MAX_TREES);
+        opts.binth = opts.binth.max(1);
+        opts.max_kids = opts.max_kids.max(2);
+        let (hooks, stats) = super::build::compile(&rs, &opts)?;
         Ok(Tree { rs, hooks, stats })
     }
 
@@ -337,10 +382,11 @@ impl Tree {
         let Some(mut prog) = bp.programs.first() else {
             return (bp.policy, true);
         };
-        let mut leaf = prog.leaf(owned.as_ref().unwrap_or(key));
+        let mut leaves = [0usize; MAX_TREES];
+        prog.find_leaves(owned.as_ref().unwrap_or(key), &mut leaves);
         let mut from = 0u32;
         loop {
-            let Some(i) = prog.scan(leaf, owned.as_ref().unwrap_or(key), from) else {
+            let Some(i) = prog.first(&leaves, owned.as_ref().unwrap_or(key), from) else {
                 return (bp.policy, true);
             };
             let e = &prog.entries[i as usize];
@@ -367,7 +413,7 @@ impl Tree {
                         return (bp.policy, true);
                     };
                     prog = next;
-                    leaf = prog.leaf(owned.as_ref().unwrap_or(key));
+                    prog.find_leaves(owned.as_ref().unwrap_or(key), &mut leaves);
                     0
                 }
             };
@@ -430,5 +476,61 @@ impl Classifier for Tree {
 
     fn ruleset(&self) -> &Ruleset {
         &self.rs
+    }
+}
+
+#[cfg(test)]
+mod shape {
+    use super::*;
+    use crate::classify::classbench;
+
+    #[test]
+    #[ignore]
+    fn print_shape() {
+        for name in classbench::SETS {
+            let rules = classbench::load(&classbench::dir().join(name)).unwrap();
+            let rs = Arc::new(classbench::to_ruleset(name, &rules));
+            let tree = Tree::new(rs).unwrap();
+            let prog = &tree.hooks[2][0].programs[0];
+            let (mut depth, mut items, mut n) = (0usize, 0usize, 0usize);
+            let mut hist = [0usize; 16];
+            let mut nhist = [0usize; 17];
+            let mut fhist = [0usize; 24];
+            for (p, _) in classbench::packets(&rules, 4096, 10, 1) {
+                let key = p.key();
+                let code = &prog.code;
+                let mut o = prog.roots[0] as usize;
+                let mut d = 0;
+                while code[o] & LEAF == 0 {
+                    d += 1;
+                    let h = code[o];
+                    let nk = (h >> 8) as usize;
+                    nhist[nk.min(64) / 4] += 1;
+                    fhist[(h & 31) as usize] += 1;
+                    o = match key.get_index((h & 31) as usize) {
+                        None => code[o + 1] as usize,
+                        Some(v) => {
+                            let b = o + 2;
+                            let i = code[b..b + nk - 1]
+                                .iter()
+                                .filter(|&&x| x as u128 <= v)
+                                .count();
+                            code[b + nk - 1 + i] as usize
+                        }
+                    };
+                }
+                assert_eq!(o, prog.leaf(prog.roots[0], &key));
+                let hit = prog.scan(o, &key, 0, u32::MAX);
+                let pos = code[o + 1..o + 1 + (code[o] & !LEAF) as usize]
+                    .iter()
+                    .position(|&it| Some(code[(it & !CERTAIN) as usize]) == hit)
+                    .map_or((code[o] & !LEAF) as usize, |x| x + 1);
+                depth += d;
+                items += pos;
+                n += 1;
+                hist[d.min(15)] += 1;
+            }
+            eprintln!("{name}: avg depth {:.2}, avg items scanned {:.2}, depth hist {:?}\n  kids/4 hist {:?}\n  field hist {:?}", depth as f64 / n as f64, items as f64 / n as f64, hist, nhist, fhist);
+        }
     }
 }

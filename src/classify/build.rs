@@ -32,8 +32,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::tree::{
-    push128, BaseProgram, Cond, Entry, Exit, Op, Program, CERTAIN, CHECK_COND, CHECK_NEG,
-    CHECK_RANGE128, CHECK_RANGE32, LEAF, WIDE,
+    narrow_slots, push128, BaseProgram, Cond, Entry, Exit, Op, Program, CERTAIN, CHECK_COND,
+    CHECK_NEG, CHECK_RANGE128, CHECK_RANGE32, LEAF, WIDE,
 };
 use super::{field_index, validate, BuildError, Decision, LimitSpec, NFIELDS};
 use crate::rules::ir::{
@@ -1425,7 +1425,32 @@ impl TreeBuilder<'_> {
             self.code.push(e as u32);
             let len_at = self.code.len();
             self.code.push(0);
+            // Narrow ranges, at most one per field, go first as a field mask, a negation mask
+            // and `lo hi` pairs in field order: the common case checks without dispatch.
+            let mut narrow: Vec<(u8, bool, u32, u32)> = Vec::new();
+            let mut rest = Vec::new();
             for &c in &info.conds {
+                match &self.conds[c as usize] {
+                    Cond::Range { f, neg, lo, hi }
+                        if field_max(*f) <= u32::MAX as u128
+                            && *lo <= field_max(*f)
+                            && !narrow.iter().any(|n| n.0 == *f) =>
+                    {
+                        narrow.push((*f, *neg, *lo as u32, (*hi).min(field_max(*f)) as u32));
+                    }
+                    _ => rest.push(c),
+                }
+            }
+            narrow.sort_unstable_by_key(|n| n.0);
+            let mask = narrow.iter().fold(0u32, |m, n| m | 1 << n.0);
+            let neg = narrow.iter().fold(0u32, |m, n| m | (n.1 as u32) << n.0);
+            self.code.push(mask);
+            self.code.push(neg);
+            for (_, _, lo, hi) in &narrow {
+                self.code.push(*lo);
+                self.code.push(*hi);
+            }
+            for c in rest {
                 self.push_check(c);
             }
             self.code[len_at] = (self.code.len() - len_at - 1) as u32;
@@ -1485,6 +1510,11 @@ impl TreeBuilder<'_> {
                 push128(&mut self.code, b);
             } else {
                 self.code.push(b as u32);
+            }
+        }
+        if !wide {
+            for _ in key.1.len() - 1..narrow_slots(key.1.len()) {
+                self.code.push(u32::MAX);
             }
         }
         self.code.extend_from_slice(&key.2);

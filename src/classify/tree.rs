@@ -142,13 +142,15 @@ pub(crate) struct Entry {
 /// named by its offset. Children are emitted before parents, so offsets only point backwards.
 ///
 /// A cut: `[header, absent, bounds of children 1..n, child offsets 0..n]`; the header holds the
-/// field (bits 0-4), [`WIDE`] when bounds take four words (fields over 32 bits; otherwise one),
-/// and `n` (bits 8-30). A packet goes to child `i`, the number of bounds at or below its value,
+/// field (bits 0-4), [`WIDE`] when bounds take four words (fields over 32 bits; otherwise one,
+/// padded to [`narrow_slots`]), and `n` (bits 8-30). A packet goes to child `i`, the number of bounds at or below its value,
 /// or to `absent` when it lacks the field.
 ///
 /// A leaf: `[LEAF | n, items...]`, the candidate entries in order. An item is the offset of its
 /// entry's check blob, with [`CERTAIN`] set when the leaf's box proves every condition. A blob
-/// (one per entry, at the start of the code) is `[entry, words, checks...]`. A check is
+/// (one per entry, at the start of the code) is `[entry, words, field mask, negation mask,
+/// (lo, hi) per field of the mask, checks...]`: ranges on fields of 32 bits or less first (the
+/// common case, checked without dispatch), then everything else as checks. A check is
 /// `[kind, ...]`: the kind word holds the field (bits 0-4), [`CHECK_NEG`] and the kind (bits
 /// 6-7): [`CHECK_RANGE32`] `lo hi`, [`CHECK_RANGE128`] `lo hi` as four words each, or
 /// [`CHECK_COND`] an index into [`Program::conds`].
@@ -159,6 +161,28 @@ pub(crate) const CHECK_NEG: u32 = 1 << 5;
 pub(crate) const CHECK_RANGE32: u32 = 0;
 pub(crate) const CHECK_RANGE128: u32 = 1;
 pub(crate) const CHECK_COND: u32 = 2;
+
+/// Words the bounds of a narrow cut with `n` children take: `n - 1` rounded up to a multiple of
+/// 8, padded with `u32::MAX`, so the count below runs on whole vectors.
+#[inline]
+pub(crate) fn narrow_slots(n: usize) -> usize {
+    (n.saturating_sub(1) + 7) & !7
+}
+
+/// How many of `bounds` (a multiple of 8 long) are at or below `v`. Independent compares that
+/// the compiler vectorises: a binary search would chain one load per step, which costs more
+/// than the compares on the node sizes the builder makes (at most a few dozen bounds).
+/// Padding (`u32::MAX`) counts only when `v` is `u32::MAX`; callers clamp to `n - 1`.
+#[inline]
+pub(crate) fn count_le(bounds: &[u32], v: u32) -> usize {
+    let mut acc = [0u32; 8];
+    for chunk in bounds.chunks_exact(8) {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a += (x <= v) as u32;
+        }
+    }
+    acc.iter().sum::<u32>() as usize
+}
 
 /// Reads the `i`th u128 stored as four little-endian words.
 #[inline]
@@ -201,20 +225,15 @@ impl Program {
                 return o;
             }
             let n = (h >> 8) as usize;
-            o = match key.get_index((h & 31) as usize) {
+            let f = (h & 31) as usize;
+            o = match key.get_index(f) {
                 None => code[o + 1] as usize,
-                Some(v) if h & WIDE == 0 => {
-                    // The key holds values truncated to the field's width: `v` fits in u32.
-                    let v = v as u32;
+                Some(_) if h & WIDE == 0 => {
+                    // The key holds values truncated to the field's width: this one fits u32.
+                    let v = key.narrow[f];
                     let b = o + 2;
-                    let bounds = &code[b..b + n - 1];
-                    // Counting is branchless and vectorises; a search wins on wide nodes.
-                    let i = if bounds.len() <= 32 {
-                        bounds.iter().filter(|&&x| x <= v).count()
-                    } else {
-                        bounds.partition_point(|&x| x <= v)
-                    };
-                    code[b + n - 1 + i] as usize
+                    let padded = narrow_slots(n);
+                    code[b + padded + count_le(&code[b..b + padded], v).min(n - 1)] as usize
                 }
                 Some(v) => {
                     let b = o + 2;
@@ -250,7 +269,7 @@ impl Program {
                 return None;
             }
             if item & CERTAIN != 0
-                || self.checks_hold(&code[b + 2..b + 2 + code[b + 1] as usize], key)
+                || self.blob_holds(&code[b + 2..b + 2 + code[b + 1] as usize], key)
             {
                 return Some(entry);
             }
@@ -283,6 +302,29 @@ impl Program {
             }
         }
         best
+    }
+
+    /// Checks a blob's body: `[field mask, negation mask, lo hi pairs..., other checks...]`.
+    #[inline]
+    fn blob_holds(&self, blob: &[u32], key: &PacketKey) -> bool {
+        let (mask, neg) = (blob[0], blob[1]);
+        // Every test of an absent field fails, negated or not.
+        if key.present_mask() & mask != mask {
+            return false;
+        }
+        let mut m = mask;
+        let mut q = 2;
+        while m != 0 {
+            let f = m.trailing_zeros();
+            let v = key.narrow[f as usize];
+            let inside = blob[q] <= v && v <= blob[q + 1];
+            if inside == (neg >> f & 1 != 0) {
+                return false;
+            }
+            q += 2;
+            m &= m - 1;
+        }
+        self.checks_hold(&blob[q..], key)
     }
 
     #[inline]

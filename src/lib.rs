@@ -15,6 +15,7 @@
 //! diagnostics; pest's `Rule` type never leaves `rules::parse`. `classify` knows the IR and a
 //! packet's fields, never the parser.
 
+pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod conntrack;

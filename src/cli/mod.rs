@@ -1,6 +1,8 @@
 //! The command line: one file per subcommand, each only wiring the library together.
 
+mod bench;
 mod check;
+pub mod trace;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,10 +28,84 @@ pub enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Trace a packet through a ruleset: the hooks it passes, the rules that match, the verdict.
+    #[command(after_help = TRACE_HELP)]
+    Trace {
+        /// The rules file.
+        #[arg(long)]
+        rules: PathBuf,
+        /// Evaluate with the rule-by-rule reference instead of the decision tree.
+        #[arg(long)]
+        reference: bool,
+        /// The packet, in words: "tcp from 192.168.1.10:40000 to 198.51.100.7:443 iif lan oif wan".
+        packet: String,
+    },
+    /// Measure a ruleset's decision tree against the rule-by-rule reference.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
 }
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Build time, memory, depth and lookups per second of the tree and of the reference.
+    Classify {
+        /// A rules file in nftables syntax.
+        #[arg(
+            long,
+            conflicts_with = "classbench",
+            required_unless_present = "classbench"
+        )]
+        rules: Option<PathBuf>,
+        /// A ClassBench filter set (as in ../shared/classbench/).
+        #[arg(long)]
+        classbench: Option<PathBuf>,
+        /// A ClassBench trace: lines `src dst sport dport proto expected`; prints mismatches.
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        /// How many packets to sample from the rules when there is no trace.
+        #[arg(long, default_value_t = 100_000)]
+        packets: usize,
+    },
+}
+
+const TRACE_HELP: &str = "\
+Packet words, in any order:
+  tcp | udp | icmp | icmpv6 | PROTO    transport protocol (default tcp)
+  from ADDR[:PORT]  to ADDR[:PORT]     addresses and ports ([ADDR6]:PORT for IPv6)
+  iif NAME  oif NAME                   both: forwarded; iif only: to the box; oif only: from it
+  flags syn,ack                        TCP flags (default syn)
+  type NAME|N  code N                  ICMP/ICMPv6 type (default echo-request) and code
+  ct new|established|related|invalid|untracked   (default new)
+  status dnat,assured  ctmark N  direction original|reply  helper NAME
+  mark N  ttl N  length N
+
+Example:
+  keepstate trace --rules examples/home-router.nft \\
+      \"tcp from 192.168.1.10:40000 to 198.51.100.7:443 iif lan oif wan\"";
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check { print, files } => check::run(&files, print),
+        Command::Trace {
+            rules,
+            reference,
+            packet,
+        } => trace::run(&rules, &packet, reference),
+        Command::Bench {
+            what:
+                BenchCommand::Classify {
+                    rules,
+                    classbench,
+                    trace,
+                    packets,
+                },
+        } => bench::classify(
+            rules.as_deref(),
+            classbench.as_ref(),
+            trace.as_deref(),
+            packets,
+        ),
     }
 }

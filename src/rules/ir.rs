@@ -104,6 +104,29 @@ impl Ruleset {
         out.into_iter().map(|(_, t, c)| (t, c)).collect()
     }
 
+    /// The ruleset as one packet's hooks see it: tables of another family than `nfproto`
+    /// ([`NFPROTO_IPV4`] or [`NFPROTO_IPV6`]) are not registered for it, and nat base chains
+    /// run only for the first packet of a connection (`first`), as netfilter's nat hooks do.
+    /// Chains that do not apply lose their hook (they stay as regular chains, so chain indices
+    /// and rule ids are unchanged).
+    pub fn view_for(&self, nfproto: u128, first: bool) -> Ruleset {
+        let mut rs = self.clone();
+        for t in &mut rs.tables {
+            let family_ok = match t.family {
+                Family::Inet => true,
+                Family::Ip => nfproto == NFPROTO_IPV4,
+                Family::Ip6 => nfproto == NFPROTO_IPV6,
+            };
+            for c in &mut t.chains {
+                let nat = c.base.is_some_and(|b| b.kind == ChainType::Nat);
+                if !family_ok || (nat && !first) {
+                    c.base = None;
+                }
+            }
+        }
+        rs
+    }
+
     /// Every rule of the ruleset, in table, chain and rule order.
     pub fn rules(&self) -> impl Iterator<Item = &Rule> {
         self.tables

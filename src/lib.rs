@@ -5,13 +5,16 @@
 //! ```text
 //!   cli        clap subcommands; wires the library together, holds no policy
 //!   config     the TOML configuration: rules file, ports, routes, conntrack settings
+//!   engine     sans-IO: process(frame, ingress, now) -> Verdict; the one place that joins
+//!              packets, the tracker and the classifier, in netfilter's hook order
 //!   rules      rules file -> pest -> spanned AST -> checked -> lowered IR (rules::ir)
 //!   classify   IR -> decision tree; `linear` is the obviously-right reference it is tested against
 //!   conntrack  the connection tracker (Linux semantics, sans-IO): knows packets and time, never rules
 //!   packet     frame bytes -> checked flow view (etherparse); depends on nothing of ours
 //! ```
 //!
-//! Data flows one way: text -> AST -> IR -> classifier. `rules` exports the IR and the
+//! Rules flow one way: text -> AST -> IR -> classifier. Packets flow one way: bytes -> packet
+//! view -> conntrack -> classifier (per hook) -> verdict. `rules` exports the IR and the
 //! diagnostics; pest's `Rule` type never leaves `rules::parse`. `classify` knows the IR and a
 //! packet's fields, never the parser.
 
@@ -19,5 +22,6 @@ pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod conntrack;
+pub mod engine;
 pub mod packet;
 pub mod rules;

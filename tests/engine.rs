@@ -1,0 +1,299 @@
+//! The sans-IO engine driven with real frames and a fake clock through the example home
+//! router: forwarding, the stateful return path, input policy, rate limits, malformed frames,
+//! reloads that keep connections, and timeouts.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use etherparse::PacketBuilder;
+use keepstate::config::Config;
+use keepstate::conntrack::Timestamp;
+use keepstate::engine::{Compiled, DropReason, Engine, Verdict};
+use keepstate::rules::{self, ir::ct_state};
+
+const CONFIG: &str = r#"
+[[port]]
+name = "lan"
+addresses = ["192.168.1.1/24"]
+
+[[port]]
+name = "wan"
+addresses = ["198.51.100.1/24"]
+
+[[route]]
+to = "default"
+via = "198.51.100.254"
+"#;
+
+const LAN: usize = 0;
+const WAN: usize = 1;
+
+fn engine() -> Engine {
+    let cfg = Config::parse(CONFIG, Path::new("ks.toml")).unwrap();
+    let rules =
+        rules::load_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/home-router.nft"))
+            .unwrap();
+    Engine::from_config(&cfg, &rules).unwrap()
+}
+
+fn tcp(
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    flags: &str,
+    seq: u32,
+    ack: u32,
+) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, seq, 64240);
+    if flags.contains('S') {
+        b = b.syn();
+    }
+    if flags.contains('A') {
+        b = b.ack(ack);
+    }
+    if flags.contains('F') {
+        b = b.fin();
+    }
+    if flags.contains('R') {
+        b = b.rst();
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, &[]).unwrap();
+    out
+}
+
+fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src, dst, 64)
+        .udp(sport, dport);
+    let mut out = Vec::new();
+    b.write(&mut out, b"query").unwrap();
+    out
+}
+
+fn ping(src: [u8; 4], dst: [u8; 4], seq: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src, dst, 64)
+        .icmpv4_echo_request(7, seq);
+    let mut out = Vec::new();
+    b.write(&mut out, b"ping").unwrap();
+    out
+}
+
+const CLIENT: [u8; 4] = [192, 168, 1, 10];
+const SERVER: [u8; 4] = [203, 0, 113, 7];
+const BOX_WAN: [u8; 4] = [198, 51, 100, 1];
+
+fn t(ms: u64) -> Timestamp {
+    Timestamp::from_millis(1_000_000 + ms)
+}
+
+#[test]
+fn lan_client_connects_out_and_replies_come_back() {
+    let e = engine();
+    let syn = e.process(&tcp(CLIENT, SERVER, 40000, 443, "S", 1000, 0), LAN, t(0), 0);
+    let gw: IpAddr = "198.51.100.254".parse().unwrap();
+    assert_eq!(
+        syn.verdict,
+        Verdict::Forward {
+            port: WAN,
+            next_hop: gw
+        }
+    );
+    assert_eq!(syn.ct_state, Some(ct_state::NEW as u32));
+    assert_eq!(
+        e.tracker().count(),
+        1,
+        "the accepted first packet is confirmed"
+    );
+
+    let synack = e.process(
+        &tcp(SERVER, CLIENT, 443, 40000, "SA", 5000, 1001),
+        WAN,
+        t(10),
+        0,
+    );
+    let client: IpAddr = "192.168.1.10".parse().unwrap();
+    assert_eq!(
+        synack.verdict,
+        Verdict::Forward {
+            port: LAN,
+            next_hop: client
+        }
+    );
+    assert_eq!(synack.ct_state, Some(ct_state::ESTABLISHED as u32));
+
+    let ack = e.process(
+        &tcp(CLIENT, SERVER, 40000, 443, "A", 1001, 5001),
+        LAN,
+        t(20),
+        0,
+    );
+    assert!(matches!(ack.verdict, Verdict::Forward { port: WAN, .. }));
+    assert_eq!(ack.ct_state, Some(ct_state::ESTABLISHED as u32));
+}
+
+#[test]
+fn unsolicited_traffic_from_the_internet_is_dropped_and_not_tracked() {
+    let e = engine();
+    // To the box: the input policy drops it.
+    let ssh = e.process(&tcp(SERVER, BOX_WAN, 5555, 22, "S", 1, 0), WAN, t(0), 0);
+    assert_eq!(ssh.verdict, Verdict::Drop(DropReason::Rules));
+    // Through the box to the LAN: the forward policy drops it.
+    let fwd = e.process(&tcp(SERVER, CLIENT, 5555, 22, "S", 1, 0), WAN, t(0), 0);
+    assert_eq!(fwd.verdict, Verdict::Drop(DropReason::Rules));
+    // A dropped first packet leaves no connection behind.
+    assert_eq!(e.tracker().count(), 0);
+    // A reply-looking segment with no connection is picked up mid-stream (tcp_loose) as NEW,
+    // and forward drops it (only established/related and lan->wan pass).
+    let mid = e.process(&tcp(SERVER, CLIENT, 443, 40000, "A", 1, 1), WAN, t(0), 0);
+    assert_eq!(mid.verdict, Verdict::Drop(DropReason::Rules));
+}
+
+#[test]
+fn ssh_from_the_lan_reaches_the_box() {
+    let e = engine();
+    let o = e.process(
+        &tcp(CLIENT, [192, 168, 1, 1], 40000, 22, "S", 1, 0),
+        LAN,
+        t(0),
+        0,
+    );
+    assert_eq!(o.verdict, Verdict::Local);
+    assert_eq!(e.tracker().count(), 1);
+}
+
+#[test]
+fn ping_is_rate_limited() {
+    let e = engine();
+    // `limit rate 5/second` with nft's default burst of 5: five at once pass, then one per 200 ms.
+    let verdicts: Vec<bool> = (0..8)
+        .map(|i| e.process(&ping(SERVER, BOX_WAN, i), WAN, t(0), 0).verdict == Verdict::Local)
+        .collect();
+    assert_eq!(
+        verdicts,
+        [true, true, true, true, true, false, false, false]
+    );
+    assert_eq!(
+        e.process(&ping(SERVER, BOX_WAN, 9), WAN, t(250), 0).verdict,
+        Verdict::Local
+    );
+    assert_eq!(
+        e.process(&ping(SERVER, BOX_WAN, 10), WAN, t(260), 0)
+            .verdict,
+        Verdict::Drop(DropReason::Rules)
+    );
+}
+
+#[test]
+fn malformed_frames_are_counted_and_dropped() {
+    let e = engine();
+    let mut f = tcp(CLIENT, SERVER, 40000, 443, "S", 1, 0);
+    f.truncate(20);
+    assert_eq!(
+        e.process(&f, LAN, t(0), 0).verdict,
+        Verdict::Drop(DropReason::Malformed)
+    );
+    let mut g = tcp(CLIENT, SERVER, 40000, 443, "S", 1, 0);
+    g[14] = 0x41; // IHL 1: impossible
+    assert_eq!(
+        e.process(&g, LAN, t(0), 0).verdict,
+        Verdict::Drop(DropReason::Malformed)
+    );
+    assert_eq!(
+        e.stats.malformed.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    assert_eq!(
+        e.process(&[], LAN, t(0), 0).verdict,
+        Verdict::Drop(DropReason::Malformed)
+    );
+}
+
+#[test]
+fn reload_keeps_established_connections() {
+    let e = engine();
+    assert!(matches!(
+        e.process(&tcp(CLIENT, SERVER, 40000, 443, "S", 1000, 0), LAN, t(0), 0)
+            .verdict,
+        Verdict::Forward { .. }
+    ));
+    e.process(
+        &tcp(SERVER, CLIENT, 443, 40000, "SA", 5000, 1001),
+        WAN,
+        t(1),
+        0,
+    );
+    // The new ruleset lets nothing new out of the LAN...
+    let strict = rules::load_str(
+        "strict.nft",
+        "table inet filter {\n\tchain forward {\n\t\ttype filter hook forward priority 0; policy drop;\n\t\tct state established,related accept\n\t}\n}\n",
+    )
+    .unwrap();
+    e.reload(Compiled::new(&strict).unwrap());
+    // ...but the open connection keeps flowing.
+    let ack = e.process(
+        &tcp(CLIENT, SERVER, 40000, 443, "A", 1001, 5001),
+        LAN,
+        t(2),
+        0,
+    );
+    assert!(matches!(ack.verdict, Verdict::Forward { port: WAN, .. }));
+    let other = e.process(&tcp(CLIENT, SERVER, 40001, 443, "S", 1, 0), LAN, t(3), 0);
+    assert_eq!(other.verdict, Verdict::Drop(DropReason::Rules));
+}
+
+#[test]
+fn udp_flows_time_out() {
+    let e = engine();
+    let q = udp(CLIENT, SERVER, 5353, 53);
+    assert_eq!(
+        e.process(&q, LAN, t(0), 0).ct_state,
+        Some(ct_state::NEW as u32)
+    );
+    let r = udp(SERVER, CLIENT, 53, 5353);
+    assert_eq!(
+        e.process(&r, WAN, t(100), 0).ct_state,
+        Some(ct_state::ESTABLISHED as u32)
+    );
+    // Not yet a stream: it lives 30 s (nf_conntrack_udp_timeout) after its last packet.
+    assert_eq!(
+        e.process(&q, LAN, t(100 + 30_001), 0).ct_state,
+        Some(ct_state::NEW as u32)
+    );
+    // A reply, then a packet more than 2 s after the start: a stream, ASSURED, 120 s
+    // (nf_conntrack_udp_timeout_stream).
+    let start = 200_000;
+    e.process(&q, LAN, t(start), 0);
+    e.process(&r, WAN, t(start + 100), 0);
+    assert_eq!(
+        e.process(&q, LAN, t(start + 3_000), 0).ct_state,
+        Some(ct_state::ESTABLISHED as u32)
+    );
+    assert_eq!(
+        e.process(&q, LAN, t(start + 3_000 + 119_000), 0).ct_state,
+        Some(ct_state::ESTABLISHED as u32)
+    );
+    assert_eq!(
+        e.process(&q, LAN, t(start + 3_000 + 119_000 + 120_001), 0)
+            .ct_state,
+        Some(ct_state::NEW as u32)
+    );
+}
+
+#[test]
+fn counters_count() {
+    let e = engine();
+    // The last input rule counts what the policy is about to drop.
+    e.process(&tcp(SERVER, BOX_WAN, 5555, 23, "S", 1, 0), WAN, t(0), 0);
+    let c = e.compiled();
+    let total: u64 = c
+        .counters
+        .iter()
+        .map(|c| c[0].load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    assert_eq!(total, 1);
+}

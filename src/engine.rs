@@ -70,17 +70,92 @@ pub enum DropReason {
 #[derive(Clone, Debug)]
 pub struct Port {
     pub name: String,
+    /// The name as `iifname`/`oifname` compare it ([`ir::pack_name`]).
+    pub packed_name: u128,
     /// The port's own addresses; packets to them are delivered to the box.
     pub addresses: Vec<IpAddr>,
+}
+
+impl Port {
+    pub fn new(name: &str, addresses: Vec<IpAddr>) -> Port {
+        Port {
+            name: name.to_string(),
+            packed_name: ir::pack_name(name),
+            addresses,
+        }
+    }
 }
 
 /// How frames find their way out.
 #[derive(Clone, Debug)]
 pub enum Routing {
-    /// Router: connected networks and routes from the configuration.
-    Router(Config),
+    /// Router: connected networks and routes, longest prefix first.
+    Router(Vec<RouteEntry>),
     /// Ports in pairs (0↔1, 2↔3, ...), no addresses: a frame in on one leaves by the other.
     Pairs,
+}
+
+/// One line of the routing table: `net/len` leaves by `port` towards `via` (the destination
+/// itself when `None`: a connected network).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub v6: bool,
+    pub net: u128,
+    pub len: u8,
+    pub port: usize,
+    pub via: Option<IpAddr>,
+}
+
+impl RouteEntry {
+    fn contains(&self, v6: bool, a: u128) -> bool {
+        let bits = if v6 { 128 } else { 32 };
+        let mask = if self.len == 0 {
+            0
+        } else {
+            (u128::MAX >> (128 - bits)) & !((1u128 << (bits - u32::from(self.len))) - 1)
+        };
+        self.v6 == v6 && a & mask == self.net
+    }
+}
+
+fn addr_bits(a: IpAddr) -> (bool, u128) {
+    match a {
+        IpAddr::V4(a) => (false, u32::from(a) as u128),
+        IpAddr::V6(a) => (true, u128::from(a)),
+    }
+}
+
+/// The routing table of a configuration: connected networks and routes, longest first.
+pub fn routing_table(cfg: &Config) -> Vec<RouteEntry> {
+    let mut t = Vec::new();
+    let index = |name: &str| cfg.ports.iter().position(|p| p.name == name);
+    for (i, p) in cfg.ports.iter().enumerate() {
+        for n in p.connected() {
+            let (v6, net) = addr_bits(n.network());
+            t.push(RouteEntry {
+                v6,
+                net,
+                len: n.prefix_len(),
+                port: i,
+                via: None,
+            });
+        }
+    }
+    for r in &cfg.routes {
+        if let Some(port) = index(&r.port) {
+            let (v6, net) = addr_bits(r.to.trunc().network());
+            t.push(RouteEntry {
+                v6,
+                net,
+                len: r.to.prefix_len(),
+                port,
+                via: r.via,
+            });
+        }
+    }
+    // Longest prefix first; among equals, connected networks (listed first) win.
+    t.sort_by_key(|e| std::cmp::Reverse(e.len));
+    t
 }
 
 /// A ruleset compiled for the hot path: one tree per (family, first packet or not), so a
@@ -94,6 +169,8 @@ pub struct Compiled {
     /// Per-rule packet and byte counters (index: rule id).
     pub counters: Vec<[AtomicU64; 2]>,
     limits: Mutex<Vec<Bucket>>,
+    /// Which hooks have base chains at all (indexed by `Hook as usize`).
+    hooked: [bool; 5],
 }
 
 impl Compiled {
@@ -122,12 +199,26 @@ impl Compiled {
                 [AtomicU64::new(p), AtomicU64::new(b)]
             })
             .collect();
+        let mut hooked = [false; 5];
+        for (i, h) in [
+            Hook::Prerouting,
+            Hook::Input,
+            Hook::Forward,
+            Hook::Output,
+            Hook::Postrouting,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            hooked[i] = !rs.base_chains(h).is_empty();
+        }
         Ok(Compiled {
             ruleset: rs,
             trees,
             listing: loaded.listing(),
             counters,
             limits: Mutex::new(Vec::new()),
+            hooked,
         })
     }
 
@@ -198,6 +289,27 @@ pub struct EngineStats {
     pub dropped_no_route: AtomicU64,
 }
 
+/// A worker's reusable buffers, so the hot path allocates nothing once they have grown.
+#[derive(Debug, Default)]
+pub struct Worker {
+    /// The worker's index (per-worker statistics).
+    pub cpu: usize,
+    ev: Evaluation,
+    /// Every rule whose matches held for the last frame, in order.
+    pub matched: Vec<RuleId>,
+    /// Conntrack events the last frame caused.
+    pub events: Vec<(u16, conntrack::ConnRef)>,
+}
+
+impl Worker {
+    pub fn new(cpu: usize) -> Worker {
+        Worker {
+            cpu,
+            ..Worker::default()
+        }
+    }
+}
+
 /// What happened to one frame, for `replay --trace`.
 #[derive(Clone, Debug)]
 pub struct Outcome {
@@ -234,16 +346,13 @@ impl Engine {
         let ports = cfg
             .ports
             .iter()
-            .map(|p| Port {
-                name: p.name.clone(),
-                addresses: p.addresses.iter().map(|a| a.addr()).collect(),
-            })
+            .map(|p| Port::new(&p.name, p.addresses.iter().map(|a| a.addr()).collect()))
             .collect();
         let mut ct = cfg.conntrack.tracker_config();
         ct.events = true;
         Ok(Engine::new(
             ports,
-            Routing::Router(cfg.clone()),
+            Routing::Router(routing_table(cfg)),
             ct,
             Compiled::new(rules)?,
         ))
@@ -278,39 +387,53 @@ impl Engine {
     }
 
     /// Decides a frame that arrived on port `ingress` at `now`. `cpu` is the worker's index
-    /// (for per-worker statistics).
+    /// (for per-worker statistics). Allocates; the hot path uses [`Engine::process_with`].
     pub fn process(&self, frame: &[u8], ingress: usize, now: Timestamp, cpu: usize) -> Outcome {
-        self.stats.frames.fetch_add(1, Ordering::Relaxed);
-        let done = |verdict, ct_state, rules, events| Outcome {
+        let mut w = Worker::new(cpu);
+        let (verdict, ct_state) = self.process_with(frame, ingress, now, &mut w);
+        Outcome {
             verdict,
             ct_state,
-            rules,
-            events,
-        };
+            rules: w.matched,
+            events: w.events,
+        }
+    }
+
+    /// Decides a frame: the verdict and the `ct state` bit rules saw (none for frames that
+    /// did not parse). The rules that matched and the conntrack events are left in `w`.
+    pub fn process_with(
+        &self,
+        frame: &[u8],
+        ingress: usize,
+        now: Timestamp,
+        w: &mut Worker,
+    ) -> (Verdict, Option<u32>) {
+        self.stats.frames.fetch_add(1, Ordering::Relaxed);
+        w.matched.clear();
+        w.events.clear();
         let Some(in_port) = self.ports.get(ingress) else {
-            return done(Verdict::Drop(DropReason::UnknownPort), None, vec![], vec![]);
+            return (Verdict::Drop(DropReason::UnknownPort), None);
         };
         let pkt = match packet::parse_ethernet(frame) {
             Frame::Ip(p) => p,
             Frame::NonIp { .. } => {
                 self.stats.not_ip.fetch_add(1, Ordering::Relaxed);
-                return done(Verdict::NotIp, None, vec![], vec![]);
+                return (Verdict::NotIp, None);
             }
             Frame::Invalid(_) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                return done(Verdict::Drop(DropReason::Malformed), None, vec![], vec![]);
+                return (Verdict::Drop(DropReason::Malformed), None);
             }
         };
         let ctx = PktCtx {
             hook: conntrack::Hook::Prerouting,
-            cpu,
+            cpu: w.cpu,
         };
         let ct = self.tracker.classify(&pkt, ctx, now);
         let ct_bits = ct.ct_state();
-        let mut events = Vec::new();
         if let Classified::Tracked(t) = &ct {
             if t.events != 0 && !t.is_tentative() {
-                events.push((t.events, t.conn.clone()));
+                w.events.push((t.events, t.conn.clone()));
             }
         }
         if let Classified::Drop(r) = &ct {
@@ -328,21 +451,19 @@ impl Engine {
                     DropReason::InsertFailed
                 }
             };
-            return done(Verdict::Drop(reason), Some(ct_bits), vec![], events);
+            return (Verdict::Drop(reason), Some(ct_bits));
         }
         let compiled = self.rules.load();
         let first = matches!(&ct, Classified::Tracked(t) if t.is_tentative());
         let tree = compiled.tree(pkt.ip.is_v6(), first);
-        let mut key = packet_key(&pkt, &ct, &in_port.name);
-        let mut ev = Evaluation::new();
-        let mut matched = Vec::new();
+        let mut key = packet_key(&pkt, &ct, in_port.packed_name);
         let mut limits = Limits {
             compiled: &compiled,
             now: now.0,
         };
 
         // PREROUTING
-        let v = self.run_hook(
+        let d = self.run_hook(
             tree,
             &compiled,
             Hook::Prerouting,
@@ -350,11 +471,10 @@ impl Engine {
             &ct,
             &pkt,
             &mut limits,
-            &mut ev,
-            &mut matched,
+            w,
         );
-        if let Some(out) = self.refused(v, ct_bits, &matched, &events) {
-            return out;
+        if let Some(v) = self.refused(d) {
+            return (v, Some(ct_bits));
         }
 
         // Routing.
@@ -365,7 +485,7 @@ impl Engine {
         } else {
             match self.route(ingress, dst) {
                 Some((port, next_hop)) => {
-                    key.set(Field::Oifname, ir::pack_name(&self.ports[port].name));
+                    key.set(Field::Oifname, self.ports[port].packed_name);
                     (
                         &[Hook::Forward, Hook::Postrouting],
                         Verdict::Forward { port, next_hop },
@@ -373,29 +493,14 @@ impl Engine {
                 }
                 None => {
                     self.stats.dropped_no_route.fetch_add(1, Ordering::Relaxed);
-                    return done(
-                        Verdict::Drop(DropReason::NoRoute),
-                        Some(ct_bits),
-                        matched,
-                        events,
-                    );
+                    return (Verdict::Drop(DropReason::NoRoute), Some(ct_bits));
                 }
             }
         };
         for &h in hooks {
-            let v = self.run_hook(
-                tree,
-                &compiled,
-                h,
-                &mut key,
-                &ct,
-                &pkt,
-                &mut limits,
-                &mut ev,
-                &mut matched,
-            );
-            if let Some(out) = self.refused(v, ct_bits, &matched, &events) {
-                return out;
+            let d = self.run_hook(tree, &compiled, h, &mut key, &ct, &pkt, &mut limits, w);
+            if let Some(v) = self.refused(d) {
+                return (v, Some(ct_bits));
             }
         }
 
@@ -404,54 +509,37 @@ impl Engine {
             if t.is_tentative() {
                 let cctx = PktCtx {
                     hook: conntrack::Hook::Prerouting,
-                    cpu,
+                    cpu: w.cpu,
                 };
                 match self.tracker.confirm(t, cctx, now) {
-                    Confirmed::Inserted => events.push((t.events, t.conn.clone())),
+                    Confirmed::Inserted => w.events.push((t.events, t.conn.clone())),
                     Confirmed::Already | Confirmed::Clash(_) => {}
                     Confirmed::Failed(_) => {
                         self.stats
                             .dropped_insert_failed
                             .fetch_add(1, Ordering::Relaxed);
-                        return done(
-                            Verdict::Drop(DropReason::InsertFailed),
-                            Some(ct_bits),
-                            matched,
-                            events,
-                        );
+                        return (Verdict::Drop(DropReason::InsertFailed), Some(ct_bits));
                     }
                 }
             }
         }
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-        done(verdict, Some(ct_bits), matched, events)
+        (verdict, Some(ct_bits))
     }
 
-    /// A drop or reject from a hook, as the final outcome.
-    fn refused(
-        &self,
-        d: Decision,
-        ct: u32,
-        matched: &[RuleId],
-        events: &[(u16, conntrack::ConnRef)],
-    ) -> Option<Outcome> {
-        let verdict = match d {
-            Decision::Accept => return None,
+    /// A drop or reject from a hook, as the final verdict.
+    fn refused(&self, d: Decision) -> Option<Verdict> {
+        match d {
+            Decision::Accept => None,
             Decision::Drop => {
                 self.stats.dropped_by_rules.fetch_add(1, Ordering::Relaxed);
-                Verdict::Drop(DropReason::Rules)
+                Some(Verdict::Drop(DropReason::Rules))
             }
             Decision::Reject(r) => {
                 self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                Verdict::Reject(r)
+                Some(Verdict::Reject(r))
             }
-        };
-        Some(Outcome {
-            verdict,
-            ct_state: Some(ct),
-            rules: matched.to_vec(),
-            events: events.to_vec(),
-        })
+        }
     }
 
     /// Evaluates one hook and applies its side effects: counters, marks, helpers.
@@ -465,14 +553,14 @@ impl Engine {
         ct: &Classified,
         pkt: &Packet<'_>,
         limits: &mut Limits<'_>,
-        ev: &mut Evaluation,
-        matched: &mut Vec<RuleId>,
+        w: &mut Worker,
     ) -> Decision {
-        if compiled.ruleset.base_chains(hook).is_empty() {
+        let ev = &mut w.ev;
+        if !compiled.hooked[hook as usize] {
             return Decision::Accept;
         }
         tree.eval(hook, key, limits, ev);
-        matched.extend_from_slice(&ev.rules);
+        w.matched.extend_from_slice(&ev.rules);
         let len = pkt.ip_bytes.len() as u64;
         for &a in &ev.actions {
             match action_stmt(&compiled.ruleset, a) {
@@ -518,17 +606,17 @@ impl Engine {
                 let out = ingress ^ 1;
                 (out < self.ports.len()).then_some((out, dst))
             }
-            Routing::Router(cfg) => {
-                let (port, hop) = cfg.route(dst)?;
-                let i = self.port_index(&port.name)?;
-                Some((i, hop))
+            Routing::Router(table) => {
+                let (v6, a) = addr_bits(dst);
+                let e = table.iter().find(|e| e.contains(v6, a))?;
+                Some((e.port, e.via.unwrap_or(dst)))
             }
         }
     }
 }
 
 /// The fields rules match on, from a parsed packet and what conntrack said.
-pub fn packet_key(pkt: &Packet<'_>, ct: &Classified, iif: &str) -> PacketKey {
+pub fn packet_key(pkt: &Packet<'_>, ct: &Classified, iif: u128) -> PacketKey {
     let mut k = PacketKey::new();
     match &pkt.ip {
         Ip::V4(v) => {
@@ -573,7 +661,7 @@ pub fn packet_key(pkt: &Packet<'_>, ct: &Classified, iif: &str) -> PacketKey {
         }
         _ => {}
     }
-    k.set(Field::Iifname, ir::pack_name(iif));
+    k.set(Field::Iifname, iif);
     k.set(Field::Mark, 0);
     k.set(Field::CtState, ct.ct_state() as u128);
     if let Some(s) = ct.ct_status() {

@@ -1,0 +1,137 @@
+//! The whole engine per packet (parse, conntrack lookup and update, the compiled ruleset at
+//! prerouting/forward/postrouting, routing, verdict) on established flows through the example
+//! home router, against the tracker alone in the same run (the part of the cost that is
+//! conntrack's).
+//!
+//! Target (issue 4): >= 10 M established packets/s on one core with 100k live flows. This file
+//! measures; it asserts nothing. Run: `cargo bench --bench engine` (`-- --quick` for short).
+
+use std::hint::black_box;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput};
+use etherparse::PacketBuilder;
+use keepstate::config::Config;
+use keepstate::conntrack::Timestamp;
+use keepstate::engine::{Engine, Verdict, Worker};
+use keepstate::rules;
+
+const CONFIG: &str = r#"
+[[port]]
+name = "lan"
+addresses = ["10.0.0.1/8"]
+
+[[port]]
+name = "wan"
+addresses = ["198.51.100.1/24"]
+
+[[route]]
+to = "default"
+via = "198.51.100.254"
+"#;
+
+fn frame(
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    seq: u32,
+    ack: u32,
+) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, seq, 64240);
+    if flags & 0x02 != 0 {
+        b = b.syn();
+    }
+    if flags & 0x10 != 0 {
+        b = b.ack(ack);
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, &[0u8; 6]).unwrap();
+    out
+}
+
+fn client(i: u32) -> [u8; 4] {
+    [10, (i >> 16) as u8, (i >> 8) as u8, i as u8]
+}
+
+/// An engine with `flows` established connections LAN -> internet, and one data frame per
+/// flow per direction, in a scrambled order.
+fn setup(flows: u32) -> (Engine, Vec<(Vec<u8>, usize)>) {
+    let cfg = Config::parse(CONFIG, Path::new("bench.toml")).unwrap();
+    let rules =
+        rules::load_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/home-router.nft"))
+            .unwrap();
+    let e = Engine::from_config(&cfg, &rules).unwrap();
+    let server = [203, 0, 113, 7];
+    let now = Timestamp::from_secs(1000);
+    let mut data = Vec::with_capacity(flows as usize * 2);
+    for i in 0..flows {
+        let c = client(i + 1);
+        let sport = 10_000 + (i % 50_000) as u16;
+        let v = e
+            .process(&frame(c, server, sport, 443, 0x02, 100, 0), 0, now, 0)
+            .verdict;
+        assert!(matches!(v, Verdict::Forward { .. }), "{v:?}");
+        e.process(&frame(server, c, 443, sport, 0x12, 500, 101), 1, now, 0);
+        e.process(&frame(c, server, sport, 443, 0x10, 101, 501), 0, now, 0);
+        data.push((frame(c, server, sport, 443, 0x10, 101, 501), 0));
+        data.push((frame(server, c, 443, sport, 0x10, 501, 101), 1));
+    }
+    // Scramble (a fixed LCG) so lookups wander over the table.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in (1..data.len()).rev() {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        data.swap(i, (x >> 33) as usize % (i + 1));
+    }
+    (e, data)
+}
+
+fn rate(e: &Engine, data: &[(Vec<u8>, usize)], min: Duration) -> f64 {
+    let now = Timestamp::from_secs(1001);
+    let start = Instant::now();
+    let mut n = 0u64;
+    let mut w = Worker::new(0);
+    while start.elapsed() < min {
+        for (f, port) in data {
+            black_box(e.process_with(f, *port, now, &mut w));
+        }
+        n += data.len() as u64;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn bench(c: &mut Criterion) {
+    for flows in [1_000u32, 100_000] {
+        let (e, data) = setup(flows);
+        let mut g = c.benchmark_group(format!("engine_established_{flows}_flows"));
+        g.throughput(Throughput::Elements(data.len() as u64));
+        g.bench_function("process", |b| {
+            let now = Timestamp::from_secs(1001);
+            let mut w = Worker::new(0);
+            b.iter(|| {
+                for (f, port) in &data {
+                    black_box(e.process_with(f, *port, now, &mut w));
+                }
+            })
+        });
+        g.finish();
+        let pps = rate(&e, &data, Duration::from_millis(500));
+        eprintln!(
+            "engine, {flows} established flows: {:.2} M packets/s on one core",
+            pps / 1e6
+        );
+    }
+}
+
+criterion::criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10).measurement_time(Duration::from_secs(3));
+    targets = bench
+}
+criterion::criterion_main!(benches);

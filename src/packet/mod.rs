@@ -15,6 +15,7 @@
 //! Must not know rules, the tracker or time; depends on nothing else of ours.
 
 pub mod checksum;
+pub mod rewrite;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

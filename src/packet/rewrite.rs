@@ -248,7 +248,7 @@ pub fn apply_icmp_error(
         // The quoted UDP checksum (within the 8 bytes every quote holds) covers the addresses.
         if inner_proto == 17 && ilen >= inner_l4 + 8 {
             let c = get16(&qbuf, inner_l4 + 6)?;
-            if !(c == 0 && !inner_v6) {
+            if c != 0 || inner_v6 {
                 put16(&mut qbuf, inner_l4 + 6, csum_replace(c, &ob, &nb))?;
             }
         }

@@ -62,7 +62,7 @@ impl Default for TreeOptions {
     fn default() -> Self {
         TreeOptions {
             binth: 8,
-            spfac: 4,
+            spfac: 8,
             max_kids: 64,
             max_trees: 4,
             partition_above: 16 << 20,

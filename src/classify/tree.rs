@@ -175,13 +175,26 @@ pub(crate) fn narrow_slots(n: usize) -> usize {
 /// Padding (`u32::MAX`) counts only when `v` is `u32::MAX`; callers clamp to `n - 1`.
 #[inline]
 pub(crate) fn count_le(bounds: &[u32], v: u32) -> usize {
-    let mut acc = [0u32; 8];
+    // Most cuts have at most 8 bounds: one fixed-size block compiles to two vector compares.
+    if let Ok(block) = <&[u32; 8]>::try_from(bounds) {
+        return count8(block, v) as usize;
+    }
+    let mut total = 0;
     for chunk in bounds.chunks_exact(8) {
-        for (a, &x) in acc.iter_mut().zip(chunk) {
-            *a += (x <= v) as u32;
+        if let Ok(block) = <&[u32; 8]>::try_from(chunk) {
+            total += count8(block, v);
         }
     }
-    acc.iter().sum::<u32>() as usize
+    total as usize
+}
+
+#[inline]
+fn count8(block: &[u32; 8], v: u32) -> u32 {
+    let mut acc = [0u32; 8];
+    for (a, &x) in acc.iter_mut().zip(block) {
+        *a = (x <= v) as u32;
+    }
+    acc.iter().sum()
 }
 
 /// Reads the `i`th u128 stored as four little-endian words.
@@ -226,28 +239,32 @@ impl Program {
             }
             let n = (h >> 8) as usize;
             let f = (h & 31) as usize;
-            o = match key.get_index(f) {
-                None => code[o + 1] as usize,
-                Some(_) if h & WIDE == 0 => {
-                    // The key holds values truncated to the field's width: this one fits u32.
-                    let v = key.narrow[f];
-                    let b = o + 2;
-                    let padded = narrow_slots(n);
-                    code[b + padded + count_le(&code[b..b + padded], v).min(n - 1)] as usize
-                }
-                Some(v) => {
-                    let b = o + 2;
-                    let bounds = &code[b..b + 4 * (n - 1)];
-                    let (mut lo, mut hi) = (0, n - 1);
-                    while lo < hi {
-                        let mid = (lo + hi) / 2;
-                        if read128(bounds, mid) <= v {
-                            lo = mid + 1;
-                        } else {
-                            hi = mid;
+            o = if key.present_mask() >> f & 1 == 0 {
+                code[o + 1] as usize
+            } else if h & WIDE == 0 {
+                // Narrow fields are read straight from their slot, already truncated to width.
+                let v = key.narrow[f];
+                let b = o + 2;
+                let padded = narrow_slots(n);
+                let i = count_le(&code[b..b + padded], v).min(n - 1);
+                code[b + padded + i] as usize
+            } else {
+                match key.get_index(f) {
+                    None => code[o + 1] as usize,
+                    Some(v) => {
+                        let b = o + 2;
+                        let bounds = &code[b..b + 4 * (n - 1)];
+                        let (mut lo, mut hi) = (0, n - 1);
+                        while lo < hi {
+                            let mid = (lo + hi) / 2;
+                            if read128(bounds, mid) <= v {
+                                lo = mid + 1;
+                            } else {
+                                hi = mid;
+                            }
                         }
+                        code[b + 4 * (n - 1) + lo] as usize
                     }
-                    code[b + 4 * (n - 1) + lo] as usize
                 }
             };
         }
@@ -549,16 +566,13 @@ mod shape {
                     let nk = (h >> 8) as usize;
                     nhist[nk.min(64) / 4] += 1;
                     fhist[(h & 31) as usize] += 1;
-                    o = match key.get_index((h & 31) as usize) {
-                        None => code[o + 1] as usize,
-                        Some(v) => {
-                            let b = o + 2;
-                            let i = code[b..b + nk - 1]
-                                .iter()
-                                .filter(|&&x| x as u128 <= v)
-                                .count();
-                            code[b + nk - 1 + i] as usize
-                        }
+                    let f = (h & 31) as usize;
+                    o = if key.present_mask() >> f & 1 == 0 {
+                        code[o + 1] as usize
+                    } else {
+                        let b = o + 2;
+                        let p = narrow_slots(nk);
+                        code[b + p + count_le(&code[b..b + p], key.narrow[f]).min(nk - 1)] as usize
                     };
                 }
                 assert_eq!(o, prog.leaf(prog.roots[0], &key));

@@ -429,6 +429,12 @@ pub(crate) fn validate(rs: &Ruleset) -> Result<(), BuildError> {
         if rule.id as usize != index {
             return Err(BuildError::RuleIds { index, id: rule.id });
         }
+        // [`Action::stmt`] is a u16.
+        if rule.stmts.len() > u16::MAX as usize {
+            return Err(BuildError::TooLarge {
+                what: format!("rule {} has {} statements", rule.id, rule.stmts.len()),
+            });
+        }
     }
     for table in &rs.tables {
         let n = table.chains.len();

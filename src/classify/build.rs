@@ -1505,17 +1505,16 @@ impl TreeBuilder<'_> {
         self.code
             .push(field as u32 | if wide { WIDE } else { 0 } | n << 8);
         self.code.push(absent);
-        for &b in &key.1[1..] {
-            if wide {
+        if wide {
+            for &b in &key.1[1..] {
                 push128(&mut self.code, b);
-            } else {
-                self.code.push(b as u32);
             }
-        }
-        if !wide {
-            for _ in key.1.len() - 1..narrow_slots(key.1.len()) {
-                self.code.push(u32::MAX);
-            }
+        } else {
+            // Bounds padded with u32::MAX to whole blocks of 8 (see `narrow_slots`).
+            let mut blocks: Vec<u32> = key.1[1..].iter().map(|&b| b as u32).collect();
+            blocks.resize(blocks.len().div_ceil(8) * 8, u32::MAX);
+            self.code.extend_from_slice(&blocks);
+            debug_assert_eq!(self.code.len() - id as usize - 2, narrow_slots(key.1.len()));
         }
         self.code.extend_from_slice(&key.2);
         self.node_memo.insert(key, id);

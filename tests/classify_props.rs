@@ -82,12 +82,15 @@ fn interval(f: Field, a: u8, b: u8, shape: u8) -> Interval {
     }
 }
 
+/// Three small numbers that pick pool values and an interval shape.
+type Triple = (u8, u8, u8);
+
 #[derive(Clone, Debug)]
 struct MatchSpec {
     kind: u8,
     field: u8,
     negate: bool,
-    parts: Vec<(u8, u8, u8)>,
+    parts: Vec<Triple>,
 }
 
 #[derive(Clone, Debug)]
@@ -95,7 +98,7 @@ struct StmtSpec {
     kind: u8,
     arg: u8,
     arg2: u8,
-    vmap: Vec<(Vec<(u8, u8, u8)>, u8)>,
+    vmap: Vec<(Vec<Triple>, u8)>,
 }
 
 #[derive(Clone, Debug)]
@@ -118,7 +121,7 @@ struct TableSpec {
     chains: Vec<ChainSpec>,
 }
 
-fn triple() -> impl Strategy<Value = (u8, u8, u8)> {
+fn triple() -> impl Strategy<Value = Triple> {
     (0u8..6, 0u8..6, 0u8..5)
 }
 
@@ -395,7 +398,11 @@ impl Limiter for ScriptedLimiter<'_> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+    // 1000 cases by default (a few seconds in debug); PROPTEST_CASES=100000 for a long hunt.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn tree_agrees_with_reference(

@@ -262,3 +262,40 @@ pub fn bench_classify(
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::classbench;
+
+    #[test]
+    fn trace_of_expected_lines_has_no_mismatches() {
+        let text = "@10.0.0.0/8\t0.0.0.0/0\t0 : 65535\t22 : 22\t0x06/0xFF\t0x0000/0x0000\n\
+                    @0.0.0.0/0\t192.168.0.0/16\t0 : 65535\t0 : 65535\t0x00/0x00\t0x0000/0x0000\n";
+        let rules = classbench::parse("t", text).expect("valid rules");
+        let rs = classbench::to_ruleset("t", &rules);
+        let dir = std::env::temp_dir().join(format!("keepstate-trace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let trace = dir.join("trace");
+        let mut lines = String::new();
+        for (p, e) in classbench::packets(&rules, 200, 3, 9) {
+            lines += &format!(
+                "{} {} {} {} {} {e}\n",
+                std::net::Ipv4Addr::from(p.src),
+                p.dst,
+                p.sport,
+                p.dport,
+                p.proto
+            );
+        }
+        lines += "10.1.2.3 3232235521 1 22 6 1\n";
+        std::fs::write(&trace, lines).expect("write trace");
+        let mut out = Vec::new();
+        let report = bench_classify(&rs, Some(&trace), 0, &mut out).expect("bench runs");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(report.mismatches, Some((0, 0)));
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(text.contains("mismatches: 0 (tree)"), "{text}");
+        assert!(text.contains("ratio:"), "{text}");
+    }
+}

@@ -7,25 +7,39 @@
 //! holding entries `S` inside a box (a range per field, and which fields are known present):
 //!
 //! 1. each entry's conditions are checked against the box: an entry with a condition no packet
-//!    of the box can satisfy is dropped; conditions every packet of the box satisfies are not
-//!    checked again below; an entry proven to match the whole box that surely ends evaluation
-//!    (accept, drop, reject, or resume, with no limit before) shadows every later entry, which
-//!    is dropped (the HiCuts redundancy removal);
-//! 2. with at most [`BINTH`] entries left, the node is a leaf: lookups check the remaining
-//!    conditions of those few entries directly;
+//!    of the box can satisfy is dropped; an entry proven to match the whole box that surely ends
+//!    evaluation (accept, drop, reject, or resume, with no limit before, and no earlier entry
+//!    able to skip past it) shadows every later entry, which is dropped (HiCuts' redundancy
+//!    removal);
+//! 2. with at most [`TreeOptions::binth`] entries left, the node is a leaf: lookups check those
+//!    few entries' conditions directly (a leaf item marks an entry the box fully proves);
 //! 3. otherwise, for every field some entry tests, the entries' projections on it give the
 //!    elementary intervals; cut points are placed where the weighted interval count is evenly
-//!    split, with as many children as the space budget ([`SPFAC`]) allows; the field whose
-//!    largest child is smallest wins. Packets lacking the field go to a separate child that
-//!    keeps only the entries not testing it (every test of an absent field fails).
+//!    split, with as many children as the space factor ([`TreeOptions::spfac`]) allows; the
+//!    field whose largest child is smallest wins. Packets lacking the field go to a separate
+//!    child that keeps only the entries not testing it (every test of an absent field fails).
 //!
-//! Why this and not plain HiCuts: equal-size cuts waste children on the empty parts of 32- and
-//! 128-bit fields (addresses, interface names), while cuts at elementary interval boundaries
-//! chosen by weight adapt to any field width; multi-way nodes keep the depth a third of
-//! HyperSplit's binary one. Masked and negated matches are projected onto their field where
-//! that is exact (8-bit fields are enumerated; prefix masks are intervals) and otherwise left
-//! to the leaf check. Identical leaves and identical nodes are shared through hashing
-//! (hash-consing, bottom up), which is what bounds memory on wildcard-heavy sets.
+//! Identical leaves and identical nodes are shared through hashing (hash-consing, bottom up).
+//! When a single tree would exceed [`TreeOptions::partition_above`] bytes (or the item budget),
+//! the entries are split into up to four groups by the wide fields they wildcard and a tree is
+//! built per group (EffiCuts' separable trees); a lookup then takes the least entry any tree
+//! finds.
+//!
+//! # Why this shape (measured on the ClassBench sets, `benches/classify.rs`)
+//!
+//! - Equal-size cuts (HiCuts) waste children on the empty parts of 32- and 128-bit fields;
+//!   cuts at elementary-interval boundaries chosen by weight adapt to any field width.
+//! - Lookups are bound by dependent memory loads, so depth matters most: multi-way nodes give
+//!   depth 4-7 where binary HyperSplit gives 10-20, and narrow nodes are searched by counting
+//!   (independent vector compares) rather than binary search (a chain of loads).
+//! - The check list of an entry is stored once ("blob") and leaves point at it: copying checks
+//!   into every leaf made fw1_1k's tree 3.2 MiB; sharing them, 0.9 MiB and faster.
+//! - Separable trees cut fw1_1k to 0.1 MiB but cost a descent per tree, which was slower
+//!   (5.5 against 9 M lookups/s), so they are only the fallback for sets that would not fit.
+//! - binth 8, spfac 8, 64 children: of the settings tried (binth 4-32, spfac 4-16, 64-1024
+//!   children), the best on fw1_1k (the wildcard-heavy set) without costing the others.
+//! - Masked and negated matches are projected onto their field where that is exact (8-bit
+//!   fields are enumerated; prefix masks are intervals) and otherwise checked at the leaf.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -62,7 +76,7 @@ impl Default for TreeOptions {
     fn default() -> Self {
         TreeOptions {
             binth: 8,
-            spfac: 4,
+            spfac: 8,
             max_kids: 64,
             max_trees: 4,
             partition_above: 16 << 20,
@@ -1505,17 +1519,16 @@ impl TreeBuilder<'_> {
         self.code
             .push(field as u32 | if wide { WIDE } else { 0 } | n << 8);
         self.code.push(absent);
-        for &b in &key.1[1..] {
-            if wide {
+        if wide {
+            for &b in &key.1[1..] {
                 push128(&mut self.code, b);
-            } else {
-                self.code.push(b as u32);
             }
-        }
-        if !wide {
-            for _ in key.1.len() - 1..narrow_slots(key.1.len()) {
-                self.code.push(u32::MAX);
-            }
+        } else {
+            // Bounds padded with u32::MAX to whole blocks of 8 (see `narrow_slots`).
+            let mut blocks: Vec<u32> = key.1[1..].iter().map(|&b| b as u32).collect();
+            blocks.resize(blocks.len().div_ceil(8) * 8, u32::MAX);
+            self.code.extend_from_slice(&blocks);
+            debug_assert_eq!(self.code.len() - id as usize - 2, narrow_slots(key.1.len()));
         }
         self.code.extend_from_slice(&key.2);
         self.node_memo.insert(key, id);

@@ -279,6 +279,27 @@ pub struct Evaluation {
     /// The ct mark the last `ct mark set` wrote to the packet's connection, if one ran and the
     /// packet has a connection.
     pub ct_mark: Option<u32>,
+    /// Room for the key once a mark changes, kept across lookups so the hot path neither
+    /// copies nor allocates a key.
+    pub(crate) scratch: Scratch,
+}
+
+/// A reusable key buffer; not part of an evaluation's value (always equal, prints nothing).
+#[derive(Clone, Default)]
+pub(crate) struct Scratch(pub(crate) Option<Box<PacketKey>>);
+
+impl PartialEq for Scratch {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Scratch {}
+
+impl fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("_")
+    }
 }
 
 impl Default for Evaluation {
@@ -290,6 +311,7 @@ impl Default for Evaluation {
             verdict: Decision::Accept,
             meta_mark: None,
             ct_mark: None,
+            scratch: Scratch::default(),
         }
     }
 }
@@ -428,6 +450,12 @@ pub(crate) fn validate(rs: &Ruleset) -> Result<(), BuildError> {
     for (index, rule) in rs.rules().enumerate() {
         if rule.id as usize != index {
             return Err(BuildError::RuleIds { index, id: rule.id });
+        }
+        // [`Action::stmt`] is a u16.
+        if rule.stmts.len() > u16::MAX as usize {
+            return Err(BuildError::TooLarge {
+                what: format!("rule {} has {} statements", rule.id, rule.stmts.len()),
+            });
         }
     }
     for table in &rs.tables {

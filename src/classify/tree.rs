@@ -162,26 +162,38 @@ pub(crate) const CHECK_RANGE32: u32 = 0;
 pub(crate) const CHECK_RANGE128: u32 = 1;
 pub(crate) const CHECK_COND: u32 = 2;
 
-/// Words the bounds of a narrow cut with `n` children take: `n - 1` rounded up to a multiple of
-/// 8, padded with `u32::MAX`, so the count below runs on whole vectors.
+/// Words the bounds of a narrow cut with `n` children take: `n - 1` rounded up to a multiple
+/// of 8, padded with `u32::MAX`, so that counting runs on whole vector blocks.
 #[inline]
 pub(crate) fn narrow_slots(n: usize) -> usize {
     (n.saturating_sub(1) + 7) & !7
 }
 
-/// How many of `bounds` (a multiple of 8 long) are at or below `v`. Independent compares that
-/// the compiler vectorises: a binary search would chain one load per step, which costs more
-/// than the compares on the node sizes the builder makes (at most a few dozen bounds).
-/// Padding (`u32::MAX`) counts only when `v` is `u32::MAX`; callers clamp to `n - 1`.
+/// How many of `bounds` (a multiple of 8 long) are at or below `v`, by independent compares
+/// that the compiler vectorises: a binary search would chain one dependent load per step.
+/// Padding (`u32::MAX`) counts only when `v` is `u32::MAX`; callers clamp.
 #[inline]
 pub(crate) fn count_le(bounds: &[u32], v: u32) -> usize {
-    let mut acc = [0u32; 8];
+    // The common case, one fixed-size block, compiles to two vector compares.
+    if let Ok(block) = <&[u32; 8]>::try_from(bounds) {
+        return count8(block, v) as usize;
+    }
+    let mut total = 0;
     for chunk in bounds.chunks_exact(8) {
-        for (a, &x) in acc.iter_mut().zip(chunk) {
-            *a += (x <= v) as u32;
+        if let Ok(block) = <&[u32; 8]>::try_from(chunk) {
+            total += count8(block, v);
         }
     }
-    acc.iter().sum::<u32>() as usize
+    total as usize
+}
+
+#[inline]
+fn count8(block: &[u32; 8], v: u32) -> u32 {
+    let mut acc = [0u32; 8];
+    for (a, &x) in acc.iter_mut().zip(block) {
+        *a = (x <= v) as u32;
+    }
+    acc.iter().sum()
 }
 
 /// Reads the `i`th u128 stored as four little-endian words.
@@ -226,28 +238,34 @@ impl Program {
             }
             let n = (h >> 8) as usize;
             let f = (h & 31) as usize;
-            o = match key.get_index(f) {
-                None => code[o + 1] as usize,
-                Some(_) if h & WIDE == 0 => {
-                    // The key holds values truncated to the field's width: this one fits u32.
-                    let v = key.narrow[f];
-                    let b = o + 2;
-                    let padded = narrow_slots(n);
-                    code[b + padded + count_le(&code[b..b + padded], v).min(n - 1)] as usize
-                }
-                Some(v) => {
-                    let b = o + 2;
-                    let bounds = &code[b..b + 4 * (n - 1)];
-                    let (mut lo, mut hi) = (0, n - 1);
-                    while lo < hi {
-                        let mid = (lo + hi) / 2;
-                        if read128(bounds, mid) <= v {
-                            lo = mid + 1;
-                        } else {
-                            hi = mid;
+            o = if key.present_mask() >> f & 1 == 0 {
+                code[o + 1] as usize
+            } else if h & WIDE == 0 {
+                // Narrow fields are read straight from their slot, already truncated to width.
+                let v = key.narrow[f];
+                let b = o + 2;
+                let padded = narrow_slots(n);
+                // Counting, not searching: the compares are independent, while a search would
+                // chain one dependent load per step (measured slower on these node sizes).
+                let i = count_le(&code[b..b + padded], v).min(n - 1);
+                code[b + padded + i] as usize
+            } else {
+                match key.get_index(f) {
+                    None => code[o + 1] as usize,
+                    Some(v) => {
+                        let b = o + 2;
+                        let bounds = &code[b..b + 4 * (n - 1)];
+                        let (mut lo, mut hi) = (0, n - 1);
+                        while lo < hi {
+                            let mid = (lo + hi) / 2;
+                            if read128(bounds, mid) <= v {
+                                lo = mid + 1;
+                            } else {
+                                hi = mid;
+                            }
                         }
+                        code[b + 4 * (n - 1) + lo] as usize
                     }
-                    code[b + 4 * (n - 1) + lo] as usize
                 }
             };
         }
@@ -410,14 +428,14 @@ impl Tree {
     }
 
     /// Runs one base chain from its first program; returns its decision and whether the
-    /// policy made it. `owned` is the key once a mark was set (copied on the first write, so
-    /// the common path never copies the key).
+    /// policy made it. Once a mark changes, the current key lives in `scratch` (`modified`).
     #[inline]
     fn run_base(
         &self,
         bp: &BaseProgram,
         key: &PacketKey,
-        owned: &mut Option<PacketKey>,
+        scratch: &mut Option<Box<PacketKey>>,
+        modified: &mut bool,
         limiter: &mut dyn Limiter,
         out: &mut Evaluation,
     ) -> (Decision, bool) {
@@ -425,10 +443,10 @@ impl Tree {
             return (bp.policy, true);
         };
         let mut leaves = [0usize; MAX_TREES];
-        prog.find_leaves(owned.as_ref().unwrap_or(key), &mut leaves);
+        prog.find_leaves(cur(key, scratch, *modified), &mut leaves);
         let mut from = 0u32;
         loop {
-            let Some(i) = prog.first(&leaves, owned.as_ref().unwrap_or(key), from) else {
+            let Some(i) = prog.first(&leaves, cur(key, scratch, *modified), from) else {
                 return (bp.policy, true);
             };
             let e = &prog.entries[i as usize];
@@ -438,9 +456,9 @@ impl Tree {
             let mut broke = None;
             if e.ops_len > 0 {
                 let ops = &prog.ops[e.ops_start as usize..(e.ops_start + e.ops_len) as usize];
-                broke = run_ops(e.rule, ops, key, owned, limiter, out);
+                broke = run_ops(e.rule, ops, key, scratch, modified, limiter, out);
             }
-            // The leaf stays valid while the program does: a mark change that some rule tests
+            // The leaves stay valid while the program does: a mark change that some rule tests
             // always ends the program (Exit::Resume), and one that no rule tests cannot change
             // which leaf the key falls in.
             from = match (broke, e.exit) {
@@ -455,11 +473,24 @@ impl Tree {
                         return (bp.policy, true);
                     };
                     prog = next;
-                    prog.find_leaves(owned.as_ref().unwrap_or(key), &mut leaves);
+                    prog.find_leaves(cur(key, scratch, *modified), &mut leaves);
                     0
                 }
             };
         }
+    }
+}
+
+/// The current key: the caller's, or the scratch copy once a mark changed.
+#[inline]
+fn cur<'a>(
+    key: &'a PacketKey,
+    scratch: &'a Option<Box<PacketKey>>,
+    modified: bool,
+) -> &'a PacketKey {
+    match scratch {
+        Some(k) if modified => k,
+        _ => key,
     }
 }
 
@@ -468,7 +499,8 @@ fn run_ops(
     rule: RuleId,
     ops: &[Op],
     key: &PacketKey,
-    owned: &mut Option<PacketKey>,
+    scratch: &mut Option<Box<PacketKey>>,
+    modified: &mut bool,
     limiter: &mut dyn Limiter,
     out: &mut Evaluation,
 ) -> Option<u32> {
@@ -487,7 +519,17 @@ fn run_ops(
             Op::MetaMark { stmt, value, fail } => (stmt, value, fail, true),
             Op::CtMark { stmt, value, fail } => (stmt, value, fail, false),
         };
-        let cur = owned.get_or_insert(*key);
+        // First change in this lookup: copy the caller's key into the reusable buffer.
+        if !*modified {
+            match scratch {
+                Some(k) => **k = *key,
+                None => *scratch = Some(Box::new(*key)),
+            }
+            *modified = true;
+        }
+        let Some(cur) = scratch.as_deref_mut() else {
+            return Some(fail);
+        };
         let Some(m) = resolve_mark(value, cur) else {
             return Some(fail);
         };
@@ -506,73 +548,21 @@ fn run_ops(
 impl Classifier for Tree {
     fn eval(&self, hook: Hook, key: &PacketKey, limiter: &mut dyn Limiter, out: &mut Evaluation) {
         out.reset();
-        let mut owned = None;
+        // The buffer moves out for the lookup so that `out` can be borrowed alongside it.
+        let mut scratch = out.scratch.0.take();
+        let mut modified = false;
         for bp in &self.hooks[hook_index(hook)] {
-            let (decision, by_policy) = self.run_base(bp, key, &mut owned, limiter, out);
+            let (decision, by_policy) =
+                self.run_base(bp, key, &mut scratch, &mut modified, limiter, out);
             out.end_chain(bp.table, bp.chain, decision, by_policy);
             if decision != Decision::Accept {
                 break;
             }
         }
+        out.scratch.0 = scratch;
     }
 
     fn ruleset(&self) -> &Ruleset {
         &self.rs
-    }
-}
-
-#[cfg(test)]
-mod shape {
-    use super::*;
-    use crate::classify::classbench;
-
-    #[test]
-    #[ignore]
-    fn print_shape() {
-        for name in classbench::SETS {
-            let rules = classbench::load(&classbench::dir().join(name)).unwrap();
-            let rs = Arc::new(classbench::to_ruleset(name, &rules));
-            let tree = Tree::new(rs).unwrap();
-            let prog = &tree.hooks[2][0].programs[0];
-            let (mut depth, mut items, mut n) = (0usize, 0usize, 0usize);
-            let mut hist = [0usize; 16];
-            let mut nhist = [0usize; 17];
-            let mut fhist = [0usize; 24];
-            for (p, _) in classbench::packets(&rules, 4096, 10, 1) {
-                let key = p.key();
-                let code = &prog.code;
-                let mut o = prog.roots[0] as usize;
-                let mut d = 0;
-                while code[o] & LEAF == 0 {
-                    d += 1;
-                    let h = code[o];
-                    let nk = (h >> 8) as usize;
-                    nhist[nk.min(64) / 4] += 1;
-                    fhist[(h & 31) as usize] += 1;
-                    o = match key.get_index((h & 31) as usize) {
-                        None => code[o + 1] as usize,
-                        Some(v) => {
-                            let b = o + 2;
-                            let i = code[b..b + nk - 1]
-                                .iter()
-                                .filter(|&&x| x as u128 <= v)
-                                .count();
-                            code[b + nk - 1 + i] as usize
-                        }
-                    };
-                }
-                assert_eq!(o, prog.leaf(prog.roots[0], &key));
-                let hit = prog.scan(o, &key, 0, u32::MAX);
-                let pos = code[o + 1..o + 1 + (code[o] & !LEAF) as usize]
-                    .iter()
-                    .position(|&it| Some(code[(it & !CERTAIN) as usize]) == hit)
-                    .map_or((code[o] & !LEAF) as usize, |x| x + 1);
-                depth += d;
-                items += pos;
-                n += 1;
-                hist[d.min(15)] += 1;
-            }
-            eprintln!("{name}: avg depth {:.2}, avg items scanned {:.2}, depth hist {:?}\n  kids/4 hist {:?}\n  field hist {:?}", depth as f64 / n as f64, items as f64 / n as f64, hist, nhist, fhist);
-        }
     }
 }

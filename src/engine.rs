@@ -171,6 +171,9 @@ pub struct Compiled {
     limits: Mutex<Vec<Bucket>>,
     /// Which hooks have base chains at all (indexed by `Hook as usize`).
     hooked: [bool; 5],
+    /// Per family (v4, v6) and hook: an established packet is accepted by every base chain
+    /// with no side effect, so the tree need not be consulted (see [`accepts_established`]).
+    established_fast: [[bool; 5]; 2],
 }
 
 impl Compiled {
@@ -212,6 +215,22 @@ impl Compiled {
         {
             hooked[i] = !rs.base_chains(h).is_empty();
         }
+        let mut established_fast = [[false; 5]; 2];
+        for (f, nf) in [ir::NFPROTO_IPV4, ir::NFPROTO_IPV6].into_iter().enumerate() {
+            let view = rs.view_for(nf, false);
+            for (i, h) in [
+                Hook::Prerouting,
+                Hook::Input,
+                Hook::Forward,
+                Hook::Output,
+                Hook::Postrouting,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                established_fast[f][i] = accepts_established(&view, h);
+            }
+        }
         Ok(Compiled {
             ruleset: rs,
             trees,
@@ -219,12 +238,54 @@ impl Compiled {
             counters,
             limits: Mutex::new(Vec::new()),
             hooked,
+            established_fast,
         })
     }
 
     fn tree(&self, v6: bool, first: bool) -> &Tree {
         &self.trees[(v6 as usize) * 2 + (!first) as usize]
     }
+}
+
+/// True when every base chain of `hook` accepts an established packet with its first rule and
+/// nothing else happens: the rule is `ct state established[,...] accept` or
+/// `ct state vmap { established : accept, ... }` with no other match and no other statement
+/// (no counter, log or mark), or the chain is empty with policy accept. Then the hook's result
+/// for an established packet is provably `accept` with no side effect, whatever its other
+/// fields, and the lookup can be skipped: the idea of nftables' flowtable and VPP's stateful
+/// ACL, applied only where it cannot change the outcome.
+pub fn accepts_established(rs: &Ruleset, hook: Hook) -> bool {
+    use ir::{ct_state::ESTABLISHED, Match, Verdict as V};
+    let est = ESTABLISHED;
+    rs.base_chains(hook).into_iter().all(|(t, c)| {
+        let chain = &rs.tables[t].chains[c];
+        let Some(rule) = chain.rules.first() else {
+            return chain.base.is_some_and(|b| b.policy == ir::Policy::Accept);
+        };
+        let state_only = |m: &Match| match m {
+            Match::Set {
+                field: Field::CtState,
+                negate: false,
+                set,
+            } => set.contains(est),
+            Match::Masked {
+                field: Field::CtState,
+                negate: true,
+                mask,
+                value: 0,
+            } => mask & est != 0,
+            _ => false,
+        };
+        match (rule.matches.as_slice(), rule.stmts.as_slice()) {
+            ([m], [Stmt::Verdict(V::Accept)]) => state_only(m),
+            ([], [Stmt::Vmap { fields, entries }]) if fields.as_slice() == [Field::CtState] => {
+                entries
+                    .iter()
+                    .any(|(k, v)| *v == V::Accept && k.len() == 1 && k[0].contains(est))
+            }
+            _ => false,
+        }
+    })
 }
 
 /// A token bucket of one `limit` statement (`nft_limit_eval`): `burst` tokens, refilled at
@@ -557,6 +618,11 @@ impl Engine {
     ) -> Decision {
         let ev = &mut w.ev;
         if !compiled.hooked[hook as usize] {
+            return Decision::Accept;
+        }
+        if key.get(Field::CtState) == Some(ir::ct_state::ESTABLISHED)
+            && compiled.established_fast[pkt.ip.is_v6() as usize][hook as usize]
+        {
             return Decision::Accept;
         }
         tree.eval(hook, key, limits, ev);

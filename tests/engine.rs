@@ -297,3 +297,29 @@ fn counters_count() {
         .sum();
     assert_eq!(total, 1);
 }
+
+#[test]
+fn established_fast_path_only_where_provably_the_same() {
+    use keepstate::engine::accepts_established;
+    use keepstate::rules::ir::{Hook, NFPROTO_IPV4};
+    let home =
+        rules::load_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/home-router.nft"))
+            .unwrap();
+    let later = home.ruleset.view_for(NFPROTO_IPV4, false);
+    assert!(accepts_established(&later, Hook::Forward));
+    assert!(accepts_established(&later, Hook::Input));
+    let not = |text: &str| {
+        let l = rules::load_str("t.nft", &format!("table inet t {{\n\tchain f {{\n\t\ttype filter hook forward priority 0; policy drop;\n\t\t{text}\n\t}}\n}}\n")).unwrap();
+        !accepts_established(&l.ruleset.view_for(NFPROTO_IPV4, false), Hook::Forward)
+    };
+    // A counter, a second match or a narrower state must go through the tree.
+    assert!(not("ct state established,related counter accept"));
+    assert!(not("iifname \"lan\" ct state established accept"));
+    assert!(not("ct state related accept"));
+    assert!(not("ct state vmap { established : drop }"));
+    assert!(not("tcp dport 22 accept"));
+    assert!(!not("ct state established accept"));
+    assert!(!not(
+        "ct state vmap { established : accept, invalid : drop }"
+    ));
+}

@@ -390,12 +390,7 @@ impl Reassembler {
 
     /// When the next queue times out, for a caller that schedules [`Reassembler::expire`].
     pub fn next_deadline(&self) -> Option<u64> {
-        self.state
-            .lock()
-            .by_deadline
-            .keys()
-            .next()
-            .map(|&(d, _)| d)
+        self.state.lock().by_deadline.keys().next().map(|&(d, _)| d)
     }
 
     pub fn stats(&self) -> FragStats {
@@ -846,4 +841,739 @@ fn reassemble(q: &Queue, v6: bool) -> Result<Vec<u8>, DropReason> {
         return Err(DropReason::Malformed);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::{checksum, parse_ethernet, parse_ip, Frame, L4, NEXTHDR_DEST};
+    use etherparse::PacketBuilder;
+    use proptest::prelude::*;
+
+    const S: u64 = NANOS_PER_SEC;
+    const ETH4: [u8; 14] = [0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00];
+    const ETH6: [u8; 14] = [0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x86, 0xdd];
+    const SRC6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    const DST6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+    fn ipv4_checksum(h: &mut [u8]) {
+        h[10] = 0;
+        h[11] = 0;
+        let c = Sum16BitWords::new().add_slice(h).ones_complement();
+        h[10..12].copy_from_slice(&c.to_ne_bytes());
+    }
+
+    /// etherparse sets DF and id 0; the datagrams here carry id 0xbeef and no flags, so the
+    /// reassembled header equals the original byte for byte.
+    fn normalise_v4(ip: &mut [u8]) {
+        ip[4..6].copy_from_slice(&0xbeefu16.to_be_bytes());
+        ip[6] = 0;
+        ip[7] = 0;
+        let hl = usize::from(ip[0] & 0x0f) * 4;
+        ipv4_checksum(&mut ip[..hl]);
+    }
+
+    fn udp_v4(payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .udp(5000, 53)
+            .write(&mut v, payload)
+            .unwrap();
+        normalise_v4(&mut v);
+        v
+    }
+
+    fn tcp_v4(payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(40000, 80, 1000, 64240)
+            .ack(7)
+            .psh()
+            .write(&mut v, payload)
+            .unwrap();
+        normalise_v4(&mut v);
+        v
+    }
+
+    /// UDP 5353 -> 53 over IPv6; with `exts`, a hop-by-hop header (unfragmentable) and a
+    /// destination-options header (fragmentable, so after the fragment header) come first.
+    fn udp_v6(payload: &[u8], exts: bool) -> Vec<u8> {
+        let mut v = Vec::new();
+        PacketBuilder::ipv6(SRC6, DST6, 64)
+            .udp(5353, 53)
+            .write(&mut v, payload)
+            .unwrap();
+        if exts {
+            insert_ext(&mut v, NEXTHDR_DEST);
+            insert_ext(&mut v, NEXTHDR_HOP);
+        }
+        v
+    }
+
+    /// Puts an 8-byte extension header (PadN) right after the fixed IPv6 header.
+    fn insert_ext(ip: &mut Vec<u8>, kind: u8) {
+        let ext = [ip[6], 0, 1, 4, 0, 0, 0, 0];
+        ip[6] = kind;
+        ip.splice(40..40, ext);
+        let pl = u16::from_be_bytes([ip[4], ip[5]]) + 8;
+        ip[4..6].copy_from_slice(&pl.to_be_bytes());
+    }
+
+    /// An IPv4 fragment frame: `hdr` (a whole IPv4 header) with the offset, MF, total length
+    /// and checksum set, then `data`.
+    fn frag4_raw(hdr: &[u8], off: usize, data: &[u8], more: bool) -> Vec<u8> {
+        let mut h = hdr.to_vec();
+        let total = (h.len() + data.len()) as u16;
+        h[2..4].copy_from_slice(&total.to_be_bytes());
+        let fo = (off / 8) as u16 | if more { 0x2000 } else { 0 };
+        h[6..8].copy_from_slice(&fo.to_be_bytes());
+        ipv4_checksum(&mut h);
+        let mut f = ETH4.to_vec();
+        f.extend_from_slice(&h);
+        f.extend_from_slice(data);
+        f
+    }
+
+    /// Fragment [off, end) of the data of the unfragmented IPv4 packet `ip`.
+    fn frag4(ip: &[u8], off: usize, end: usize, more: bool) -> Vec<u8> {
+        let hl = usize::from(ip[0] & 0x0f) * 4;
+        frag4_raw(&ip[..hl], off, &ip[hl + off..hl + end], more)
+    }
+
+    /// The unfragmentable part's length and the offset of the next-header byte that will
+    /// name the fragment header: hop-by-hop and routing headers stay in front.
+    fn unfragmentable(ip: &[u8]) -> (usize, usize) {
+        let (mut nhoff, mut off) = (6, 40);
+        while matches!(ip[nhoff], NEXTHDR_HOP | NEXTHDR_ROUTING) {
+            nhoff = off;
+            off += (usize::from(ip[off + 1]) + 1) * 8;
+        }
+        (off, nhoff)
+    }
+
+    /// Fragment [off, end) of the fragmentable part of the unfragmented IPv6 packet `ip`.
+    fn frag6(ip: &[u8], id: u32, off: usize, end: usize, more: bool) -> Vec<u8> {
+        let (unfrag, nhoff) = unfragmentable(ip);
+        let data = &ip[unfrag + off..unfrag + end];
+        let mut h = ip[..unfrag].to_vec();
+        let next = h[nhoff];
+        h[nhoff] = NEXTHDR_FRAGMENT;
+        let fo = off as u16 | u16::from(more);
+        h.extend_from_slice(&[next, 0]);
+        h.extend_from_slice(&fo.to_be_bytes());
+        h.extend_from_slice(&id.to_be_bytes());
+        let pl = (h.len() - 40 + data.len()) as u16;
+        h[4..6].copy_from_slice(&pl.to_be_bytes());
+        let mut f = ETH6.to_vec();
+        f.extend_from_slice(&h);
+        f.extend_from_slice(data);
+        f
+    }
+
+    fn data_len(ip: &[u8]) -> usize {
+        if ip[0] >> 4 == 4 {
+            ip.len() - usize::from(ip[0] & 0x0f) * 4
+        } else {
+            ip.len() - unfragmentable(ip).0
+        }
+    }
+
+    /// Cuts the datagram's data into `size`-byte fragments (the last takes the rest).
+    fn fragments(ip: &[u8], size: usize) -> Vec<Vec<u8>> {
+        let len = data_len(ip);
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < len {
+            let end = (off + size).min(len);
+            out.push(if ip[0] >> 4 == 4 {
+                frag4(ip, off, end, end < len)
+            } else {
+                frag6(ip, 0xdead_beef, off, end, end < len)
+            });
+            off = end;
+        }
+        out
+    }
+
+    fn push(r: &Reassembler, frame: &[u8], now: u64) -> Push {
+        match parse_ethernet(frame) {
+            Frame::Ip(p) => r.push(&p, frame, now),
+            other => panic!("fixture does not parse: {other:?}"),
+        }
+    }
+
+    /// Pushes every frame; all but the last must be held; the last completes.
+    fn reassemble_all(r: &Reassembler, frames: &[Vec<u8>], now: u64) -> (Vec<u8>, Vec<Vec<u8>>) {
+        let (last, rest) = frames.split_last().unwrap();
+        for f in rest {
+            assert_eq!(push(r, f, now), Push::Held);
+        }
+        match push(r, last, now) {
+            Push::Complete {
+                reassembled,
+                frames,
+            } => (reassembled, frames),
+            other => panic!("expected Complete, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn v4_udp_in_order() {
+        let payload: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+        let ip = udp_v4(&payload);
+        let frames = fragments(&ip, 1480);
+        assert_eq!(frames.len(), 3);
+        let r = Reassembler::default();
+        let (re, out) = reassemble_all(&r, &frames, 0);
+        assert_eq!(re, ip);
+        assert_eq!(out, frames, "original frames, arrival order, byte for byte");
+        let Frame::Ip(p) = parse_ip(&re) else {
+            panic!()
+        };
+        assert_eq!(p.ip.frag(), None);
+        let L4::Udp(u) = p.l4 else { panic!() };
+        assert_eq!((u.sport, u.dport, usize::from(u.length)), (5000, 53, 3008));
+        assert_eq!(checksum::verify(&p), Ok(()));
+        let s = r.stats();
+        assert_eq!((s.reasm_reqds, s.reasm_oks, s.reasm_fails), (3, 1, 0));
+        assert_eq!((s.queues, s.mem), (0, 0));
+    }
+
+    #[test]
+    fn v4_tcp_out_of_order_and_last_first() {
+        let ip = tcp_v4(&[0x5a; 1000]);
+        let frames = fragments(&ip, 256);
+        assert_eq!(frames.len(), 4);
+        for order in [[2, 0, 3, 1], [3, 2, 1, 0], [3, 0, 1, 2]] {
+            let r = Reassembler::default();
+            let shuffled: Vec<_> = order.iter().map(|&i| frames[i].clone()).collect();
+            let (re, out) = reassemble_all(&r, &shuffled, 0);
+            assert_eq!(re, ip);
+            assert_eq!(out, shuffled);
+            let Frame::Ip(p) = parse_ip(&re) else {
+                panic!()
+            };
+            let L4::Tcp(t) = p.l4 else { panic!() };
+            assert_eq!(
+                (t.sport, t.dport, t.seq, t.payload_len),
+                (40000, 80, 1000, 1000)
+            );
+            assert_eq!(checksum::verify(&p), Ok(()));
+        }
+    }
+
+    #[test]
+    fn exact_duplicates_tolerated_and_not_forwarded() {
+        let ip = udp_v4(&[1; 592]);
+        let f = fragments(&ip, 200);
+        let r = Reassembler::default();
+        assert_eq!(push(&r, &f[0], 0), Push::Held);
+        assert_eq!(push(&r, &f[0], 0), Push::Dropped(DropReason::Duplicate));
+        assert_eq!(push(&r, &f[1], 0), Push::Held);
+        assert_eq!(push(&r, &f[0], 0), Push::Dropped(DropReason::Duplicate));
+        // A fragment covering two held ones exactly, same bytes: also a duplicate.
+        assert_eq!(
+            push(&r, &frag4(&ip, 0, 400, true), 0),
+            Push::Dropped(DropReason::Duplicate)
+        );
+        let got = push(&r, &f[2], 0);
+        let Push::Complete { frames, .. } = got else {
+            panic!("{got:?} {:?}", r.stats())
+        };
+        assert_eq!(frames, f);
+        let s = r.stats();
+        assert_eq!(s.drops(DropReason::Duplicate), 3);
+        assert_eq!((s.reasm_oks, s.reasm_fails, s.reasm_reqds), (1, 0, 6));
+    }
+
+    #[test]
+    fn overlaps_drop_the_datagram() {
+        let ip = udp_v4(&[2; 600]);
+        let f = fragments(&ip, 200);
+        // Partial overlap: [0,200) then [104,304).
+        let r = Reassembler::default();
+        assert_eq!(push(&r, &f[0], 0), Push::Held);
+        assert_eq!(
+            push(&r, &frag4(&ip, 104, 304, true), 0),
+            Push::Dropped(DropReason::Overlap)
+        );
+        assert_eq!(r.stats().queues, 0, "the queue is gone (ipq_kill)");
+        // What is left cannot complete: a new queue starts and waits.
+        assert_eq!(push(&r, &f[1], 0), Push::Held);
+        assert_eq!(push(&r, &f[2], 0), Push::Held);
+        let s = r.stats();
+        assert_eq!((s.reasm_overlaps, s.reasm_fails, s.reasm_oks), (1, 1, 0));
+
+        // Same range, other bytes: an overlap, not a duplicate.
+        let r = Reassembler::default();
+        assert_eq!(push(&r, &f[1], 0), Push::Held);
+        let mut evil = f[1].clone();
+        *evil.last_mut().unwrap() ^= 0xff;
+        assert_eq!(push(&r, &evil, 0), Push::Dropped(DropReason::Overlap));
+
+        // A fragment spanning a gap between held ones.
+        let r = Reassembler::default();
+        assert_eq!(push(&r, &f[0], 0), Push::Held);
+        assert_eq!(push(&r, &f[2], 0), Push::Held);
+        assert_eq!(
+            push(&r, &frag4(&ip, 0, 400, true), 0),
+            Push::Dropped(DropReason::Overlap)
+        );
+    }
+
+    #[test]
+    fn v4_times_out_after_30s() {
+        let ip = udp_v4(&[3; 600]);
+        let f = fragments(&ip, 200);
+        let r = Reassembler::default();
+        assert_eq!(push(&r, &f[0], 0), Push::Held);
+        assert_eq!(r.next_deadline(), Some(30 * S));
+        assert_eq!(r.expire(30 * S - 1), 0);
+        assert_eq!(r.expire(30 * S), 1);
+        assert_eq!(r.stats().reasm_timeout, 1);
+        assert_eq!(push(&r, &f[1], 30 * S), Push::Held);
+        assert_eq!(push(&r, &f[2], 30 * S), Push::Held, "f[0] is gone");
+
+        // Lazily, without expire(): the queue is dead on the next push after its deadline.
+        let r = Reassembler::default();
+        assert_eq!(push(&r, &f[0], 0), Push::Held);
+        assert_eq!(push(&r, &f[1], 29 * S), Push::Held);
+        assert_eq!(push(&r, &f[2], 31 * S), Push::Held);
+        let s = r.stats();
+        assert_eq!((s.reasm_timeout, s.reasm_fails, s.queues), (1, 1, 1));
+    }
+
+    #[test]
+    fn v6_times_out_after_60s() {
+        let ip = udp_v6(&[4; 600], false);
+        let f = fragments(&ip, 200);
+        let r = Reassembler::default();
+        assert_eq!(push(&r, &f[0], 0), Push::Held);
+        assert_eq!(push(&r, &f[1], 45 * S), Push::Held);
+        assert_eq!(r.expire(59 * S), 0);
+        assert_eq!(r.expire(60 * S), 1);
+        assert_eq!(push(&r, &f[2], 60 * S), Push::Held);
+        assert_eq!(r.stats().reasm_timeout, 1);
+    }
+
+    #[test]
+    fn expire_is_bounded_per_call() {
+        let r = Reassembler::default();
+        for id in 0..(EXPIRE_BATCH as u16 * 2 + 5) {
+            let mut ip = udp_v4(&[0; 100]);
+            ip[4..6].copy_from_slice(&id.to_be_bytes());
+            assert_eq!(push(&r, &frag4(&ip, 0, 16, true), 0), Push::Held);
+        }
+        assert_eq!(r.expire(30 * S), EXPIRE_BATCH);
+        assert_eq!(r.expire(30 * S), EXPIRE_BATCH);
+        assert_eq!(r.expire(30 * S), 5);
+        assert_eq!(r.stats().queues, 0);
+    }
+
+    #[test]
+    fn memory_bound_evicts_least_recently_used() {
+        let dgram = |id: u16| {
+            let mut ip = udp_v4(&[9; 2992]);
+            ip[4..6].copy_from_slice(&id.to_be_bytes());
+            normalise_id(&mut ip);
+            fragments(&ip, 1000)
+        };
+        fn normalise_id(ip: &mut [u8]) {
+            ipv4_checksum(&mut ip[..20]);
+        }
+        let (a, b, c, d) = (dgram(1), dgram(2), dgram(3), dgram(4));
+        // Measure what a new queue and a further fragment cost.
+        let probe = Reassembler::default();
+        push(&probe, &a[0], 0);
+        let c1 = probe.stats().mem;
+        push(&probe, &a[1], 0);
+        let c2 = probe.stats().mem - c1;
+        // A1, B1, C1, A2 fit; D1 does not. Evicting B alone is not enough to get under low.
+        let cfg = FragConfig {
+            high_thresh: 3 * c1 + c2 + c1 / 2,
+            low_thresh: 2 * c1 + c2 + c1 / 2,
+            ..FragConfig::default()
+        };
+        let r = Reassembler::new(cfg);
+        for f in [&a[0], &b[0], &c[0], &a[1], &d[0]] {
+            assert_eq!(push(&r, f, 0), Push::Held);
+            assert!(r.stats().mem <= cfg.high_thresh);
+        }
+        let s = r.stats();
+        assert_eq!((s.evictions, s.reasm_fails, s.queues), (2, 2, 2));
+        // A was used most recently of the old ones: it survives and completes.
+        assert!(matches!(push(&r, &a[2], 0), Push::Complete { .. }));
+        // B was evicted: its second fragment starts over.
+        assert_eq!(push(&r, &b[1], 0), Push::Held);
+    }
+
+    #[test]
+    fn flood_of_incomplete_datagrams_stays_bounded() {
+        let r = Reassembler::default();
+        let cfg = r.config();
+        let mut ip = udp_v4(&[0xee; 1472]);
+        for i in 0..6000u32 {
+            // Many sources and ids, each sending only a first fragment.
+            ip[4..6].copy_from_slice(&(i as u16).to_be_bytes());
+            ip[12..16].copy_from_slice(&(0x0a00_0000 | (i >> 16)).to_be_bytes());
+            let f = frag4(&ip, 0, 1480, true);
+            assert_eq!(push(&r, &f, u64::from(i) * 1000), Push::Held);
+            assert!(r.stats().mem <= cfg.high_thresh);
+        }
+        let s = r.stats();
+        assert!(s.evictions > 0);
+        assert!(s.queues < cfg.high_thresh / 1480);
+        assert_eq!(s.reasm_fails, s.evictions);
+        // An honest datagram still gets through the flood.
+        let honest = udp_v4(&[7; 3000]);
+        let (re, _) = reassemble_all(&r, &fragments(&honest, 1480), 10 * S);
+        assert_eq!(re, honest);
+    }
+
+    #[test]
+    fn single_datagram_over_the_limit() {
+        let cfg = FragConfig {
+            high_thresh: 2500,
+            low_thresh: 2000,
+            ..FragConfig::default()
+        };
+        let r = Reassembler::new(cfg);
+        let ip = udp_v4(&[5; 3000]);
+        let f = fragments(&ip, 1480);
+        assert_eq!(push(&r, &f[0], 0), Push::Held);
+        assert_eq!(push(&r, &f[1], 0), Push::Dropped(DropReason::MemoryLimit));
+        assert_eq!(r.stats().mem, 0);
+    }
+
+    #[test]
+    fn too_many_fragments() {
+        let ip = udp_v4(&[6; 65 * 8 - 8]);
+        let f = fragments(&ip, 8);
+        assert_eq!(f.len(), 65);
+        let r = Reassembler::default();
+        for fr in &f[..64] {
+            assert_eq!(push(&r, fr, 0), Push::Held);
+        }
+        assert_eq!(
+            push(&r, &f[64], 0),
+            Push::Dropped(DropReason::TooManyFragments)
+        );
+        assert_eq!(r.stats().queues, 0);
+    }
+
+    #[test]
+    fn length_rules() {
+        let ip = udp_v4(&[8; 600]);
+        let hdr = &ip[..20];
+        let r = Reassembler::default();
+        // Non-final, not a multiple of 8.
+        assert_eq!(
+            push(&r, &frag4(&ip, 0, 100, true), 0),
+            Push::Dropped(DropReason::UnalignedLength)
+        );
+        // No data.
+        assert_eq!(
+            push(&r, &frag4_raw(hdr, 8, &[], true), 0),
+            Push::Dropped(DropReason::Empty)
+        );
+        // Past 65535 with the header.
+        assert_eq!(
+            push(&r, &frag4_raw(hdr, 65528, &[0; 16], false), 0),
+            Push::Dropped(DropReason::Oversize)
+        );
+        // Two final fragments that disagree.
+        assert_eq!(push(&r, &frag4(&ip, 400, 608, false), 0), Push::Held);
+        assert_eq!(
+            push(&r, &frag4(&ip, 400, 600, false), 0),
+            Push::Dropped(DropReason::LastFragmentMismatch)
+        );
+        // Data past the end a final fragment set.
+        assert_eq!(push(&r, &frag4(&ip, 400, 608, false), 0), Push::Held);
+        assert_eq!(
+            push(&r, &frag4_raw(hdr, 608, &[0; 8], true), 0),
+            Push::Dropped(DropReason::BeyondEnd)
+        );
+        // A final fragment ending before data held.
+        assert_eq!(push(&r, &frag4(&ip, 200, 400, true), 0), Push::Held);
+        assert_eq!(
+            push(&r, &frag4(&ip, 104, 200, false), 0),
+            Push::Dropped(DropReason::BeyondEnd)
+        );
+        let s = r.stats();
+        for reason in [
+            DropReason::UnalignedLength,
+            DropReason::Empty,
+            DropReason::Oversize,
+            DropReason::LastFragmentMismatch,
+        ] {
+            assert_eq!(s.drops(reason), 1, "{reason:?}");
+        }
+        assert_eq!(s.drops(DropReason::BeyondEnd), 2);
+        assert_eq!(s.reasm_fails, 6);
+        assert_eq!(s.queues, 0);
+    }
+
+    #[test]
+    fn v6_extension_headers_before_and_after_the_fragment_header() {
+        let payload: Vec<u8> = (0..2500u32).map(|i| (i ^ (i >> 3)) as u8).collect();
+        let ip = udp_v6(&payload, true);
+        let frames = fragments(&ip, 1232);
+        assert_eq!(frames.len(), 3);
+        // The fragment header sits after hop-by-hop, before destination options.
+        let Frame::Ip(p) = parse_ethernet(&frames[0]) else {
+            panic!()
+        };
+        assert_eq!(p.ip_bytes[40], NEXTHDR_FRAGMENT);
+        assert_eq!(p.ip_bytes[48], NEXTHDR_DEST);
+        let r = Reassembler::default();
+        let order = [frames[2].clone(), frames[0].clone(), frames[1].clone()];
+        let (re, out) = reassemble_all(&r, &order, 0);
+        assert_eq!(
+            re, ip,
+            "fragment header removed, next header chained, length fixed"
+        );
+        assert_eq!(out, order);
+        let Frame::Ip(p) = parse_ip(&re) else {
+            panic!()
+        };
+        let Ip::V6(v6) = p.ip else { panic!() };
+        assert_eq!(v6.frag, None);
+        let L4::Udp(u) = p.l4 else { panic!() };
+        assert_eq!((u.sport, u.dport), (5353, 53));
+        assert_eq!(checksum::verify(&p), Ok(()));
+    }
+
+    #[test]
+    fn v6_plain() {
+        let ip = udp_v6(&[0x42; 3000], false);
+        let frames = fragments(&ip, 1448);
+        let r = Reassembler::default();
+        let (re, out) = reassemble_all(&r, &frames, 0);
+        assert_eq!(re, ip);
+        assert_eq!(out, frames);
+    }
+
+    #[test]
+    fn v6_incomplete_first_fragment_and_tiny_fragments() {
+        // The first fragment holds the destination options but no UDP header.
+        let ip = udp_v6(&[1; 600], true);
+        let r = Reassembler::default();
+        assert_eq!(
+            push(&r, &frag6(&ip, 1, 0, 8, true), 0),
+            Push::Dropped(DropReason::IncompleteFirstFragment)
+        );
+        // Four bytes of UDP are not enough either; sixteen are.
+        let ip = udp_v6(&[1; 600], false);
+        let short = frag6(&ip, 2, 0, 8, true);
+        let mut cut = short[..short.len() - 4].to_vec();
+        cut[14 + 5] -= 4;
+        assert_eq!(
+            push(&r, &cut, 0),
+            Push::Dropped(DropReason::IncompleteFirstFragment)
+        );
+        assert_eq!(push(&r, &frag6(&ip, 2, 0, 16, true), 0), Push::Held);
+        // The kernel has no minimum for later fragments; by default neither do we.
+        assert_eq!(push(&r, &frag6(&ip, 2, 16, 24, true), 0), Push::Held);
+        let strict = Reassembler::new(FragConfig {
+            v6_min_nonfinal_len: 1280,
+            ..FragConfig::default()
+        });
+        assert_eq!(
+            push(&strict, &frag6(&ip, 3, 16, 24, true), 0),
+            Push::Dropped(DropReason::TinyFragment)
+        );
+        // A small final fragment is fine.
+        assert_eq!(
+            push(&strict, &frag6(&ip, 3, 600, 608, false), 0),
+            Push::Held
+        );
+        assert_eq!(strict.stats().drops(DropReason::TinyFragment), 1);
+    }
+
+    #[test]
+    fn v6_oversize() {
+        let ip = udp_v6(&[1; 64], false);
+        let mut f = frag6(&ip, 9, 0, 16, false);
+        // Offset 65528 with 16 bytes: past IPV6_MAXPLEN.
+        let fo = 65528u16;
+        f[14 + 42..14 + 44].copy_from_slice(&fo.to_be_bytes());
+        let r = Reassembler::default();
+        assert_eq!(push(&r, &f, 0), Push::Dropped(DropReason::Oversize));
+    }
+
+    #[test]
+    fn not_fragments() {
+        let r = Reassembler::default();
+        let mut frame = ETH4.to_vec();
+        frame.extend_from_slice(&udp_v4(&[0; 40]));
+        assert_eq!(push(&r, &frame, 0), Push::NotFragment);
+        // An IPv6 atomic fragment (offset 0, M=0) is handled on its own (RFC 6946).
+        let ip = udp_v6(&[0; 40], false);
+        let atomic = frag6(&ip, 5, 0, 48, false);
+        assert_eq!(push(&r, &atomic, 0), Push::NotFragment);
+        assert_eq!(r.stats(), FragStats::default());
+    }
+
+    #[test]
+    fn queues_keyed_by_id_protocol_and_context() {
+        let ip = udp_v4(&[1; 592]);
+        let f = fragments(&ip, 200);
+        let r = Reassembler::default();
+        fn parse(fr: &[u8]) -> Packet<'_> {
+            match parse_ethernet(fr) {
+                Frame::Ip(p) => p,
+                _ => panic!(),
+            }
+        }
+        // The same datagram arriving on two ports is two queues.
+        assert_eq!(r.push_ctx(1, &parse(&f[0]), &f[0], 0), Push::Held);
+        assert_eq!(r.push_ctx(2, &parse(&f[1]), &f[1], 0), Push::Held);
+        assert_eq!(r.push_ctx(1, &parse(&f[2]), &f[2], 0), Push::Held);
+        assert!(matches!(
+            r.push_ctx(1, &parse(&f[1]), &f[1], 0),
+            Push::Complete { .. }
+        ));
+        // Another id is another datagram.
+        let mut other = f[1].clone();
+        other[14 + 5] ^= 1;
+        ipv4_checksum(&mut other[14..34]);
+        assert_eq!(push(&r, &f[0], 0), Push::Held);
+        assert_eq!(push(&r, &other, 0), Push::Held);
+        assert_eq!(r.stats().queues, 3);
+    }
+
+    #[test]
+    fn frame_must_hold_the_packet() {
+        let ip = udp_v4(&[1; 600]);
+        let f = fragments(&ip, 200);
+        let r = Reassembler::default();
+        let Frame::Ip(p) = parse_ethernet(&f[0]) else {
+            panic!()
+        };
+        assert_eq!(r.push(&p, &f[1], 0), Push::Dropped(DropReason::Malformed));
+        // parse_ip on the bare IP bytes with the same bytes as the frame is fine.
+        let Frame::Ip(p) = parse_ip(&f[0][14..]) else {
+            panic!()
+        };
+        assert_eq!(r.push(&p, &f[0][14..], 0), Push::Held);
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let v4 = udp_v4(&[0x11; 300]);
+        let v6 = udp_v6(&[0x22; 300], true);
+        let mut fixtures = fragments(&v4, 104);
+        fixtures.extend(fragments(&v6, 104));
+        let r = Reassembler::new(FragConfig {
+            high_thresh: 64 * 1024,
+            low_thresh: 32 * 1024,
+            ..FragConfig::default()
+        });
+        let mut now = 0;
+        for f in &fixtures {
+            for n in 0..=f.len() {
+                if let Frame::Ip(p) = parse_ethernet(&f[..n]) {
+                    let _ = r.push(&p, &f[..n], now);
+                }
+            }
+            for i in 14..f.len().min(14 + 80) {
+                for v in [0x00, 0x01, 0x07, 0x2c, 0x3c, 0x80, 0xff] {
+                    let mut g = f.clone();
+                    g[i] = v;
+                    now += 1000;
+                    if let Frame::Ip(p) = parse_ethernet(&g) {
+                        if let Push::Complete { reassembled, .. } = r.push(&p, &g, now) {
+                            let _ = parse_ip(&reassembled);
+                        }
+                    }
+                }
+            }
+        }
+        r.expire(u64::MAX);
+        assert!(r.stats().mem <= 64 * 1024);
+    }
+
+    /// A small xorshift, so a proptest seed picks the order and the duplicates.
+    fn xorshift(s: &mut u64) -> u64 {
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        *s
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Any fragmentation (sizes multiples of 8, at most 64 pieces), in any order, with
+        /// duplicates anywhere before completion, reassembles to the original datagram and
+        /// releases each original frame exactly once, in arrival order.
+        #[test]
+        fn random_fragmentations_reassemble(
+            payload in prop::collection::vec(any::<u8>(), 0..2000),
+            units in prop::collection::vec(4usize..=40, 64),
+            v6 in any::<bool>(),
+            exts in any::<bool>(),
+            seed in 1u64..,
+            dup_rate in 0u64..4,
+        ) {
+            let ip = if v6 { udp_v6(&payload, exts) } else { udp_v4(&payload) };
+            let len = data_len(&ip);
+            let mut pieces = Vec::new();
+            let mut off = 0;
+            for u in &units {
+                if off >= len {
+                    break;
+                }
+                let end = (off + u * 8).min(len);
+                pieces.push(if v6 {
+                    frag6(&ip, 0x1234_5678, off, end, end < len)
+                } else {
+                    frag4(&ip, off, end, end < len)
+                });
+                off = end;
+            }
+            // A single piece is no fragment at all (or an IPv6 atomic fragment).
+            prop_assume!(off >= len && pieces.len() > 1);
+            let mut s = seed;
+            let mut order: Vec<usize> = (0..pieces.len()).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, (xorshift(&mut s) % (i as u64 + 1)) as usize);
+            }
+            // Duplicates: re-send an already sent piece now and then.
+            let mut seq = Vec::new();
+            for (k, &i) in order.iter().enumerate() {
+                seq.push(i);
+                if k + 1 < order.len() && xorshift(&mut s) % 4 < dup_rate {
+                    seq.push(order[(xorshift(&mut s) % (k as u64 + 1)) as usize]);
+                }
+            }
+            let r = Reassembler::default();
+            let mut sent = Vec::new();
+            let mut done = None;
+            for (n, &i) in seq.iter().enumerate() {
+                let first_time = !sent.contains(&i);
+                match push(&r, &pieces[i], n as u64) {
+                    Push::Held => prop_assert!(first_time),
+                    Push::Dropped(DropReason::Duplicate) => prop_assert!(!first_time),
+                    Push::Complete { reassembled, frames } => {
+                        prop_assert_eq!(n, seq.len() - 1);
+                        done = Some((reassembled, frames));
+                    }
+                    other => prop_assert!(false, "unexpected {:?}", other),
+                }
+                if first_time {
+                    sent.push(i);
+                }
+            }
+            let (re, frames) = done.expect("completed");
+            prop_assert_eq!(&re, &ip);
+            let expected: Vec<Vec<u8>> = sent.iter().map(|&i| pieces[i].clone()).collect();
+            prop_assert_eq!(frames, expected);
+            let Frame::Ip(p) = parse_ip(&re) else { panic!() };
+            prop_assert_eq!(checksum::verify(&p), Ok(()));
+            let st = r.stats();
+            prop_assert_eq!((st.reasm_oks, st.reasm_fails, st.queues, st.mem), (1, 0, 0, 0));
+            prop_assert_eq!(st.reasm_reqds, seq.len() as u64);
+        }
+    }
 }

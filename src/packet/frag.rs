@@ -20,9 +20,11 @@
 //! Deviations from the kernel, each on purpose (the item docs say why):
 //! - an IPv4 non-final fragment whose length is not a multiple of 8 is dropped with its
 //!   datagram (the kernel trims it, `end &= ~7`; IPv6 already kills the queue);
-//! - an exact-range duplicate is tolerated only if its bytes match (the kernel's
-//!   `IPFRAG_DUP` does not compare bytes); a same-range fragment with other bytes is an
-//!   overlap;
+//! - a duplicate (a fragment wholly inside data already held) is dropped and the datagram
+//!   kept, as `inet_frag_queue_insert`'s `IPFRAG_DUP` does for both families — but only if
+//!   its bytes match what is held; the kernel compares no bytes (first copy wins). Ours is
+//!   also order-independent: the kernel calls it a duplicate only within one "run" of
+//!   fragments that arrived back to back, otherwise an overlap;
 //! - a first IPv6 fragment without the whole transport header (RFC 8200 section 4.5) is
 //!   dropped; `nf_ct_frag6_gather` lets it through unqueued and leaves the drop to the
 //!   receiving host's `ipv6_frag_rcv`;

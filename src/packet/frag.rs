@@ -27,9 +27,16 @@
 //!   fragments that arrived back to back, otherwise an overlap;
 //! - a first IPv6 fragment without the whole transport header (RFC 8200 section 4.5) is
 //!   dropped; `nf_ct_frag6_gather` lets it through unqueued and leaves the drop to the
-//!   receiving host's `ipv6_frag_rcv`;
+//!   receiving host's `ipv6_frag_rcv` (it does the same, NF_ACCEPT, for the unaligned
+//!   fragment whose queue it kills), which would let a fragment pass that no rule judged;
+//! - every drop but a duplicate discards the whole datagram; the kernel keeps the queue
+//!   for an IPv6 fragment past `IPV6_MAXPLEN` and for an incomplete first fragment, but such
+//!   a datagram can never be judged whole, and holding it only serves a flood;
 //! - past `high_thresh` the least recently used queues are evicted down to `low_thresh`
 //!   (the pre-4.17 `inet_frag_evictor`); kernels since 4.17 refuse new fragments instead;
+//! - one memory pool for both families (the kernel has one per family and netns, each with
+//!   its own thresholds), and expiry is lazy and batched ([`Reassembler::expire`]) instead of
+//!   a timer per queue;
 //! - at most [`MAX_FRAGS_PER_DATAGRAM`] fragments per datagram (the kernel has no cap);
 //! - no `ipfrag_max_dist` (`ip_frag_too_far`) and no ECN merging (`ip_frag_ecn_table`): the
 //!   reassembled header is the first fragment's.

@@ -9,12 +9,18 @@
 //! header is not keeps its IP fields and carries [`L4::Malformed`], because the kernel still
 //! runs such a packet through the hooks (conntrack then calls it INVALID).
 //!
-//! Fragments are described ([`FragInfo`]) but not reassembled; a non-first fragment has no
-//! transport header ([`L4::Fragment`]). Checksums are verified on request by [`checksum`].
+//! Fragments are described ([`FragInfo`]) but not reassembled here; a non-first fragment has
+//! no transport header ([`L4::Fragment`]). Checksums are verified on request by [`checksum`].
+//!
+//! [`frag`] owns reassembly, as `nf_defrag_ipv4`/`nf_defrag_ipv6` do before conntrack: it
+//! holds fragment queues under a memory bound and timeouts, drops overlapping or malformed
+//! fragments with their datagram, and hands back one reassembled packet to judge plus the
+//! original frames to forward. It takes time as an argument, like everything here.
 //!
 //! Must not know rules, the tracker or time; depends on nothing else of ours.
 
 pub mod checksum;
+pub mod frag;
 pub mod rewrite;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

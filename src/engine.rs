@@ -6,7 +6,7 @@
 //! The path of a frame from the wire, in netfilter's order (`nf_hook_slow` per hook):
 //!
 //! ```text
-//!  parse -> conntrack (nf_conntrack_in, prerouting) -> PREROUTING chains
+//!  parse -> [reassemble] -> conntrack (nf_conntrack_in, prerouting) -> PREROUTING chains
 //!        -> routing: to one of our addresses? -> INPUT chains              -> confirm -> Local
 //!                    else the route's port    -> FORWARD -> POSTROUTING    -> confirm -> Forward
 //! ```
@@ -14,6 +14,9 @@
 //! nat base chains see only the first packet of a connection; tables of the other family
 //! never see the packet ([`crate::rules::ir::Ruleset::view_for`]). A malformed frame is
 //! counted and dropped, never a panic.
+//!
+//! Fragments are reassembled first (`packet::frag`, as nf_defrag): the whole datagram is
+//! tracked and judged, and its original fragments leave with that verdict.
 //!
 //! XXX: NAT statements are evaluated but their translation is not applied yet (the NAT issue);
 //! the helpers (ct helper set is recorded on the connection) and log output come later too.
@@ -32,6 +35,7 @@ use crate::config::Config;
 use crate::conntrack::{
     self, Classified, Confirmed, CtConfig, HelperName, PktCtx, Timestamp, Tracker,
 };
+use crate::packet::frag::{Push, Reassembler};
 use crate::packet::{self, Frame, Ip, Packet, L4};
 use crate::rules::ir::{self, Field, Hook, RuleId, Ruleset, Stmt};
 
@@ -48,6 +52,9 @@ pub enum Verdict {
     Reject(ir::Reject),
     /// Not IP (ARP, LLDP, ...): the dataplane's business, not the firewall's.
     NotIp,
+    /// A fragment the engine keeps until its datagram is whole; nothing to send now. When the
+    /// last one arrives, its verdict applies to every frame in [`Worker::released`].
+    Held,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +71,8 @@ pub enum DropReason {
     NoRoute,
     /// The ingress port does not exist.
     UnknownPort,
+    /// A fragment that cannot be reassembled (overlap, bad length, memory bound, timeout).
+    Fragment,
 }
 
 /// The engine's view of a port.
@@ -348,6 +357,7 @@ pub struct EngineStats {
     pub dropped_table_full: AtomicU64,
     pub dropped_insert_failed: AtomicU64,
     pub dropped_no_route: AtomicU64,
+    pub dropped_fragments: AtomicU64,
 }
 
 /// A worker's reusable buffers, so the hot path allocates nothing once they have grown.
@@ -360,6 +370,10 @@ pub struct Worker {
     pub matched: Vec<RuleId>,
     /// Conntrack events the last frame caused.
     pub events: Vec<(u16, conntrack::ConnRef)>,
+    /// When the last frame completed a fragmented datagram: the original fragments, in
+    /// arrival order (the last frame among them), to which the verdict applies. Empty
+    /// otherwise: the verdict applies to the frame itself.
+    pub released: Vec<Vec<u8>>,
 }
 
 impl Worker {
@@ -381,12 +395,15 @@ pub struct Outcome {
     pub rules: Vec<RuleId>,
     /// Conntrack events this packet caused (`conntrack -E`), with the connection.
     pub events: Vec<(u16, conntrack::ConnRef)>,
+    /// The original fragments the verdict applies to, when this frame completed a datagram.
+    pub released: Vec<Vec<u8>>,
 }
 
 pub struct Engine {
     ports: Vec<Port>,
     routing: Routing,
     tracker: Tracker,
+    frags: Reassembler,
     rules: ArcSwap<Compiled>,
     pub stats: EngineStats,
 }
@@ -397,6 +414,7 @@ impl Engine {
             ports,
             routing,
             tracker: Tracker::new(ct),
+            frags: Reassembler::default(),
             rules: ArcSwap::from_pointee(rules),
             stats: EngineStats::default(),
         }
@@ -442,9 +460,16 @@ impl Engine {
         self.rules.store(Arc::new(rules));
     }
 
-    /// Runs the tracker's incremental expiry: call it now and then (a few buckets at a time).
+    /// Runs the tracker's and the reassembler's incremental expiry: call it now and then (a
+    /// few buckets at a time).
     pub fn housekeeping(&self, now: Timestamp, buckets: usize) -> usize {
+        self.frags.expire(now.0);
         self.tracker.gc_step(now, buckets)
+    }
+
+    /// The fragment reassembler (its statistics).
+    pub fn reassembler(&self) -> &Reassembler {
+        &self.frags
     }
 
     /// Decides a frame that arrived on port `ingress` at `now`. `cpu` is the worker's index
@@ -457,6 +482,7 @@ impl Engine {
             ct_state,
             rules: w.matched,
             events: w.events,
+            released: w.released,
         }
     }
 
@@ -475,6 +501,7 @@ impl Engine {
         let Some(in_port) = self.ports.get(ingress) else {
             return (Verdict::Drop(DropReason::UnknownPort), None);
         };
+        w.released.clear();
         let pkt = match packet::parse_ethernet(frame) {
             Frame::Ip(p) => p,
             Frame::NonIp { .. } => {
@@ -486,6 +513,45 @@ impl Engine {
                 return (Verdict::Drop(DropReason::Malformed), None);
             }
         };
+        if pkt.ip.frag().is_some() {
+            // nf_defrag: judge the whole datagram, then forward its original fragments.
+            return match self.frags.push_ctx(ingress as u32, &pkt, frame, now.0) {
+                Push::NotFragment => self.judge(&pkt, ingress, in_port.packed_name, now, w),
+                Push::Held => (Verdict::Held, None),
+                Push::Dropped(_) => {
+                    self.stats.dropped_fragments.fetch_add(1, Ordering::Relaxed);
+                    (Verdict::Drop(DropReason::Fragment), None)
+                }
+                Push::Complete {
+                    reassembled,
+                    frames,
+                } => {
+                    let whole = match packet::parse_ip(&reassembled) {
+                        Frame::Ip(p) => p,
+                        _ => {
+                            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                            return (Verdict::Drop(DropReason::Malformed), None);
+                        }
+                    };
+                    let out = self.judge(&whole, ingress, in_port.packed_name, now, w);
+                    w.released = frames;
+                    out
+                }
+            };
+        }
+        self.judge(&pkt, ingress, in_port.packed_name, now, w)
+    }
+
+    /// Conntrack, the hooks and routing for one (whole) IP packet.
+    fn judge(
+        &self,
+        pkt: &Packet<'_>,
+        ingress: usize,
+        iif: u128,
+        now: Timestamp,
+        w: &mut Worker,
+    ) -> (Verdict, Option<u32>) {
+        let pkt = *pkt;
         let ctx = PktCtx {
             hook: conntrack::Hook::Prerouting,
             cpu: w.cpu,
@@ -517,7 +583,7 @@ impl Engine {
         let compiled = self.rules.load();
         let first = matches!(&ct, Classified::Tracked(t) if t.is_tentative());
         let tree = compiled.tree(pkt.ip.is_v6(), first);
-        let mut key = packet_key(&pkt, &ct, in_port.packed_name);
+        let mut key = packet_key(&pkt, &ct, iif);
         let mut limits = Limits {
             compiled: &compiled,
             now: now.0,

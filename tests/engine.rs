@@ -323,3 +323,108 @@ fn established_fast_path_only_where_provably_the_same() {
         "ct state vmap { established : accept, invalid : drop }"
     ));
 }
+
+fn ipv4_checksum(h: &mut [u8]) {
+    h[10] = 0;
+    h[11] = 0;
+    let c = etherparse::checksum::Sum16BitWords::new()
+        .add_slice(h)
+        .ones_complement();
+    h[10..12].copy_from_slice(&c.to_ne_bytes());
+}
+
+/// A UDP datagram from `src` to `dst`, cut into Ethernet-framed fragments of `size` bytes.
+fn udp_fragments(src: [u8; 4], dst: [u8; 4], dport: u16, len: usize, size: usize) -> Vec<Vec<u8>> {
+    let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+    let mut ip = Vec::new();
+    PacketBuilder::ipv4(src, dst, 64)
+        .udp(40000, dport)
+        .write(&mut ip, &payload)
+        .unwrap();
+    ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+    let data = &ip[20..];
+    let mut out = Vec::new();
+    for (i, chunk) in data.chunks(size).enumerate() {
+        let off = i * size;
+        let more = off + chunk.len() < data.len();
+        let mut h = ip[..20].to_vec();
+        h[2..4].copy_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
+        let fo = (off / 8) as u16 | if more { 0x2000 } else { 0 };
+        h[6..8].copy_from_slice(&fo.to_be_bytes());
+        ipv4_checksum(&mut h);
+        let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
+        f.extend_from_slice(&h);
+        f.extend_from_slice(chunk);
+        out.push(f);
+    }
+    out
+}
+
+#[test]
+fn fragments_are_judged_whole_and_leave_as_they_came() {
+    let e = engine();
+    // A 3000-byte DNS answer to a LAN client's query: the query first, from the LAN.
+    e.process(&udp(CLIENT, SERVER, 40000, 53), LAN, t(0), 0);
+    // The reply comes from port 53 to the query's source port.
+    let frags = udp_fragments_from(SERVER, CLIENT, 53, 40000, 3000, 1480);
+    assert_eq!(frags.len(), 3);
+    // Out of order: the last first.
+    let a = e.process(&frags[2], WAN, t(10), 0);
+    assert_eq!(a.verdict, Verdict::Held);
+    let b = e.process(&frags[0], WAN, t(11), 0);
+    assert_eq!(b.verdict, Verdict::Held);
+    let c = e.process(&frags[1], WAN, t(12), 0);
+    assert!(
+        matches!(c.verdict, Verdict::Forward { port: LAN, .. }),
+        "{:?}",
+        c.verdict
+    );
+    assert_eq!(c.ct_state, Some(ct_state::ESTABLISHED as u32));
+    // The verdict applies to the original fragments, byte for byte, in arrival order.
+    assert_eq!(
+        c.released,
+        vec![frags[2].clone(), frags[0].clone(), frags[1].clone()]
+    );
+
+    // Unsolicited fragments towards the LAN are judged whole and dropped together.
+    let bad = udp_fragments(SERVER, CLIENT, 9999, 2000, 1480);
+    assert_eq!(e.process(&bad[0], WAN, t(20), 0).verdict, Verdict::Held);
+    assert_eq!(
+        e.process(&bad[1], WAN, t(21), 0).verdict,
+        Verdict::Drop(DropReason::Rules)
+    );
+
+    // An overlapping fragment kills its datagram.
+    let o = udp_fragments(SERVER, CLIENT, 40000, 2000, 1480);
+    assert_eq!(e.process(&o[0], WAN, t(30), 0).verdict, Verdict::Held);
+    let mut overlap = o[1].clone();
+    // Move the second fragment's offset back by 8 bytes: it now overlaps the first.
+    let fo = u16::from_be_bytes([overlap[20], overlap[21]]) - 1;
+    overlap[20..22].copy_from_slice(&fo.to_be_bytes());
+    ipv4_checksum(&mut overlap[14..34]);
+    assert_eq!(
+        e.process(&overlap, WAN, t(31), 0).verdict,
+        Verdict::Drop(DropReason::Fragment)
+    );
+}
+
+/// Fragments of a UDP datagram with both ports chosen.
+fn udp_fragments_from(
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    len: usize,
+    size: usize,
+) -> Vec<Vec<u8>> {
+    let mut f = udp_fragments(src, dst, dport, len, size);
+    // Patch the source port in the first fragment (its UDP header), fixing the checksum.
+    let first = &mut f[0];
+    let at = 14 + 20;
+    let old = u16::from_be_bytes([first[at], first[at + 1]]);
+    first[at..at + 2].copy_from_slice(&sport.to_be_bytes());
+    let c = u16::from_be_bytes([first[at + 6], first[at + 7]]);
+    let n = keepstate::packet::rewrite::csum_replace2(c, old, sport);
+    first[at + 6..at + 8].copy_from_slice(&n.to_be_bytes());
+    f
+}

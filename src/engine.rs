@@ -117,13 +117,17 @@ pub struct RouteEntry {
 
 impl RouteEntry {
     fn contains(&self, v6: bool, a: u128) -> bool {
-        let bits = if v6 { 128 } else { 32 };
-        let mask = if self.len == 0 {
+        if self.v6 != v6 {
+            return false;
+        }
+        let bits: u32 = if v6 { 128 } else { 32 };
+        let host = bits - u32::from(self.len).min(bits);
+        let mask = if host >= 128 {
             0
         } else {
-            (u128::MAX >> (128 - bits)) & !((1u128 << (bits - u32::from(self.len))) - 1)
+            (u128::MAX >> (128 - bits)) & !((1u128 << host) - 1)
         };
-        self.v6 == v6 && a & mask == self.net
+        a & mask == self.net
     }
 }
 

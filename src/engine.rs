@@ -407,7 +407,12 @@ impl Engine {
                     cpu,
                 };
                 match self.tracker.confirm(t, cctx, now) {
-                    Confirmed::Inserted => events.push((t.events, t.conn.clone())),
+                    // __nf_conntrack_confirm caches IPCT_NEW (IPCT_RELATED for an expected
+                    // connection; ctnetlink reports both as NEW): the tracker leaves that bit
+                    // to whoever confirms, so a `conntrack -E` reader sees `[NEW]`.
+                    Confirmed::Inserted => {
+                        events.push((t.events | conntrack::EV_NEW, t.conn.clone()))
+                    }
                     Confirmed::Already | Confirmed::Clash(_) => {}
                     Confirmed::Failed(_) => {
                         self.stats

@@ -493,3 +493,43 @@ fn verdicts_match_the_engine_run_directly() {
     assert!(matches!(verdicts[1], Verdict::Forward { port: 0, .. }));
     assert_eq!(verdicts[12], Verdict::Drop(DropReason::Rules));
 }
+
+/// tests/fixtures/pcap/home-session.pcapng is [`session`] as written by [`pcapng`]; the
+/// README's example replays it. `KS_REGEN=1` rewrites it.
+#[test]
+fn committed_capture_is_the_generated_session() {
+    let path = manifest().join("tests/fixtures/pcap/home-session.pcapng");
+    let bytes = pcapng(&session());
+    if std::env::var_os("KS_REGEN").is_some() || !path.exists() {
+        std::fs::write(&path, &bytes).unwrap();
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        bytes,
+        "KS_REGEN=1 remakes it"
+    );
+    let (ok, stdout, stderr) = keepstate(&[
+        "replay",
+        "--config",
+        "tests/fixtures/pcap/home-router.toml",
+        "--rules",
+        "examples/home-router.nft",
+        "--pcap",
+        "tests/fixtures/pcap/home-session.pcapng",
+        "--trace",
+    ]);
+    assert!(ok, "{stderr}");
+    let fwd = line_of("iifname \"lan\" oifname \"wan\" accept");
+    assert!(
+        stdout.contains(&format!("ct new rules examples/home-router.nft:")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("examples/home-router.nft:{fwd}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.ends_with(&format!("{TCP_LINE}\n{UDP_LINE}\n{ICMP_LINE}\n")),
+        "{stdout}"
+    );
+}

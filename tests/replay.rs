@@ -521,7 +521,7 @@ fn committed_capture_is_the_generated_session() {
     assert!(ok, "{stderr}");
     let fwd = line_of("iifname \"lan\" oifname \"wan\" accept");
     assert!(
-        stdout.contains(&format!("ct new rules examples/home-router.nft:")),
+        stdout.contains("ct new rules examples/home-router.nft:"),
         "{stdout}"
     );
     assert!(
@@ -532,4 +532,32 @@ fn committed_capture_is_the_generated_session() {
         stdout.ends_with(&format!("{TCP_LINE}\n{UDP_LINE}\n{ICMP_LINE}\n")),
         "{stdout}"
     );
+}
+
+#[test]
+fn a_truncated_capture_ends_with_an_error_after_the_good_frames() {
+    for bytes in [pcapng(&session()), pcap(&session())] {
+        for cut in [bytes.len() - 7, bytes.len() / 2, 40] {
+            let mut r = CaptureReader::new(Cursor::new(bytes[..cut].to_vec())).unwrap();
+            let mut replay = router_replay(ReplayOpts::default());
+            let mut good = 0;
+            let mut damaged = false;
+            while let Some(f) = r.next_frame() {
+                match f {
+                    Ok(f) => {
+                        replay.frame(&f);
+                        good += 1;
+                    }
+                    Err(_) => {
+                        damaged = true;
+                        break;
+                    }
+                }
+            }
+            assert!(
+                damaged && good < 13,
+                "cut at {cut}: {good} frames, no error"
+            );
+        }
+    }
 }

@@ -4,8 +4,11 @@
 # when something is missing. Needs root for apt-get (CI and the lab machines run as root).
 set -euo pipefail
 
-# nftables: the reference the tests compare against (nft); iproute2: ip netns for those tests.
-packages=(nftables iproute2)
+# nftables: the reference the tests compare against (nft); iproute2: ip netns for those tests;
+# conntrack, tcpdump, iputils-ping, ethtool: the kernel differential test of replay
+# (tests/netns_conntrack.rs) reads `conntrack -L`, captures the router's interfaces, pings
+# through it and turns off checksum offload so the captured checksums are real.
+packages=(nftables iproute2 conntrack tcpdump iputils-ping ethtool)
 
 missing=()
 for p in "${packages[@]}"; do

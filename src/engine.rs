@@ -369,6 +369,9 @@ pub struct EngineStats {
 pub struct Worker {
     /// The worker's index (per-worker statistics).
     pub cpu: usize,
+    /// Record every rule that matched, even where the established fast path could skip the
+    /// lookup (for traces): the verdict is the same either way.
+    pub trace: bool,
     ev: Evaluation,
     /// Every rule whose matches held for the last frame, in order.
     pub matched: Vec<RuleId>,
@@ -477,9 +480,11 @@ impl Engine {
     }
 
     /// Decides a frame that arrived on port `ingress` at `now`. `cpu` is the worker's index
-    /// (for per-worker statistics). Allocates; the hot path uses [`Engine::process_with`].
+    /// (for per-worker statistics). Allocates and records every matching rule (as a trace
+    /// does); the hot path uses [`Engine::process_with`].
     pub fn process(&self, frame: &[u8], ingress: usize, now: Timestamp, cpu: usize) -> Outcome {
         let mut w = Worker::new(cpu);
+        w.trace = true;
         let (verdict, ct_state) = self.process_with(frame, ingress, now, &mut w);
         Outcome {
             verdict,
@@ -643,7 +648,12 @@ impl Engine {
                     cpu: w.cpu,
                 };
                 match self.tracker.confirm(t, cctx, now) {
-                    Confirmed::Inserted => w.events.push((t.events, t.conn.clone())),
+                    // __nf_conntrack_confirm caches IPCT_NEW (IPCT_RELATED for an expected
+                    // connection; ctnetlink reports both as NEW): the tracker leaves that bit
+                    // to whoever confirms, so a `conntrack -E` reader sees `[NEW]`.
+                    Confirmed::Inserted => w
+                        .events
+                        .push((t.events | conntrack::EV_NEW, t.conn.clone())),
                     Confirmed::Already | Confirmed::Clash(_) => {}
                     Confirmed::Failed(_) => {
                         self.stats
@@ -690,7 +700,8 @@ impl Engine {
         if !compiled.hooked[hook as usize] {
             return Decision::Accept;
         }
-        if key.get(Field::CtState) == Some(ir::ct_state::ESTABLISHED)
+        if !w.trace
+            && key.get(Field::CtState) == Some(ir::ct_state::ESTABLISHED)
             && compiled.established_fast[pkt.ip.is_v6() as usize][hook as usize]
         {
             return Decision::Accept;

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //!   cli        clap subcommands; wires the library together, holds no policy
+//!   replay     offline replay: capture files -> engine with the capture's clock -> text
 //!   config     the TOML configuration: rules file, ports, routes, conntrack settings
 //!   engine     sans-IO: process(frame, ingress, now) -> Verdict; the one place that joins
 //!              packets, the tracker and the classifier, in netfilter's hook order
@@ -24,4 +25,5 @@ pub mod config;
 pub mod conntrack;
 pub mod engine;
 pub mod packet;
+pub mod replay;
 pub mod rules;

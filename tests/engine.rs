@@ -428,3 +428,33 @@ fn udp_fragments_from(
     first[at + 6..at + 8].copy_from_slice(&n.to_be_bytes());
     f
 }
+
+#[test]
+fn fast_path_and_full_evaluation_agree() {
+    use keepstate::engine::Worker;
+    // The same traffic through two engines: one skipping the tree for established packets,
+    // one evaluating every hook (as traces do). Verdicts and ct states must be identical.
+    let fast = engine();
+    let full = engine();
+    let mut wf = Worker::new(0);
+    let mut wt = Worker::new(0);
+    wt.trace = true;
+    let mut frames = Vec::new();
+    for i in 0..20u16 {
+        let c = [192, 168, 1, 10 + (i % 3) as u8];
+        let sport = 40000 + i;
+        frames.push((tcp(c, SERVER, sport, 443, "S", 1000, 0), LAN));
+        frames.push((tcp(SERVER, c, 443, sport, "SA", 5000, 1001), WAN));
+        frames.push((tcp(c, SERVER, sport, 443, "A", 1001, 5001), LAN));
+        frames.push((tcp(SERVER, c, 443, sport, "A", 5001, 1001), WAN));
+        frames.push((tcp(SERVER, BOX_WAN, 443, sport, "A", 1, 1), WAN));
+        frames.push((udp(c, SERVER, sport, 53), LAN));
+        frames.push((udp(SERVER, c, 53, sport), WAN));
+        frames.push((ping(SERVER, BOX_WAN, i), WAN));
+    }
+    for (n, (f, port)) in frames.iter().enumerate() {
+        let a = fast.process_with(f, *port, t(n as u64), &mut wf);
+        let b = full.process_with(f, *port, t(n as u64), &mut wt);
+        assert_eq!(a, b, "frame {n}");
+    }
+}

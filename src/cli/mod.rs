@@ -2,6 +2,7 @@
 
 mod bench;
 mod check;
+pub mod replay;
 pub mod trace;
 
 use std::path::PathBuf;
@@ -39,6 +40,36 @@ pub enum Command {
         reference: bool,
         /// The packet, in words: "tcp from 192.168.1.10:40000 to 198.51.100.7:443 iif lan oif wan".
         packet: String,
+    },
+    /// Replay a capture (pcap or pcapng) through the firewall, the capture's timestamps as
+    /// the clock; print the conntrack table at the end as `conntrack -L` would.
+    #[command(after_help = REPLAY_HELP)]
+    Replay {
+        /// The configuration (rules file, ports, routes, conntrack settings).
+        #[arg(long, required_unless_present = "rules")]
+        config: Option<PathBuf>,
+        /// The rules file; alone: two ports `lan` and `wan`, a frame in on one leaves by the
+        /// other. With --config: replaces the configuration's rules file.
+        #[arg(long)]
+        rules: Option<PathBuf>,
+        /// The capture to replay (pcap or pcapng).
+        #[arg(long)]
+        pcap: PathBuf,
+        /// Write the frames that leave to this pcap file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print a line per frame: number, time, summary, verdict, ct state, rules (file:line).
+        #[arg(long)]
+        trace: bool,
+        /// Print `conntrack -E` lines as events happen.
+        #[arg(long)]
+        events: bool,
+        /// Every frame arrived on this port (overrides interface names and addresses).
+        #[arg(long)]
+        ingress: Option<String>,
+        /// Show packet and byte counters, as with `sysctl net.netfilter.nf_conntrack_acct=1`.
+        #[arg(long)]
+        acct: bool,
     },
     /// Measure a ruleset's decision tree against the rule-by-rule reference.
     Bench {
@@ -85,6 +116,20 @@ Example:
   keepstate trace --rules examples/home-router.nft \\
       \"tcp from 192.168.1.10:40000 to 198.51.100.7:443 iif lan oif wan\"";
 
+const REPLAY_HELP: &str = "\
+Ingress port of each frame, first rule that applies:
+  --ingress PORT                 every frame
+  pcapng                         the frame's interface name (if_name): a port name, or a
+                                 port's `interface` in the configuration
+  pcap with --config             the port the router would route the source address to
+  pcap with --rules alone        the first frame's source address is on lan; an address
+                                 keeps the side it was first seen sending from, and a frame
+                                 from a new address comes from the side opposite its
+                                 destination's
+
+Example:
+  keepstate replay --config router.toml --pcap capture.pcapng --trace --events";
+
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check { print, files } => check::run(&files, print),
@@ -93,6 +138,25 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reference,
             packet,
         } => trace::run(&rules, &packet, reference),
+        Command::Replay {
+            config,
+            rules,
+            pcap,
+            out,
+            trace,
+            events,
+            ingress,
+            acct,
+        } => replay::run(&replay::Args {
+            config,
+            rules,
+            pcap,
+            out,
+            trace,
+            events,
+            ingress,
+            acct,
+        }),
         Command::Bench {
             what:
                 BenchCommand::Classify {

@@ -561,3 +561,30 @@ fn a_truncated_capture_ends_with_an_error_after_the_good_frames() {
         }
     }
 }
+
+#[test]
+fn cli_prints_conntrack_statistics() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keepstate"))
+        .args([
+            "replay",
+            "--config",
+            "tests/fixtures/pcap/home-router.toml",
+            "--rules",
+            "examples/home-router.nft",
+        ])
+        .args([
+            "--pcap",
+            "tests/fixtures/pcap/home-session.pcapng",
+            "--stats",
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Three connections were confirmed (TCP, UDP, ICMP); the blocked SYN was not.
+    assert!(text.contains("cpu=0   \tfound="), "{text}");
+    assert!(text.contains(" insert=3 "), "{text}");
+    assert!(text.contains("fragments: ReasmReqds=0"), "{text}");
+}

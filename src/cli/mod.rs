@@ -70,6 +70,10 @@ pub enum Command {
         /// Show packet and byte counters, as with `sysctl net.netfilter.nf_conntrack_acct=1`.
         #[arg(long)]
         acct: bool,
+        /// At the end, print the tracker's statistics as `conntrack -S` does, and the
+        /// reassembler's.
+        #[arg(long)]
+        stats: bool,
     },
     /// Measure a ruleset's decision tree against the rule-by-rule reference.
     Bench {
@@ -147,6 +151,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             events,
             ingress,
             acct,
+            stats,
         } => replay::run(&replay::Args {
             config,
             rules,
@@ -156,6 +161,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             events,
             ingress,
             acct,
+            stats,
         }),
         Command::Bench {
             what:

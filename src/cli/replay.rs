@@ -31,6 +31,7 @@ pub struct Args {
     pub events: bool,
     pub ingress: Option<String>,
     pub acct: bool,
+    pub stats: bool,
 }
 
 fn load_rules(path: &Path) -> anyhow::Result<rules::Loaded> {
@@ -144,6 +145,18 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     eprintln!("{}", report.list_summary);
     eprintln!("replay: {}", report.counts.summary());
+    if args.stats {
+        // As `conntrack -S`, then the reassembler's counters as /proc/net/snmp names them.
+        print!(
+            "{}",
+            crate::conntrack::show::stats_lines(&replay.engine().tracker().stats())
+        );
+        let f = replay.engine().reassembler().stats();
+        println!(
+            "fragments: ReasmReqds={} ReasmOKs={} ReasmFails={} ReasmTimeout={} ReasmOverlaps={}",
+            f.reasm_reqds, f.reasm_oks, f.reasm_fails, f.reasm_timeout, f.reasm_overlaps
+        );
+    }
     if let Some(e) = damaged {
         eprintln!(
             "replay: {}: stopped after frame {}: {e}",

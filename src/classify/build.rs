@@ -1457,7 +1457,8 @@ impl TreeBuilder<'_> {
             }
             narrow.sort_unstable_by_key(|n| n.0);
             let mask = narrow.iter().fold(0u32, |m, n| m | 1 << n.0);
-            let neg = narrow.iter().fold(0u32, |m, n| m | (n.1 as u32) << n.0);
+            let neg = narrow.iter().fold(0u32, |m, n| m | (n.1 as u32) << n.0)
+                | (narrow.len() as u32) << 24;
             self.code.push(mask);
             self.code.push(neg);
             for (_, _, lo, hi) in &narrow {

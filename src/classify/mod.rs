@@ -38,6 +38,7 @@
 pub mod bench;
 mod build;
 pub mod classbench;
+mod flatten;
 mod linear;
 pub mod trace;
 mod tree;

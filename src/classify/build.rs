@@ -36,7 +36,7 @@
 //!   into every leaf made fw1_1k's tree 3.2 MiB; sharing them, 0.9 MiB and faster.
 //! - Separable trees cut fw1_1k to 0.1 MiB but cost a descent per tree, which was slower
 //!   (5.5 against 9 M lookups/s), so they are only the fallback for sets that would not fit.
-//! - binth 8, spfac 8, 64 children: of the settings tried (binth 4-32, spfac 4-16, 64-1024
+//! - binth 12, spfac 8, 64 children: of the settings tried (binth 4-32, spfac 4-16, 64-1024
 //!   children), the best on fw1_1k (the wildcard-heavy set) without costing the others.
 //! - Masked and negated matches are projected onto their field where that is exact (8-bit
 //!   fields are enumerated; prefix masks are intervals) and otherwise checked at the leaf.
@@ -73,7 +73,7 @@ pub struct TreeOptions {
 impl Default for TreeOptions {
     fn default() -> Self {
         TreeOptions {
-            binth: 8,
+            binth: 12,
             spfac: 8,
             max_kids: 64,
             max_trees: 4,

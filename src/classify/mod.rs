@@ -9,6 +9,16 @@
 //! the engine builds a [`PacketKey`] from a parsed packet and its connection, and applies the
 //! [`Evaluation`] (counters, marks, NAT, the verdict) itself.
 //!
+//! ```text
+//!   linear      the reference: rule by rule, with a jump stack
+//!   flatten     IR -> programs: chains inlined, vmaps expanded, continuations after mark sets
+//!   build       programs -> decision trees (cuts over elementary intervals, shared leaves)
+//!   tree        the hot path: descend, scan a short leaf, run the entry, repeat
+//!   classbench  ClassBench sets as rulesets, packets with expected answers
+//!   bench       `keepstate bench`: build cost and lookups/s of tree and reference
+//!   trace       `keepstate trace`: matching rules and verdicts per hook
+//! ```
+//!
 //! # Semantics (nftables, `nft_do_chain` in `net/netfilter/nf_tables_core.c`)
 //!
 //! - A hook runs its base chains in [`Ruleset::base_chains`] order. `accept` ends one base chain
@@ -38,6 +48,7 @@
 pub mod bench;
 mod build;
 pub mod classbench;
+mod flatten;
 mod linear;
 pub mod trace;
 mod tree;

@@ -148,8 +148,8 @@ pub(crate) struct Entry {
 ///
 /// A leaf: `[LEAF | n, items...]`, the candidate entries in order. An item is the offset of its
 /// entry's check blob, with [`CERTAIN`] set when the leaf's box proves every condition. A blob
-/// (one per entry, at the start of the code) is `[entry, words, field mask, negation mask,
-/// (lo, hi) per field of the mask, checks...]`: ranges on fields of 32 bits or less first (the
+/// (one per entry, at the start of the code) is `[entry, words, field mask, negation mask (its
+/// top byte: the number of ranges), (lo, hi) per field of the mask, checks...]`: ranges on fields of 32 bits or less first (the
 /// common case, checked without dispatch), then everything else as checks. A check is
 /// `[kind, ...]`: the kind word holds the field (bits 0-4), [`CHECK_NEG`] and the kind (bits
 /// 6-7): [`CHECK_RANGE32`] `lo hi`, [`CHECK_RANGE128`] `lo hi` as four words each, or
@@ -178,13 +178,14 @@ pub(crate) fn count_le(bounds: &[u32], v: u32) -> usize {
     if let Ok(block) = <&[u32; 8]>::try_from(bounds) {
         return count8(block, v) as usize;
     }
-    let mut total = 0;
+    // Wider nodes: accumulate lane-wise and sum once at the end.
+    let mut acc = [0u32; 8];
     for chunk in bounds.chunks_exact(8) {
-        if let Ok(block) = <&[u32; 8]>::try_from(chunk) {
-            total += count8(block, v);
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a += (x <= v) as u32;
         }
     }
-    total as usize
+    acc.iter().sum::<u32>() as usize
 }
 
 #[inline]
@@ -325,24 +326,29 @@ impl Program {
     /// Checks a blob's body: `[field mask, negation mask, lo hi pairs..., other checks...]`.
     #[inline]
     fn blob_holds(&self, blob: &[u32], key: &PacketKey) -> bool {
-        let (mask, neg) = (blob[0], blob[1]);
+        let [mask, neg, rest @ ..] = blob else {
+            return false;
+        };
         // Every test of an absent field fails, negated or not.
-        if key.present_mask() & mask != mask {
+        if key.present_mask() & mask != *mask {
             return false;
         }
-        let mut m = mask;
-        let mut q = 2;
-        while m != 0 {
-            let f = m.trailing_zeros();
+        // The negation word's top byte counts the ranges (the fields use bits 0-23).
+        let nranges = (neg >> 24) as usize;
+        let Some((ranges, others)) = rest.split_at_checked(2 * nranges) else {
+            return false;
+        };
+        let mut m = *mask;
+        for pair in ranges.chunks_exact(2) {
+            let f = m.trailing_zeros() & 31;
+            m &= m.wrapping_sub(1);
             let v = key.narrow[f as usize];
-            let inside = blob[q] <= v && v <= blob[q + 1];
+            let inside = pair[0] <= v && v <= pair[1];
             if inside == (neg >> f & 1 != 0) {
                 return false;
             }
-            q += 2;
-            m &= m - 1;
         }
-        self.checks_hold(&blob[q..], key)
+        others.is_empty() || self.checks_hold(others, key)
     }
 
     #[inline]

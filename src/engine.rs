@@ -36,6 +36,7 @@ use crate::conntrack::{
     self, Classified, Confirmed, CtConfig, HelperName, PktCtx, Timestamp, Tracker,
 };
 use crate::packet::frag::{Push, Reassembler};
+use crate::packet::reject::{self, Answer};
 use crate::packet::{self, Frame, Ip, Packet, L4};
 use crate::rules::ir::{self, Field, Hook, RuleId, Ruleset, Stmt};
 
@@ -48,7 +49,8 @@ pub enum Verdict {
     Local,
     /// Drop it.
     Drop(DropReason),
-    /// Drop it and answer with an ICMP error or TCP reset (the answer is built by the dataplane).
+    /// Drop it and answer with an ICMP error or TCP reset: the answer, when the kernel would
+    /// send one, is in [`Worker::reply`] (or [`Outcome::reply`]) and leaves by the ingress port.
     Reject(ir::Reject),
     /// Not IP (ARP, LLDP, ...): the dataplane's business, not the firewall's.
     NotIp,
@@ -381,6 +383,9 @@ pub struct Worker {
     /// arrival order (the last frame among them), to which the verdict applies. Empty
     /// otherwise: the verdict applies to the frame itself.
     pub released: Vec<Vec<u8>>,
+    /// The answer to a rejected frame (ICMP error or TCP reset), to send back out of the port
+    /// the frame came in by.
+    pub reply: Option<Vec<u8>>,
 }
 
 impl Worker {
@@ -404,6 +409,8 @@ pub struct Outcome {
     pub events: Vec<(u16, conntrack::ConnRef)>,
     /// The original fragments the verdict applies to, when this frame completed a datagram.
     pub released: Vec<Vec<u8>>,
+    /// The answer to a rejected frame, to send back out of the ingress port.
+    pub reply: Option<Vec<u8>>,
 }
 
 pub struct Engine {
@@ -492,6 +499,7 @@ impl Engine {
             rules: w.matched,
             events: w.events,
             released: w.released,
+            reply: w.reply,
         }
     }
 
@@ -511,6 +519,7 @@ impl Engine {
             return (Verdict::Drop(DropReason::UnknownPort), None);
         };
         w.released.clear();
+        w.reply = None;
         let pkt = match packet::parse_ethernet(frame) {
             Frame::Ip(p) => p,
             Frame::NonIp { .. } => {
@@ -525,7 +534,7 @@ impl Engine {
         if pkt.ip.frag().is_some() {
             // nf_defrag: judge the whole datagram, then forward its original fragments.
             return match self.frags.push_ctx(ingress as u32, &pkt, frame, now.0) {
-                Push::NotFragment => self.judge(&pkt, ingress, in_port.packed_name, now, w),
+                Push::NotFragment => self.judge(&pkt, frame, ingress, in_port.packed_name, now, w),
                 Push::Held => (Verdict::Held, None),
                 Push::Dropped(_) => {
                     self.stats.dropped_fragments.fetch_add(1, Ordering::Relaxed);
@@ -542,19 +551,20 @@ impl Engine {
                             return (Verdict::Drop(DropReason::Malformed), None);
                         }
                     };
-                    let out = self.judge(&whole, ingress, in_port.packed_name, now, w);
+                    let out = self.judge(&whole, frame, ingress, in_port.packed_name, now, w);
                     w.released = frames;
                     out
                 }
             };
         }
-        self.judge(&pkt, ingress, in_port.packed_name, now, w)
+        self.judge(&pkt, frame, ingress, in_port.packed_name, now, w)
     }
 
     /// Conntrack, the hooks and routing for one (whole) IP packet.
     fn judge(
         &self,
         pkt: &Packet<'_>,
+        frame: &[u8],
         ingress: usize,
         iif: u128,
         now: Timestamp,
@@ -610,6 +620,7 @@ impl Engine {
             w,
         );
         if let Some(v) = self.refused(d) {
+            self.answer(&v, frame, &pkt, ingress, w);
             return (v, Some(ct_bits));
         }
 
@@ -636,6 +647,7 @@ impl Engine {
         for &h in hooks {
             let d = self.run_hook(tree, &compiled, h, &mut key, &ct, &pkt, &mut limits, w);
             if let Some(v) = self.refused(d) {
+                self.answer(&v, frame, &pkt, ingress, w);
                 return (v, Some(ct_bits));
             }
         }
@@ -666,6 +678,27 @@ impl Engine {
         }
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         (verdict, Some(ct_bits))
+    }
+
+    /// Builds the answer to a rejected packet (`nf_send_unreach`, `nf_send_reset`), sent from
+    /// the box's address on the ingress port.
+    fn answer(&self, v: &Verdict, frame: &[u8], pkt: &Packet<'_>, ingress: usize, w: &mut Worker) {
+        let Verdict::Reject(r) = v else { return };
+        let v6 = pkt.ip.is_v6();
+        let kind = match *r {
+            ir::Reject::Default if v6 => Answer::Icmp6(4),
+            ir::Reject::Default => Answer::Icmp(3),
+            ir::Reject::TcpReset => Answer::TcpReset,
+            ir::Reject::Icmp(c) => Answer::Icmp(c),
+            ir::Reject::Icmp6(c) => Answer::Icmp6(c),
+            ir::Reject::Icmpx(c) => reject::icmpx(c, v6),
+        };
+        let from = self.ports[ingress]
+            .addresses
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv6() == v6);
+        w.reply = reject::answer(frame, pkt, kind, from);
     }
 
     /// A drop or reject from a hook, as the final verdict.

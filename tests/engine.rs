@@ -458,3 +458,48 @@ fn fast_path_and_full_evaluation_agree() {
         assert_eq!(a, b, "frame {n}");
     }
 }
+
+#[test]
+fn rejects_answer_as_the_kernel_does() {
+    use keepstate::packet::{checksum, parse_ethernet, Frame, L4};
+    let cfg = Config::parse(CONFIG, Path::new("ks.toml")).unwrap();
+    let rules = rules::load_str(
+        "r.nft",
+        "table inet f {\n\tchain input {\n\t\ttype filter hook input priority 0; policy accept;\n\t\ttcp dport 23 reject with tcp reset\n\t\tudp dport 9 reject\n\t\ttcp dport 25 reject with icmpx type admin-prohibited\n\t}\n}\n",
+    )
+    .unwrap();
+    let e = Engine::from_config(&cfg, &rules).unwrap();
+    fn parse(f: &[u8]) -> (IpAddr, IpAddr, L4<'_>, Result<(), checksum::ChecksumError>) {
+        match parse_ethernet(f) {
+            Frame::Ip(p) => (p.ip.src(), p.ip.dst(), p.l4, checksum::verify(&p)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    let o = e.process(&tcp(SERVER, BOX_WAN, 5555, 23, "S", 1000, 0), WAN, t(0), 0);
+    assert_eq!(
+        o.verdict,
+        Verdict::Reject(keepstate::rules::ir::Reject::TcpReset)
+    );
+    let reply = o.reply.expect("a reset");
+    let (src, dst, l4, ok) = parse(&reply);
+    assert!(ok.is_ok());
+    assert_eq!((src, dst), (IpAddr::from(BOX_WAN), IpAddr::from(SERVER)));
+    assert!(matches!(l4, L4::Tcp(t) if t.flags == 0x14 && t.ack == 1001 && t.sport == 23));
+
+    let o = e.process(&udp(SERVER, BOX_WAN, 5555, 9), WAN, t(0), 0);
+    let r2 = o.reply.expect("port unreachable");
+    let (src, _, l4, ok) = parse(&r2);
+    assert!(ok.is_ok());
+    assert_eq!(
+        src,
+        IpAddr::from(BOX_WAN),
+        "from the box's address on the ingress port"
+    );
+    assert!(matches!(l4, L4::Icmp(i) if i.icmp_type == 3 && i.code == 3));
+
+    let o = e.process(&tcp(SERVER, BOX_WAN, 5555, 25, "S", 1, 0), WAN, t(0), 0);
+    let r3 = o.reply.expect("admin prohibited");
+    let (_, _, l4, _) = parse(&r3);
+    assert!(matches!(l4, L4::Icmp(i) if i.icmp_type == 3 && i.code == 13));
+}

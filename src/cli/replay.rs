@@ -122,6 +122,13 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         for l in &step.lines {
             writeln!(out, "{l}")?;
         }
+        // The answer to a rejected frame leaves too (back towards its sender).
+        if let (Some(w), Some(reply)) = (
+            writer.as_mut(),
+            step.outcome.as_ref().and_then(|o| o.reply.as_ref()),
+        ) {
+            w.write(frame.ts, reply)?;
+        }
         if let (Some(w), Some(_)) = (writer.as_mut(), step.leaves) {
             match step.outcome.as_ref().map(|o| &o.released) {
                 // The last fragment of a datagram: every original fragment leaves now.

@@ -21,6 +21,7 @@
 
 pub mod checksum;
 pub mod frag;
+pub mod reject;
 pub mod rewrite;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

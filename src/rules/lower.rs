@@ -172,9 +172,19 @@ impl Lower<'_> {
                     }
                 }
                 MItem::Stmt(s) => {
-                    if let MStmt::Reject(ir::Reject::TcpReset) = s {
-                        // nft makes `reject with tcp reset` depend on the packet being TCP.
-                        push(&mut matches, point(Field::L4proto, 6));
+                    match s {
+                        // nft makes `reject with tcp reset` depend on the packet being TCP...
+                        MStmt::Reject(ir::Reject::TcpReset) => {
+                            push(&mut matches, point(Field::L4proto, 6))
+                        }
+                        // ...and, in inet tables, an ICMP or ICMPv6 reject on the family.
+                        MStmt::Reject(ir::Reject::Icmp(_)) if self.family == ir::Family::Inet => {
+                            push(&mut matches, point(Field::Nfproto, NFPROTO_IPV4))
+                        }
+                        MStmt::Reject(ir::Reject::Icmp6(_)) if self.family == ir::Family::Inet => {
+                            push(&mut matches, point(Field::Nfproto, NFPROTO_IPV6))
+                        }
+                        _ => {}
                     }
                     stmts.push(self.stmt(s));
                 }

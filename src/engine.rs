@@ -36,9 +36,11 @@ use crate::conntrack::{
     self, Classified, Confirmed, CtConfig, HelperName, PktCtx, Timestamp, Tracker,
 };
 use crate::packet::frag::{Push, Reassembler};
+use crate::packet::log;
 use crate::packet::reject::{self, Answer};
 use crate::packet::{self, Frame, Ip, Packet, L4};
 use crate::rules::ir::{self, Field, Hook, RuleId, Ruleset, Stmt};
+use crate::rules::types;
 
 /// What to do with a frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -386,6 +388,9 @@ pub struct Worker {
     /// The answer to a rejected frame (ICMP error or TCP reset), to send back out of the port
     /// the frame came in by.
     pub reply: Option<Vec<u8>>,
+    /// The lines `log` statements wrote for the last frame, in the kernel's format.
+    /// XXX: logs are not rate limited yet (the dataplane issue adds the limit and the sink).
+    pub logs: Vec<String>,
 }
 
 impl Worker {
@@ -411,6 +416,8 @@ pub struct Outcome {
     pub released: Vec<Vec<u8>>,
     /// The answer to a rejected frame, to send back out of the ingress port.
     pub reply: Option<Vec<u8>>,
+    /// The lines `log` statements wrote.
+    pub logs: Vec<String>,
 }
 
 pub struct Engine {
@@ -500,6 +507,7 @@ impl Engine {
             events: w.events,
             released: w.released,
             reply: w.reply,
+            logs: w.logs,
         }
     }
 
@@ -520,6 +528,7 @@ impl Engine {
         };
         w.released.clear();
         w.reply = None;
+        w.logs.clear();
         let pkt = match packet::parse_ethernet(frame) {
             Frame::Ip(p) => p,
             Frame::NonIp { .. } => {
@@ -615,7 +624,7 @@ impl Engine {
             Hook::Prerouting,
             &mut key,
             &ct,
-            &pkt,
+            (&pkt, frame),
             &mut limits,
             w,
         );
@@ -645,7 +654,16 @@ impl Engine {
             }
         };
         for &h in hooks {
-            let d = self.run_hook(tree, &compiled, h, &mut key, &ct, &pkt, &mut limits, w);
+            let d = self.run_hook(
+                tree,
+                &compiled,
+                h,
+                &mut key,
+                &ct,
+                (&pkt, frame),
+                &mut limits,
+                w,
+            );
             if let Some(v) = self.refused(d) {
                 self.answer(&v, frame, &pkt, ingress, w);
                 return (v, Some(ct_bits));
@@ -725,7 +743,7 @@ impl Engine {
         hook: Hook,
         key: &mut PacketKey,
         ct: &Classified,
-        pkt: &Packet<'_>,
+        (pkt, frame): (&Packet<'_>, &[u8]),
         limits: &mut Limits<'_>,
         w: &mut Worker,
     ) -> Decision {
@@ -749,6 +767,16 @@ impl Engine {
                         c[0].fetch_add(1, Ordering::Relaxed);
                         c[1].fetch_add(len, Ordering::Relaxed);
                     }
+                }
+                Some(Stmt::Log { prefix, .. }) => {
+                    let name = |f| key.get(f).map(types::unpack_name).unwrap_or_default();
+                    w.logs.push(log::line(
+                        prefix.as_deref().unwrap_or(""),
+                        &name(Field::Iifname),
+                        &name(Field::Oifname),
+                        frame,
+                        pkt,
+                    ));
                 }
                 Some(Stmt::CtHelperSet(name)) => {
                     if let Some(conn) = ct.conn() {

@@ -221,6 +221,8 @@ pub struct ReplayOpts {
     pub trace: bool,
     /// `conntrack -E` lines as events happen.
     pub events: bool,
+    /// The lines `log` statements write, in the kernel's format (as `dmesg` shows them).
+    pub log: bool,
     /// Listing options (`nf_conntrack_acct` and friends).
     pub show: ShowOpts,
 }
@@ -390,6 +392,9 @@ impl Replay {
         }
         if self.opts.trace {
             lines.push(self.trace_line(number, &when, port, &f.data, &out));
+        }
+        if self.opts.log {
+            lines.extend(out.logs.iter().map(|l| l.trim_end().to_string()));
         }
         if self.opts.events {
             for (ev, c) in &out.events {

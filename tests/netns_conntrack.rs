@@ -564,6 +564,7 @@ fn kernel_and_replay_agree() {
     let opts = ReplayOpts {
         trace: true,
         events: false,
+        log: false,
         show: ShowOpts {
             acct: true,
             ..ShowOpts::default()

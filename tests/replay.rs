@@ -588,3 +588,39 @@ fn cli_prints_conntrack_statistics() {
     assert!(text.contains(" insert=3 "), "{text}");
     assert!(text.contains("fragments: ReasmReqds=0"), "{text}");
 }
+
+#[test]
+fn cli_prints_log_lines_like_the_kernel() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keepstate"))
+        .args([
+            "replay",
+            "--config",
+            "tests/fixtures/pcap/home-router.toml",
+            "--rules",
+            "examples/home-router.nft",
+        ])
+        .args(["--pcap", "tests/fixtures/pcap/home-session.pcapng", "--log"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The home router logs what its forward chain drops, with `log prefix "forward drop: "`.
+    let line = text
+        .lines()
+        .find(|l| l.contains("IN="))
+        .expect("a log line");
+    assert!(
+        line.starts_with("forward drop: IN=wan OUT=lan MAC="),
+        "{line}"
+    );
+    assert!(
+        line.contains(" SRC=203.0.113.9 DST=192.168.1.10 LEN=40 "),
+        "{line}"
+    );
+    assert!(
+        line.ends_with("PROTO=TCP SPT=5555 DPT=22 WINDOW=64240 RES=0x00 SYN URGP=0"),
+        "{line}"
+    );
+}

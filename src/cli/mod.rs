@@ -74,6 +74,9 @@ pub enum Command {
         /// reassembler's.
         #[arg(long)]
         stats: bool,
+        /// Print the lines `log` statements write, in the kernel's format.
+        #[arg(long)]
+        log: bool,
     },
     /// Measure a ruleset's decision tree against the rule-by-rule reference.
     Bench {
@@ -152,6 +155,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ingress,
             acct,
             stats,
+            log,
         } => replay::run(&replay::Args {
             config,
             rules,
@@ -162,6 +166,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ingress,
             acct,
             stats,
+            log,
         }),
         Command::Bench {
             what:

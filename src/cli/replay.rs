@@ -32,6 +32,7 @@ pub struct Args {
     pub ingress: Option<String>,
     pub acct: bool,
     pub stats: bool,
+    pub log: bool,
 }
 
 fn load_rules(path: &Path) -> anyhow::Result<rules::Loaded> {
@@ -101,6 +102,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let opts = ReplayOpts {
         trace: args.trace,
         events: args.events,
+        log: args.log,
         show: ShowOpts {
             acct: args.acct,
             ..ShowOpts::default()

@@ -21,6 +21,7 @@
 
 pub mod checksum;
 pub mod frag;
+pub mod log;
 pub mod reject;
 pub mod rewrite;
 

@@ -5,7 +5,8 @@
 //! A router namespace joins a client namespace (its `lan`) and a server namespace (its `wan`)
 //! and runs an nft ruleset with conntrack accounting on. Real traffic crosses it: TCP with
 //! data and a FIN teardown started by either side, a reset of an established connection, a
-//! SYN answered by RST, UDP request/response, a ping, and a connection from the server side
+//! SYN answered by RST, UDP request/response, a UDP stream held over 2 s (ASSURED), an ICMP port
+//! unreachable RELATED to its UDP flow, a ping, and a connection from the server side
 //! that the policy drops (its replies would only be allowed by `ct state established`). The
 //! router's ingress on both interfaces is captured with tcpdump, merged into a pcapng whose
 //! interface names are the port names, and replayed through keepstate with the equivalent
@@ -301,6 +302,7 @@ fn server() {
     let b = TcpListener::bind((SERVER, 8002)).unwrap();
     let c = TcpListener::bind((SERVER, 8003)).unwrap();
     let u = UdpSocket::bind((SERVER, 5000)).unwrap();
+    let stream = UdpSocket::bind((SERVER, 5003)).unwrap();
     println!("\npeer-ready");
     std::io::stdout().flush().unwrap();
     // A: the client sends 100 bytes, gets 200, and closes first.
@@ -326,6 +328,12 @@ fn server() {
     let mut buf = [0u8; 64];
     let (n, from) = u.recv_from(&mut buf).unwrap();
     u.send_to(&buf[..n].repeat(2), from).unwrap();
+    // A UDP stream: two exchanges more than 2 s apart make the entry ASSURED
+    // (nf_conntrack_udp_timeout_stream).
+    for _ in 0..2 {
+        let (n, from) = stream.recv_from(&mut buf).unwrap();
+        stream.send_to(&buf[..n], from).unwrap();
+    }
 }
 
 fn client() {
@@ -364,6 +372,25 @@ fn client() {
     let mut buf = [0u8; 64];
     let (n, _) = u.recv_from(&mut buf).unwrap();
     assert_eq!(n, 10);
+    pause();
+    // Nothing listens on UDP 5002: the server's kernel answers with ICMP port unreachable,
+    // which is RELATED to the UDP entry and passes `ct state established,related accept`.
+    let r = UdpSocket::bind((CLIENT, 5004)).unwrap();
+    r.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    r.connect((SERVER, 5002)).unwrap();
+    r.send(b"anyone?").unwrap();
+    let err = r.recv(&mut buf).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    pause();
+    let st = UdpSocket::bind((CLIENT, 5005)).unwrap();
+    st.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    for i in 0..2 {
+        if i == 1 {
+            std::thread::sleep(Duration::from_millis(2200));
+        }
+        st.send_to(b"tick", (SERVER, 5003)).unwrap();
+        st.recv_from(&mut buf).unwrap();
+    }
 }
 
 /// From the server side: a NEW connection towards the client, dropped by the policy.
@@ -613,7 +640,15 @@ fn kernel_and_replay_agree() {
         3,
         "A, B, C; D's RST killed it\n{context}"
     );
-    assert_eq!(kinds(&theirs, "udp"), 1, "{context}");
+    // The request/response, the one refused by ICMP port unreachable (still UNREPLIED), and
+    // the stream (ASSURED).
+    assert_eq!(kinds(&theirs, "udp"), 3, "{context}");
+    assert!(
+        theirs
+            .iter()
+            .any(|l| l.starts_with("udp") && l.contains("[ASSURED]")),
+        "{context}"
+    );
     assert_eq!(kinds(&theirs, "icmp"), 1, "{context}");
     assert_eq!(theirs, ours, "conntrack -L differs\n{context}");
 

@@ -24,6 +24,7 @@
 //! happens in `classify`, as in the kernel, whatever the rules decide afterwards.
 
 pub mod conn;
+pub mod helper;
 pub mod proto;
 pub mod show;
 pub mod table;

@@ -175,6 +175,15 @@ pub fn routing_table(cfg: &Config) -> Vec<RouteEntry> {
     t
 }
 
+/// Every hook, in `Hook as usize` order.
+const ALL_HOOKS: [Hook; 5] = [
+    Hook::Prerouting,
+    Hook::Input,
+    Hook::Forward,
+    Hook::Output,
+    Hook::Postrouting,
+];
+
 /// A ruleset compiled for the hot path: one tree per (family, first packet or not), so a
 /// lookup never considers a table the packet cannot see.
 pub struct Compiled {
@@ -219,35 +228,11 @@ impl Compiled {
                 [AtomicU64::new(p), AtomicU64::new(b)]
             })
             .collect();
-        let mut hooked = [false; 5];
-        for (i, h) in [
-            Hook::Prerouting,
-            Hook::Input,
-            Hook::Forward,
-            Hook::Output,
-            Hook::Postrouting,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            hooked[i] = !rs.base_chains(h).is_empty();
-        }
-        let mut established_fast = [[false; 5]; 2];
-        for (f, nf) in [ir::NFPROTO_IPV4, ir::NFPROTO_IPV6].into_iter().enumerate() {
+        let hooked = ALL_HOOKS.map(|h| !rs.base_chains(h).is_empty());
+        let established_fast = [ir::NFPROTO_IPV4, ir::NFPROTO_IPV6].map(|nf| {
             let view = rs.view_for(nf, false);
-            for (i, h) in [
-                Hook::Prerouting,
-                Hook::Input,
-                Hook::Forward,
-                Hook::Output,
-                Hook::Postrouting,
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                established_fast[f][i] = accepts_established(&view, h);
-            }
-        }
+            ALL_HOOKS.map(|h| accepts_established(&view, h))
+        });
         Ok(Compiled {
             ruleset: rs,
             trees,

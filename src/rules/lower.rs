@@ -258,19 +258,9 @@ impl Lower<'_> {
                     _ => single(IntervalSet::point(mask)),
                 }
             }
-            MRhs::Set(elems) => match self.lower_elems(&types, elems) {
-                LoweredSet::Single(s) => Lowered::Match(Match::Set {
-                    field: f,
-                    negate,
-                    set: s,
-                }),
-                LoweredSet::Concat(e) => Lowered::Match(Match::Concat {
-                    fields,
-                    negate,
-                    elems: e,
-                }),
-                LoweredSet::Vmap(_) => unreachable!("sets lower to sets"),
-            },
+            MRhs::Set(elems) | MRhs::Vmap(elems) => {
+                set_match(f, fields, negate, self.lower_elems(&types, elems))
+            }
             MRhs::SetRef(name) | MRhs::VmapRef(name) => {
                 let ls = cache
                     .entry(name.clone())
@@ -279,24 +269,8 @@ impl Lower<'_> {
                         self.lower_elems(&set.key, &set.elems)
                     })
                     .clone();
-                match ls {
-                    LoweredSet::Single(s) => Lowered::Match(Match::Set {
-                        field: f,
-                        negate,
-                        set: s,
-                    }),
-                    LoweredSet::Concat(e) => Lowered::Match(Match::Concat {
-                        fields,
-                        negate,
-                        elems: e,
-                    }),
-                    LoweredSet::Vmap(entries) => Lowered::Stmt(Stmt::Vmap { fields, entries }),
-                }
+                set_match(f, fields, negate, ls)
             }
-            MRhs::Vmap(elems) => match self.lower_elems(&types, elems) {
-                LoweredSet::Vmap(entries) => Lowered::Stmt(Stmt::Vmap { fields, entries }),
-                _ => unreachable!("vmaps lower to vmaps"),
-            },
         }
     }
 
@@ -401,6 +375,24 @@ impl Lower<'_> {
             MStmt::MetaMarkSet(m) => Stmt::MetaMarkSet(*m),
             MStmt::Notrack => Stmt::Notrack,
         }
+    }
+}
+
+/// A set (or a verdict map) as the test or statement it is: `field ∈ set`, a concatenation's
+/// lookup, or a vmap.
+fn set_match(f: Field, fields: Vec<Field>, negate: bool, ls: LoweredSet) -> Lowered {
+    match ls {
+        LoweredSet::Single(set) => Lowered::Match(Match::Set {
+            field: f,
+            negate,
+            set,
+        }),
+        LoweredSet::Concat(elems) => Lowered::Match(Match::Concat {
+            fields,
+            negate,
+            elems,
+        }),
+        LoweredSet::Vmap(entries) => Lowered::Stmt(Stmt::Vmap { fields, entries }),
     }
 }
 

@@ -284,11 +284,29 @@ impl<'a> Checker<'a> {
             TableItem::Set(mut s) => {
                 s.elements = s.elements.map(|e| self.subst(e));
                 let table = &mut self.tables[t];
-                if let Some(i) = table.sets.iter().position(|x| x.name.node == s.name.node) {
-                    let span = s.name.span;
-                    let name = s.name.node.clone();
-                    self.err(span, format!("set `{name}` is declared twice"));
-                    let _ = i;
+                let same = |a: &[Name], b: &[Name]| {
+                    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.node == y.node)
+                };
+                if let Some(old) = table.sets.iter_mut().find(|x| x.name.node == s.name.node) {
+                    // Declaring a set again adds to it, as nft's `add set` does, if the type
+                    // is the same.
+                    if same(&old.key_type, &s.key_type) && old.is_map == s.is_map {
+                        if let Some(new) = s.elements {
+                            old.elements = Some(match old.elements.take() {
+                                Some(prev) => {
+                                    Spanned::new(Expr::Set(vec![prev, new.clone()]), new.span)
+                                }
+                                None => new,
+                            });
+                        }
+                    } else {
+                        let span = s.name.span;
+                        let name = s.name.node.clone();
+                        self.err(
+                            span,
+                            format!("set `{name}` is declared again with another type"),
+                        );
+                    }
                 } else {
                     table.sets.push(s);
                 }

@@ -25,6 +25,7 @@
 
 pub mod conn;
 pub mod helper;
+pub mod nat;
 pub mod proto;
 pub mod show;
 pub mod table;

@@ -1,0 +1,427 @@
+//! The SIP helper's parser: a SIP message's start line, headers (compact forms and
+//! continuation lines included), CSeq, and the SDP media its body announces, following the
+//! kernel's `nf_conntrack_sip.c` (`sip_help_udp`/`process_sip_msg`, `ct_sip_get_header`,
+//! `process_sdp`). Byte offsets are kept for everything NAT will rewrite.
+//!
+//! Owns only the parsing; the expectations (RTP/RTCP, REGISTER signalling) and the NAT rewrite
+//! live beside it (the helpers issue).
+
+use std::net::IpAddr;
+use std::ops::Range;
+
+/// Why a message gives no expectation; the kernel's reaction is in the comment.
+#[derive(thiserror::Error, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SipError {
+    /// Shorter than `SIP/2.0 200`: ignored (accepted, not parsed).
+    #[error("message too short")]
+    TooShort,
+    /// The start line is neither `SIP/2.0 NNN` nor `METHOD<space><letter>`: ignored.
+    #[error("not a SIP message")]
+    NotSip,
+    /// No blank line ends the headers within the data: on TCP the kernel waits for more.
+    #[error("headers not terminated")]
+    Unterminated,
+    /// An `m=` line's port outside 1024..65535: the kernel drops (`wrong port %u`).
+    #[error("SDP media port {0} out of range")]
+    WrongPort(u32),
+    /// Media with no `c=` address at session or media level: the kernel drops (`cannot parse
+    /// SDP message`).
+    #[error("SDP without a connection address")]
+    NoAddress,
+}
+
+/// The start line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Start {
+    Request { method: String, uri: Range<usize> },
+    Response { code: u32 },
+}
+
+/// One SIP message within the data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub start: Start,
+    /// Each header's full lower-case name (compact forms expanded) and its value's bytes.
+    pub headers: Vec<(String, Range<usize>)>,
+    /// `CSeq: <number> <method>`.
+    pub cseq: Option<(u32, String)>,
+    /// The body: from the blank line on, `Content-Length` bytes (or what is there).
+    pub body: Range<usize>,
+    /// Bytes of the data this message takes (for several messages in one TCP segment).
+    pub len: usize,
+}
+
+impl Message {
+    /// The value of the first header called `name` (full lower-case name).
+    pub fn header<'d>(&self, data: &'d [u8], name: &str) -> Option<&'d [u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, r)| data.get(r.clone()))
+    }
+
+    /// The method the message is about: its own, or for a response the CSeq's.
+    pub fn method(&self) -> Option<&str> {
+        match &self.start {
+            Start::Request { method, .. } => Some(method),
+            Start::Response { .. } => self.cseq.as_ref().map(|(_, m)| m.as_str()),
+        }
+    }
+}
+
+/// The compact header forms the kernel accepts (RFC 3261 7.3.3).
+fn expand(name: &str) -> String {
+    let lower = name.to_ascii_lowercase();
+    match lower.as_str() {
+        "f" => "from".into(),
+        "t" => "to".into(),
+        "m" => "contact".into(),
+        "v" => "via".into(),
+        "l" => "content-length".into(),
+        "i" => "call-id".into(),
+        "c" => "content-type".into(),
+        _ => lower,
+    }
+}
+
+fn trim(data: &[u8], mut r: Range<usize>) -> Range<usize> {
+    while r.start < r.end && matches!(data[r.start], b' ' | b'\t') {
+        r.start += 1;
+    }
+    while r.end > r.start && matches!(data[r.end - 1], b' ' | b'\t' | b'\r') {
+        r.end -= 1;
+    }
+    r
+}
+
+/// Parses the first message in `data`.
+pub fn parse_message(data: &[u8]) -> Result<Message, SipError> {
+    if data.len() < "SIP/2.0 200".len() {
+        return Err(SipError::TooShort);
+    }
+    let line_end = data
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or(SipError::Unterminated)?;
+    let first = &data[..line_end];
+    let start = if let Some(rest) = first.strip_prefix(b"SIP/2.0 ") {
+        // simple_strtoul: the leading digits.
+        let digits: Vec<u8> = rest
+            .iter()
+            .copied()
+            .take_while(u8::is_ascii_digit)
+            .collect();
+        let code = std::str::from_utf8(&digits)
+            .ok()
+            .and_then(|d| d.parse().ok())
+            .ok_or(SipError::NotSip)?;
+        Start::Response { code }
+    } else {
+        let sp = first
+            .iter()
+            .position(|&b| b == b' ')
+            .ok_or(SipError::NotSip)?;
+        if sp == 0 || !first.get(sp + 1).is_some_and(u8::is_ascii_alphabetic) {
+            return Err(SipError::NotSip);
+        }
+        let method = String::from_utf8_lossy(&first[..sp]).into_owned();
+        let uri_end = first[sp + 1..]
+            .iter()
+            .position(|&b| b == b' ')
+            .map_or(first.len(), |e| sp + 1 + e);
+        Start::Request {
+            method,
+            uri: sp + 1..uri_end,
+        }
+    };
+    // Headers: `Name: value`, a line starting with space or tab continues the previous one.
+    let mut headers: Vec<(String, Range<usize>)> = Vec::new();
+    let mut pos = line_end + 1;
+    let body_start = loop {
+        let end = data[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|e| pos + e)
+            .ok_or(SipError::Unterminated)?;
+        let line = &data[pos..end];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break end + 1;
+        }
+        if matches!(line[0], b' ' | b'\t') {
+            if let Some((_, r)) = headers.last_mut() {
+                r.end = end;
+            }
+        } else if let Some(colon) = line.iter().position(|&b| b == b':') {
+            let name = String::from_utf8_lossy(&line[..colon]).trim().to_string();
+            headers.push((expand(&name), pos + colon + 1..end));
+        }
+        pos = end + 1;
+        if pos >= data.len() {
+            return Err(SipError::Unterminated);
+        }
+    };
+    let headers: Vec<(String, Range<usize>)> = headers
+        .into_iter()
+        .map(|(n, r)| (n, trim(data, r)))
+        .collect();
+    let value = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, r)| std::str::from_utf8(&data[r.clone()]).ok())
+    };
+    let cseq = value("cseq").and_then(|v| {
+        let mut w = v.split_whitespace();
+        let n = w.next()?.parse().ok()?;
+        Some((n, w.next()?.to_string()))
+    });
+    let clen = value("content-length")
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(data.len() - body_start);
+    let body_end = (body_start + clen).min(data.len());
+    Ok(Message {
+        start,
+        headers,
+        cseq,
+        body: body_start..body_end,
+        len: body_end,
+    })
+}
+
+/// The kind of an `m=` line the kernel expects media for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MediaKind {
+    Audio,
+    Video,
+    Image,
+}
+
+/// One active media stream of an SDP body: where RTP (even port) and RTCP (the next) go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Media {
+    pub kind: MediaKind,
+    pub addr: IpAddr,
+    /// The announced port; RTP is expected on `port & !1`, RTCP on that + 1.
+    pub port: u16,
+    /// Where the port's digits are, in the body (for the NAT rewrite of `m=`).
+    pub port_at: Range<usize>,
+    /// Where the `c=` address that applies is, in the body (session or media level).
+    pub addr_at: Range<usize>,
+}
+
+impl Media {
+    pub fn rtp_port(&self) -> u16 {
+        self.port & !1
+    }
+    pub fn rtcp_port(&self) -> u16 {
+        self.rtp_port() + 1
+    }
+}
+
+/// `c=IN IP4 addr` / `c=IN IP6 addr`: the address and its byte range.
+fn connection(line: &str, at: usize) -> Option<(IpAddr, Range<usize>)> {
+    let rest = line.strip_prefix("c=")?;
+    let mut parts = rest.splitn(3, ' ');
+    if parts.next()? != "IN" {
+        return None;
+    }
+    let fam = parts.next()?;
+    let addr_text = parts.next()?.split(['/', ' ']).next()?.trim_end();
+    let addr: IpAddr = addr_text.parse().ok()?;
+    if (fam == "IP4") != addr.is_ipv4() {
+        return None;
+    }
+    let off = at + line.find(addr_text)?;
+    Some((addr, off..off + addr_text.len()))
+}
+
+/// `process_sdp`: the active audio, video and image streams of an SDP body.
+pub fn parse_sdp(body: &[u8]) -> Result<Vec<Media>, SipError> {
+    let text = String::from_utf8_lossy(body);
+    // Byte offset of each line.
+    let mut lines: Vec<(usize, &str)> = Vec::new();
+    let mut at = 0;
+    for l in text.split('\n') {
+        lines.push((at, l.trim_end_matches('\r')));
+        at += l.len() + 1;
+    }
+    let Some(v) = lines.iter().position(|(_, l)| l.starts_with("v=")) else {
+        return Ok(Vec::new());
+    };
+    let first_m = lines
+        .iter()
+        .skip(v)
+        .position(|(_, l)| l.starts_with("m="))
+        .map_or(lines.len(), |i| v + i);
+    let session = lines[v..first_m]
+        .iter()
+        .find_map(|(at, l)| connection(l, *at));
+    let mut out = Vec::new();
+    let mut i = first_m;
+    while i < lines.len() {
+        let (m_at, m) = lines[i];
+        // This media's section runs to the next m= line.
+        let next = lines
+            .iter()
+            .skip(i + 1)
+            .position(|(_, l)| l.starts_with("m="))
+            .map_or(lines.len(), |j| i + 1 + j);
+        let kind = if m.starts_with("m=audio ") {
+            Some(MediaKind::Audio)
+        } else if m.starts_with("m=video ") {
+            Some(MediaKind::Video)
+        } else if m.starts_with("m=image ") {
+            Some(MediaKind::Image)
+        } else {
+            None
+        };
+        if let Some(kind) = kind {
+            let after = m.find(' ').map_or(m.len(), |s| s + 1);
+            let digits: String = m[after..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            let port: u32 = digits.parse().unwrap_or(0);
+            if port != 0 {
+                if !(1024..=65535).contains(&port) {
+                    return Err(SipError::WrongPort(port));
+                }
+                let media_c = lines[i + 1..next]
+                    .iter()
+                    .find_map(|(at, l)| connection(l, *at));
+                let (addr, addr_at) = media_c
+                    .or_else(|| session.clone())
+                    .ok_or(SipError::NoAddress)?;
+                out.push(Media {
+                    kind,
+                    addr,
+                    port: port as u16,
+                    port_at: m_at + after..m_at + after + digits.len(),
+                    addr_at,
+                });
+            }
+        }
+        i = next;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INVITE: &str = "INVITE sip:bob@198.51.100.7 SIP/2.0\r\n\
+        Via: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bK776asdhds\r\n\
+        Max-Forwards: 70\r\n\
+        t: <sip:bob@198.51.100.7>\r\n\
+        f: Alice <sip:alice@10.0.0.2>;tag=1928301774\r\n\
+        i: a84b4c76e66710\r\n\
+        CSeq: 314159 INVITE\r\n\
+        m: <sip:alice@10.0.0.2:5060>\r\n\
+        Content-Type: application/sdp\r\n\
+        Content-Length: 133\r\n\
+        \r\n\
+        v=0\r\n\
+        o=alice 2890844526 2890844526 IN IP4 10.0.0.2\r\n\
+        s=-\r\n\
+        c=IN IP4 10.0.0.2\r\n\
+        t=0 0\r\n\
+        m=audio 49170 RTP/AVP 0\r\n\
+        m=video 0 RTP/AVP 31\r\n";
+
+    #[test]
+    fn an_invite_with_sdp() {
+        let data = INVITE.as_bytes();
+        let m = parse_message(data).unwrap();
+        let Start::Request { method, uri } = &m.start else {
+            panic!()
+        };
+        assert_eq!(method, "INVITE");
+        assert_eq!(&data[uri.clone()], b"sip:bob@198.51.100.7");
+        assert_eq!(m.cseq, Some((314159, "INVITE".to_string())));
+        assert_eq!(
+            m.header(data, "contact"),
+            Some(&b"<sip:alice@10.0.0.2:5060>"[..])
+        );
+        assert_eq!(m.header(data, "call-id"), Some(&b"a84b4c76e66710"[..]));
+        let body = &data[m.body.clone()];
+        assert!(body.starts_with(b"v=0"));
+        let media = parse_sdp(body).unwrap();
+        // The video stream has port 0: inactive, skipped.
+        assert_eq!(media.len(), 1);
+        let a = &media[0];
+        assert_eq!(
+            (a.kind, a.port, a.rtp_port(), a.rtcp_port()),
+            (MediaKind::Audio, 49170, 49170, 49171)
+        );
+        assert_eq!(a.addr, "10.0.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(&body[a.port_at.clone()], b"49170");
+        assert_eq!(&body[a.addr_at.clone()], b"10.0.0.2");
+    }
+
+    #[test]
+    fn responses_take_the_method_from_cseq() {
+        let data = b"SIP/2.0 200 OK\r\nCSeq: 314159 INVITE\r\nl: 0\r\n\r\n";
+        let m = parse_message(data).unwrap();
+        assert_eq!(m.start, Start::Response { code: 200 });
+        assert_eq!(m.method(), Some("INVITE"));
+        assert_eq!(m.len, data.len());
+    }
+
+    #[test]
+    fn media_level_connection_and_bad_ports() {
+        let sdp = b"v=0\r\nc=IN IP4 10.0.0.2\r\nm=audio 5004 RTP/AVP 0\r\nc=IN IP4 10.0.0.9\r\n";
+        let m = parse_sdp(sdp).unwrap();
+        assert_eq!(m[0].addr, "10.0.0.9".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            parse_sdp(b"v=0\r\nc=IN IP4 1.2.3.4\r\nm=audio 80 RTP/AVP 0\r\n"),
+            Err(SipError::WrongPort(80))
+        );
+        assert_eq!(
+            parse_sdp(b"v=0\r\nm=audio 5004 RTP/AVP 0\r\n"),
+            Err(SipError::NoAddress)
+        );
+        let v6 = parse_sdp(b"v=0\r\nc=IN IP6 2001:db8::5\r\nm=image 6000 udptl t38\r\n").unwrap();
+        assert_eq!(
+            (v6[0].kind, v6[0].addr),
+            (MediaKind::Image, "2001:db8::5".parse::<IpAddr>().unwrap())
+        );
+        // No SDP at all: nothing to expect.
+        assert_eq!(parse_sdp(b""), Ok(vec![]));
+    }
+
+    #[test]
+    fn continuation_lines_and_junk() {
+        let data = b"REGISTER sip:reg.example SIP/2.0\r\nContact: <sip:a@10.0.0.2>\r\n ;expires=3600\r\nCSeq: 1 REGISTER\r\n\r\n";
+        let m = parse_message(data).unwrap();
+        let c = std::str::from_utf8(m.header(data, "contact").unwrap()).unwrap();
+        assert!(c.contains("expires=3600"), "{c}");
+        assert_eq!(parse_message(b"SIP/2.0"), Err(SipError::TooShort));
+        // Any `WORD<space><letter>` is a request to the kernel; the handlers table decides.
+        let hello = parse_message(b"HELLO world\r\n\r\n").unwrap();
+        assert_eq!(hello.method(), Some("HELLO"));
+        assert_eq!(
+            parse_message(b"INVITE 123 SIP/2.0\r\n\r\n"),
+            Err(SipError::NotSip)
+        );
+        assert_eq!(
+            parse_message(b"INVITE sip:x SIP/2.0\r\nVia: x\r\n"),
+            Err(SipError::Unterminated)
+        );
+        // Arbitrary bytes never panic.
+        let mut x: u32 = 1;
+        for len in 0..120 {
+            let v: Vec<u8> = (0..len)
+                .map(|_| {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    b"SIP/2.0 INVITE:\r\n v=cm=audio 1234 IN IP4 10.0.0.1 "[(x >> 16) as usize % 50]
+                })
+                .collect();
+            if let Ok(m) = parse_message(&v) {
+                let _ = parse_sdp(&v[m.body.clone()]);
+            }
+            let _ = parse_sdp(&v);
+        }
+    }
+}

@@ -6,7 +6,9 @@
 //! and runs an nft ruleset with conntrack accounting on. Real traffic crosses it: TCP with
 //! data and a FIN teardown started by either side, a reset of an established connection, a
 //! SYN answered by RST, UDP request/response, a UDP stream held over 2 s (ASSURED), an ICMP port
-//! unreachable RELATED to its UDP flow, a ping, and a connection from the server side
+//! unreachable RELATED to its UDP flow, a TCP connection whose entry is deleted mid-stream
+//! (`conntrack -D`, done at the same point of the replay) and picked up again by
+//! `nf_conntrack_tcp_loose`, a ping, and a connection from the server side
 //! that the policy drops (its replies would only be allowed by `ct state established`). The
 //! router's ingress on both interfaces is captured with tcpdump, merged into a pcapng whose
 //! interface names are the port names, and replayed through keepstate with the equivalent
@@ -293,6 +295,7 @@ fn peer() {
         Ok("server") => server(),
         Ok("client") => client(),
         Ok("probe") => probe(),
+        Ok("mid") => mid(),
         _ => {}
     }
 }
@@ -303,6 +306,7 @@ fn server() {
     let c = TcpListener::bind((SERVER, 8003)).unwrap();
     let u = UdpSocket::bind((SERVER, 5000)).unwrap();
     let stream = UdpSocket::bind((SERVER, 5003)).unwrap();
+    let d = TcpListener::bind((SERVER, 8004)).unwrap();
     println!("\npeer-ready");
     std::io::stdout().flush().unwrap();
     // A: the client sends 100 bytes, gets 200, and closes first.
@@ -334,6 +338,33 @@ fn server() {
         let (n, from) = stream.recv_from(&mut buf).unwrap();
         stream.send_to(&buf[..n], from).unwrap();
     }
+    // D: an echo; its conntrack entry is deleted mid-stream (see `mid`).
+    let (mut s, _) = d.accept().unwrap();
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => s.write_all(&buf[..n]).unwrap(),
+        }
+    }
+}
+
+/// D from the client side: 10 bytes echoed, then a quiet second during which the test deletes
+/// the connection's entry in the router (`conntrack -D`), then 20 bytes more and a FIN: the
+/// router picks the connection up mid-stream (`nf_conntrack_tcp_loose`).
+fn mid() {
+    let mut s = TcpStream::connect((SERVER, 8004)).unwrap();
+    let mut buf = [0u8; 20];
+    s.write_all(&[b'm'; 10]).unwrap();
+    s.read_exact(&mut buf[..10]).unwrap();
+    println!("\nmid-open");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    s.write_all(&[b'n'; 20]).unwrap();
+    s.read_exact(&mut buf).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
 }
 
 fn client() {
@@ -562,6 +593,32 @@ fn kernel_and_replay_agree() {
     eprintln!("netns_conntrack: server ready");
     finish(lab.peer(&c, "client"), "client");
     eprintln!("netns_conntrack: client done");
+    // D: delete its entry in a quiet moment, and remember when, to do the same in the replay.
+    let mut mid = lab.peer(&c, "mid");
+    let open = BufReader::new(mid.stdout.as_mut().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.contains("mid-open"));
+    assert!(open, "the mid-stream client never opened");
+    std::thread::sleep(Duration::from_millis(300));
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &r,
+        "conntrack",
+        "-D",
+        "-p",
+        "tcp",
+        "--orig-port-dst",
+        "8004",
+    ])
+    .expect("conntrack -D");
+    let deleted_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    finish(mid, "mid");
     finish(server, "server");
     lab.sh(&c, &format!("ping -c 1 -W 2 {SERVER}"));
     finish(lab.peer(&s, "probe"), "probe");
@@ -601,8 +658,19 @@ fn kernel_and_replay_agree() {
     let mut reader = CaptureReader::new(std::io::Cursor::new(merged)).unwrap();
     let mut trace = Vec::new();
     let mut forwarded = Vec::new();
+    let mut deleted = false;
     while let Some(f) = reader.next_frame() {
         let f = f.unwrap();
+        if !deleted && f.ts.0 >= deleted_at {
+            // The same deletion, at the same point of the traffic.
+            deleted = true;
+            let t = replay.engine().tracker();
+            for c in t.conns() {
+                if c.orig().proto == 6 && c.orig().dport() == 8004 {
+                    t.kill(&c);
+                }
+            }
+        }
         let step = replay.frame(&f);
         trace.extend(step.lines);
         if step.leaves.is_some() {
@@ -637,8 +705,24 @@ fn kernel_and_replay_agree() {
     let kinds = |v: &[String], p: &str| v.iter().filter(|l| l.starts_with(p)).count();
     assert_eq!(
         kinds(&theirs, "tcp"),
-        3,
-        "A, B, C; D's RST killed it\n{context}"
+        4,
+        "A, B, C, D picked up mid-stream; the connection refused by RST left nothing\n{context}"
+    );
+    // D was picked up after the deletion: its counters start there (the 20 bytes, the FIN
+    // exchange), not at the SYN.
+    let d = theirs
+        .iter()
+        .find(|l| l.contains("dport=8004"))
+        .expect("D's entry");
+    eprintln!("netns_conntrack: mid-stream pickup: {d}");
+    let first_packets: u64 = d
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("packets="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(
+        first_packets <= 4,
+        "D was not picked up mid-stream: {d}\n{context}"
     );
     // The request/response, the one refused by ICMP port unreachable (still UNREPLIED), and
     // the stream (ASSURED).

@@ -200,12 +200,44 @@ pub struct Compiled {
     /// Per family (v4, v6) and hook: an established packet is accepted by every base chain
     /// with no side effect, so the tree need not be consulted (see [`accepts_established`]).
     established_fast: [[bool; 5]; 2],
+    /// The prerouting base chains that run before conntrack (priority below
+    /// `NF_IP_PRI_CONNTRACK`, -200: the `raw` chains where `notrack` lives), per family;
+    /// `None` when there are none.
+    raw: Option<[Tree; 2]>,
+}
+
+/// `NF_IP_PRI_CONNTRACK`: base chains below it run before conntrack has seen the packet.
+pub const PRI_CONNTRACK: i32 = -200;
+
+/// The ruleset split at conntrack: the prerouting base chains of priority below
+/// [`PRI_CONNTRACK`], and the rest. Each side keeps every chain (indices and rule ids stay);
+/// chains of the other side lose their hook.
+fn split_at_conntrack(rs: &Ruleset) -> (Ruleset, Ruleset) {
+    let raw_chain = |b: &ir::BaseChain| b.hook == Hook::Prerouting && b.priority < PRI_CONNTRACK;
+    let mut raw = rs.clone();
+    let mut rest = rs.clone();
+    for (rt, mt) in raw.tables.iter_mut().zip(rest.tables.iter_mut()) {
+        for (rc, mc) in rt.chains.iter_mut().zip(mt.chains.iter_mut()) {
+            match rc.base {
+                Some(b) if raw_chain(&b) => mc.base = None,
+                _ => rc.base = None,
+            }
+        }
+    }
+    (raw, rest)
 }
 
 impl Compiled {
     pub fn new(loaded: &crate::rules::Loaded) -> Result<Compiled, BuildError> {
         let rs = Arc::new(loaded.ruleset.clone());
-        let view = |nf, first| Tree::new(Arc::new(rs.view_for(nf, first)));
+        let (raw_rs, main) = split_at_conntrack(&rs);
+        let raw = if raw_rs.base_chains(Hook::Prerouting).is_empty() {
+            None
+        } else {
+            let view = |nf| Tree::new(Arc::new(raw_rs.view_for(nf, true)));
+            Some([view(ir::NFPROTO_IPV4)?, view(ir::NFPROTO_IPV6)?])
+        };
+        let view = |nf, first| Tree::new(Arc::new(main.view_for(nf, first)));
         let trees = [
             view(ir::NFPROTO_IPV4, true)?,
             view(ir::NFPROTO_IPV4, false)?,
@@ -228,9 +260,9 @@ impl Compiled {
                 [AtomicU64::new(p), AtomicU64::new(b)]
             })
             .collect();
-        let hooked = ALL_HOOKS.map(|h| !rs.base_chains(h).is_empty());
+        let hooked = ALL_HOOKS.map(|h| !main.base_chains(h).is_empty());
         let established_fast = [ir::NFPROTO_IPV4, ir::NFPROTO_IPV6].map(|nf| {
-            let view = rs.view_for(nf, false);
+            let view = main.view_for(nf, false);
             ALL_HOOKS.map(|h| accepts_established(&view, h))
         });
         Ok(Compiled {
@@ -241,6 +273,7 @@ impl Compiled {
             limits: Mutex::new(Vec::new()),
             hooked,
             established_fast,
+            raw,
         })
     }
 
@@ -569,7 +602,43 @@ impl Engine {
             hook: conntrack::Hook::Prerouting,
             cpu: w.cpu,
         };
-        let ct = self.tracker.classify(&pkt, ctx, now);
+        let compiled = self.rules.load();
+        let mut limits = Limits {
+            compiled: &compiled,
+            now: now.0,
+        };
+        // The raw prerouting chains run before conntrack: they see no connection (`ct state
+        // invalid`), and `notrack` there leaves the packet untracked.
+        let mut untracked = false;
+        let mut raw_mark = None;
+        if let Some(raw) = &compiled.raw {
+            let mut key = packet_key(&pkt, None, iif);
+            let tree = &raw[pkt.ip.is_v6() as usize];
+            let d = self.run_stage(
+                tree,
+                &compiled,
+                Hook::Prerouting,
+                &mut key,
+                None,
+                (&pkt, frame),
+                &mut limits,
+                w,
+            );
+            if let Some(v) = self.refused(d) {
+                self.answer(&v, frame, &pkt, ingress, w);
+                return (v, Some(ir::ct_state::INVALID as u32));
+            }
+            untracked =
+                w.ev.actions
+                    .iter()
+                    .any(|&a| matches!(action_stmt(&compiled.ruleset, a), Some(Stmt::Notrack)));
+            raw_mark = key.get(Field::Mark);
+        }
+        let ct = if untracked {
+            Classified::Untracked
+        } else {
+            self.tracker.classify(&pkt, ctx, now)
+        };
         let ct_bits = ct.ct_state();
         if let Classified::Tracked(t) = &ct {
             if t.events != 0 && !t.is_tentative() {
@@ -593,14 +662,12 @@ impl Engine {
             };
             return (Verdict::Drop(reason), Some(ct_bits));
         }
-        let compiled = self.rules.load();
         let first = matches!(&ct, Classified::Tracked(t) if t.is_tentative());
         let tree = compiled.tree(pkt.ip.is_v6(), first);
-        let mut key = packet_key(&pkt, &ct, iif);
-        let mut limits = Limits {
-            compiled: &compiled,
-            now: now.0,
-        };
+        let mut key = packet_key(&pkt, Some(&ct), iif);
+        if let Some(m) = raw_mark {
+            key.set(Field::Mark, m);
+        }
 
         // PREROUTING
         let d = self.run_hook(
@@ -732,7 +799,6 @@ impl Engine {
         limits: &mut Limits<'_>,
         w: &mut Worker,
     ) -> Decision {
-        let ev = &mut w.ev;
         if !compiled.hooked[hook as usize] {
             return Decision::Accept;
         }
@@ -742,6 +808,24 @@ impl Engine {
         {
             return Decision::Accept;
         }
+        self.run_stage(tree, compiled, hook, key, Some(ct), (pkt, frame), limits, w)
+    }
+
+    /// Evaluates `tree` at `hook` and applies the side effects: counters, log lines, marks,
+    /// helpers. `ct` is `None` before conntrack (the raw chains).
+    #[allow(clippy::too_many_arguments)]
+    fn run_stage(
+        &self,
+        tree: &Tree,
+        compiled: &Compiled,
+        hook: Hook,
+        key: &mut PacketKey,
+        ct: Option<&Classified>,
+        (pkt, frame): (&Packet<'_>, &[u8]),
+        limits: &mut Limits<'_>,
+        w: &mut Worker,
+    ) -> Decision {
+        let ev = &mut w.ev;
         tree.eval(hook, key, limits, ev);
         w.matched.extend_from_slice(&ev.rules);
         let len = pkt.ip_bytes.len() as u64;
@@ -764,7 +848,7 @@ impl Engine {
                     ));
                 }
                 Some(Stmt::CtHelperSet(name)) => {
-                    if let Some(conn) = ct.conn() {
+                    if let Some(conn) = ct.and_then(|c| c.conn()) {
                         // The helper's type, from the table's ct helper object.
                         let ty = compiled
                             .ruleset
@@ -784,7 +868,7 @@ impl Engine {
             key.set(Field::Mark, m as u128);
         }
         if let Some(m) = ev.ct_mark {
-            if let Some(conn) = ct.conn() {
+            if let Some(conn) = ct.and_then(|c| c.conn()) {
                 conn.set_mark(m);
                 key.set(Field::CtMark, m as u128);
             }
@@ -809,7 +893,9 @@ impl Engine {
 }
 
 /// The fields rules match on, from a parsed packet and what conntrack said.
-pub fn packet_key(pkt: &Packet<'_>, ct: &Classified, iif: u128) -> PacketKey {
+/// Without `ct` (before conntrack), rules see `ct state invalid` and no connection fields, as
+/// `nft_ct_get_eval` reports a packet with no conntrack attached.
+pub fn packet_key(pkt: &Packet<'_>, ct: Option<&Classified>, iif: u128) -> PacketKey {
     let mut k = PacketKey::new();
     match &pkt.ip {
         Ip::V4(v) => {
@@ -856,6 +942,10 @@ pub fn packet_key(pkt: &Packet<'_>, ct: &Classified, iif: u128) -> PacketKey {
     }
     k.set(Field::Iifname, iif);
     k.set(Field::Mark, 0);
+    let Some(ct) = ct else {
+        k.set(Field::CtState, ir::ct_state::INVALID);
+        return k;
+    };
     k.set(Field::CtState, ct.ct_state() as u128);
     if let Some(s) = ct.ct_status() {
         k.set(Field::CtStatus, s as u128);

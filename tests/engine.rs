@@ -503,3 +503,30 @@ fn rejects_answer_as_the_kernel_does() {
     let (_, _, l4, _) = parse(&r3);
     assert!(matches!(l4, L4::Icmp(i) if i.icmp_type == 3 && i.code == 13));
 }
+
+#[test]
+fn notrack_in_a_raw_chain_leaves_packets_untracked() {
+    let cfg = Config::parse(CONFIG, Path::new("ks.toml")).unwrap();
+    let rules = rules::load_str(
+        "r.nft",
+        "table inet raw {\n\tchain pre {\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\tudp dport 53 notrack\n\t\tct state invalid meta mark set 0x7\n\t}\n}\n\
+         table inet f {\n\tchain fwd {\n\t\ttype filter hook forward priority 0; policy drop;\n\t\tct state untracked accept\n\t\tct state new meta mark 0x7 accept\n\t}\n}\n",
+    )
+    .unwrap();
+    let e = Engine::from_config(&cfg, &rules).unwrap();
+    // DNS skips conntrack: rules see it untracked, and no entry is made.
+    let o = e.process(&udp(CLIENT, SERVER, 5353, 53), LAN, t(0), 0);
+    assert_eq!(o.ct_state, Some(ct_state::UNTRACKED as u32));
+    assert!(matches!(o.verdict, Verdict::Forward { .. }));
+    assert_eq!(e.tracker().count(), 0);
+    // Before conntrack, every packet is `ct state invalid` (no conntrack attached yet), so the
+    // raw chain's second rule marks it, and the forward chain sees the mark on a NEW packet.
+    let o = e.process(&tcp(CLIENT, SERVER, 40000, 443, "S", 1, 0), LAN, t(0), 0);
+    assert_eq!(o.ct_state, Some(ct_state::NEW as u32));
+    assert!(
+        matches!(o.verdict, Verdict::Forward { .. }),
+        "{:?}",
+        o.verdict
+    );
+    assert_eq!(e.tracker().count(), 1);
+}

@@ -244,17 +244,17 @@ impl Compiled {
             view(ir::NFPROTO_IPV6, true)?,
             view(ir::NFPROTO_IPV6, false)?,
         ];
-        let n = rs.rules().count();
-        let counters = (0..n)
-            .map(|i| {
-                let (p, b) = rs
-                    .rules()
-                    .nth(i)
-                    .and_then(|r| {
-                        r.stmts.iter().find_map(|s| match s {
-                            Stmt::Counter { packets, bytes } => Some((*packets, *bytes)),
-                            _ => None,
-                        })
+        // Rule ids are dense in `rules()` order: one counter pair per rule, starting at the
+        // values a `counter packets N bytes N` statement gives.
+        let counters = rs
+            .rules()
+            .map(|r| {
+                let (p, b) = r
+                    .stmts
+                    .iter()
+                    .find_map(|s| match s {
+                        Stmt::Counter { packets, bytes } => Some((*packets, *bytes)),
+                        _ => None,
                     })
                     .unwrap_or((0, 0));
                 [AtomicU64::new(p), AtomicU64::new(b)]

@@ -6,7 +6,7 @@
 use std::fmt;
 
 use super::{rule_by_id, Classifier, Decision, Evaluation, NoLimits, PacketKey, HOOKS};
-use crate::rules::ir::{Hook, RuleId, SourceLoc};
+use crate::rules::ir::{Hook, Reject, RuleId, SourceLoc};
 
 /// A rule that matched.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,7 +81,13 @@ impl fmt::Display for Decision {
         match self {
             Decision::Accept => f.write_str("accept"),
             Decision::Drop => f.write_str("drop"),
-            Decision::Reject(r) => write!(f, "reject ({r:?})"),
+            Decision::Reject(r) => match r {
+                Reject::Default => f.write_str("reject"),
+                Reject::TcpReset => f.write_str("reject with tcp reset"),
+                Reject::Icmp(c) => write!(f, "reject with icmp code {c}"),
+                Reject::Icmp6(c) => write!(f, "reject with icmpv6 code {c}"),
+                Reject::Icmpx(c) => write!(f, "reject with icmpx code {c}"),
+            },
         }
     }
 }

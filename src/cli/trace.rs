@@ -283,10 +283,6 @@ pub fn hooks(d: &Described) -> &'static [Hook] {
     }
 }
 
-fn hook_name(h: Hook) -> &'static str {
-    crate::rules::check::hook_name(h)
-}
-
 pub fn run(rules: &Path, packet: &str, reference: bool) -> anyhow::Result<ExitCode> {
     let loaded = match crate::rules::load_file(rules) {
         Ok(l) => l,
@@ -321,11 +317,11 @@ pub fn run(rules: &Path, packet: &str, reference: bool) -> anyhow::Result<ExitCo
             _ => key.clear(Field::Oifname),
         }
         if rs.base_chains(hook).is_empty() {
-            println!("hook {}: no base chains", hook_name(hook));
+            println!("hook {}: no base chains", Hook::name(hook));
             continue;
         }
         classifier.eval(hook, &key, &mut NoLimits, &mut ev);
-        println!("hook {}:", hook_name(hook));
+        println!("hook {}:", Hook::name(hook));
         let mut from = 0usize;
         for ch in &ev.chains {
             let table = &rs.tables[ch.table as usize];
@@ -333,7 +329,7 @@ pub fn run(rules: &Path, packet: &str, reference: bool) -> anyhow::Result<ExitCo
             let prio = chain.base.map_or(0, |b| b.priority);
             println!(
                 "  chain {} {} {} (priority {}):",
-                family_name(table.family),
+                table.family.name(),
                 table.name,
                 chain.name,
                 crate::rules::print::priority_str(hook, prio)
@@ -345,7 +341,7 @@ pub fn run(rules: &Path, packet: &str, reference: bool) -> anyhow::Result<ExitCo
             }
             from = ch.rules_end as usize;
             let how = if ch.by_policy { "policy " } else { "" };
-            println!("    => {how}{}", decision(ch.decision));
+            println!("    => {how}{}", ch.decision);
         }
         if let Some(m) = ev.meta_mark {
             key.set(Field::Mark, m as u128);
@@ -365,7 +361,7 @@ pub fn run(rules: &Path, packet: &str, reference: bool) -> anyhow::Result<ExitCo
             break;
         }
     }
-    println!("verdict: {}", decision(verdict));
+    println!("verdict: {}", verdict);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -394,28 +390,6 @@ fn nat_target(n: &ir::Nat) -> String {
         s.push_str(&format!(":{p}"));
     }
     s
-}
-
-fn family_name(f: ir::Family) -> &'static str {
-    match f {
-        ir::Family::Ip => "ip",
-        ir::Family::Ip6 => "ip6",
-        ir::Family::Inet => "inet",
-    }
-}
-
-fn decision(d: Decision) -> String {
-    match d {
-        Decision::Accept => "accept".into(),
-        Decision::Drop => "drop".into(),
-        Decision::Reject(r) => match r {
-            ir::Reject::Default => "reject".into(),
-            ir::Reject::TcpReset => "reject with tcp reset".into(),
-            ir::Reject::Icmp(c) => format!("reject with icmp code {c}"),
-            ir::Reject::Icmp6(c) => format!("reject with icmpv6 code {c}"),
-            ir::Reject::Icmpx(c) => format!("reject with icmpx code {c}"),
-        },
-    }
 }
 
 #[cfg(test)]

@@ -66,14 +66,6 @@ struct RuleCx<'t> {
     helpers: &'t HashSet<String>,
 }
 
-fn family_name(f: Family) -> &'static str {
-    match f {
-        Family::Ip => "ip",
-        Family::Ip6 => "ip6",
-        Family::Inet => "inet",
-    }
-}
-
 impl<'a> Checker<'a> {
     fn err(&mut self, span: Span, msg: impl Into<String>) {
         self.diags.push(Diagnostic::at(self.map, span, msg));
@@ -124,7 +116,7 @@ impl<'a> Checker<'a> {
             format!(
                 "unknown table `{}` in family {} (declare it before adding to it)",
                 name.node,
-                family_name(family)
+                Family::name(family)
             ),
         );
         None
@@ -651,7 +643,7 @@ impl<'a> Checker<'a> {
                         h.priority.span,
                         format!(
                             "`{name}` is not a valid priority for hook {}",
-                            hook_name(hook)
+                            Hook::name(hook)
                         ),
                     );
                     0
@@ -970,9 +962,9 @@ impl<'a> Checker<'a> {
                     return Some(Atom::Value(v));
                 }
                 let host = if *len == 0 {
-                    ty_max(ty)
+                    ty.max()
                 } else {
-                    ty_max(ty) >> u32::from(*len)
+                    ty.max() >> u32::from(*len)
                 };
                 Some(Atom::Prefix(v & !host, *len))
             }
@@ -999,18 +991,18 @@ impl<'a> Checker<'a> {
             (Expr::Ipv6(a), DType::Ipv6Addr) => Some(u128::from(*a)),
             (Expr::Ipv4(a), _) => bad(self, &format!("address {a}")),
             (Expr::Ipv6(a), _) => bad(self, &format!("address {a}")),
-            (Expr::Number(n), DType::Ipv4Addr | DType::Ipv6Addr) if *n <= ty_max(ty) => Some(*n),
+            (Expr::Number(n), DType::Ipv4Addr | DType::Ipv6Addr) if *n <= ty.max() => Some(*n),
             (Expr::Number(n), DType::Ipv4Addr | DType::Ipv6Addr | DType::Ifname | DType::Str) => {
                 bad(self, &format!("number {n}"))
             }
             (Expr::Number(n), _) => {
-                if *n > ty_max(ty) {
+                if *n > ty.max() {
                     self.err(
                         e.span,
                         format!(
                             "{n} is out of range for {} (at most {})",
                             ty.name(),
-                            ty_max(ty)
+                            ty.max()
                         ),
                     );
                     None
@@ -1230,7 +1222,7 @@ impl<'a> Checker<'a> {
                     s.span,
                     format!(
                         "`{what}` never matches in a table of family {}",
-                        family_name(rcx.family)
+                        Family::name(rcx.family)
                     ),
                 );
                 return None;
@@ -1472,7 +1464,7 @@ impl<'a> Checker<'a> {
                 Some(v)
             }
             Expr::Number(n) => {
-                if *n > ty_max(ty) {
+                if *n > ty.max() {
                     self.err(e.span, format!("{n} is out of range for {}", ty.name()));
                     None
                 } else {
@@ -1529,7 +1521,7 @@ impl<'a> Checker<'a> {
                                     span,
                                     format!(
                                         "`reject with {fam}` cannot apply in a table of family {}",
-                                        family_name(rcx.family)
+                                        Family::name(rcx.family)
                                     ),
                                 );
                                 return None;
@@ -1730,7 +1722,7 @@ impl<'a> Checker<'a> {
         };
         if let Some(h) = rcx.hook {
             if !ok_hooks.contains(&h) {
-                let names: Vec<&str> = ok_hooks.iter().map(|h| hook_name(*h)).collect();
+                let names: Vec<&str> = ok_hooks.iter().map(|h| Hook::name(*h)).collect();
                 self.err(
                     span,
                     format!("`{kw}` is only valid in the {} hooks", names.join(" and ")),
@@ -1749,8 +1741,8 @@ impl<'a> Checker<'a> {
                     span,
                     format!(
                         "`{kw} {}` does not fit a table of family {}",
-                        family_name(f),
-                        family_name(rcx.family)
+                        Family::name(f),
+                        Family::name(rcx.family)
                     ),
                 );
                 return None;
@@ -1777,21 +1769,21 @@ impl<'a> Checker<'a> {
                 (Family::Inet, None) => {
                     self.err(
                         span,
-                        format!("in an inet table write `{kw} {} to ...` to say which family to translate", family_name(addr_family)),
+                        format!("in an inet table write `{kw} {} to ...` to say which family to translate", Family::name(addr_family)),
                     );
                     return None;
                 }
                 (_, Some(f)) if f != addr_family => {
                     self.err(
                         lo.span,
-                        format!("address is not an {} address", family_name(f)),
+                        format!("address is not an {} address", Family::name(f)),
                     );
                     return None;
                 }
                 (f, None) if f != addr_family => {
                     self.err(
                         lo.span,
-                        format!("address does not fit a table of family {}", family_name(f)),
+                        format!("address does not fit a table of family {}", Family::name(f)),
                     );
                     return None;
                 }
@@ -2053,13 +2045,6 @@ fn type_list(t: &[DType]) -> String {
     t.iter().map(|t| t.name()).collect::<Vec<_>>().join(" . ")
 }
 
-fn ty_max(t: DType) -> u128 {
-    match t.bits() {
-        128 => u128::MAX,
-        b => (1u128 << b) - 1,
-    }
-}
-
 /// True when matching the selector implies a transport protocol (for NAT port checks).
 fn implies_l4(s: Sel) -> bool {
     matches!(
@@ -2099,16 +2084,6 @@ pub fn sel_type(s: Sel) -> DType {
         Sel::CtStatus => DType::CtStatus,
         Sel::CtDirection => DType::CtDir,
         Sel::CtHelper => DType::Str,
-    }
-}
-
-pub fn hook_name(h: Hook) -> &'static str {
-    match h {
-        Hook::Prerouting => "prerouting",
-        Hook::Input => "input",
-        Hook::Forward => "forward",
-        Hook::Output => "output",
-        Hook::Postrouting => "postrouting",
     }
 }
 

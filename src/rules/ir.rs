@@ -58,6 +58,17 @@ pub enum Family {
     Inet,
 }
 
+impl Family {
+    /// The family as nft writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Ip => "ip",
+            Family::Ip6 => "ip6",
+            Family::Inet => "inet",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Hook {
     Prerouting,
@@ -65,6 +76,19 @@ pub enum Hook {
     Forward,
     Output,
     Postrouting,
+}
+
+impl Hook {
+    /// The hook as nft writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Prerouting => "prerouting",
+            Hook::Input => "input",
+            Hook::Forward => "forward",
+            Hook::Output => "output",
+            Hook::Postrouting => "postrouting",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

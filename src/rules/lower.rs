@@ -142,13 +142,6 @@ fn dependencies(family: ir::Family, s: Sel) -> Vec<Match> {
     out
 }
 
-fn ty_max(t: DType) -> u128 {
-    match t.bits() {
-        128 => u128::MAX,
-        b => (1u128 << b) - 1,
-    }
-}
-
 impl Lower<'_> {
     fn rule(&self, r: &MRule, id: ir::RuleId, cache: &mut HashMap<String, LoweredSet>) -> ir::Rule {
         let mut matches: Vec<Match> = Vec::new();
@@ -226,7 +219,7 @@ impl Lower<'_> {
         match &m.rhs {
             MRhs::Value(a) => {
                 let (lo, hi) = a.bounds(ty);
-                let max = ty_max(ty);
+                let max = ty.max();
                 let iv = match m.op {
                     Some(RelOp::Lt) if lo == 0 => None,
                     Some(RelOp::Lt) => Some(Interval::new(0, lo - 1)),

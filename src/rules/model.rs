@@ -68,10 +68,7 @@ pub enum Atom {
 impl Atom {
     /// The inclusive interval of values of type `t` the atom covers.
     pub fn bounds(&self, t: DType) -> (u128, u128) {
-        let max = match t.bits() {
-            128 => u128::MAX,
-            b => (1u128 << b) - 1,
-        };
+        let max = t.max();
         match self {
             Atom::Value(v) => (*v, *v),
             Atom::Range(a, b) => (*a, *b),

@@ -6,7 +6,7 @@ use std::fmt::Write;
 use std::net::IpAddr;
 
 use super::ast::RelOp;
-use super::check::{hook_name, sel_type};
+use super::check::sel_type;
 use super::ir::{ChainType, Family, Hook, LogLevel, MarkValue, NatKind, Policy, RateUnit, Reject};
 use super::model::*;
 use super::types::{self, DType};
@@ -20,16 +20,8 @@ pub fn print_model(m: &Model) -> String {
     out
 }
 
-fn family_str(f: Family) -> &'static str {
-    match f {
-        Family::Ip => "ip",
-        Family::Ip6 => "ip6",
-        Family::Inet => "inet",
-    }
-}
-
 fn print_table(out: &mut String, t: &MTable) {
-    let _ = writeln!(out, "table {} {} {{", family_str(t.family), t.name);
+    let _ = writeln!(out, "table {} {} {{", Family::name(t.family), t.name);
     // nft lists objects (ct helpers) first, then sets and maps, then chains, each block
     // separated by a blank line.
     let mut blocks: Vec<String> = Vec::new();
@@ -41,7 +33,7 @@ fn print_table(out: &mut String, t: &MTable) {
             h.name,
             h.helper_type,
             proto,
-            family_str(l3)
+            Family::name(l3)
         ));
     }
     for s in &t.sets {
@@ -139,7 +131,7 @@ fn print_chain(c: &MChain) -> String {
         let _ = writeln!(
             out,
             "\t\ttype {ty} hook {} priority {}; policy {policy};",
-            hook_name(b.hook),
+            Hook::name(b.hook),
             priority_str(b.hook, b.priority)
         );
     }
@@ -348,17 +340,6 @@ fn prefix_type(t: DType) -> bool {
     matches!(t, DType::Ipv4Addr | DType::Ipv6Addr | DType::Mark)
 }
 
-fn bits_max(t: DType) -> u128 {
-    match t.bits() {
-        128 => u128::MAX,
-        b => (1u128 << b) - 1,
-    }
-}
-
-fn bounds(t: DType, a: &Atom) -> (u128, u128) {
-    a.bounds(t)
-}
-
 /// The atom nft would list for the interval [lo, hi].
 fn interval_atom(t: DType, lo: u128, hi: u128) -> Atom {
     if lo == hi {
@@ -367,7 +348,7 @@ fn interval_atom(t: DType, lo: u128, hi: u128) -> Atom {
     if prefix_type(t) {
         let size = hi.wrapping_sub(lo).wrapping_add(1);
         let bits = t.bits();
-        if (size == 0 && lo == 0 && hi == bits_max(t))
+        if (size == 0 && lo == 0 && hi == t.max())
             || (size.is_power_of_two() && lo & (size - 1) == 0)
         {
             let host_bits = if size == 0 {
@@ -402,7 +383,7 @@ fn normalise_elems(key: &[DType], elems: &[MElem], interval: bool, merge: bool) 
         let mut ivs: Vec<(u128, u128, Option<MData>)> = v
             .iter()
             .map(|e| {
-                let (lo, hi) = bounds(t, &e.key[0]);
+                let (lo, hi) = e.key[0].bounds(t);
                 (lo, hi, e.data.clone())
             })
             .collect();
@@ -431,7 +412,7 @@ fn normalise_elems(key: &[DType], elems: &[MElem], interval: bool, merge: bool) 
             e.key
                 .iter()
                 .zip(key)
-                .map(|(a, t)| bounds(*t, a))
+                .map(|(a, t)| a.bounds(*t))
                 .collect::<Vec<_>>()
         });
         return v;
@@ -442,7 +423,7 @@ fn normalise_elems(key: &[DType], elems: &[MElem], interval: bool, merge: bool) 
         let bytes = |e: &MElem| -> Vec<u8> {
             let mut out = Vec::new();
             for (a, t) in e.key.iter().zip(key) {
-                let (lo, _) = bounds(*t, a);
+                let (lo, _) = a.bounds(*t);
                 let len = (t.bits() as usize).div_ceil(8);
                 let be = lo.to_be_bytes();
                 let mut comp = be[16 - len..].to_vec();
@@ -463,7 +444,7 @@ fn normalise_elems(key: &[DType], elems: &[MElem], interval: bool, merge: bool) 
             .iter()
             .zip(key)
             .map(|(a, t)| {
-                let (lo, _) = bounds(*t, a);
+                let (lo, _) = a.bounds(*t);
                 if matches!(t, DType::Ifname | DType::Str) && !interval {
                     u128::from_le_bytes(lo.to_be_bytes())
                 } else {
@@ -626,7 +607,7 @@ fn nat_str(n: &MNat) -> String {
         NatKind::Redirect => "redirect",
     });
     if let Some(f) = n.family {
-        let _ = write!(s, " {}", family_str(f));
+        let _ = write!(s, " {}", Family::name(f));
     }
     let bracket = n.port.is_some() && matches!(n.addr, Some((IpAddr::V6(_), _)));
     let ip = |a: &IpAddr| {

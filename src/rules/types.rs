@@ -89,6 +89,14 @@ impl DType {
         }
     }
 
+    /// The largest value of the type.
+    pub fn max(self) -> u128 {
+        match self.bits() {
+            128 => u128::MAX,
+            b => (1u128 << b) - 1,
+        }
+    }
+
     /// True for bitmask types, where a bare value or list means "any of these bits is set".
     pub fn is_bitmask(self) -> bool {
         matches!(self, DType::TcpFlag | DType::CtState | DType::CtStatus)

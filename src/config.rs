@@ -356,25 +356,90 @@ impl Config {
     }
 
     /// The port a packet to `dst` leaves by, and its next hop (the destination itself on a
-    /// connected network): the longest matching connected network or route.
+    /// connected network): the longest matching connected network or route. Builds the table
+    /// each time; the engine keeps one ([`Config::routing_table`], [`lookup`]).
     pub fn route(&self, dst: IpAddr) -> Option<(&Port, IpAddr)> {
-        let mut best: Option<(u8, &Port, IpAddr)> = None;
-        for p in &self.ports {
-            for n in p.connected() {
-                if n.contains(&dst) && best.is_none_or(|(l, _, _)| n.prefix_len() > l) {
-                    best = Some((n.prefix_len(), p, dst));
-                }
-            }
-        }
-        for r in &self.routes {
-            if r.to.contains(&dst) && best.is_none_or(|(l, _, _)| r.to.prefix_len() > l) {
-                if let Some(p) = self.ports.iter().find(|p| p.name == r.port) {
-                    best = Some((r.to.prefix_len(), p, r.via.unwrap_or(dst)));
-                }
-            }
-        }
-        best.map(|(_, p, hop)| (p, hop))
+        let (port, hop) = lookup(&self.routing_table(), dst)?;
+        Some((&self.ports[port], hop))
     }
+}
+
+/// One line of the routing table: `net/len` leaves by `port` towards `via` (the destination
+/// itself when `None`: a connected network).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub v6: bool,
+    pub net: u128,
+    pub len: u8,
+    pub port: usize,
+    pub via: Option<IpAddr>,
+}
+
+impl RouteEntry {
+    fn contains(&self, v6: bool, a: u128) -> bool {
+        if self.v6 != v6 {
+            return false;
+        }
+        let bits: u32 = if v6 { 128 } else { 32 };
+        let host = bits - u32::from(self.len).min(bits);
+        let mask = if host >= 128 {
+            0
+        } else {
+            (u128::MAX >> (128 - bits)) & !((1u128 << host) - 1)
+        };
+        a & mask == self.net
+    }
+}
+
+fn addr_bits(a: IpAddr) -> (bool, u128) {
+    match a {
+        IpAddr::V4(a) => (false, u32::from(a) as u128),
+        IpAddr::V6(a) => (true, u128::from(a)),
+    }
+}
+
+impl Config {
+    /// The routing table: connected networks and routes, longest prefix first.
+    pub fn routing_table(&self) -> Vec<RouteEntry> {
+        let cfg = self;
+        let mut t = Vec::new();
+        let index = |name: &str| cfg.ports.iter().position(|p| p.name == name);
+        for (i, p) in cfg.ports.iter().enumerate() {
+            for n in p.connected() {
+                let (v6, net) = addr_bits(n.network());
+                t.push(RouteEntry {
+                    v6,
+                    net,
+                    len: n.prefix_len(),
+                    port: i,
+                    via: None,
+                });
+            }
+        }
+        for r in &cfg.routes {
+            if let Some(port) = index(&r.port) {
+                let (v6, net) = addr_bits(r.to.trunc().network());
+                t.push(RouteEntry {
+                    v6,
+                    net,
+                    len: r.to.prefix_len(),
+                    port,
+                    via: r.via,
+                });
+            }
+        }
+        // Longest prefix first; among equals, connected networks (listed first) win.
+        t.sort_by_key(|e| std::cmp::Reverse(e.len));
+        t
+    }
+}
+
+/// The port (index into [`Config::ports`]) a packet to `dst` leaves by, and its next hop: the
+/// first (longest) entry of `table` holding `dst`.
+pub fn lookup(table: &[RouteEntry], dst: IpAddr) -> Option<(usize, IpAddr)> {
+    let (v6, a) = addr_bits(dst);
+    let e = table.iter().find(|e| e.contains(v6, a))?;
+    Some((e.port, e.via.unwrap_or(dst)))
 }
 
 /// 1-based line and column of a byte offset.

@@ -31,7 +31,7 @@ use parking_lot::Mutex;
 use crate::classify::{
     action_stmt, BuildError, Classifier, Decision, Evaluation, LimitSpec, Limiter, PacketKey, Tree,
 };
-use crate::config::Config;
+use crate::config::{Config, RouteEntry};
 use crate::conntrack::{
     self, Classified, Confirmed, CtConfig, HelperName, PktCtx, Timestamp, Tracker,
 };
@@ -106,73 +106,6 @@ pub enum Routing {
     Router(Vec<RouteEntry>),
     /// Ports in pairs (0↔1, 2↔3, ...), no addresses: a frame in on one leaves by the other.
     Pairs,
-}
-
-/// One line of the routing table: `net/len` leaves by `port` towards `via` (the destination
-/// itself when `None`: a connected network).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RouteEntry {
-    pub v6: bool,
-    pub net: u128,
-    pub len: u8,
-    pub port: usize,
-    pub via: Option<IpAddr>,
-}
-
-impl RouteEntry {
-    fn contains(&self, v6: bool, a: u128) -> bool {
-        if self.v6 != v6 {
-            return false;
-        }
-        let bits: u32 = if v6 { 128 } else { 32 };
-        let host = bits - u32::from(self.len).min(bits);
-        let mask = if host >= 128 {
-            0
-        } else {
-            (u128::MAX >> (128 - bits)) & !((1u128 << host) - 1)
-        };
-        a & mask == self.net
-    }
-}
-
-fn addr_bits(a: IpAddr) -> (bool, u128) {
-    match a {
-        IpAddr::V4(a) => (false, u32::from(a) as u128),
-        IpAddr::V6(a) => (true, u128::from(a)),
-    }
-}
-
-/// The routing table of a configuration: connected networks and routes, longest first.
-pub fn routing_table(cfg: &Config) -> Vec<RouteEntry> {
-    let mut t = Vec::new();
-    let index = |name: &str| cfg.ports.iter().position(|p| p.name == name);
-    for (i, p) in cfg.ports.iter().enumerate() {
-        for n in p.connected() {
-            let (v6, net) = addr_bits(n.network());
-            t.push(RouteEntry {
-                v6,
-                net,
-                len: n.prefix_len(),
-                port: i,
-                via: None,
-            });
-        }
-    }
-    for r in &cfg.routes {
-        if let Some(port) = index(&r.port) {
-            let (v6, net) = addr_bits(r.to.trunc().network());
-            t.push(RouteEntry {
-                v6,
-                net,
-                len: r.to.prefix_len(),
-                port,
-                via: r.via,
-            });
-        }
-    }
-    // Longest prefix first; among equals, connected networks (listed first) win.
-    t.sort_by_key(|e| std::cmp::Reverse(e.len));
-    t
 }
 
 /// Every hook, in `Hook as usize` order.
@@ -470,7 +403,7 @@ impl Engine {
         ct.events = true;
         Ok(Engine::new(
             ports,
-            Routing::Router(routing_table(cfg)),
+            Routing::Router(cfg.routing_table()),
             ct,
             Compiled::new(rules)?,
         ))
@@ -883,11 +816,7 @@ impl Engine {
                 let out = ingress ^ 1;
                 (out < self.ports.len()).then_some((out, dst))
             }
-            Routing::Router(table) => {
-                let (v6, a) = addr_bits(dst);
-                let e = table.iter().find(|e| e.contains(v6, a))?;
-                Some((e.port, e.via.unwrap_or(dst)))
-            }
+            Routing::Router(table) => crate::config::lookup(table, dst),
         }
     }
 }

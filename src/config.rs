@@ -376,6 +376,12 @@ pub struct RouteEntry {
 }
 
 impl RouteEntry {
+    /// Whether the entry's network holds `a`.
+    pub fn holds(&self, a: IpAddr) -> bool {
+        let (v6, bits) = addr_bits(a);
+        self.contains(v6, bits)
+    }
+
     fn contains(&self, v6: bool, a: u128) -> bool {
         if self.v6 != v6 {
             return false;

@@ -18,8 +18,19 @@
 //! Fragments are reassembled first (`packet::frag`, as nf_defrag): the whole datagram is
 //! tracked and judged, and its original fragments leave with that verdict.
 //!
-//! XXX: NAT statements are evaluated but their translation is not applied yet (the NAT issue);
-//! the helpers (ct helper set is recorded on the connection) and log output come later too.
+//! NAT (`nf_nat_inet_fn` at each hook): when a family has nat chains, the first packet of a
+//! connection gets a binding at every NAT hook (the rule's `snat`/`dnat`/`masquerade`/
+//! `redirect`, or a null binding that only resolves clashes), kept on the connection as its
+//! REPLY tuple; every packet in either direction is then rewritten from it: destination at
+//! PREROUTING (so routing and the forward chain see the translated address), source at
+//! POSTROUTING and INPUT. A forwarded packet's TTL or hop limit is decremented before FORWARD
+//! (`ip_forward`), and one that would reach zero gets an ICMP time exceeded. The edits are
+//! made in place in the frame once the verdict is known (`packet::rewrite`, incremental
+//! checksums), in each released fragment too.
+//!
+//! XXX: every base chain of a hook is evaluated as one decision tree, so a prerouting filter
+//! chain of priority above -100 sees the packet before DNAT, where the kernel shows it after.
+//! XXX: the helpers (ct helper set is recorded on the connection) come with the helpers issue.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +48,10 @@ use crate::conntrack::{
 };
 use crate::packet::frag::{Push, Reassembler};
 use crate::packet::log;
+use crate::conntrack::nat::{self as ctnat, Manip};
+use crate::conntrack::{CtInfo, Tracked, Tuple};
 use crate::packet::reject::{self, Answer};
+use crate::packet::rewrite::{self, Layout, Rewrite};
 use crate::packet::{self, Frame, Ip, Packet, L4};
 use crate::rules::ir::{self, Field, Hook, RuleId, Ruleset, Stmt};
 use crate::rules::types;
@@ -77,6 +91,11 @@ pub enum DropReason {
     UnknownPort,
     /// A fragment that cannot be reassembled (overlap, bad length, memory bound, timeout).
     Fragment,
+    /// NAT found no free tuple in the range (ports exhausted), or `masquerade`/`redirect`
+    /// found no address on the port.
+    NatFailed,
+    /// The TTL or hop limit ran out on the way through (an ICMP time exceeded is the answer).
+    TtlExceeded,
 }
 
 /// The engine's view of a port.
@@ -133,6 +152,10 @@ pub struct Compiled {
     /// Per family (v4, v6) and hook: an established packet is accepted by every base chain
     /// with no side effect, so the tree need not be consulted (see [`accepts_established`]).
     established_fast: [[bool; 5]; 2],
+    /// Per family (v4, v6): some nat base chain sees the family, so every new connection
+    /// gets a binding (a rule's or a null one) at every NAT hook, as the kernel's nat core
+    /// runs once any nat chain of the family is registered.
+    nat: [bool; 2],
     /// The prerouting base chains that run before conntrack (priority below
     /// `NF_IP_PRI_CONNTRACK`, -200: the `raw` chains where `notrack` lives), per family;
     /// `None` when there are none.
@@ -194,6 +217,14 @@ impl Compiled {
             })
             .collect();
         let hooked = ALL_HOOKS.map(|h| !main.base_chains(h).is_empty());
+        let nat = [ir::NFPROTO_IPV4, ir::NFPROTO_IPV6].map(|nf| {
+            let view = main.view_for(nf, true);
+            view.tables.iter().any(|t| {
+                t.chains
+                    .iter()
+                    .any(|c| c.base.is_some_and(|b| b.kind == ir::ChainType::Nat))
+            })
+        });
         let established_fast = [ir::NFPROTO_IPV4, ir::NFPROTO_IPV6].map(|nf| {
             let view = main.view_for(nf, false);
             ALL_HOOKS.map(|h| accepts_established(&view, h))
@@ -206,6 +237,7 @@ impl Compiled {
             limits: Mutex::new(Vec::new()),
             hooked,
             established_fast,
+            nat,
             raw,
         })
     }
@@ -317,6 +349,10 @@ pub struct EngineStats {
     pub dropped_insert_failed: AtomicU64,
     pub dropped_no_route: AtomicU64,
     pub dropped_fragments: AtomicU64,
+    /// NAT could not translate a new connection (`NatFailed`).
+    pub dropped_nat: AtomicU64,
+    /// TTL or hop limit exhausted while forwarding.
+    pub dropped_ttl: AtomicU64,
 }
 
 /// A worker's reusable buffers, so the hot path allocates nothing once they have grown.
@@ -342,15 +378,75 @@ pub struct Worker {
     /// The lines `log` statements wrote for the last frame, in the kernel's format.
     /// XXX: logs are not rate limited yet (the dataplane issue adds the limit and the sink).
     pub logs: Vec<String>,
+    /// The NAT statement the last hook's rules chose, if any.
+    nat_stmt: Option<ir::Nat>,
+    /// The edits the frame gets once judged (NAT, TTL).
+    edits: Edits,
+    /// xorshift state: the port search's random offsets (`get_random_u16`), per worker and
+    /// seeded from its index, so a replay is reproducible.
+    rng: u64,
 }
 
 impl Worker {
     pub fn new(cpu: usize) -> Worker {
         Worker {
             cpu,
+            rng: 0x9e37_79b9_7f4a_7c15 ^ (cpu as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
             ..Worker::default()
         }
     }
+
+    fn random_u16(&mut self) -> u16 {
+        if self.rng == 0 {
+            self.rng = 0x9e37_79b9_7f4a_7c15;
+        }
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        (x >> 24) as u16
+    }
+}
+
+/// What a judged frame must have changed before it leaves: the NAT edit of its headers (and,
+/// for an ICMP error, of the packet it quotes) and the TTL decrement of forwarding.
+#[derive(Clone, Copy, Debug, Default)]
+struct Edits {
+    rw: Rewrite,
+    inner: Option<Rewrite>,
+    ttl: bool,
+    /// Where the judged packet's IP header is in the frame, its length and layout (none when
+    /// the judged packet is a reassembled datagram: each fragment is parsed again).
+    at: Option<(usize, usize, Layout)>,
+}
+
+impl Edits {
+    fn is_empty(&self) -> bool {
+        !self.ttl && self.inner.is_none() && self.rw == Rewrite::default()
+    }
+}
+
+/// Later edits of a field win: the manip of a later hook works from the earlier one's result.
+fn merge(into: &mut Rewrite, rw: Rewrite) {
+    into.src = rw.src.or(into.src);
+    into.dst = rw.dst.or(into.dst);
+    into.sport = rw.sport.or(into.sport);
+    into.dport = rw.dport.or(into.dport);
+    into.icmp_id = rw.icmp_id.or(into.icmp_id);
+}
+
+/// Makes the edits on one IP packet (`ip`, laid out as `l`).
+fn apply_edits(ip: &mut [u8], l: &Layout, e: &Edits) -> Result<(), rewrite::RewriteError> {
+    match &e.inner {
+        Some(inner) => rewrite::apply_icmp_error(ip, l, &e.rw, inner)?,
+        None if e.rw != Rewrite::default() => rewrite::apply(ip, l, &e.rw)?,
+        None => {}
+    }
+    if e.ttl {
+        rewrite::decrement_ttl(ip, l.v6)?;
+    }
+    Ok(())
 }
 
 /// What happened to one frame, for `replay --trace`.
@@ -369,6 +465,9 @@ pub struct Outcome {
     pub reply: Option<Vec<u8>>,
     /// The lines `log` statements wrote.
     pub logs: Vec<String>,
+    /// The frame as it leaves (NAT and TTL edits made); the released fragments, when there
+    /// are some, are edited in place in [`Outcome::released`].
+    pub frame: Vec<u8>,
 }
 
 pub struct Engine {
@@ -449,22 +548,73 @@ impl Engine {
     /// does); the hot path uses [`Engine::process_with`].
     pub fn process(&self, frame: &[u8], ingress: usize, now: Timestamp, cpu: usize) -> Outcome {
         let mut w = Worker::new(cpu);
+        self.process_traced(frame, ingress, now, &mut w)
+    }
+
+    /// [`Engine::process`] with a worker kept across frames (its NAT port choices continue
+    /// one random sequence, as one CPU's do).
+    pub fn process_traced(
+        &self,
+        frame: &[u8],
+        ingress: usize,
+        now: Timestamp,
+        w: &mut Worker,
+    ) -> Outcome {
         w.trace = true;
-        let (verdict, ct_state) = self.process_with(frame, ingress, now, &mut w);
+        let mut out = frame.to_vec();
+        let (verdict, ct_state) = self.process_with(&mut out, ingress, now, w);
         Outcome {
             verdict,
             ct_state,
-            rules: w.matched,
-            events: w.events,
-            released: w.released,
-            reply: w.reply,
-            logs: w.logs,
+            rules: std::mem::take(&mut w.matched),
+            events: std::mem::take(&mut w.events),
+            released: std::mem::take(&mut w.released),
+            reply: w.reply.take(),
+            logs: std::mem::take(&mut w.logs),
+            frame: out,
         }
     }
 
     /// Decides a frame: the verdict and the `ct state` bit rules saw (none for frames that
-    /// did not parse). The rules that matched and the conntrack events are left in `w`.
+    /// did not parse). The rules that matched and the conntrack events are left in `w`. A
+    /// frame that leaves (forwarded or delivered) is edited in place first: NAT, TTL.
     pub fn process_with(
+        &self,
+        frame: &mut [u8],
+        ingress: usize,
+        now: Timestamp,
+        w: &mut Worker,
+    ) -> (Verdict, Option<u32>) {
+        w.edits = Edits::default();
+        let out = self.decide(frame, ingress, now, w);
+        if matches!(out.0, Verdict::Forward { .. } | Verdict::Local) && !w.edits.is_empty() {
+            let e = w.edits;
+            let ok = match e.at {
+                Some((at, len, l)) => frame
+                    .get_mut(at..at + len)
+                    .map(|ip| apply_edits(ip, &l, &e)),
+                None => Some(Ok(())),
+            };
+            // The fragments of a reassembled datagram: each is parsed and edited.
+            let mut frags_ok = true;
+            for f in &mut w.released {
+                let (at, len, l) = match packet::parse_ethernet(f) {
+                    Frame::Ip(p) => (p.l3_offset, p.ip_bytes.len(), Layout::of(&p)),
+                    _ => continue,
+                };
+                if let Some(ip) = f.get_mut(at..at + len) {
+                    frags_ok &= apply_edits(ip, &l, &e).is_ok();
+                }
+            }
+            if !matches!(ok, Some(Ok(()))) || !frags_ok {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                return (Verdict::Drop(DropReason::Malformed), out.1);
+            }
+        }
+        out
+    }
+
+    fn decide(
         &self,
         frame: &[u8],
         ingress: usize,
@@ -512,6 +662,7 @@ impl Engine {
                         }
                     };
                     let out = self.judge(&whole, frame, ingress, in_port.packed_name, now, w);
+                    w.edits.at = None;
                     w.released = frames;
                     out
                 }
@@ -531,6 +682,7 @@ impl Engine {
         w: &mut Worker,
     ) -> (Verdict, Option<u32>) {
         let pkt = *pkt;
+        w.edits.at = Some((pkt.l3_offset, pkt.ip_bytes.len(), Layout::of(&pkt)));
         let ctx = PktCtx {
             hook: conntrack::Hook::Prerouting,
             cpu: w.cpu,
@@ -617,15 +769,45 @@ impl Engine {
             self.answer(&v, frame, &pkt, ingress, w);
             return (v, Some(ct_bits));
         }
+        // NAT at PREROUTING: the destination, before routing.
+        let mut nat = NatCtx::new(&ct, &pkt, compiled.nat[pkt.ip.is_v6() as usize]);
+        if let Some(n) = nat.as_mut() {
+            let at = NatHook {
+                manip: Manip::Dst,
+                ingress,
+                egress: None,
+            };
+            if let Err(r) = self.nat_step(n, at, &mut key, now, w) {
+                return (Verdict::Drop(r), Some(ct_bits));
+            }
+        }
 
         // Routing.
-        let dst = pkt.ip.dst();
+        let dst = w.edits.rw.dst.unwrap_or(pkt.ip.dst());
         let local = self.ports.iter().any(|p| p.addresses.contains(&dst));
         let (hooks, verdict): (&[Hook], Verdict) = if local {
             (&[Hook::Input], Verdict::Local)
         } else {
             match self.route(ingress, dst) {
                 Some((port, next_hop)) => {
+                    // ip_forward: the TTL runs out here, after routing and before FORWARD,
+                    // whose rules see it decremented.
+                    let ttl = match pkt.ip {
+                        Ip::V4(v) => v.ttl,
+                        Ip::V6(v) => v.hop_limit,
+                    };
+                    if ttl <= 1 {
+                        self.stats.dropped_ttl.fetch_add(1, Ordering::Relaxed);
+                        w.reply = self.answer_from(ingress, frame, &pkt, Answer::TimeExceeded);
+                        return (Verdict::Drop(DropReason::TtlExceeded), Some(ct_bits));
+                    }
+                    w.edits.ttl = true;
+                    let f = if pkt.ip.is_v6() {
+                        Field::Ip6Hoplimit
+                    } else {
+                        Field::Ip4Ttl
+                    };
+                    key.set(f, u128::from(ttl - 1));
                     key.set(Field::Oifname, self.ports[port].packed_name);
                     (
                         &[Hook::Forward, Hook::Postrouting],
@@ -637,6 +819,10 @@ impl Engine {
                     return (Verdict::Drop(DropReason::NoRoute), Some(ct_bits));
                 }
             }
+        };
+        let egress = match verdict {
+            Verdict::Forward { port, next_hop } => Some((port, next_hop)),
+            _ => None,
         };
         for &h in hooks {
             let d = self.run_hook(
@@ -652,6 +838,20 @@ impl Engine {
             if let Some(v) = self.refused(d) {
                 self.answer(&v, frame, &pkt, ingress, w);
                 return (v, Some(ct_bits));
+            }
+        }
+        // NAT at POSTROUTING (or INPUT): the source.
+        if let Some(n) = nat.as_mut() {
+            let at = NatHook {
+                manip: Manip::Src,
+                ingress,
+                egress,
+            };
+            if let Err(r) = self.nat_step(n, at, &mut key, now, w) {
+                return (Verdict::Drop(r), Some(ct_bits));
+            }
+            if n.first && n.reply != n.tracked.conn.reply() {
+                n.tracked.conn.set_nat(conntrack::NatBinding { reply: n.reply });
             }
         }
 
@@ -683,6 +883,141 @@ impl Engine {
         (verdict, Some(ct_bits))
     }
 
+    /// One NAT hook for a tracked packet (`nf_nat_inet_fn`): the first packet of a connection
+    /// sets the hook's binding up (the rule's NAT statement, else a null binding); then the
+    /// packet gets the hook's edit, and later hooks' rules see the edited fields.
+    fn nat_step(
+        &self,
+        n: &mut NatCtx<'_>,
+        at: NatHook,
+        key: &mut PacketKey,
+        now: Timestamp,
+        w: &mut Worker,
+    ) -> Result<(), DropReason> {
+        let conn = &n.tracked.conn;
+        if n.first && conn.status() & ctnat::done_bit(at.manip) == 0 {
+            let range = match w.nat_stmt.take() {
+                Some(stmt) => match self.nat_range(&stmt, at, n.v6) {
+                    Some(r) => r,
+                    None => return Err(self.nat_failed(w.cpu)),
+                },
+                None => ctnat::null_range(&n.reply, at.manip),
+            };
+            let table = self.tracker.table();
+            let taken = |t: &Tuple| t.invert().is_ok_and(|r| table.taken(&r, now.0));
+            let mut random = || w.random_u16();
+            match ctnat::setup(&n.reply, &range, at.manip, &taken, &mut random) {
+                None => return Err(self.nat_failed(w.cpu)),
+                Some(new) => {
+                    if new != n.reply {
+                        conn.set_status(ctnat::status_bit(at.manip));
+                        n.reply = new;
+                    }
+                }
+            }
+            conn.set_status(ctnat::done_bit(at.manip));
+        }
+        let st = conn.status();
+        if st & (conntrack::status::SRC_NAT | conntrack::status::DST_NAT) == 0 {
+            return Ok(());
+        }
+        let orig = conn.orig();
+        let dir = n.tracked.info.dir();
+        if n.icmp_error {
+            if let Some((outer, inner)) = ctnat::icmp_error(orig, &n.reply, st, dir, at.manip) {
+                merge(&mut w.edits.rw, outer);
+                merge(w.edits.inner.get_or_insert_with(Rewrite::default), inner);
+                set_key_addrs(key, &outer);
+            }
+        } else if let Some(rw) = ctnat::packet(orig, &n.reply, st, dir, at.manip) {
+            merge(&mut w.edits.rw, rw);
+            set_key_addrs(key, &rw);
+            if let Some(p) = rw.sport {
+                key.set(Field::Sport, u128::from(p));
+            }
+            if let Some(p) = rw.dport {
+                key.set(Field::Dport, u128::from(p));
+            }
+        }
+        Ok(())
+    }
+
+    /// The range a NAT statement asks for at this hook (`nft_nat_eval`, `nft_masq_eval`,
+    /// `nft_redir_eval`): `masquerade` takes the output port's address (the one on the next
+    /// hop's network if several), `redirect` the input port's first address. `None` when the
+    /// port has no address of the packet's family (the kernel drops those packets too).
+    fn nat_range(&self, stmt: &ir::Nat, at: NatHook, v6: bool) -> Option<ctnat::Range> {
+        let own = |port: usize, near: Option<IpAddr>| {
+            let addrs = &self.ports.get(port)?.addresses;
+            let mut fam = addrs.iter().copied().filter(|a| a.is_ipv6() == v6);
+            let on_link = near.and_then(|nh| {
+                addrs
+                    .iter()
+                    .copied()
+                    .find(|&a| self.connected(port).any(|r| r.holds(a) && r.holds(nh)))
+            });
+            on_link.or_else(|| fam.next())
+        };
+        let addr = match stmt.kind {
+            ir::NatKind::Snat | ir::NatKind::Dnat => stmt.addr,
+            ir::NatKind::Masquerade => {
+                let (port, nh) = at.egress?;
+                let a = own(port, Some(nh))?;
+                Some((a, a))
+            }
+            ir::NatKind::Redirect => {
+                let a = own(at.ingress, None)?;
+                Some((a, a))
+            }
+        };
+        if addr.is_some_and(|(a, _)| a.is_ipv6() != v6) {
+            return None;
+        }
+        Some(ctnat::Range {
+            addr,
+            port: stmt.port,
+            random: stmt.flags.random,
+            fully_random: stmt.flags.fully_random,
+            persistent: stmt.flags.persistent,
+        })
+    }
+
+    /// The connected networks of a port.
+    fn connected(&self, port: usize) -> impl Iterator<Item = &RouteEntry> + '_ {
+        let table: &[RouteEntry] = match &self.routing {
+            Routing::Router(t) => t,
+            Routing::Pairs => &[],
+        };
+        table
+            .iter()
+            .filter(move |r| r.port == port && r.via.is_none())
+    }
+
+    /// Counts a NAT failure: the engine's own counter, and conntrack's `insert_failed` and
+    /// `drop`, where the kernel's confirm of the clashing tuple would count it.
+    fn nat_failed(&self, cpu: usize) -> DropReason {
+        self.stats.dropped_nat.fetch_add(1, Ordering::Relaxed);
+        self.tracker.count_insert_failed(cpu);
+        DropReason::NatFailed
+    }
+
+    /// An ICMP answer from the box's address on the ingress port.
+    fn answer_from(
+        &self,
+        ingress: usize,
+        frame: &[u8],
+        pkt: &Packet<'_>,
+        kind: Answer,
+    ) -> Option<Vec<u8>> {
+        let v6 = pkt.ip.is_v6();
+        let from = self.ports[ingress]
+            .addresses
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv6() == v6);
+        reject::answer(frame, pkt, kind, from)
+    }
+
     /// Builds the answer to a rejected packet (`nf_send_unreach`, `nf_send_reset`), sent from
     /// the box's address on the ingress port.
     fn answer(&self, v: &Verdict, frame: &[u8], pkt: &Packet<'_>, ingress: usize, w: &mut Worker) {
@@ -696,12 +1031,7 @@ impl Engine {
             ir::Reject::Icmp6(c) => Answer::Icmp6(c),
             ir::Reject::Icmpx(c) => reject::icmpx(c, v6),
         };
-        let from = self.ports[ingress]
-            .addresses
-            .iter()
-            .copied()
-            .find(|a| a.is_ipv6() == v6);
-        w.reply = reject::answer(frame, pkt, kind, from);
+        w.reply = self.answer_from(ingress, frame, pkt, kind);
     }
 
     /// A drop or reject from a hook, as the final verdict.
@@ -780,6 +1110,7 @@ impl Engine {
                         pkt,
                     ));
                 }
+                Some(Stmt::Nat(n)) => w.nat_stmt = Some(n.clone()),
                 Some(Stmt::CtHelperSet(name)) => {
                     if let Some(conn) = ct.and_then(|c| c.conn()) {
                         // The helper's type, from the table's ct helper object.
@@ -817,6 +1148,69 @@ impl Engine {
                 (out < self.ports.len()).then_some((out, dst))
             }
             Routing::Router(table) => crate::config::lookup(table, dst),
+        }
+    }
+}
+
+/// A tracked packet's NAT state through the hooks.
+struct NatCtx<'a> {
+    tracked: &'a Tracked,
+    /// A NEW (or RELATED) connection still to be confirmed: the hooks set its binding up.
+    first: bool,
+    /// The REPLY tuple so far (bound on the connection before confirmation).
+    reply: Tuple,
+    /// An ICMP error RELATED to the connection: its quote is translated too.
+    icmp_error: bool,
+    v6: bool,
+}
+
+impl<'a> NatCtx<'a> {
+    /// `None` when NAT cannot concern the packet: untracked, or a connection that is neither
+    /// new in a family with nat chains nor translated.
+    fn new(ct: &'a Classified, pkt: &Packet<'_>, nat_chains: bool) -> Option<NatCtx<'a>> {
+        let Classified::Tracked(t) = ct else {
+            return None;
+        };
+        let first = t.is_tentative() && nat_chains;
+        let st = t.conn.status();
+        if !first && st & (conntrack::status::SRC_NAT | conntrack::status::DST_NAT) == 0 {
+            return None;
+        }
+        let icmp_error = matches!(t.info, CtInfo::Related | CtInfo::RelatedReply)
+            && match &pkt.l4 {
+                L4::Icmp(i) => packet::icmp_is_err(i.icmp_type),
+                L4::Icmp6(i) => packet::icmpv6_is_err(i.icmp_type),
+                _ => false,
+            };
+        Some(NatCtx {
+            tracked: t,
+            first,
+            reply: t.conn.reply(),
+            icmp_error,
+            v6: pkt.ip.is_v6(),
+        })
+    }
+}
+
+/// Where a NAT hook is: which side it translates, the ports (egress with the next hop, for
+/// masquerade).
+#[derive(Clone, Copy)]
+struct NatHook {
+    manip: Manip,
+    ingress: usize,
+    egress: Option<(usize, IpAddr)>,
+}
+
+/// Later rules see translated addresses.
+fn set_key_addrs(key: &mut PacketKey, rw: &Rewrite) {
+    for (a, v4, v6) in [
+        (rw.src, Field::Ip4Saddr, Field::Ip6Saddr),
+        (rw.dst, Field::Ip4Daddr, Field::Ip6Daddr),
+    ] {
+        match a {
+            Some(IpAddr::V4(a)) => key.set(v4, u128::from(u32::from(a))),
+            Some(IpAddr::V6(a)) => key.set(v6, u128::from(a)),
+            None => {}
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
@@ -31,10 +31,14 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-/// The NAT binding of a connection. Opaque until the NAT issue: the tracker only stores it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct NatBinding {}
+/// The NAT binding of a connection (`nf_nat_setup_info`'s result): the REPLY tuple as
+/// translation left it. Set once, before the connection is confirmed; every later packet in
+/// either direction is translated from it (`nf_nat_manip_pkt` inverts the other direction's
+/// tuple).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatBinding {
+    pub reply: Tuple,
+}
 
 /// A helper's name, at most [`HELPER_NAME_LEN`] - 1 bytes like the kernel's.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
@@ -75,7 +79,6 @@ pub(crate) struct ConnInner {
     pub proto: ProtoState,
     pub counters: [Counter; 2],
     pub helper: Option<HelperName>,
-    pub nat: Option<Box<NatBinding>>,
 }
 
 /// One connection. Created tentative by [`super::Tracker::classify`], inserted by
@@ -83,9 +86,9 @@ pub(crate) struct ConnInner {
 ///
 /// Laid out in the order a packet touches it (`repr(C)`), so a lookup's cache misses land
 /// on the first three lines: `Arc` counts, status, expiry, the ORIGINAL tuple (to tell the
-/// direction), the mutex, the protocol state and the counters. The REPLY tuple is not
-/// stored: without NAT it is the ORIGINAL inverted (XXX: the NAT issue keeps its own in
-/// [`NatBinding`] and must make `reply()` return it).
+/// direction), the mutex, the protocol state and the counters. The REPLY tuple is stored
+/// only when NAT changed it ([`NatBinding`], set once before confirmation); without NAT it
+/// is the ORIGINAL inverted, so an untranslated connection pays 16 bytes for the slot.
 #[repr(C)]
 pub struct Conn {
     pub(crate) status: AtomicU32,
@@ -95,6 +98,7 @@ pub struct Conn {
     orig: Tuple,
     pub(crate) inner: Mutex<ConnInner>,
     start: u64,
+    nat: OnceLock<Box<NatBinding>>,
 }
 
 impl Conn {
@@ -110,8 +114,8 @@ impl Conn {
                 proto,
                 counters: [Counter::default(); 2],
                 helper: None,
-                nat: None,
             }),
+            nat: OnceLock::new(),
         }
     }
 
@@ -119,9 +123,12 @@ impl Conn {
     pub fn orig(&self) -> &Tuple {
         &self.orig
     }
-    /// The REPLY tuple.
+    /// The REPLY tuple: the translated one when NAT is bound, else the ORIGINAL inverted.
     pub fn reply(&self) -> Tuple {
-        self.orig.invert().unwrap_or(self.orig)
+        match self.nat.get() {
+            Some(n) => n.reply,
+            None => self.orig.invert().unwrap_or(self.orig),
+        }
     }
     pub fn tuple(&self, dir: Dir) -> Tuple {
         match dir {
@@ -195,11 +202,18 @@ impl Conn {
             self.set_status(status::HELPER);
         }
     }
+    /// The NAT binding, if translation changed the REPLY tuple.
     pub fn nat(&self) -> Option<NatBinding> {
-        self.inner.lock().nat.as_deref().cloned()
+        self.nat.get().map(|b| **b)
     }
-    pub fn set_nat(&self, nat: Option<NatBinding>) {
-        self.inner.lock().nat = nat.map(Box::new);
+    /// Binds NAT (`nf_conntrack_alter_reply`): only on a tentative connection, before
+    /// [`super::Tracker::confirm`] puts its tuples in the table; false if it is confirmed or
+    /// already bound (the binding never changes under the table's keys).
+    pub fn set_nat(&self, nat: NatBinding) -> bool {
+        if self.is_confirmed() {
+            return false;
+        }
+        self.nat.set(Box::new(nat)).is_ok()
     }
 }
 

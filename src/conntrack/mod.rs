@@ -833,6 +833,14 @@ impl Tracker {
         n
     }
 
+    /// Counts a new connection that could not be inserted for want of a free tuple (NAT's
+    /// port exhaustion): `insert_failed` and `drop`, as the kernel's failed confirm does.
+    pub fn count_insert_failed(&self, cpu: usize) {
+        let st = self.slot(cpu);
+        inc(&st.insert_failed);
+        inc(&st.drop);
+    }
+
     /// Removes a connection (`conntrack -D`, or a reset sent by the box).
     pub fn kill(&self, conn: &ConnRef) -> bool {
         let gone = self.table.remove(conn);

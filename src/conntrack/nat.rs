@@ -12,12 +12,149 @@
 //! The address hash is lookup3's `hashword` as `<linux/jhash.h>` has it; that it picks the
 //! kernel's address bit for bit is for the NAT issue's differential test (`snat to` a range).
 //!
+//! Beside the choice, what a translated connection does to each packet (`nf_nat_packet`,
+//! `nf_nat_manip_pkt`, `nf_nat_icmp_reply_translation`): which hook rewrites which side in
+//! which direction, as [`Rewrite`]s the packet layer applies.
+//!
 //! XXX: the kernel first reuses the mapping of an existing connection from the same source
-//! (`find_appropriate_src`, the bysource hash); the NAT issue adds it with the table.
+//! (`find_appropriate_src`, the bysource hash), so one (address, port) keeps its public port
+//! towards every destination; here a new destination gets the same port only when it is free
+//! (it usually is: the original port is tried first). Needs a bysource index in the table.
 
 use std::net::IpAddr;
 
-use super::tuple::{Addr, Tuple, L3};
+use super::proto::Dir;
+use super::status;
+use super::tuple::{has_ports, Addr, Tuple, L3};
+use crate::packet::rewrite::Rewrite;
+
+/// `nf_nat_setup_info` on a connection not yet confirmed, whose REPLY tuple is `reply` so far
+/// (the ORIGINAL inverted, or the result of an earlier manip at another hook): the new REPLY
+/// tuple, equal to `reply` when nothing needed to change. `None` when every tuple of the range
+/// is taken: the packet must be dropped and counted.
+pub fn setup(
+    reply: &Tuple,
+    r: &Range,
+    manip: Manip,
+    taken: &dyn Taken,
+    random: &mut dyn FnMut() -> u16,
+) -> Option<Tuple> {
+    // curr_tuple: what the ORIGINAL tuple looks like after the manips so far.
+    let curr = reply.invert().ok()?;
+    let new = unique_tuple(&curr, r, manip, taken, random)?;
+    if new == curr {
+        return Some(*reply);
+    }
+    new.invert().ok()
+}
+
+/// `nf_nat_alloc_null_binding`: the range a connection gets at a NAT hook where no rule
+/// translated it: its current address on that side, so only a clash changes its port.
+pub fn null_range(reply: &Tuple, manip: Manip) -> Range {
+    let a = match manip {
+        Manip::Src => reply.dst_ip(),
+        Manip::Dst => reply.src_ip(),
+    };
+    Range {
+        addr: Some((a, a)),
+        ..Range::default()
+    }
+}
+
+/// The status bit a translation on `manip`'s side sets (`IPS_SRC_NAT`, `IPS_DST_NAT`).
+pub fn status_bit(manip: Manip) -> u32 {
+    match manip {
+        Manip::Src => status::SRC_NAT,
+        Manip::Dst => status::DST_NAT,
+    }
+}
+
+/// The `*_NAT_DONE` bit: the hook has set its binding up (`nf_nat_initialized`).
+pub fn done_bit(manip: Manip) -> u32 {
+    match manip {
+        Manip::Src => status::SRC_NAT_DONE,
+        Manip::Dst => status::DST_NAT_DONE,
+    }
+}
+
+/// Whether a packet of direction `dir` is rewritten on `manip`'s side: the status bit of that
+/// side, or of the other side for replies (`statusbit ^= IPS_NAT_MASK`).
+fn applies(st: u32, dir: Dir, manip: Manip) -> bool {
+    let side = match (dir, manip) {
+        (Dir::Original, m) => m,
+        (Dir::Reply, Manip::Src) => Manip::Dst,
+        (Dir::Reply, Manip::Dst) => Manip::Src,
+    };
+    st & status_bit(side) != 0
+}
+
+/// `l3proto->manip_pkt` + `l4proto->manip_pkt`: the edit that makes a packet's `manip` side
+/// look like `target`'s. ICMP rewrites its echo id whatever the side, as `icmp_manip_pkt` does.
+fn manip_to(target: &Tuple, manip: Manip) -> Rewrite {
+    let mut rw = Rewrite::default();
+    match manip {
+        Manip::Src => {
+            rw.src = Some(target.src_ip());
+            if has_ports(target.proto) {
+                rw.sport = Some(target.src_id);
+            }
+        }
+        Manip::Dst => {
+            rw.dst = Some(target.dst_ip());
+            if has_ports(target.proto) {
+                rw.dport = Some(target.dst_id);
+            }
+        }
+    }
+    if target.is_icmp() {
+        rw.icmp_id = Some(target.src_id);
+    }
+    rw
+}
+
+/// `nf_nat_packet`: the edit a packet of direction `dir` gets at a hook doing `manip`, given
+/// the connection's tuples and status; `None` when that side is not translated.
+pub fn packet(orig: &Tuple, reply: &Tuple, st: u32, dir: Dir, manip: Manip) -> Option<Rewrite> {
+    if !applies(st, dir, manip) {
+        return None;
+    }
+    let other = match dir {
+        Dir::Original => reply,
+        Dir::Reply => orig,
+    };
+    Some(manip_to(&other.invert().ok()?, manip))
+}
+
+/// `nf_nat_icmp_reply_translation`: an ICMP error RELATED to a translated connection, quoting
+/// a packet of the other direction. Returns the edits of (the error's own header, the quoted
+/// packet): the quote is put back as the peer sent it (the opposite manip, to the other
+/// direction's tuple), and the outer header like any packet of direction `dir`.
+pub fn icmp_error(
+    orig: &Tuple,
+    reply: &Tuple,
+    st: u32,
+    dir: Dir,
+    manip: Manip,
+) -> Option<(Rewrite, Rewrite)> {
+    if !applies(st, dir, manip) {
+        return None;
+    }
+    let other = match dir {
+        Dir::Original => reply,
+        Dir::Reply => orig,
+    };
+    let inner_manip = match manip {
+        Manip::Src => Manip::Dst,
+        Manip::Dst => Manip::Src,
+    };
+    let inner = manip_to(other, inner_manip);
+    let mut outer = manip_to(&other.invert().ok()?, manip);
+    // The outer header is ICMP: no ports, and its id is not the quoted flow's.
+    outer.sport = None;
+    outer.dport = None;
+    outer.icmp_id = None;
+    Some((outer, inner))
+}
 
 /// Which side of the tuple is translated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

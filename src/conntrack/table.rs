@@ -116,6 +116,14 @@ impl Table {
         (Some(hit), None)
     }
 
+    /// `nf_conntrack_tuple_taken`: a live connection (not expired, not dying) holds `t` in
+    /// either direction. NAT asks it of every candidate REPLY tuple.
+    pub fn taken(&self, t: &Tuple, now: u64) -> bool {
+        self.map
+            .get(t)
+            .is_some_and(|c| !c.is_expired(now) && !c.is_dying())
+    }
+
     /// Inserts both tuples of `conn`, or neither (`__nf_conntrack_confirm`). An expired or
     /// dying entry holding a tuple is replaced.
     pub fn insert(&self, conn: &ConnRef, now: u64) -> Result<(), InsertError> {

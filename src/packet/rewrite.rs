@@ -199,6 +199,22 @@ pub fn apply(ip: &mut [u8], l: &Layout, rw: &Rewrite) -> Result<(), RewriteError
     Ok(())
 }
 
+/// `ip_decrease_ttl` / the IPv6 hop limit: one less, with the IPv4 header checksum updated
+/// incrementally (the TTL shares its 16-bit word with the protocol).
+pub fn decrement_ttl(ip: &mut [u8], v6: bool) -> Result<(), RewriteError> {
+    if v6 {
+        let h = ip.get_mut(7).ok_or(RewriteError::Truncated)?;
+        *h = h.saturating_sub(1);
+        return Ok(());
+    }
+    let old = get16(ip, 8)?;
+    let ttl = (old >> 8) as u8;
+    let new = (u16::from(ttl.saturating_sub(1)) << 8) | (old & 0xff);
+    put16(ip, 8, new)?;
+    let c = get16(ip, 10)?;
+    put16(ip, 10, csum_replace2(c, old, new))
+}
+
 /// Translates an ICMP or ICMPv6 error: `outer` edits the error's own IP header, `inner` the
 /// packet it quotes (its addresses, ports or echo id, the quoted IPv4 header checksum and, when
 /// the quote holds it, the quoted UDP checksum), then the error's checksum is recomputed over

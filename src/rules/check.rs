@@ -464,6 +464,22 @@ impl<'a> Checker<'a> {
             .iter()
             .map(|c| (c.name.node.clone(), c.hook.is_some()))
             .collect();
+        // A verdict map's jumps must land on a regular chain of the table, whether or not a
+        // rule uses the map (nft refuses the element when it is added).
+        for decl in &t.sets {
+            if let Some(ms) = set_map.get(&decl.name.node) {
+                for e in &ms.elems {
+                    if let Some(MData::Verdict(MVerdict::Jump(n) | MVerdict::Goto(n))) = &e.data {
+                        match chain_kinds.get(n) {
+                            None => self.err(decl.name.span, format!("unknown chain `{n}`")),
+                            Some(true) => self
+                                .err(decl.name.span, format!("cannot jump to base chain `{n}`")),
+                            Some(false) => {}
+                        }
+                    }
+                }
+            }
+        }
         let mut chains = Vec::new();
         for c in &t.chains {
             let base = c

@@ -84,7 +84,11 @@ fn setup(flows: u32, nat: bool) -> (Engine, Vec<(Vec<u8>, usize)>) {
         let c = client(i + 1);
         let sport = 10_000 + (i % 50_000) as u16;
         let out = e.process(&frame(c, server, sport, 443, 0x02, 100, 0), 0, now, 0);
-        assert!(matches!(out.verdict, Verdict::Forward { .. }), "{:?}", out.verdict);
+        assert!(
+            matches!(out.verdict, Verdict::Forward { .. }),
+            "{:?}",
+            out.verdict
+        );
         // Where the replies go: the source as it left (masqueraded or not).
         let (to, to_port) = match keepstate::packet::parse_ethernet(&out.frame) {
             keepstate::packet::Frame::Ip(p) => match (p.ip.src(), &p.l4) {

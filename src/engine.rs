@@ -43,13 +43,13 @@ use crate::classify::{
     action_stmt, BuildError, Classifier, Decision, Evaluation, LimitSpec, Limiter, PacketKey, Tree,
 };
 use crate::config::{Config, RouteEntry};
+use crate::conntrack::nat::{self as ctnat, Manip};
 use crate::conntrack::{
     self, Classified, Confirmed, CtConfig, HelperName, PktCtx, Timestamp, Tracker,
 };
+use crate::conntrack::{CtInfo, Tracked, Tuple};
 use crate::packet::frag::{Push, Reassembler};
 use crate::packet::log;
-use crate::conntrack::nat::{self as ctnat, Manip};
-use crate::conntrack::{CtInfo, Tracked, Tuple};
 use crate::packet::reject::{self, Answer};
 use crate::packet::rewrite::{self, Layout, Rewrite};
 use crate::packet::{self, Frame, Ip, Packet, L4};
@@ -851,7 +851,9 @@ impl Engine {
                 return (Verdict::Drop(r), Some(ct_bits));
             }
             if n.first && n.reply != n.tracked.conn.reply() {
-                n.tracked.conn.set_nat(conntrack::NatBinding { reply: n.reply });
+                n.tracked
+                    .conn
+                    .set_nat(conntrack::NatBinding { reply: n.reply });
             }
         }
 
@@ -916,6 +918,8 @@ impl Engine {
                 }
             }
             conn.set_status(ctnat::done_bit(at.manip));
+            // Later hooks' `ct status snat/dnat` see the binding.
+            key.set(Field::CtStatus, u128::from(conn.status()));
         }
         let st = conn.status();
         if st & (conntrack::status::SRC_NAT | conntrack::status::DST_NAT) == 0 {

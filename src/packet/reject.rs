@@ -126,9 +126,9 @@ pub fn answer(
             let quote_max = ICMP6_MAX - 40 - 8;
             let quote = &pkt.ip_bytes[..pkt.ip_bytes.len().min(quote_max)];
             let ty = match kind {
-                Answer::Icmp6(code) => Icmpv6Type::DestinationUnreachable(
-                    icmpv6::DestUnreachableCode::from_u8(code)?,
-                ),
+                Answer::Icmp6(code) => {
+                    Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::from_u8(code)?)
+                }
                 _ => Icmpv6Type::TimeExceeded(icmpv6::TimeExceededCode::HopLimitExceeded),
             };
             eth.ipv6(s.octets(), d.octets(), TTL)

@@ -472,8 +472,9 @@ impl<'a> Checker<'a> {
                     if let Some(MData::Verdict(MVerdict::Jump(n) | MVerdict::Goto(n))) = &e.data {
                         match chain_kinds.get(n) {
                             None => self.err(decl.name.span, format!("unknown chain `{n}`")),
-                            Some(true) => self
-                                .err(decl.name.span, format!("cannot jump to base chain `{n}`")),
+                            Some(true) => {
+                                self.err(decl.name.span, format!("cannot jump to base chain `{n}`"))
+                            }
                             Some(false) => {}
                         }
                     }

@@ -105,11 +105,41 @@ fn put16(b: &mut [u8], at: usize, v: u16) -> Result<(), RewriteError> {
     Ok(())
 }
 
-fn addr_bytes(a: IpAddr) -> Vec<u8> {
-    match a {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
+/// An address's bytes on the stack (the rewrite of every NATed packet allocates nothing).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct AddrBytes {
+    b: [u8; 16],
+    len: usize,
+}
+
+impl std::ops::Deref for AddrBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.b[..self.len]
     }
+}
+
+fn addr_bytes(a: IpAddr) -> AddrBytes {
+    let mut b = [0u8; 16];
+    let len = match a {
+        IpAddr::V4(a) => {
+            b[..4].copy_from_slice(&a.octets());
+            4
+        }
+        IpAddr::V6(a) => {
+            b = a.octets();
+            16
+        }
+    };
+    AddrBytes { b, len }
+}
+
+/// The `len` bytes at `at` of `buf`, copied to the stack.
+fn bytes_at(buf: &[u8], at: usize, len: usize) -> Result<AddrBytes, RewriteError> {
+    let src = buf.get(at..at + len).ok_or(RewriteError::Truncated)?;
+    let mut b = [0u8; 16];
+    b[..len].copy_from_slice(src);
+    Ok(AddrBytes { b, len })
 }
 
 /// Offset of the transport checksum, if the protocol's checksum covers the pseudo-header
@@ -138,10 +168,7 @@ pub fn apply(ip: &mut [u8], l: &Layout, rw: &Rewrite) -> Result<(), RewriteError
             return Err(RewriteError::Family);
         }
         let nb = addr_bytes(new);
-        let ob = ip
-            .get(at..at + alen)
-            .ok_or(RewriteError::Truncated)?
-            .to_vec();
+        let ob = bytes_at(ip, at, alen)?;
         if ob == nb {
             continue;
         }
@@ -252,10 +279,7 @@ pub fn apply_icmp_error(
             return Err(RewriteError::Family);
         }
         let nb = addr_bytes(new);
-        let ob = qbuf
-            .get(at..at + alen)
-            .ok_or(RewriteError::Truncated)?
-            .to_vec();
+        let ob = bytes_at(&qbuf, at, alen)?;
         qbuf[at..at + alen].copy_from_slice(&nb);
         if !inner_v6 {
             let c = get16(&qbuf, 10)?;

@@ -73,15 +73,17 @@ fn setup(flows: u32, nat: bool) -> (Engine, Vec<(Vec<u8>, usize)>) {
     let text = if nat {
         text
     } else {
-        text[..text.find("table ip nat").unwrap()].to_string()
+        text[..text.find("\ntable ip nat {").unwrap()].to_string()
     };
     let rules = rules::load_str("home-router.nft", &text).unwrap();
     let e = Engine::from_config(&cfg, &rules).unwrap();
-    let server = [203, 0, 113, 7];
     let now = Timestamp::from_secs(1000);
     let mut data = Vec::with_capacity(flows as usize * 2);
     for i in 0..flows {
         let c = client(i + 1);
+        // One server per 50 000 flows: one masquerade address has only 64 512 ports towards a
+        // given server address and port.
+        let server = [203, 0, 113, 7 + (i / 50_000) as u8];
         let sport = 10_000 + (i % 50_000) as u16;
         let out = e.process(&frame(c, server, sport, 443, 0x02, 100, 0), 0, now, 0);
         assert!(

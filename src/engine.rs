@@ -477,6 +477,8 @@ pub struct Engine {
     frags: Reassembler,
     rules: ArcSwap<Compiled>,
     pub stats: EngineStats,
+    /// Calls of [`Engine::process`], which seed their throwaway workers.
+    calls: AtomicU64,
 }
 
 impl Engine {
@@ -488,6 +490,7 @@ impl Engine {
             frags: Reassembler::default(),
             rules: ArcSwap::from_pointee(rules),
             stats: EngineStats::default(),
+            calls: AtomicU64::new(0),
         }
     }
 
@@ -548,6 +551,9 @@ impl Engine {
     /// does); the hot path uses [`Engine::process_with`].
     pub fn process(&self, frame: &[u8], ingress: usize, now: Timestamp, cpu: usize) -> Outcome {
         let mut w = Worker::new(cpu);
+        // A fresh worker per call must not replay the same random port offsets every time.
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        w.rng ^= n.wrapping_mul(0x94d0_49bb_1331_11eb);
         self.process_traced(frame, ingress, now, &mut w)
     }
 

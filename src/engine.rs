@@ -905,7 +905,7 @@ impl Engine {
         let conn = &n.tracked.conn;
         if n.first && conn.status() & ctnat::done_bit(at.manip) == 0 {
             let range = match w.nat_stmt.take() {
-                Some(stmt) => match self.nat_range(&stmt, at, n.v6) {
+                Some(stmt) => match self.nat_range(&stmt, at, n.v6, key) {
                     Some(r) => r,
                     None => return Err(self.nat_failed(w.cpu)),
                 },
@@ -956,7 +956,13 @@ impl Engine {
     /// `nft_redir_eval`): `masquerade` takes the output port's address (the one on the next
     /// hop's network if several), `redirect` the input port's first address. `None` when the
     /// port has no address of the packet's family (the kernel drops those packets too).
-    fn nat_range(&self, stmt: &ir::Nat, at: NatHook, v6: bool) -> Option<ctnat::Range> {
+    fn nat_range(
+        &self,
+        stmt: &ir::Nat,
+        at: NatHook,
+        v6: bool,
+        key: &PacketKey,
+    ) -> Option<ctnat::Range> {
         let own = |port: usize, near: Option<IpAddr>| {
             let addrs = &self.ports.get(port)?.addresses;
             let mut fam = addrs.iter().copied().filter(|a| a.is_ipv6() == v6);
@@ -968,8 +974,20 @@ impl Engine {
             });
             on_link.or_else(|| fam.next())
         };
+        let mut port = stmt.port;
         let addr = match stmt.kind {
-            ir::NatKind::Snat | ir::NatKind::Dnat => stmt.addr,
+            ir::NatKind::Snat | ir::NatKind::Dnat => match &stmt.map {
+                // The rule matched only if the key is in the map, so the lookup hits.
+                Some(m) => {
+                    let k: Option<Vec<u128>> = m.fields.iter().map(|f| key.get(*f)).collect();
+                    let (a, p) = m.lookup(&k?)?;
+                    if let Some(p) = p {
+                        port = Some((p, p));
+                    }
+                    Some((a, a))
+                }
+                None => stmt.addr,
+            },
             ir::NatKind::Masquerade => {
                 let (port, nh) = at.egress?;
                 let a = own(port, Some(nh))?;
@@ -985,7 +1003,7 @@ impl Engine {
         }
         Some(ctnat::Range {
             addr,
-            port: stmt.port,
+            port,
             random: stmt.flags.random,
             fully_random: stmt.flags.fully_random,
             persistent: stmt.flags.persistent,

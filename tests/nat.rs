@@ -93,6 +93,17 @@ fn ping4(src: [u8; 4], dst: [u8; 4], id: u16, seq: u16, reply: bool) -> Vec<u8> 
     capture::echo("lan", src, dst, id, seq, reply)
 }
 
+fn udp6(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+    let a = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv6(a(src), a(dst), 64)
+        .udp(sport, dport)
+        .write(&mut f, b"q")
+        .unwrap();
+    f
+}
+
 fn t(ms: u64) -> Timestamp {
     Timestamp::from_millis(1_000_000 + ms)
 }
@@ -404,17 +415,7 @@ fn a_zero_udp_checksum_stays_zero() {
 #[test]
 fn ipv6_masquerade() {
     let e = engine_with(&nat_rules("", "oifname \"wan\" masquerade"));
-    let c: [u8; 16] = "fd00:1::10".parse::<std::net::Ipv6Addr>().unwrap().octets();
-    let s: [u8; 16] = "2001:db8:9::7"
-        .parse::<std::net::Ipv6Addr>()
-        .unwrap()
-        .octets();
-    let mut f = Vec::new();
-    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ipv6(c, s, 64)
-        .udp(7000, 53)
-        .write(&mut f, b"q")
-        .unwrap();
+    let f = udp6("fd00:1::10", "2001:db8:9::7", 7000, 53);
     let o = e.process(&f, LAN, t(0), 0);
     let p = leaves(&o);
     assert_eq!(p.ip.src(), "2001:db8:1::1".parse::<IpAddr>().unwrap());
@@ -534,4 +535,44 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn nat_maps_pick_the_target_by_the_packets_key() {
+    let e = engine_with(&nat_rules(
+        "iifname \"wan\" dnat ip to ip daddr . tcp dport map { 198.51.100.1 . 80 : 192.168.1.10 . 8080, 198.51.100.1 . 443 : 192.168.1.12 . 443 }",
+        "oifname \"wan\" snat ip to ip saddr map { 192.168.1.0/28 : 198.51.100.5, 192.168.1.16/28 : 198.51.100.6 }",
+    ));
+    let o = e.process(&tcp4(SERVER, BOX_WAN, 33000, 80, "S", 1, 0), WAN, t(0), 0);
+    let p = leaves(&o);
+    assert_eq!((p.ip.dst(), ports(&p).1), (ip(CLIENT), 8080));
+    let o = e.process(&tcp4(SERVER, BOX_WAN, 33001, 443, "S", 1, 0), WAN, t(1), 0);
+    assert_eq!(leaves(&o).ip.dst(), ip([192, 168, 1, 12]));
+    // Not in the map: the rule does not apply, so the packet is for the box itself.
+    let o = e.process(&tcp4(SERVER, BOX_WAN, 33002, 22, "S", 1, 0), WAN, t(2), 0);
+    assert_eq!(o.verdict, Verdict::Local);
+
+    let o = e.process(&udp4(CLIENT, SERVER, 5000, 53), LAN, t(3), 0);
+    assert_eq!(leaves(&o).ip.src(), ip([198, 51, 100, 5]));
+    let o = e.process(&udp4([192, 168, 1, 20], SERVER, 5000, 53), LAN, t(4), 0);
+    assert_eq!(leaves(&o).ip.src(), ip([198, 51, 100, 6]));
+    // Outside both prefixes: no translation (a null binding keeps the source).
+    let o = e.process(&udp4([192, 168, 1, 40], SERVER, 5000, 53), LAN, t(5), 0);
+    assert_eq!(leaves(&o).ip.src(), ip([192, 168, 1, 40]));
+}
+
+#[test]
+fn an_ip_only_nat_rule_leaves_ipv6_to_the_next_rule() {
+    let e = engine_with(&nat_rules(
+        "",
+        "oifname \"wan\" snat ip to 198.51.100.9\n\t\toifname \"wan\" masquerade",
+    ));
+    let f = udp6("fd00:1::10", "2001:db8:9::7", 7000, 53);
+    let o = e.process(&f, LAN, t(0), 0);
+    assert_eq!(
+        leaves(&o).ip.src(),
+        "2001:db8:1::1".parse::<IpAddr>().unwrap()
+    );
+    let o = e.process(&udp4(CLIENT, SERVER, 5000, 53), LAN, t(1), 0);
+    assert_eq!(leaves(&o).ip.src(), ip([198, 51, 100, 9]));
 }

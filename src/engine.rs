@@ -51,7 +51,7 @@ use crate::conntrack::{CtInfo, Tracked, Tuple};
 use crate::packet::frag::{Push, Reassembler};
 use crate::packet::log;
 use crate::packet::reject::{self, Answer};
-use crate::packet::rewrite::{self, Layout, Rewrite};
+use crate::packet::rewrite::{self, CompiledRewrite, Layout, Rewrite};
 use crate::packet::{self, Frame, Ip, Packet, L4};
 use crate::rules::ir::{self, Field, Hook, RuleId, Ruleset, Stmt};
 use crate::rules::types;
@@ -415,6 +415,8 @@ impl Worker {
 struct Edits {
     rw: Rewrite,
     inner: Option<Rewrite>,
+    /// `rw` compiled for the packet's shape (an established packet of a bound connection).
+    fast: Option<CompiledRewrite>,
     ttl: bool,
     /// Where the judged packet's IP header is in the frame, its length and layout (none when
     /// the judged packet is a reassembled datagram: each fragment is parsed again).
@@ -438,10 +440,11 @@ fn merge(into: &mut Rewrite, rw: Rewrite) {
 
 /// Makes the edits on one IP packet (`ip`, laid out as `l`).
 fn apply_edits(ip: &mut [u8], l: &Layout, e: &Edits) -> Result<(), rewrite::RewriteError> {
-    match &e.inner {
-        Some(inner) => rewrite::apply_icmp_error(ip, l, &e.rw, inner)?,
-        None if e.rw != Rewrite::default() => rewrite::apply(ip, l, &e.rw)?,
-        None => {}
+    match (&e.inner, &e.fast) {
+        (Some(inner), _) => rewrite::apply_icmp_error(ip, l, &e.rw, inner)?,
+        (None, Some(fast)) => rewrite::apply_compiled(ip, l, fast)?,
+        (None, None) if e.rw != Rewrite::default() => rewrite::apply(ip, l, &e.rw)?,
+        (None, None) => {}
     }
     if e.ttl {
         rewrite::decrement_ttl(ip, l.v6)?;
@@ -857,9 +860,8 @@ impl Engine {
                 return (Verdict::Drop(r), Some(ct_bits));
             }
             if n.first && n.reply != n.tracked.conn.reply() {
-                n.tracked
-                    .conn
-                    .set_nat(conntrack::NatBinding { reply: n.reply });
+                let c = &n.tracked.conn;
+                c.set_nat(ctnat::binding(c.orig(), n.reply, c.status()));
             }
         }
 
@@ -931,8 +933,29 @@ impl Engine {
         if st & (conntrack::status::SRC_NAT | conntrack::status::DST_NAT) == 0 {
             return Ok(());
         }
-        let orig = conn.orig();
         let dir = n.tracked.info.dir();
+        // An established packet: the binding has both hooks' edits ready, compiled for this
+        // direction; they are taken at PREROUTING (routing and later rules see the new
+        // destination; nothing after the source manip looks at the source).
+        if !n.first && !n.icmp_error {
+            if let Some(b) = conn.nat() {
+                if at.manip == Manip::Dst {
+                    let fast = b.rewrite[dir.index()].0;
+                    let rw = *fast.rewrite();
+                    merge(&mut w.edits.rw, rw);
+                    w.edits.fast = Some(fast);
+                    set_key_addrs(key, &Rewrite { src: None, ..rw });
+                    if let Some(p) = rw.dport {
+                        key.set(Field::Dport, u128::from(p));
+                    }
+                }
+                return Ok(());
+            }
+        }
+        let orig = conn.orig();
+        if !n.first {
+            n.reply = conn.reply();
+        }
         if n.icmp_error {
             if let Some((outer, inner)) = ctnat::icmp_error(orig, &n.reply, st, dir, at.manip) {
                 merge(&mut w.edits.rw, outer);
@@ -1213,7 +1236,13 @@ impl<'a> NatCtx<'a> {
         Some(NatCtx {
             tracked: t,
             first,
-            reply: t.conn.reply(),
+            // Only a new connection works on its REPLY tuple here; an established one reads
+            // its binding (one cache line), or the tuple when it needs it.
+            reply: if first {
+                t.conn.reply()
+            } else {
+                *t.conn.orig()
+            },
             icmp_error,
             v6: pkt.ip.is_v6(),
         })

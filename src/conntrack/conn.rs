@@ -16,6 +16,7 @@ use super::proto::tcp::TcpState;
 use super::proto::{Dir, ProtoState};
 use super::tuple::Tuple;
 use super::{status, Timestamp};
+use crate::packet::rewrite::CompiledRewrite;
 
 /// A shared handle on a connection.
 pub type ConnRef = Arc<Conn>;
@@ -36,9 +37,19 @@ pub struct Counter {
 /// either direction is translated from it (`nf_nat_manip_pkt` inverts the other direction's
 /// tuple).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
 pub struct NatBinding {
+    /// Per direction (ORIGINAL, REPLY): every manip a packet of that direction gets, both
+    /// hooks' together, compiled for the direction's tuple (the fast path of established
+    /// packets), one cache line each.
+    pub rewrite: [DirRewrite; 2],
     pub reply: Tuple,
 }
+
+/// One direction's compiled rewrite, alone on its cache line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C, align(64))]
+pub struct DirRewrite(pub CompiledRewrite);
 
 /// A helper's name, at most [`HELPER_NAME_LEN`] - 1 bytes like the kernel's.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
@@ -203,8 +214,8 @@ impl Conn {
         }
     }
     /// The NAT binding, if translation changed the REPLY tuple.
-    pub fn nat(&self) -> Option<NatBinding> {
-        self.nat.get().map(|b| **b)
+    pub fn nat(&self) -> Option<&NatBinding> {
+        self.nat.get().map(|b| &**b)
     }
     /// Binds NAT (`nf_conntrack_alter_reply`): only on a tentative connection, before
     /// [`super::Tracker::confirm`] puts its tuples in the table; false if it is confirmed or
@@ -225,5 +236,15 @@ impl fmt::Debug for Conn {
             .field("status", &format_args!("{:#x}", self.status()))
             .field("expires", &self.expires())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_direction_of_a_binding_fits_one_cache_line() {
+        assert_eq!(std::mem::size_of::<DirRewrite>(), 64);
     }
 }

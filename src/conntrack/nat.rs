@@ -23,10 +23,11 @@
 
 use std::net::IpAddr;
 
+use super::conn::{DirRewrite, NatBinding};
 use super::proto::Dir;
 use super::status;
 use super::tuple::{has_ports, Addr, Tuple, L3};
-use crate::packet::rewrite::Rewrite;
+use crate::packet::rewrite::{Before, Rewrite};
 
 /// `nf_nat_setup_info` on a connection not yet confirmed, whose REPLY tuple is `reply` so far
 /// (the ORIGINAL inverted, or the result of an earlier manip at another hook): the new REPLY
@@ -123,6 +124,40 @@ pub fn packet(orig: &Tuple, reply: &Tuple, st: u32, dir: Dir, manip: Manip) -> O
         Dir::Reply => orig,
     };
     Some(manip_to(&other.invert().ok()?, manip))
+}
+
+/// The binding a connection keeps once its REPLY tuple is final (`status` holding its
+/// `SRC_NAT`/`DST_NAT` bits): per direction, the edits of both hooks, and those compiled for
+/// the direction's tuple, so an established packet's rewrite is a few stores.
+pub fn binding(orig: &Tuple, reply: Tuple, st: u32) -> NatBinding {
+    let per_dir = |dir: Dir| {
+        let mut rw = Rewrite::default();
+        for manip in [Manip::Dst, Manip::Src] {
+            if let Some(m) = packet(orig, &reply, st, dir, manip) {
+                rw.src = m.src.or(rw.src);
+                rw.dst = m.dst.or(rw.dst);
+                rw.sport = m.sport.or(rw.sport);
+                rw.dport = m.dport.or(rw.dport);
+                rw.icmp_id = m.icmp_id.or(rw.icmp_id);
+            }
+        }
+        let t = match dir {
+            Dir::Original => orig,
+            Dir::Reply => &reply,
+        };
+        let before = Before {
+            src: t.src_ip(),
+            dst: t.dst_ip(),
+            protocol: t.proto,
+            sport: t.src_id,
+            dport: t.dst_id,
+        };
+        DirRewrite(rw.compile(&before))
+    };
+    NatBinding {
+        reply,
+        rewrite: [per_dir(Dir::Original), per_dir(Dir::Reply)],
+    }
 }
 
 /// `nf_nat_icmp_reply_translation`: an ICMP error RELATED to a translated connection, quoting

@@ -287,6 +287,13 @@ fn csum_add(csum: u16, delta: u32) -> u16 {
     !fold(u32::from(!csum) + delta)
 }
 
+impl CompiledRewrite {
+    /// The edit, uncompiled.
+    pub fn rewrite(&self) -> &Rewrite {
+        &self.rw
+    }
+}
+
 impl Rewrite {
     /// Compiles the edit for packets that arrive as `before`.
     pub fn compile(&self, before: &Before) -> CompiledRewrite {
@@ -520,10 +527,19 @@ mod tests {
         };
         let mut out = Vec::new();
         match kind % 3 {
-            0 => b.tcp(sport, dport, 1, 100).write(&mut out, payload).unwrap(),
+            0 => b
+                .tcp(sport, dport, 1, 100)
+                .write(&mut out, payload)
+                .unwrap(),
             1 => b.udp(sport, dport).write(&mut out, payload).unwrap(),
-            _ if v6 => b.icmpv6_echo_request(sport, dport).write(&mut out, payload).unwrap(),
-            _ => b.icmpv4_echo_request(sport, dport).write(&mut out, payload).unwrap(),
+            _ if v6 => b
+                .icmpv6_echo_request(sport, dport)
+                .write(&mut out, payload)
+                .unwrap(),
+            _ => b
+                .icmpv4_echo_request(sport, dport)
+                .write(&mut out, payload)
+                .unwrap(),
         }
         if zero && kind % 3 == 1 && !v6 {
             out[26..28].copy_from_slice(&[0, 0]);

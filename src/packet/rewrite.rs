@@ -596,7 +596,6 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     use etherparse::PacketBuilder;
-    use proptest::prelude::*;
 
     use super::*;
     use crate::packet::{checksum, parse_ip, Frame};

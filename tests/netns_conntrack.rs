@@ -33,8 +33,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::netns::{
-    can_run, engine_counters, finish, frames, merge, multiset, nft_counters, normalise,
-    packet_id, replay, run, say, wait_for, Lab, CLIENT, SERVER,
+    can_run, engine_counters, finish, frames, merge, multiset, nft_counters, normalise, packet_id,
+    replay, run, say, wait_for, Lab, CLIENT, SERVER,
 };
 use keepstate::replay::CaptureReader;
 
@@ -233,13 +233,19 @@ fn kernel_and_replay_agree() {
 
     eprintln!("netns_conntrack: lab up, captures running");
     let mut server = lab.peer(&s, "server");
-    assert!(wait_for(&mut server, "peer-ready"), "the server never got ready");
+    assert!(
+        wait_for(&mut server, "peer-ready"),
+        "the server never got ready"
+    );
     eprintln!("netns_conntrack: server ready");
     finish(lab.peer(&c, "client"), "client");
     eprintln!("netns_conntrack: client done");
     // D: delete its entry in a quiet moment, and remember when, to do the same in the replay.
     let mut mid = lab.peer(&c, "mid");
-    assert!(wait_for(&mut mid, "mid-open"), "the mid-stream client never opened");
+    assert!(
+        wait_for(&mut mid, "mid-open"),
+        "the mid-stream client never opened"
+    );
     std::thread::sleep(Duration::from_millis(300));
     run(&[
         "ip",

@@ -59,8 +59,8 @@ use std::time::{Duration, Instant};
 use etherparse::checksum::Sum16BitWords;
 
 use common::netns::{
-    can_run, engine_counters, finish, frames, merge, multiset, nft_counters, normalise,
-    packet_id, replay, run, say, wait_for, Lab, CLIENT, ROUTER_LAN, ROUTER_WAN, SERVER,
+    can_run, engine_counters, finish, frames, merge, multiset, multiset_diff, nft_counters,
+    normalise, packet_id, replay, run, say, wait_for, Lab, CLIENT, ROUTER_LAN, ROUTER_WAN, SERVER,
 };
 use keepstate::engine::Verdict;
 use keepstate::replay::CaptureReader;
@@ -362,7 +362,10 @@ fn tuples(line: &str) -> String {
     line.split_whitespace()
         .enumerate()
         .filter(|(i, w)| {
-            *i < 2 || ["src=", "dst=", "sport=", "dport="].iter().any(|p| w.starts_with(p))
+            *i < 2
+                || ["src=", "dst=", "sport=", "dport="]
+                    .iter()
+                    .any(|p| w.starts_with(p))
         })
         .map(|(_, w)| w)
         .collect::<Vec<_>>()
@@ -474,7 +477,8 @@ fn kernel_and_keepstate_nat_agree() {
     let kernel_nft = lab.sh(&r, "nft list ruleset");
     lab.stop_captures();
     let kernel_lines: Vec<String> = kernel_ct.lines().map(str::to_string).collect();
-    let kernel_port = reallocated(&kernel_lines, "kernel").unwrap_or_else(|e| panic!("{e}\n{kernel_ct}"));
+    let kernel_port =
+        reallocated(&kernel_lines, "kernel").unwrap_or_else(|e| panic!("{e}\n{kernel_ct}"));
 
     // keepstate replays the router's ingress.
     let lan_in = frames(&cap("lan", "in"));
@@ -509,7 +513,8 @@ fn kernel_and_keepstate_nat_agree() {
         }
         let redirected_later = f.interface.as_deref() == Some("lan")
             && packet_id(&f.data).is_some_and(|id| {
-                id.starts_with(&format!("{CLIENT} > {SERVER} ")) && id.contains(">80 ")
+                id.starts_with(&format!("{CLIENT} > {SERVER} "))
+                    && id.contains(">80 ")
                     && id.contains(" syn0 ")
             });
         let before = engine_counters(replay.engine());
@@ -541,12 +546,20 @@ fn kernel_and_keepstate_nat_agree() {
         trace.join("\n"),
         report.listing.join("\n")
     );
-    let our_port = reallocated(&report.listing, "keepstate").unwrap_or_else(|e| panic!("{e}\n{context}"));
+    let our_port =
+        reallocated(&report.listing, "keepstate").unwrap_or_else(|e| panic!("{e}\n{context}"));
     eprintln!("netns_nat: the clash moved the second client to port {kernel_port} in the kernel, {our_port} in keepstate");
 
     // 1. The connection tables.
-    let mut theirs: Vec<String> = kernel_lines.iter().map(|l| comparable(l, kernel_port)).collect();
-    let mut ours: Vec<String> = report.listing.iter().map(|l| comparable(l, our_port)).collect();
+    let mut theirs: Vec<String> = kernel_lines
+        .iter()
+        .map(|l| comparable(l, kernel_port))
+        .collect();
+    let mut ours: Vec<String> = report
+        .listing
+        .iter()
+        .map(|l| comparable(l, our_port))
+        .collect();
     theirs.sort();
     ours.sort();
     for l in &theirs {
@@ -557,28 +570,44 @@ fn kernel_and_keepstate_nat_agree() {
         let mut p: Vec<(String, String)> = v
             .iter()
             .filter(|l| field(l, "dst", 0) == SERVER2)
-            .map(|l| (format!("{} {}", &l[..4], field(l, "src", 0)), field(l, "dst", 1).to_string()))
+            .map(|l| {
+                (
+                    format!("{} {}", &l[..4], field(l, "src", 0)),
+                    field(l, "dst", 1).to_string(),
+                )
+            })
             .collect();
         p.sort();
         p
     };
     let (kp, op) = (picks(&theirs), picks(&ours));
-    assert_eq!(kp.len(), 5, "UDP from three addresses, TCP and ping to {SERVER2}\n{context}");
+    assert_eq!(
+        kp.len(),
+        5,
+        "UDP from three addresses, TCP and ping to {SERVER2}\n{context}"
+    );
     let lo: std::net::Ipv4Addr = RANGE.0.parse().unwrap();
     let hi: std::net::Ipv4Addr = RANGE.1.parse().unwrap();
     for (_, a) in &kp {
         let a: std::net::Ipv4Addr = a.parse().unwrap();
         assert!(lo <= a && a <= hi, "{a} is outside the range\n{context}");
     }
-    assert_eq!(kp, op, "snat to a range: the kernel's addresses, then keepstate's\n{context}");
+    assert_eq!(
+        kp, op,
+        "snat to a range: the kernel's addresses, then keepstate's\n{context}"
+    );
     assert!(
-        theirs.iter().any(|l| l.contains(&format!(
-            "dst={ROUTER_WAN} sport="
-        )) && l.contains(&format!("dport=8080 packets=")) && l.contains(&format!("src={CLIENT} dst={SERVER} sport=80 "))),
+        theirs
+            .iter()
+            .any(|l| l.contains(&format!("dst={ROUTER_WAN} sport="))
+                && l.contains(&format!("dport=8080 packets="))
+                && l.contains(&format!("src={CLIENT} dst={SERVER} sport=80 "))),
         "the port forward's entry\n{context}"
     );
     assert!(
-        theirs.iter().any(|l| l.contains(&format!("src={ROUTER_LAN} dst={CLIENT} sport=3128 "))),
+        theirs
+            .iter()
+            .any(|l| l.contains(&format!("src={ROUTER_LAN} dst={CLIENT} sport=3128 "))),
         "the redirect's entry\n{context}"
     );
     assert_eq!(theirs, ours, "conntrack -L differs\n{context}");
@@ -604,7 +633,8 @@ fn kernel_and_keepstate_nat_agree() {
             .filter(|f| {
                 // The router's own answers on the redirected connection are not forwarded.
                 let id = packet_id(&f.data).unwrap_or_default();
-                let mine = id.starts_with(&format!("{SERVER} > {CLIENT} ")) && id.contains(" tcp 80>");
+                let mine =
+                    id.starts_with(&format!("{SERVER} > {CLIENT} ")) && id.contains(" tcp 80>");
                 own += usize::from(mine);
                 !mine
             })
@@ -619,10 +649,20 @@ fn kernel_and_keepstate_nat_agree() {
             theirs.keys().all(|k| k.contains("checksums-ok")),
             "the kernel's frames must verify (checksum offload off?)\n{theirs:#?}"
         );
-        assert_eq!(theirs, ours, "frames forwarded out of {name} differ\n{context}");
-        eprintln!("netns_nat: {} frames out of {name} agree", theirs.values().sum::<usize>());
+        assert!(
+            theirs == ours,
+            "frames forwarded out of {name} differ (- the kernel only, + keepstate only):\n{}{context}",
+            multiset_diff(&theirs, &ours)
+        );
+        eprintln!(
+            "netns_nat: {} frames out of {name} agree",
+            theirs.values().sum::<usize>()
+        );
     }
-    assert!(own > 0, "the redirect's answers were seen on lan\n{context}");
+    assert!(
+        own > 0,
+        "the redirect's answers were seen on lan\n{context}"
+    );
     // What keepstate delivers locally: the redirected connection, translated to the proxy.
     assert!(!local.is_empty(), "{context}");
     for f in &local {

@@ -385,12 +385,12 @@ pub fn packet_id(frame: &[u8]) -> Option<String> {
             u.destination_port()
         )),
         Some(TransportSlice::Icmpv4(i)) => match i.icmp_type() {
-            Icmpv4Type::EchoRequest(e) | Icmpv4Type::EchoReply(e) => id.push_str(&format!(
-                " icmp {:?} id {} seq {}",
-                i.icmp_type(),
-                e.id,
-                e.seq
-            )),
+            Icmpv4Type::EchoRequest(e) => {
+                id.push_str(&format!(" icmp echo-request id {} seq {}", e.id, e.seq))
+            }
+            Icmpv4Type::EchoReply(e) => {
+                id.push_str(&format!(" icmp echo-reply id {} seq {}", e.id, e.seq))
+            }
             t => id.push_str(&format!(" icmp {t:?}")),
         },
         _ => {}
@@ -404,6 +404,27 @@ pub fn multiset(ids: impl Iterator<Item = String>) -> BTreeMap<String, usize> {
         *m.entry(i).or_default() += 1;
     }
     m
+}
+
+/// What two multisets do not share, one line each, `-` for `theirs` only and `+` for
+/// `ours` only: the readable part of a failed comparison.
+pub fn multiset_diff(theirs: &BTreeMap<String, usize>, ours: &BTreeMap<String, usize>) -> String {
+    let mut out = String::new();
+    for k in theirs
+        .keys()
+        .chain(ours.keys().filter(|k| !theirs.contains_key(*k)))
+    {
+        let (a, b) = (
+            theirs.get(k).copied().unwrap_or(0),
+            ours.get(k).copied().unwrap_or(0),
+        );
+        if a > b {
+            out.push_str(&format!("- {k} (x{})\n", a - b));
+        } else if b > a {
+            out.push_str(&format!("+ {k} (x{})\n", b - a));
+        }
+    }
+    out
 }
 
 /// A `conntrack -L` line without what depends on when it was read or on the kernel's

@@ -24,17 +24,17 @@
 //! named and deleted on Drop, also when the test fails; no traffic leaves them.
 
 mod common {
+    pub mod capture;
     pub mod netns;
 }
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::netns::{
-    can_run, engine_counters, finish, frames, merge, multiset, nft_counters, normalise, packet_id,
-    replay, run, say, wait_for, Lab, CLIENT, SERVER,
+    can_run, config, engine_counters, finish, frames, merge, multiset, nft_counters, normalise,
+    packet_id, replay, run, say, wait_for, Lab, CLIENT, SERVER,
 };
 use keepstate::replay::CaptureReader;
 
@@ -51,22 +51,6 @@ table inet filter {
 	}
 }
 "#;
-
-fn config(rules: &Path) -> String {
-    format!(
-        r#"rules = "{}"
-
-[[port]]
-name = "lan"
-addresses = ["10.77.1.1/24"]
-
-[[port]]
-name = "wan"
-addresses = ["10.77.2.1/24"]
-"#,
-        rules.display()
-    )
-}
 
 // The traffic, from inside the end namespaces.
 
@@ -286,7 +270,7 @@ fn kernel_and_replay_agree() {
     );
     let merged = merge(&lan_in, &wan_in);
     std::fs::write(dir.path().join("ingress.pcapng"), &merged).unwrap();
-    let mut replay = replay(&rules_file, &config(&rules_file), true);
+    let mut replay = replay(&rules_file, &config(&rules_file, ""), true);
     let mut reader = CaptureReader::new(std::io::Cursor::new(merged)).unwrap();
     let mut trace = Vec::new();
     let mut forwarded = Vec::new();

@@ -47,19 +47,19 @@
 //!   scratch. Host veths have checksum offload off, so the wire carries final checksums.
 
 mod common {
+    pub mod capture;
     pub mod netns;
 }
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use etherparse::checksum::Sum16BitWords;
 
 use common::netns::{
-    can_run, engine_counters, finish, frames, merge, multiset, multiset_diff, nft_counters,
+    can_run, config, engine_counters, finish, frames, merge, multiset, multiset_diff, nft_counters,
     normalise, packet_id, replay, run, say, wait_for, Lab, CLIENT, ROUTER_LAN, ROUTER_WAN, SERVER,
 };
 use keepstate::engine::Verdict;
@@ -101,32 +101,19 @@ table inet filter {
 }
 "#;
 
+/// keepstate's equivalent of the router's `ip route add default via SERVER`.
+const ROUTE: &str = r#"
+[[route]]
+to = "default"
+via = "10.77.2.2"
+"#;
+
 const REDIRECT_NOTE: &str = "keepstate sees the redirected connection's first packet and \
     delivers it locally, but the router's own answers are output, not ingress, so they are \
     not in the capture: its entry stays SYN_SENT [UNREPLIED] and the client's later packets \
     are ct invalid to it (an ACK in SYN_SENT), left untranslated and dropped by the forward \
     chain's invalid rule. The kernel saw the answers. So only the entry's tuples are compared, \
     and those packets' counter hits are taken out of keepstate's counters.";
-
-fn config(rules: &Path) -> String {
-    format!(
-        r#"rules = "{}"
-
-[[port]]
-name = "lan"
-addresses = ["{ROUTER_LAN}/24"]
-
-[[port]]
-name = "wan"
-addresses = ["{ROUTER_WAN}/24"]
-
-[[route]]
-to = "default"
-via = "{SERVER}"
-"#,
-        rules.display()
-    )
-}
 
 // The traffic, from inside the namespaces.
 
@@ -490,7 +477,7 @@ fn kernel_and_keepstate_nat_agree() {
     );
     let merged = merge(&lan_in, &wan_in);
     std::fs::write(dir.path().join("ingress.pcapng"), &merged).unwrap();
-    let mut replay = replay(&rules_file, &config(&rules_file), true);
+    let mut replay = replay(&rules_file, &config(&rules_file, ROUTE), true);
     let lan = replay.engine().port_index("lan").unwrap();
     let wan = replay.engine().port_index("wan").unwrap();
     let mut reader = CaptureReader::new(std::io::Cursor::new(merged)).unwrap();

@@ -8,7 +8,6 @@
 
 #![allow(dead_code)]
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -16,13 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use etherparse::{Icmpv4Type, NetSlice, SlicedPacket, TransportSlice};
-use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketBlock;
-use pcap_file::pcapng::blocks::interface_description::{
-    InterfaceDescriptionBlock, InterfaceDescriptionOption,
-};
-use pcap_file::pcapng::PcapNgWriter;
-use pcap_file::DataLink;
 
+use super::capture::{pcapng, Cap};
 use keepstate::config::Config;
 use keepstate::conntrack::show::ShowOpts;
 use keepstate::engine::Engine;
@@ -303,35 +297,36 @@ pub fn frames(file: &Path) -> Vec<CapturedFrame> {
 
 /// The two ingress captures, merged by time, as a pcapng whose interfaces are `lan`, `wan`.
 pub fn merge(lan: &[CapturedFrame], wan: &[CapturedFrame]) -> Vec<u8> {
-    let mut all: Vec<(u32, &CapturedFrame)> = lan
-        .iter()
-        .map(|f| (0, f))
-        .chain(wan.iter().map(|f| (1, f)))
+    let mut all: Vec<Cap> = [("lan", lan), ("wan", wan)]
+        .into_iter()
+        .flat_map(|(iface, v)| {
+            v.iter().map(move |f| Cap {
+                ns: f.ts.0,
+                iface,
+                data: f.data.clone(),
+            })
+        })
         .collect();
-    all.sort_by_key(|(_, f)| f.ts);
-    let mut w = PcapNgWriter::new(Vec::new()).unwrap();
-    for name in ["lan", "wan"] {
-        w.write_pcapng_block(InterfaceDescriptionBlock {
-            linktype: DataLink::ETHERNET,
-            snaplen: 0xFFFF,
-            options: vec![
-                InterfaceDescriptionOption::IfName(Cow::Borrowed(name)),
-                InterfaceDescriptionOption::IfTsResol(9),
-            ],
-        })
-        .unwrap();
-    }
-    for (id, f) in all {
-        w.write_pcapng_block(EnhancedPacketBlock {
-            interface_id: id,
-            timestamp: Duration::from_nanos(f.ts.0),
-            original_len: f.data.len() as u32,
-            data: Cow::Borrowed(&f.data),
-            options: vec![],
-        })
-        .unwrap();
-    }
-    w.into_inner()
+    all.sort_by_key(|f| f.ns);
+    pcapng(&all)
+}
+
+/// The router's configuration for keepstate: ports `lan` and `wan` with the router's
+/// addresses, the rules file, and `extra` (routes, settings) after them.
+pub fn config(rules: &Path, extra: &str) -> String {
+    format!(
+        r#"rules = "{}"
+
+[[port]]
+name = "lan"
+addresses = ["{ROUTER_LAN}/24"]
+
+[[port]]
+name = "wan"
+addresses = ["{ROUTER_WAN}/24"]
+{extra}"#,
+        rules.display()
+    )
 }
 
 /// A replay of the router's ingress through keepstate: the configuration `cfg_text` (written

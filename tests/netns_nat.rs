@@ -74,6 +74,9 @@ const RANGE: (&str, &str) = ("10.77.8.1", "10.77.11.254");
 /// The clash: both clients send from this port to [`CLASH_TO`] on the server.
 const CLASH_PORT: u16 = 45000;
 const CLASH_TO: u16 = 5300;
+/// Where the second client of the clash sends next, from the same socket, in
+/// [`same_source_keeps_its_mapping`] (the masquerade's UDP server; it answers only once).
+const AGAIN_TO: u16 = 5000;
 
 /// The ruleset both the kernel and keepstate run. Every rule counts.
 const RULES: &str = r#"flush ruleset
@@ -127,7 +130,8 @@ fn peer() {
         Ok("server") => server(),
         Ok("lanserver") => lan_server(),
         Ok("proxy") => proxy(),
-        Ok("client") => client(),
+        Ok("client") => client(false),
+        Ok("client-again") => client(true),
         Ok("outside") => outside(),
         _ => {}
     }
@@ -210,7 +214,8 @@ fn proxy() {
     answer_one(&l, 40, 80);
 }
 
-fn client() {
+/// `again`: the clash's second client then sends from the same socket to [`AGAIN_TO`].
+fn client(again: bool) {
     let pause = || std::thread::sleep(Duration::from_millis(30));
     // 1. masquerade: TCP, then UDP (the ping comes from the test itself).
     ask_one((SERVER, 8001), 100, 200);
@@ -220,8 +225,11 @@ fn client() {
     // 5. the clash: the first keeps its port and stays, the second must move.
     let first = ask_udp((CLIENT, CLASH_PORT), (SERVER, CLASH_TO));
     pause();
-    ask_udp((CLIENT2, CLASH_PORT), (SERVER, CLASH_TO));
-    drop(first);
+    let second = ask_udp((CLIENT2, CLASH_PORT), (SERVER, CLASH_TO));
+    if again {
+        second.send_to(b"again", (SERVER, AGAIN_TO)).unwrap();
+    }
+    drop((first, second));
     pause();
     // 2. snat to a range: three source addresses, then TCP.
     for a in [CLIENT, CLIENT2, CLIENT3] {
@@ -327,8 +335,8 @@ fn frame_key(frame: &[u8], realloc: u16) -> Option<String> {
     let sums = checksums(ip);
     let mut f = frame.to_vec();
     match udp_ports(frame) {
-        Some((s, CLASH_TO)) if s == realloc => f[14 + l4..14 + l4 + 2].fill(0),
-        Some((CLASH_TO, d)) if d == realloc => f[14 + l4 + 2..14 + l4 + 4].fill(0),
+        Some((s, CLASH_TO | AGAIN_TO)) if s == realloc => f[14 + l4..14 + l4 + 2].fill(0),
+        Some((CLASH_TO | AGAIN_TO, d)) if d == realloc => f[14 + l4 + 2..14 + l4 + 4].fill(0),
         _ => {}
     }
     let id = packet_id(&f)?;
@@ -366,7 +374,7 @@ fn comparable(line: &str, realloc: u16) -> String {
     if line.contains("sport=3128") {
         return format!("{} (tuples only)", tuples(&line));
     }
-    if !line.contains(&format!("dport={CLASH_TO} ")) {
+    if field(&line, "src", 0) != CLIENT2 || field(&line, "sport", 0) != CLASH_PORT.to_string() {
         return line;
     }
     line.split_whitespace()
@@ -424,9 +432,29 @@ fn reallocated(lines: &[String], who: &str) -> Result<u16, String> {
 
 #[test]
 fn kernel_and_keepstate_nat_agree() {
-    if !can_run("netns_nat") {
-        return;
+    if can_run("netns_nat") {
+        differential("client");
     }
+}
+
+/// A known difference, kept runnable for whoever closes it: the kernel gives a new connection
+/// from a source that already has a mapping the same mapping (`find_appropriate_src`, the
+/// bysource hash), so after the clash the second client's next flow, to another server port,
+/// leaves from the reallocated port again; keepstate has no bysource index (the XXX in
+/// src/conntrack/nat.rs) and keeps the original port, which is free towards that destination.
+/// Fails at the `conntrack -L` comparison on that flow's line until the index exists; then it
+/// belongs in [`kernel_and_keepstate_nat_agree`].
+#[test]
+#[ignore = "known difference: keepstate has no bysource index (src/conntrack/nat.rs XXX)"]
+fn same_source_keeps_its_mapping() {
+    if can_run("netns_nat") {
+        differential("client-again");
+    }
+}
+
+/// The lab, the traffic (the client namespace's part as `client_role`), the replay, and
+/// every comparison.
+fn differential(client_role: &str) {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let rules_file = dir.path().join("router.nft");
@@ -451,7 +479,7 @@ fn kernel_and_keepstate_nat_agree() {
         assert!(wait_for(&mut p, "peer-ready"), "{role} never got ready");
         servers.push((p, role));
     }
-    finish(lab.peer(&c, "client"), "client");
+    finish(lab.peer(&c, client_role), client_role);
     lab.sh(&c, &format!("ping -c 1 -W 2 {SERVER}"));
     lab.sh(&c, &format!("ping -c 1 -W 2 {SERVER2}"));
     finish(lab.peer(&s, "outside"), "outside");
@@ -492,7 +520,7 @@ fn kernel_and_keepstate_nat_agree() {
         let mut f = f.unwrap();
         // The server answers the kernel's port: replay that answer to keepstate's.
         if f.interface.as_deref() == Some("wan") {
-            if let (Some((CLASH_TO, d)), Some(p)) = (udp_ports(&f.data), our_port) {
+            if let (Some((CLASH_TO | AGAIN_TO, d)), Some(p)) = (udp_ports(&f.data), our_port) {
                 if d == kernel_port {
                     set_udp_port(&mut f.data, 2, p);
                 }
@@ -597,7 +625,14 @@ fn kernel_and_keepstate_nat_agree() {
             .any(|l| l.contains(&format!("src={ROUTER_LAN} dst={CLIENT} sport=3128 "))),
         "the redirect's entry\n{context}"
     );
-    assert_eq!(theirs, ours, "conntrack -L differs\n{context}");
+    assert!(
+        theirs == ours,
+        "conntrack -L differs (- the kernel only, + keepstate only):\n{}{context}",
+        multiset_diff(
+            &multiset(theirs.iter().cloned()),
+            &multiset(ours.iter().cloned())
+        )
+    );
 
     // 2. The counters: nat rules count first packets, filter rules the verdicts.
     let kernel_counters = nft_counters(&kernel_nft);

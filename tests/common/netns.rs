@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use etherparse::{Icmpv4Type, NetSlice, SlicedPacket, TransportSlice};
@@ -76,14 +77,20 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// `tag` names the namespaces (`{tag}-c-{pid}`, ...) and the watchdog, which deletes them
-    /// and ends the test binary after `limit` if the test hangs.
+    /// `tag` names the namespaces (`{tag}-c-{pid}-{n}`, ..., `n` counting the labs of this
+    /// process, so tests may run in parallel) and the watchdog, which deletes them and ends
+    /// the test binary after `limit` if the test hangs.
     pub fn new(tag: &str, limit: Duration) -> Lab {
-        let pid = std::process::id();
+        static LABS: AtomicUsize = AtomicUsize::new(0);
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            LABS.fetch_add(1, Ordering::Relaxed)
+        );
         let lab = Lab {
-            c: format!("{tag}-c-{pid}"),
-            r: format!("{tag}-r-{pid}"),
-            s: format!("{tag}-s-{pid}"),
+            c: format!("{tag}-c-{id}"),
+            r: format!("{tag}-r-{id}"),
+            s: format!("{tag}-s-{id}"),
             children: Vec::new(),
         };
         // A watchdog: a hung peer must not leave namespaces behind when the harness is

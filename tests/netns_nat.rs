@@ -8,7 +8,9 @@
 //! each scenario its own connections, the answering side always std sockets:
 //!
 //! 1. **masquerade** (`oifname "wan" masquerade`): a TCP connection with data both ways and
-//!    a FIN teardown, a UDP request/response and a ping, from the client to the server;
+//!    a FIN teardown, a UDP request/response, a UDP datagram answered by an ICMP port
+//!    unreachable (RELATED; its quoted packet is translated too) and a ping, from the client
+//!    to the server;
 //! 2. **snat to an address range** (`snat ip to 10.77.8.1-10.77.11.254` for traffic to a
 //!    second server address; the server's default route brings the answers back to the
 //!    router): UDP from three client addresses, TCP and a ping. The kernel picks the address
@@ -221,6 +223,15 @@ fn client(again: bool) {
     ask_one((SERVER, 8001), 100, 200);
     pause();
     ask_udp((CLIENT, 5001), (SERVER, 5000));
+    pause();
+    // Nothing listens on UDP 5002: the server's ICMP port unreachable, RELATED to the
+    // masqueraded flow, comes back with its outer and quoted headers translated.
+    let r = UdpSocket::bind((CLIENT, 5004)).unwrap();
+    r.set_read_timeout(WAIT).unwrap();
+    r.connect((SERVER, 5002)).unwrap();
+    r.send(b"anyone?").unwrap();
+    let err = r.recv(&mut [0u8; 16]).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     pause();
     // 5. the clash: the first keeps its port and stays, the second must move.
     let first = ask_udp((CLIENT, CLASH_PORT), (SERVER, CLASH_TO));

@@ -474,12 +474,12 @@ fn differential(client_role: &str) {
     let (c, r, s) = (lab.c.clone(), lab.r.clone(), lab.s.clone());
     lab.sh(&c, &format!("ip addr add {CLIENT2}/24 dev eth0"));
     lab.sh(&c, &format!("ip addr add {CLIENT3}/24 dev eth0"));
+    // The server answers the range's addresses by its default route, via the router.
     lab.sh(&s, &format!("ip addr add {SERVER2}/24 dev eth0"));
     lab.sh(&r, &format!("ip route add default via {SERVER}"));
     lab.sh(&r, &format!("nft -f {}", rules_file.display()));
     // Accounting on for packets= bytes=; on after the ruleset so conntrack is loaded.
     lab.sh(&r, "sysctl -qw net.netfilter.nf_conntrack_acct=1");
-    // The server answers the range's addresses by its default route, via the router.
     lab.start_captures(dir.path());
     let cap = |iface: &str, d: &str| Lab::capture_file(dir.path(), iface, d);
 
@@ -626,7 +626,7 @@ fn differential(client_role: &str) {
         theirs
             .iter()
             .any(|l| l.contains(&format!("dst={ROUTER_WAN} sport="))
-                && l.contains(&format!("dport=8080 packets="))
+                && l.contains("dport=8080 packets=")
                 && l.contains(&format!("src={CLIENT} dst={SERVER} sport=80 "))),
         "the port forward's entry\n{context}"
     );
@@ -645,9 +645,28 @@ fn differential(client_role: &str) {
         )
     );
 
+    for (who, lines) in [("kernel", &kernel_lines), ("keepstate", &report.listing)] {
+        for l in lines.iter().filter(|l| l.contains("sport=3128")) {
+            eprintln!("netns_nat: the redirect in {who}: {l}");
+        }
+    }
+
     // 2. The counters: nat rules count first packets, filter rules the verdicts.
     let kernel_counters = nft_counters(&kernel_nft);
     eprintln!("netns_nat: {REDIRECT_NOTE}\nnetns_nat: taken out of keepstate's counters: {redirect_hits:?}");
+    let invalid = kernel_nft
+        .lines()
+        .filter(|l| l.contains("counter"))
+        .position(|l| l.contains("ct state invalid"))
+        .unwrap();
+    assert!(
+        redirect_hits
+            .iter()
+            .enumerate()
+            .all(|(i, h)| (i == invalid) == (h.0 > 0)),
+        "the redirected connection's later packets must all be keepstate's ct invalid drops: \
+         {redirect_hits:?}\n{context}"
+    );
     for (o, h) in ours_counters.iter_mut().zip(&redirect_hits) {
         o.0 -= h.0;
         o.1 -= h.1;

@@ -876,9 +876,13 @@ impl Engine {
                     // __nf_conntrack_confirm caches IPCT_NEW (IPCT_RELATED for an expected
                     // connection; ctnetlink reports both as NEW): the tracker leaves that bit
                     // to whoever confirms, so a `conntrack -E` reader sees `[NEW]`.
-                    Confirmed::Inserted => w
-                        .events
-                        .push((t.events | conntrack::EV_NEW, t.conn.clone())),
+                    Confirmed::Inserted => {
+                        if t.conn.status() & conntrack::status::SRC_NAT_DONE != 0 {
+                            self.tracker.table().bysource_add(&t.conn);
+                        }
+                        w.events
+                            .push((t.events | conntrack::EV_NEW, t.conn.clone()))
+                    }
                     Confirmed::Already | Confirmed::Clash(_) => {}
                     Confirmed::Failed(_) => {
                         self.stats
@@ -913,8 +917,10 @@ impl Engine {
                 },
                 None => ctnat::null_range(&n.reply, at.manip),
             };
-            let table = self.tracker.table();
-            let taken = |t: &Tuple| t.invert().is_ok_and(|r| table.taken(&r, now.0));
+            let taken = TableView {
+                table: self.tracker.table(),
+                now: now.0,
+            };
             let mut random = || w.random_u16();
             match ctnat::setup(&n.reply, &range, at.manip, &taken, &mut random) {
                 None => return Err(self.nat_failed(w.cpu)),
@@ -1256,6 +1262,25 @@ struct NatHook {
     manip: Manip,
     ingress: usize,
     egress: Option<(usize, IpAddr)>,
+}
+
+/// What NAT's tuple choice asks of the table.
+struct TableView<'a> {
+    table: &'a conntrack::Table,
+    now: u64,
+}
+
+impl ctnat::Taken for TableView<'_> {
+    /// `nf_nat_used_tuple`: the candidate's REPLY tuple belongs to a live connection.
+    fn taken(&self, t: &Tuple) -> bool {
+        t.invert().is_ok_and(|r| self.table.taken(&r, self.now))
+    }
+    fn appropriate_src(&self, orig: &Tuple, r: &ctnat::Range) -> Option<Tuple> {
+        self.table
+            .bysource_replies(orig, self.now)
+            .iter()
+            .find_map(|reply| ctnat::src_candidate(orig, reply, r))
+    }
 }
 
 /// Later rules see translated addresses.

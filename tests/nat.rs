@@ -576,3 +576,27 @@ fn an_ip_only_nat_rule_leaves_ipv6_to_the_next_rule() {
     let o = e.process(&udp4(CLIENT, SERVER, 5000, 53), LAN, t(1), 0);
     assert_eq!(leaves(&o).ip.src(), ip([198, 51, 100, 9]));
 }
+
+#[test]
+fn a_source_keeps_its_mapping_towards_other_destinations() {
+    let e = home_router();
+    leaves(&e.process(&udp4(CLIENT, SERVER, 45000, 53), LAN, t(0), 0));
+    let moved = ports(&leaves(&e.process(
+        &udp4(CLIENT2, SERVER, 45000, 53),
+        LAN,
+        t(1),
+        0,
+    )))
+    .0;
+    assert_ne!(moved, 45000);
+    // The second client, same socket, another server port: 45000 would be free towards it,
+    // but the kernel (find_appropriate_src) reuses the source's existing mapping.
+    let again = e.process(&udp4(CLIENT2, SERVER, 45000, 5000), LAN, t(2), 0);
+    assert_eq!(ports(&leaves(&again)).0, moved);
+    // Once the earlier connections are gone, the original port comes back.
+    for c in e.tracker().conns() {
+        e.tracker().kill(&c);
+    }
+    let fresh = e.process(&udp4(CLIENT2, SERVER, 45000, 6000), LAN, t(3), 0);
+    assert_eq!(ports(&leaves(&fresh)).0, 45000);
+}

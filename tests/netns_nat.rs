@@ -441,23 +441,11 @@ fn reallocated(lines: &[String], who: &str) -> Result<u16, String> {
     Ok(p)
 }
 
+/// All five scenarios, and then the clash's second client sends again from the same socket to
+/// another server port: the kernel gives it the mapping that source already has
+/// (`find_appropriate_src`, the bysource hash), and keepstate must too.
 #[test]
 fn kernel_and_keepstate_nat_agree() {
-    if can_run("netns_nat") {
-        differential("client");
-    }
-}
-
-/// A known difference, kept runnable for whoever closes it: the kernel gives a new connection
-/// from a source that already has a mapping the same mapping (`find_appropriate_src`, the
-/// bysource hash), so after the clash the second client's next flow, to another server port,
-/// leaves from the reallocated port again; keepstate has no bysource index (the XXX in
-/// src/conntrack/nat.rs) and keeps the original port, which is free towards that destination.
-/// Fails at the `conntrack -L` comparison on that flow's line until the index exists; then it
-/// belongs in [`kernel_and_keepstate_nat_agree`].
-#[test]
-#[ignore = "known difference: keepstate has no bysource index (src/conntrack/nat.rs XXX)"]
-fn same_source_keeps_its_mapping() {
     if can_run("netns_nat") {
         differential("client-again");
     }

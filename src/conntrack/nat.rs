@@ -16,10 +16,9 @@
 //! `nf_nat_manip_pkt`, `nf_nat_icmp_reply_translation`): which hook rewrites which side in
 //! which direction, as [`Rewrite`]s the packet layer applies.
 //!
-//! XXX: the kernel first reuses the mapping of an existing connection from the same source
-//! (`find_appropriate_src`, the bysource hash), so one (address, port) keeps its public port
-//! towards every destination; here a new destination gets the same port only when it is free
-//! (it usually is: the original port is tried first). Needs a bysource index in the table.
+//! Source NAT reuses the mapping of an earlier connection from the same source when the
+//! original tuple will not do (`find_appropriate_src`): the caller's [`Taken`] answers from
+//! the table's bysource index.
 
 use std::net::IpAddr;
 
@@ -350,6 +349,23 @@ fn best_ip(t: &mut Tuple, r: &Range, manip: Manip) {
 /// direction would be `t` clashing with one in the table (its reply tuple taken)?
 pub trait Taken {
     fn taken(&self, t: &Tuple) -> bool;
+    /// `find_appropriate_src`: the source an existing connection from the same source
+    /// (address, port, protocol of `orig`) was translated to, as a candidate ORIGINAL tuple
+    /// towards `orig`'s destination, if its address is in `r`. None by default.
+    fn appropriate_src(&self, orig: &Tuple, r: &Range) -> Option<Tuple> {
+        let _ = (orig, r);
+        None
+    }
+}
+
+/// `find_appropriate_src`'s candidate from one earlier connection of the same source: the
+/// earlier translated source (its REPLY tuple inverted) towards `orig`'s destination, if it
+/// is in the range (`in_range`: the address, and the port when the range gives ports).
+pub fn src_candidate(orig: &Tuple, earlier_reply: &Tuple, r: &Range) -> Option<Tuple> {
+    let mut t = earlier_reply.invert().ok()?;
+    t.dst = orig.dst;
+    t.dst_id = orig.dst_id;
+    in_range(&t, r, Manip::Src).then_some(t)
 }
 
 impl<F: Fn(&Tuple) -> bool> Taken for F {
@@ -402,9 +418,17 @@ pub fn unique_tuple(
     taken: &dyn Taken,
     random: &mut dyn FnMut() -> u16,
 ) -> Option<Tuple> {
-    // Try the original tuple first (source NAT only, without random).
-    if manip == Manip::Src && !r.random_all() && in_range(orig, r, manip) && !taken.taken(orig) {
-        return Some(*orig);
+    // Try the original tuple first (source NAT only, without random), then the mapping an
+    // earlier connection of the same source got.
+    if manip == Manip::Src && !r.random_all() {
+        if in_range(orig, r, manip) && !taken.taken(orig) {
+            return Some(*orig);
+        }
+        if let Some(t) = taken.appropriate_src(orig, r) {
+            if !taken.taken(&t) {
+                return Some(t);
+            }
+        }
     }
     let mut t = *orig;
     best_ip(&mut t, r, manip);

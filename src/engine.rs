@@ -91,9 +91,11 @@ pub enum DropReason {
     UnknownPort,
     /// A fragment that cannot be reassembled (overlap, bad length, memory bound, timeout).
     Fragment,
-    /// NAT found no free tuple in the range (ports exhausted), or `masquerade`/`redirect`
-    /// found no address on the port.
+    /// NAT found no free tuple in the range (ports exhausted).
     NatFailed,
+    /// `masquerade` or `redirect` found no address of the packet's family on the port (the
+    /// kernel drops those packets too).
+    NatNoAddress,
     /// The TTL or hop limit ran out on the way through (an ICMP time exceeded is the answer).
     TtlExceeded,
 }
@@ -913,7 +915,10 @@ impl Engine {
             let range = match w.nat_stmt.take() {
                 Some(stmt) => match self.nat_range(&stmt, at, n.v6, key) {
                     Some(r) => r,
-                    None => return Err(self.nat_failed(w.cpu)),
+                    None => {
+                        self.stats.dropped_nat.fetch_add(1, Ordering::Relaxed);
+                        return Err(DropReason::NatNoAddress);
+                    }
                 },
                 None => ctnat::null_range(&n.reply, at.manip),
             };

@@ -501,6 +501,27 @@ pub struct NatMap {
     pub entries: Vec<(Vec<Interval>, IpAddr, Option<u16>)>,
 }
 
+impl Nat {
+    /// The start of what the statement translates to for a packet whose fields `get` gives:
+    /// the first address and port of its range, or its map's element for the packet's key
+    /// (`None`s when the key is not in the map).
+    pub fn first_target(
+        &self,
+        get: impl Fn(Field) -> Option<u128>,
+    ) -> (Option<IpAddr>, Option<u16>) {
+        match &self.map {
+            Some(m) => {
+                let key: Option<Vec<u128>> = m.fields.iter().map(|f| get(*f)).collect();
+                match key.and_then(|k| m.lookup(&k)) {
+                    Some((a, p)) => (Some(a), p.or(self.port.map(|p| p.0))),
+                    None => (None, None),
+                }
+            }
+            None => (self.addr.map(|a| a.0), self.port.map(|p| p.0)),
+        }
+    }
+}
+
 impl NatMap {
     /// The target of the first element holding `key` (one value per field).
     pub fn lookup(&self, key: &[u128]) -> Option<(IpAddr, Option<u16>)> {

@@ -443,7 +443,7 @@ fn cli_rules_alone_pairs_lan_and_wan() {
     let rules = write(
         dir.path(),
         "no-nat.nft",
-        text[..text.find("\ntable ip nat {").unwrap()].as_bytes(),
+        &text.as_bytes()[..text.find("\ntable ip nat {").unwrap()],
     );
     let (ok, stdout, stderr) = keepstate(&[
         "replay",

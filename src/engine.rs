@@ -98,6 +98,9 @@ pub enum DropReason {
     NatNoAddress,
     /// The TTL or hop limit ran out on the way through (an ICMP time exceeded is the answer).
     TtlExceeded,
+    /// The connection's helper refused the packet (`nf_ct_helper_log`; the reason is in the
+    /// worker's log lines).
+    Helper,
 }
 
 /// The engine's view of a port.
@@ -355,6 +358,9 @@ pub struct EngineStats {
     pub dropped_nat: AtomicU64,
     /// TTL or hop limit exhausted while forwarding.
     pub dropped_ttl: AtomicU64,
+    /// Refused by a connection's helper (a partial FTP command, no room for an
+    /// expectation).
+    pub dropped_helper: AtomicU64,
 }
 
 /// A worker's reusable buffers, so the hot path allocates nothing once they have grown.
@@ -867,6 +873,15 @@ impl Engine {
             }
         }
 
+        // The connection's helper reads the packet (nf_confirm), and may refuse it.
+        if let Classified::Tracked(t) = &ct {
+            if let conntrack::helper::Help::Drop(why) = self.tracker.help(t, &pkt, now) {
+                self.stats.dropped_helper.fetch_add(1, Ordering::Relaxed);
+                w.logs.push(format!("{why}\n"));
+                return (Verdict::Drop(DropReason::Helper), Some(ct_bits));
+            }
+        }
+
         // nf_conntrack_confirm: the packet survived every hook.
         if let Classified::Tracked(t) = &ct {
             if t.is_tentative() {
@@ -1174,16 +1189,21 @@ impl Engine {
                 }
                 Some(Stmt::Nat(n)) => w.nat_stmt = Some(n.clone()),
                 Some(Stmt::CtHelperSet(name)) => {
-                    if let Some(conn) = ct.and_then(|c| c.conn()) {
-                        // The helper's type, from the table's ct helper object.
-                        let ty = compiled
-                            .ruleset
-                            .tables
-                            .iter()
-                            .flat_map(|t| t.ct_helpers.iter())
-                            .find(|h| &h.name == name)
-                            .map_or(name.as_str(), |h| h.helper_type.as_str());
-                        conn.set_helper(HelperName::new(ty));
+                    // nft_ct_helper_obj_eval: only a connection not confirmed yet, of the
+                    // object's protocol, without a helper, gets one.
+                    let conn = ct.and_then(|c| c.conn()).filter(|c| {
+                        !c.is_confirmed() && c.status() & conntrack::status::HELPER == 0
+                    });
+                    let obj = compiled
+                        .ruleset
+                        .tables
+                        .iter()
+                        .flat_map(|t| t.ct_helpers.iter())
+                        .find(|h| &h.name == name);
+                    if let (Some(conn), Some(obj)) = (conn, obj) {
+                        if obj.protocol == pkt.ip.protocol() {
+                            conn.set_helper(HelperName::new(&obj.helper_type));
+                        }
                     }
                 }
                 // Marks come back in `ev.meta_mark` / `ev.ct_mark`, applied below.

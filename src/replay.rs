@@ -247,6 +247,8 @@ pub struct Counts {
     pub nat_failed: u64,
     /// Frames whose TTL or hop limit ran out.
     pub ttl_exceeded: u64,
+    /// Frames a connection's helper refused.
+    pub helper_dropped: u64,
     /// Frames whose ingress port could not be decided (unknown interface name, no route
     /// back to the source).
     pub unknown_ingress: u64,
@@ -481,6 +483,7 @@ impl Replay {
                 DropReason::InsertFailed => c.insert_failed += 1,
                 DropReason::NatFailed | DropReason::NatNoAddress => c.nat_failed += 1,
                 DropReason::TtlExceeded => c.ttl_exceeded += 1,
+                DropReason::Helper => c.helper_dropped += 1,
                 DropReason::NoRoute => c.no_route += 1,
                 DropReason::UnknownPort => c.unknown_ingress += 1,
             },
@@ -561,6 +564,7 @@ impl Replay {
                 DropReason::NatFailed => "drop (nat: no free tuple)".to_string(),
                 DropReason::NatNoAddress => "drop (nat: no address on the port)".to_string(),
                 DropReason::TtlExceeded => "drop (ttl exceeded)".to_string(),
+                DropReason::Helper => "drop (helper)".to_string(),
                 DropReason::NoRoute => "drop (no route)".to_string(),
                 DropReason::UnknownPort => "drop (unknown port)".to_string(),
             },
@@ -611,6 +615,7 @@ impl Counts {
             (self.insert_failed, "dropped (insert failed)"),
             (self.nat_failed, "dropped (nat failed)"),
             (self.ttl_exceeded, "dropped (ttl exceeded)"),
+            (self.helper_dropped, "dropped by a helper"),
             (self.unknown_ingress, "with no ingress port"),
             (self.unsupported_link, "not Ethernet"),
         ] {

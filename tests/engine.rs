@@ -2,6 +2,10 @@
 //! router: forwarding, the stateful return path, input policy, rate limits, malformed frames,
 //! reloads that keep connections, and timeouts.
 
+mod common {
+    pub mod router;
+}
+
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -11,19 +15,7 @@ use keepstate::conntrack::Timestamp;
 use keepstate::engine::{Compiled, DropReason, Engine, Verdict};
 use keepstate::rules::{self, ir::ct_state};
 
-const CONFIG: &str = r#"
-[[port]]
-name = "lan"
-addresses = ["192.168.1.1/24"]
-
-[[port]]
-name = "wan"
-addresses = ["198.51.100.1/24"]
-
-[[route]]
-to = "default"
-via = "198.51.100.254"
-"#;
+use common::router::CONFIG;
 
 const LAN: usize = 0;
 const WAN: usize = 1;

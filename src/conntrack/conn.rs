@@ -90,6 +90,10 @@ pub(crate) struct ConnInner {
     pub proto: ProtoState,
     pub counters: [Counter; 2],
     pub helper: Option<HelperName>,
+    /// The helper's own state (FTP's line starts, ...).
+    pub help: Option<Box<super::helper::HelpState>>,
+    /// The control connection of an expected (RELATED) connection (`ct->master`).
+    pub master: Option<std::sync::Weak<Conn>>,
 }
 
 /// One connection. Created tentative by [`super::Tracker::classify`], inserted by
@@ -125,6 +129,8 @@ impl Conn {
                 proto,
                 counters: [Counter::default(); 2],
                 helper: None,
+                help: None,
+                master: None,
             }),
             nat: OnceLock::new(),
         }
@@ -205,6 +211,23 @@ impl Conn {
     }
     pub fn helper(&self) -> Option<HelperName> {
         self.inner.lock().helper
+    }
+    /// The control connection this one was expected by, if it is alive.
+    pub fn master(&self) -> Option<ConnRef> {
+        self.inner.lock().master.as_ref().and_then(|m| m.upgrade())
+    }
+    pub(crate) fn set_master(&self, master: &ConnRef) {
+        self.inner.lock().master = Some(Arc::downgrade(master));
+    }
+    /// Runs `f` on the helper's state (created by `init` the first time).
+    pub(crate) fn with_help<R>(
+        &self,
+        init: impl FnOnce() -> super::helper::HelpState,
+        f: impl FnOnce(&mut super::helper::HelpState) -> R,
+    ) -> R {
+        let mut g = self.inner.lock();
+        let h = g.help.get_or_insert_with(|| Box::new(init()));
+        f(h)
     }
     /// `ct helper set`: attaches a helper by name (the helpers themselves come later).
     pub fn set_helper(&self, helper: Option<HelperName>) {

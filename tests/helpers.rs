@@ -269,3 +269,146 @@ fn one_expectation_per_control_connection_and_they_die_with_it() {
     assert!(e.tracker().expectations().list(t(21).nanos()).is_empty());
     assert_eq!(e.tracker().expectations().count(), 0);
 }
+
+/// A gateway without NAT, with the SIP helper on udp/5060.
+fn sip_gateway() -> Engine {
+    let text = "table inet fw {\n\
+         \tct helper sip-5060 {\n\t\ttype \"sip\" protocol udp;\n\t}\n\
+         \tchain pre {\n\t\ttype filter hook prerouting priority filter; policy accept;\n\
+         \t\tudp dport 5060 ct helper set \"sip-5060\"\n\t}\n\
+         \tchain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\
+         \t\tct state established,related accept\n\
+         \t\tiifname \"lan\" oifname \"wan\" accept\n\t}\n}\n";
+    let cfg = Config::parse(&config(), Path::new("ks.toml")).unwrap();
+    let rules = rules::load_str("sip.nft", text).unwrap();
+    Engine::from_config(&cfg, &rules).unwrap()
+}
+
+const PHONE: [u8; 4] = [192, 168, 1, 20];
+const PROVIDER: [u8; 4] = [203, 0, 113, 50];
+
+fn sip(from: [u8; 4], to: [u8; 4], port: usize, body: &str) -> Vec<u8> {
+    let iface = if port == LAN { "lan" } else { "wan" };
+    common::capture::udp(iface, from, to, 5060, 5060, body.as_bytes())
+}
+
+fn sdp(addr: &str, port: u16) -> String {
+    format!("v=0\r\no=- 1 1 IN IP4 {addr}\r\ns=-\r\nc=IN IP4 {addr}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\n")
+}
+
+fn message(start: &str, cseq: &str, extra: &str, body: &str) -> String {
+    format!(
+        "{start}\r\nVia: SIP/2.0/UDP 192.168.1.20:5060\r\nFrom: <sip:alice@example.org>\r\nTo: <sip:bob@example.org>\r\nCall-ID: 1@x\r\nCSeq: {cseq}\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn a_sip_call_expects_rtp_and_rtcp_both_ways() {
+    let e = sip_gateway();
+    let invite = message(
+        "INVITE sip:bob@203.0.113.50 SIP/2.0",
+        "1 INVITE",
+        "Content-Type: application/sdp\r\n",
+        &sdp("192.168.1.20", 40000),
+    );
+    assert!(forwarded(&e.process(
+        &sip(PHONE, PROVIDER, LAN, &invite),
+        LAN,
+        t(0),
+        0
+    )));
+    let ok = message(
+        "SIP/2.0 200 OK",
+        "1 INVITE",
+        "Content-Type: application/sdp\r\n",
+        &sdp("203.0.113.50", 50000),
+    );
+    assert!(forwarded(&e.process(
+        &sip(PROVIDER, PHONE, WAN, &ok),
+        WAN,
+        t(10),
+        0
+    )));
+    let lines: Vec<String> = e
+        .tracker()
+        .expectations()
+        .list(t(10).nanos())
+        .iter()
+        .map(|x| proc_line(x, t(10).nanos()))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            "179 l3proto = 2 proto=17 src=203.0.113.50 dst=192.168.1.20 sport=0 dport=40000 sip/audio",
+            "179 l3proto = 2 proto=17 src=203.0.113.50 dst=192.168.1.20 sport=0 dport=40001 sip/audio",
+            "180 l3proto = 2 proto=17 src=192.168.1.20 dst=203.0.113.50 sport=0 dport=50000 sip/audio",
+            "180 l3proto = 2 proto=17 src=192.168.1.20 dst=203.0.113.50 sport=0 dport=50001 sip/audio",
+        ]
+    );
+    // Media from the provider to the phone: RELATED, let in.
+    let rtp = common::capture::udp("wan", PROVIDER, PHONE, 50000, 40000, b"rtp");
+    let o = e.process(&rtp, WAN, t(20), 0);
+    assert_eq!(o.ct_state, Some(ct_state::RELATED as u32));
+    assert!(forwarded(&o));
+    // Unannounced media is not.
+    let stray = common::capture::udp("wan", PROVIDER, PHONE, 50000, 40010, b"rtp");
+    assert!(!forwarded(&e.process(&stray, WAN, t(21), 0)));
+    // BYE flushes what is left.
+    let bye = message("BYE sip:bob@203.0.113.50 SIP/2.0", "2 BYE", "", "");
+    e.process(&sip(PHONE, PROVIDER, LAN, &bye), LAN, t(30), 0);
+    assert!(e.tracker().expectations().list(t(30).nanos()).is_empty());
+}
+
+#[test]
+fn a_registration_lets_the_registrar_call_back() {
+    let e = sip_gateway();
+    let reg = message(
+        "REGISTER sip:example.org SIP/2.0",
+        "7 REGISTER",
+        "Contact: <sip:alice@192.168.1.20:5062>;expires=600\r\n",
+        "",
+    );
+    e.process(&sip(PHONE, PROVIDER, LAN, &reg), LAN, t(0), 0);
+    let exp = e.tracker().expectations().list(t(0).nanos());
+    assert_eq!(
+        proc_line(&exp[0], t(0).nanos()),
+        "3600 l3proto = 2 proto=17 src=203.0.113.50 dst=192.168.1.20 sport=0 dport=5062 PERMANENT,INACTIVE sip/signalling"
+    );
+    // Inactive until the registrar says yes: a call now is not related.
+    let early = common::capture::udp("wan", PROVIDER, PHONE, 5060, 5062, b"INVITE");
+    assert!(!forwarded(&e.process(&early, WAN, t(1), 0)));
+    let ok = message(
+        "SIP/2.0 200 OK",
+        "7 REGISTER",
+        "Contact: <sip:alice@192.168.1.20:5062>;expires=600\r\n",
+        "",
+    );
+    e.process(&sip(PROVIDER, PHONE, WAN, &ok), WAN, t(2), 0);
+    let exp = e.tracker().expectations().list(t(2).nanos());
+    assert_eq!(exp[0].flags, keepstate::conntrack::expect::PERMANENT);
+    let call = common::capture::udp("wan", PROVIDER, PHONE, 5060, 5062, b"INVITE");
+    let o = e.process(&call, WAN, t(3), 0);
+    assert_eq!(o.ct_state, Some(ct_state::RELATED as u32));
+    // PERMANENT: it stays for the next call, and the new connection has the SIP helper.
+    assert_eq!(e.tracker().expectations().count(), 1);
+    let conn = o.events[0].1.clone();
+    assert_eq!(
+        conn.helper().map(|h| h.as_str().to_string()),
+        Some("sip".into())
+    );
+}
+
+#[test]
+fn an_sdp_without_an_address_is_dropped_and_the_control_connection_lives_an_hour() {
+    let e = sip_gateway();
+    let body = "v=0\r\no=- 1 1 IN IP4 192.168.1.20\r\ns=-\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n";
+    let invite = message("INVITE sip:bob@203.0.113.50 SIP/2.0", "1 INVITE", "", body);
+    let o = e.process(&sip(PHONE, PROVIDER, LAN, &invite), LAN, t(0), 0);
+    assert_eq!(o.verdict, Verdict::Drop(DropReason::Helper));
+    let options = message("OPTIONS sip:bob@203.0.113.50 SIP/2.0", "2 OPTIONS", "", "");
+    let o = e.process(&sip(PHONE, PROVIDER, LAN, &options), LAN, t(1), 0);
+    assert!(forwarded(&o));
+    let c = e.tracker().conns()[0].clone();
+    assert_eq!(c.timeout_secs(t(1)), 3600);
+}

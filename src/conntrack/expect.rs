@@ -327,6 +327,18 @@ impl Expectations {
         self.sub(removed as u64);
     }
 
+    /// Changes the expectations of `master` of one class (SIP activates its signalling
+    /// expectation and sets its timer when the registration is confirmed).
+    pub fn update_class(&self, master: &ConnRef, class: u8, mut f: impl FnMut(&mut Expectation)) {
+        let ptr = Arc::as_ptr(master);
+        let mut g = self.inner.lock();
+        for x in g.by_dst.values_mut().flatten() {
+            if x.master.as_ptr() == ptr && x.policy.class == class {
+                f(x);
+            }
+        }
+    }
+
     /// Drops expired expectations and those whose master is gone (the expectation timers).
     pub fn gc(&self, now: u64) -> usize {
         if self.count() == 0 {

@@ -871,25 +871,43 @@ impl Tracker {
     }
 
     /// Runs the connection's helper on a packet that survived the hooks (`nf_confirm` calls
-    /// `helper->help` there): FTP reads ESTABLISHED segments of its control connection. A
-    /// packet the helper refuses must be dropped.
+    /// `helper->help` there): FTP reads ESTABLISHED segments of its control connection, SIP
+    /// every message over UDP and established TCP. A packet the helper refuses must be
+    /// dropped.
     pub fn help(&self, t: &Tracked, p: &Packet<'_>, now: Timestamp) -> helper::Help {
+        use helper::{ftp, sip, Help, HelpState};
         let Some(h) = t.conn.helper() else {
-            return helper::Help::Accept;
+            return Help::Accept;
         };
-        if !matches!(t.info, CtInfo::Established | CtInfo::EstablishedReply) {
-            return helper::Help::Accept;
+        let udp = matches!(p.l4, L4::Udp(_));
+        if !udp && !matches!(t.info, CtInfo::Established | CtInfo::EstablishedReply) {
+            return Help::Accept;
         }
+        let dir = t.info.dir();
         match h.as_str() {
             "ftp" if matches!(p.l4, L4::Tcp(_)) => t.conn.with_help(
-                || helper::HelpState::Ftp(helper::ftp::FtpState::default()),
+                || HelpState::Ftp(ftp::FtpState::default()),
                 |s| match s {
-                    helper::HelpState::Ftp(f) => {
-                        helper::ftp::help(&t.conn, t.info.dir(), f, p, &self.expect, now.0)
-                    }
+                    HelpState::Ftp(f) => ftp::help(&t.conn, dir, f, p, &self.expect, now.0),
+                    HelpState::Sip(_) => Help::Accept,
                 },
             ),
-            _ => helper::Help::Accept,
+            "sip" if udp || matches!(p.l4, L4::Tcp(_)) => {
+                let (verdict, refresh) = t.conn.with_help(
+                    || HelpState::Sip(sip::SipState::default()),
+                    |s| match s {
+                        HelpState::Sip(st) => sip::help(&t.conn, dir, st, p, &self.expect, now.0),
+                        HelpState::Ftp(_) => (Help::Accept, false),
+                    },
+                );
+                // sip_help_udp: every SIP message keeps the signalling connection alive.
+                if refresh && udp {
+                    let until = now.0 + u64::from(sip::SIP_TIMEOUT) * NS;
+                    t.conn.expires.store(until, Ordering::Relaxed);
+                }
+                verdict
+            }
+            _ => Help::Accept,
         }
     }
 

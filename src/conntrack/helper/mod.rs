@@ -34,4 +34,5 @@ pub enum HelpDrop {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HelpState {
     Ftp(ftp::FtpState),
+    Sip(sip::SipState),
 }

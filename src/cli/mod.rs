@@ -77,6 +77,9 @@ pub enum Command {
         /// Print the lines `log` statements write, in the kernel's format.
         #[arg(long)]
         log: bool,
+        /// At the end, print the helpers' expectations as /proc/net/nf_conntrack_expect does.
+        #[arg(long)]
+        expect: bool,
     },
     /// Measure a ruleset's decision tree against the rule-by-rule reference.
     Bench {
@@ -156,6 +159,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             acct,
             stats,
             log,
+            expect,
         } => replay::run(&replay::Args {
             config,
             rules,
@@ -167,6 +171,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             acct,
             stats,
             log,
+            expect,
         }),
         Command::Bench {
             what:

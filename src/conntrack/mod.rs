@@ -228,8 +228,8 @@ pub struct CtConfig {
     pub cpus: usize,
     /// dashmap shards (rounded up to a power of two).
     pub shards: usize,
-    /// `nf_conntrack_expect_max`; by default the kernel's, from `max`.
-    pub expect_max: Option<usize>,
+    /// `nf_conntrack_expect_max` (the kernel's default goes with its default table).
+    pub expect_max: usize,
 }
 
 impl Default for CtConfig {
@@ -245,7 +245,7 @@ impl Default for CtConfig {
             events: false,
             cpus: 1,
             shards: 256,
-            expect_max: None,
+            expect_max: expect::Expectations::default_max(262_144),
         }
     }
 }
@@ -262,7 +262,7 @@ impl CtConfig {
             "tcp_ignore_invalid_rst" => self.tcp_ignore_invalid_rst = value != 0,
             "tcp_max_retrans" => self.tcp_max_retrans = value.min(255) as u8,
             "checksum" => self.checksum = value != 0,
-            "expect_max" => self.expect_max = Some(value as usize),
+            "expect_max" => self.expect_max = value as usize,
             _ => {
                 return self
                     .timeouts
@@ -507,11 +507,8 @@ impl Tracker {
     pub fn new(cfg: CtConfig) -> Tracker {
         let table = Table::new(cfg.max, cfg.shards);
         let stats = (0..cfg.cpus.max(1)).map(|_| StatSlot::default()).collect();
-        let expect_max = cfg
-            .expect_max
-            .unwrap_or_else(|| expect::Expectations::default_max(cfg.max));
         Tracker {
-            expect: expect::Expectations::new(expect_max),
+            expect: expect::Expectations::new(cfg.expect_max),
             cfg,
             table,
             stats,

@@ -28,6 +28,7 @@ pub mod expect;
 pub mod helper;
 pub mod nat;
 pub mod proto;
+pub mod seqadj;
 pub mod show;
 pub mod table;
 pub mod tuple;
@@ -375,6 +376,9 @@ pub struct Tracked {
     pub info: CtInfo,
     /// Event bits this packet caused (before confirmation for a NEW connection).
     pub events: u16,
+    /// An expected connection of a translated master: how NAT must translate it
+    /// (`nf_nat_follow_master`), instead of the nat chains.
+    pub follow: Option<expect::Follow>,
 }
 
 impl Tracked {
@@ -642,7 +646,12 @@ impl Tracker {
                     if kill && self.table.remove(&conn) {
                         self.destroyed([conn.clone()], ctx.cpu);
                     }
-                    return Classified::Tracked(Tracked { conn, info, events });
+                    return Classified::Tracked(Tracked {
+                        conn,
+                        info,
+                        events,
+                        follow: None,
+                    });
                 }
                 Outcome::Invalid(r) => return invalid(r),
                 Outcome::Repeat => {
@@ -664,13 +673,18 @@ impl Tracker {
         let s = conn.status();
         let mut events = 0u16;
         let mut g = conn.inner.lock();
+        let seqadj = g.ext.as_ref().and_then(|e| e.seqadj);
         let verdict = match (&mut g.proto, &p.l4) {
             (ProtoState::Tcp(tc), L4::Tcp(th)) => {
                 let expires = conn.expires.load(Ordering::Relaxed);
+                // The peer acknowledges a stream a NAT helper may have resized.
+                let receiver_offset =
+                    seqadj.map_or(0, |a| a.offset(dir.other(), th.ack.wrapping_sub(1)));
                 let cx = tcp::TcpCtx {
                     dir,
                     status: s,
                     expires_in_secs: expires.saturating_sub(now) / NS,
+                    receiver_offset,
                 };
                 tcp::tcp_packet(tc, th, cx, cfg, &mut events)
             }
@@ -762,7 +776,9 @@ impl Tracker {
         // nf_ct_find_expectation: a connection a helper announced is RELATED to its master,
         // whose mark it inherits.
         let mut info = CtInfo::New;
+        let mut follow = None;
         if let Some((e, master)) = self.expect.take(&tuple, now) {
+            follow = e.follow;
             conn.set_status(status::EXPECTED);
             conn.set_mark(master.mark());
             conn.set_master(&master);
@@ -774,7 +790,12 @@ impl Tracker {
         match self.packet(&conn, Dir::Original, p, now) {
             Outcome::Accepted { events, .. } => {
                 inc(&st.new);
-                Classified::Tracked(Tracked { conn, info, events })
+                Classified::Tracked(Tracked {
+                    conn,
+                    info,
+                    events,
+                    follow,
+                })
             }
             Outcome::Invalid(r) => {
                 inc(&st.invalid);
@@ -821,6 +842,7 @@ impl Tracker {
             conn,
             info,
             events: 0,
+            follow: None,
         })
     }
 
@@ -882,13 +904,25 @@ impl Tracker {
         }
         let dir = t.info.dir();
         match h.as_str() {
-            "ftp" if matches!(p.l4, L4::Tcp(_)) => t.conn.with_help(
-                || HelpState::Ftp(ftp::FtpState::default()),
-                |s| match s {
-                    HelpState::Ftp(f) => ftp::help(&t.conn, dir, f, p, &self.expect, now.0),
-                    HelpState::Sip(_) => Help::Accept,
-                },
-            ),
+            "ftp" => {
+                let L4::Tcp(th) = p.l4 else {
+                    return Help::Accept;
+                };
+                let verdict = t.conn.with_help(
+                    || HelpState::Ftp(ftp::FtpState::default()),
+                    |s| match s {
+                        HelpState::Ftp(f) => ftp::help(&t.conn, dir, f, p, &self.expect, now.0),
+                        HelpState::Sip(_) => Help::Accept,
+                    },
+                );
+                // A rewrite that changes the payload's length moves every later sequence
+                // number of this direction (nf_nat_mangle_tcp_packet -> nf_ct_seqadj_set).
+                if let Help::Mangle(m) = &verdict {
+                    let delta = m.text.len() as i64 - m.len as i64;
+                    t.conn.seqadj_set(dir, th.seq, delta as i32);
+                }
+                verdict
+            }
             "sip" if udp || matches!(p.l4, L4::Tcp(_)) => {
                 let (verdict, refresh) = t.conn.with_help(
                     || HelpState::Sip(sip::SipState::default()),

@@ -645,7 +645,7 @@ impl Engine {
             // another length, which leaves in place of this one.
             if let (Some(m), Some((at, len, l)), Some(Ok(()))) = (&e.mangle, e.at, &ok) {
                 let ip = frame.get(at..at + len).unwrap_or(&[]);
-                match rewrite::mangle_tcp(ip, &l, m.offset, m.len, &m.text) {
+                match rewrite::mangle(ip, &l, m.offset, m.len, &m.text) {
                     Ok(new_ip) => {
                         let mut f = frame[..at].to_vec();
                         f.extend_from_slice(&new_ip);

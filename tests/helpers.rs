@@ -273,18 +273,30 @@ fn one_expectation_per_control_connection_and_they_die_with_it() {
     assert_eq!(e.tracker().expectations().count(), 0);
 }
 
-/// A gateway without NAT, with the SIP helper on udp/5060.
-fn sip_gateway() -> Engine {
-    let text = "table inet fw {\n\
-         \tct helper sip-5060 {\n\t\ttype \"sip\" protocol udp;\n\t}\n\
-         \tchain pre {\n\t\ttype filter hook prerouting priority filter; policy accept;\n\
-         \t\tudp dport 5060 ct helper set \"sip-5060\"\n\t}\n\
-         \tchain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\
+/// A gateway with the SIP helper on udp/5060, behind masquerade when `nat`.
+fn sip_gateway_with(nat: bool) -> Engine {
+    let masq = if nat {
+        "table ip nat {\n\tchain post {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\toifname \"wan\" masquerade\n\t}\n}\n"
+    } else {
+        ""
+    };
+    let text = format!(
+        "table inet fw {{\n\
+         \tct helper sip-5060 {{\n\t\ttype \"sip\" protocol udp;\n\t}}\n\
+         \tchain pre {{\n\t\ttype filter hook prerouting priority filter; policy accept;\n\
+         \t\tudp dport 5060 ct helper set \"sip-5060\"\n\t}}\n\
+         \tchain forward {{\n\t\ttype filter hook forward priority filter; policy drop;\n\
          \t\tct state established,related accept\n\
-         \t\tiifname \"lan\" oifname \"wan\" accept\n\t}\n}\n";
+         \t\tiifname \"lan\" oifname \"wan\" accept\n\t}}\n}}\n{masq}"
+    );
     let cfg = Config::parse(&config(), Path::new("ks.toml")).unwrap();
-    let rules = rules::load_str("sip.nft", text).unwrap();
+    let rules = rules::load_str("sip.nft", &text).unwrap();
     Engine::from_config(&cfg, &rules).unwrap()
+}
+
+fn sip_gateway() -> Engine {
+    sip_gateway_with(false)
 }
 
 const PHONE: [u8; 4] = [192, 168, 1, 20];
@@ -585,4 +597,76 @@ fn passive_ftp_to_a_server_behind_a_port_forward() {
     assert_eq!(data.ct_state, Some(ct_state::RELATED as u32));
     let (_, _, _, _, dst, _, dport) = left(&data);
     assert_eq!((dst, dport), (CLIENT.into(), 30001));
+}
+
+/// A UDP datagram as it left: its payload as text, checksums verified.
+fn udp_left(o: &Outcome) -> (String, std::net::IpAddr, std::net::IpAddr, u16, u16) {
+    let Frame::Ip(p) = parse_ethernet(&o.frame) else {
+        panic!("does not parse")
+    };
+    checksum::verify(&p).expect("checksums verify");
+    let L4::Udp(u) = p.l4 else { panic!() };
+    let payload = String::from_utf8_lossy(&p.ip_bytes[p.l4_offset + 8..]).into_owned();
+    assert_eq!(usize::from(u.length), p.ip_bytes.len() - p.l4_offset);
+    (payload, p.ip.src(), p.ip.dst(), u.sport, u.dport)
+}
+
+#[test]
+fn a_sip_call_through_masquerade_is_rewritten_and_its_media_flows_both_ways() {
+    let e = sip_gateway_with(true);
+    let phone = [192, 168, 1, 5];
+    let body = "v=0\r\no=- 1 1 IN IP4 192.168.1.5\r\ns=-\r\nc=IN IP4 192.168.1.5\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n";
+    let invite = format!(
+        "INVITE sip:bob@203.0.113.50 SIP/2.0\r\nVia: SIP/2.0/UDP 192.168.1.5:5060;branch=z9hG4bK1\r\nFrom: <sip:alice@192.168.1.5>;tag=1\r\nTo: <sip:bob@203.0.113.50>\r\nCall-ID: 1@x\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@192.168.1.5:5060>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let o = e.process(&sip(phone, PROVIDER, LAN, &invite), LAN, t(0), 0);
+    assert!(forwarded(&o), "{:?}", o.verdict);
+    let (text, src, ..) = udp_left(&o);
+    assert_eq!(src, std::net::IpAddr::from(BOX_WAN));
+    let out_body = "v=0\r\no=- 1 1 IN IP4 198.51.100.1\r\ns=-\r\nc=IN IP4 198.51.100.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n";
+    assert_eq!(
+        text,
+        format!(
+            "INVITE sip:bob@203.0.113.50 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.1:5060;branch=z9hG4bK1\r\nFrom: <sip:alice@198.51.100.1:5060>;tag=1\r\nTo: <sip:bob@203.0.113.50>\r\nCall-ID: 1@x\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@198.51.100.1:5060>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{out_body}",
+            out_body.len()
+        )
+    );
+    // The provider answers to the public address; the phone sees its own Via back.
+    let answer = "v=0\r\no=- 2 2 IN IP4 203.0.113.50\r\ns=-\r\nc=IN IP4 203.0.113.50\r\nt=0 0\r\nm=audio 50000 RTP/AVP 0\r\n";
+    let ok = format!(
+        "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 198.51.100.1:5060;branch=z9hG4bK1\r\nFrom: <sip:alice@198.51.100.1:5060>;tag=1\r\nTo: <sip:bob@203.0.113.50>;tag=2\r\nCall-ID: 1@x\r\nCSeq: 1 INVITE\r\nContact: <sip:bob@203.0.113.50:5060>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{answer}",
+        answer.len()
+    );
+    let o = e.process(&sip(PROVIDER, BOX_WAN, WAN, &ok), WAN, t(10), 0);
+    assert!(forwarded(&o), "{:?}", o.verdict);
+    let (text, _, dst, ..) = udp_left(&o);
+    assert_eq!(dst, std::net::IpAddr::from(phone));
+    assert!(
+        text.contains("Via: SIP/2.0/UDP 192.168.1.5:5060;branch"),
+        "{text}"
+    );
+    assert!(
+        text.contains("From: <sip:alice@192.168.1.5:5060>"),
+        "{text}"
+    );
+    // Media from the provider to the public address reaches the phone...
+    let rtp = common::capture::udp("wan", PROVIDER, BOX_WAN, 50000, 40000, b"rtp");
+    let o = e.process(&rtp, WAN, t(20), 0);
+    assert_eq!(o.ct_state, Some(ct_state::RELATED as u32));
+    let (_, _, dst, _, dport) = udp_left(&o);
+    assert_eq!((dst, dport), (phone.into(), 40000));
+    // ...and the phone's media to the provider leaves from the public address.
+    let rtp = common::capture::udp("lan", phone, PROVIDER, 40000, 50000, b"rtp");
+    let o = e.process(&rtp, LAN, t(21), 0);
+    assert_eq!(o.ct_state, Some(ct_state::ESTABLISHED as u32));
+    let (_, src, ..) = udp_left(&o);
+    assert_eq!(src, std::net::IpAddr::from(BOX_WAN));
+    // The other direction's RTCP was expected too, and lets the phone's first packet out as
+    // RELATED when it goes first.
+    let rtcp = common::capture::udp("lan", phone, PROVIDER, 40001, 50001, b"rtcp");
+    let o = e.process(&rtcp, LAN, t(22), 0);
+    assert_eq!(o.ct_state, Some(ct_state::RELATED as u32));
+    let (_, src, _, sport, _) = udp_left(&o);
+    assert_eq!((src, sport), (BOX_WAN.into(), 40001));
 }

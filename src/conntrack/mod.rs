@@ -931,6 +931,11 @@ impl Tracker {
                         HelpState::Ftp(_) => (Help::Accept, false),
                     },
                 );
+                // Over TCP a resized message moves the stream (the seq_adjust hook).
+                if let (Help::Mangle(m), L4::Tcp(th)) = (&verdict, &p.l4) {
+                    let delta = m.text.len() as i64 - m.len as i64;
+                    t.conn.seqadj_set(dir, th.seq, delta as i32);
+                }
                 // sip_help_udp: every SIP message keeps the signalling connection alive.
                 if refresh && udp {
                     let until = now.0 + u64::from(sip::SIP_TIMEOUT) * NS;

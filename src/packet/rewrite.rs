@@ -393,19 +393,31 @@ pub fn apply_compiled(ip: &mut [u8], l: &Layout, c: &CompiledRewrite) -> Result<
     Ok(())
 }
 
-/// `nf_nat_mangle_tcp_packet`: a TCP segment whose `len` payload bytes at `offset` (from
-/// the start of the IP packet) become `text`: the new IP packet, its length fields, IPv4
-/// header checksum and TCP checksum made right.
-pub fn mangle_tcp(
+/// `nf_nat_mangle_tcp_packet` / `nf_nat_mangle_udp_packet`: a TCP segment or UDP datagram
+/// whose `len` payload bytes at `offset` (from the start of the IP packet) become `text`: the
+/// new IP packet, its length fields, IPv4 header checksum and transport checksum made right
+/// (a UDP-over-IPv4 checksum of zero stays zero).
+pub fn mangle(
     ip: &[u8],
     l: &Layout,
     offset: usize,
     len: usize,
     text: &[u8],
 ) -> Result<Vec<u8>, RewriteError> {
-    if l.kind != Kind::Tcp || offset < l.l4_offset + 20 || offset + len > ip.len() {
+    let hdr = match l.kind {
+        Kind::Tcp => 20,
+        Kind::Udp => 8,
+        _ => return Err(RewriteError::Truncated),
+    };
+    if l.later_fragment || offset < l.l4_offset + hdr || offset + len > ip.len() {
         return Err(RewriteError::Truncated);
     }
+    let (csum_at, zero_means_none) = if l.kind == Kind::Tcp {
+        (l.l4_offset + 16, false)
+    } else {
+        (l.l4_offset + 6, !l.v6)
+    };
+    let had_none = zero_means_none && get16(ip, csum_at)? == 0;
     let mut out = Vec::with_capacity(ip.len() + text.len());
     out.extend_from_slice(&ip[..offset]);
     out.extend_from_slice(text);
@@ -423,12 +435,19 @@ pub fn mangle_tcp(
             .ones_complement();
         put16(&mut out, 10, u16::from_be_bytes(c.to_ne_bytes()))?;
     }
+    if l.kind == Kind::Udp {
+        let ulen = u16::try_from(out.len() - l.l4_offset).map_err(|_| RewriteError::Truncated)?;
+        put16(&mut out, l.l4_offset + 4, ulen)?;
+    }
+    if had_none {
+        return Ok(out);
+    }
     let c = match super::parse_ip(&out) {
         super::Frame::Ip(p) => super::checksum::compute_l4(&p),
         _ => None,
     }
     .ok_or(RewriteError::Truncated)?;
-    put16(&mut out, l.l4_offset + 16, c)?;
+    put16(&mut out, csum_at, c)?;
     Ok(out)
 }
 

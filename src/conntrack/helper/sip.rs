@@ -7,16 +7,30 @@
 //! handlers): RTP and RTCP expectations from SDP offers and answers (direct media), their
 //! flush on a new INVITE, a failed INVITE or a BYE, and the signalling expectation of a
 //! REGISTER, activated by its 2xx answer. Every message refreshes the control connection to
-//! `sip_timeout`. XXX: the NAT rewrite of SIP and SDP (`nf_nat_sip`) is not done yet.
+//! `sip_timeout`.
+//!
+//! On a translated control connection it is `nf_nat_sip` too: the addresses and ports of
+//! the Request-URI, the top Via, Contact, From and To are mapped between the two sides
+//! (`map_addr`), the SDP's `o=` and `c=` addresses and `m=` ports become the ones the peer can
+//! reach (a free RTP/RTCP pair is searched, `nf_nat_sdp_media`), `Content-Length` follows, and
+//! the media connections are translated back to what was announced (`nf_nat_sip_expected`).
+//! The caller makes the payload edit ([`Help::Mangle`]).
 
 use std::net::IpAddr;
 use std::ops::Range;
 
 use super::super::conn::ConnRef;
-use super::super::expect::{Expectation, Expectations, Policy, INACTIVE, PERMANENT};
+use super::super::expect::{
+    ExpectError, Expectation, Expectations, Follow, Policy, INACTIVE, PERMANENT,
+};
 use super::super::proto::Dir;
-use super::super::HelperName;
-use super::{Help, HelpDrop};
+use super::super::tuple::Addr;
+use super::super::{status, HelperName};
+use super::{Help, HelpDrop, Mangle};
+
+/// Payload edits of a translated message: byte ranges of the packet's payload and their
+/// new text.
+type Edits = Vec<(Range<usize>, Vec<u8>)>;
 use crate::packet::{Packet, L4};
 
 /// `SIP_TIMEOUT`: the control connection lives this long after each message.
@@ -77,29 +91,190 @@ pub fn help(
         }
         _ => return (Help::Accept, false),
     };
-    let Some(mut data) = payload else {
+    let Some(whole) = payload else {
         return (Help::Accept, false);
     };
+    let payload_at = pkt.ip_bytes.len() - whole.len();
+    let nat = conn.status() & (status::SRC_NAT | status::DST_NAT) != 0;
+    let mut edits: Edits = Vec::new();
     let mut refresh = false;
+    let mut base = 0;
     loop {
+        let data = &whole[base..];
         let msg = match parse_message(data) {
             Ok(m) => m,
             // Too short, not SIP, or (on TCP) not all there yet: accepted unparsed.
-            Err(_) => return (Help::Accept, refresh),
+            Err(_) => break,
         };
         refresh = true;
-        if let Err(why) = process(conn, dir, state, data, &msg, expect, now) {
+        let mut cx = Nat {
+            on: nat,
+            base,
+            edits: Vec::new(),
+        };
+        if let Err(why) = process(conn, dir, state, data, &msg, expect, now, &mut cx) {
             return (Help::Drop(why), refresh);
+        }
+        if nat {
+            headers(conn, dir, data, &msg, &mut cx);
+            content_length(&msg, &mut cx);
+            edits.append(&mut cx.edits);
         }
         // One message per datagram; a TCP segment may hold several.
         if !tcp || msg.len >= data.len() {
-            return (Help::Accept, refresh);
+            break;
         }
-        data = &data[msg.len..];
+        base += msg.len;
+    }
+    if edits.is_empty() {
+        return (Help::Accept, refresh);
+    }
+    edits.sort_by_key(|(r, _)| r.start);
+    let mut text = Vec::with_capacity(whole.len() + 32);
+    let mut at = 0;
+    for (r, new) in edits {
+        if r.start < at || r.end > whole.len() {
+            continue;
+        }
+        text.extend_from_slice(&whole[at..r.start]);
+        text.extend_from_slice(&new);
+        at = r.end;
+    }
+    text.extend_from_slice(&whole[at..]);
+    let m = Mangle {
+        offset: payload_at,
+        len: whole.len(),
+        text,
+    };
+    (Help::Mangle(m), refresh)
+}
+
+/// The NAT side of one message: whether the control connection is translated, where the
+/// message starts in the payload, and its edits (in payload coordinates).
+struct Nat {
+    on: bool,
+    base: usize,
+    edits: Edits,
+}
+
+impl Nat {
+    /// Replaces `r` (message coordinates) with `text`, unless an edit already covers it.
+    fn edit(&mut self, r: Range<usize>, text: Vec<u8>) {
+        let r = self.base + r.start..self.base + r.end;
+        if !self
+            .edits
+            .iter()
+            .any(|(x, _)| x.start < r.end && r.start < x.end)
+        {
+            self.edits.push((r, text));
+        }
+    }
+}
+
+fn host_port_text(a: IpAddr, port: u16) -> Vec<u8> {
+    match a {
+        IpAddr::V4(a) => format!("{a}:{port}").into_bytes(),
+        IpAddr::V6(a) => format!("[{a}]:{port}").into_bytes(),
+    }
+}
+
+/// `map_addr`: an address and port of the sender become the ones the receiver sees it at,
+/// and the receiver's the ones the sender addressed.
+fn map_addr(conn: &ConnRef, dir: Dir, a: IpAddr, port: u16) -> Option<(IpAddr, u16)> {
+    let own = conn.tuple(dir);
+    let seen = conn.tuple(dir.other());
+    let new = if a == own.src_ip() && port == own.src_id {
+        (seen.dst_ip(), seen.dst_id)
+    } else if a == own.dst_ip() && port == own.dst_id {
+        (seen.src_ip(), seen.src_id)
+    } else {
+        return None;
+    };
+    (new != (a, port)).then_some(new)
+}
+
+/// `host[:port]` within a header value (after `sip:` and any `user@` for a URI, after the
+/// transport for a Via): its byte range in the value, the address and the port.
+fn host_port_in(value: &[u8], via: bool) -> Option<(Range<usize>, IpAddr, u16)> {
+    let text = std::str::from_utf8(value).ok()?;
+    let stops = [';', '>', ',', ' ', '\r', '?'];
+    let start = if via {
+        let t = text.find("SIP/2.0/")?;
+        t + 8 + text[t + 8..].find(' ')? + 1
+    } else {
+        let i = text.find("sip:")? + 4;
+        let end = text[i..].find(stops).map_or(text.len(), |e| i + e);
+        text[i..end].rfind('@').map_or(i, |at| i + at + 1)
+    };
+    let rest = &text[start..];
+    let len = rest.find(stops).unwrap_or(rest.len());
+    let hp = &rest[..len];
+    let (host, port) = if let Some(v6) = hp.strip_prefix('[') {
+        let (h, after) = v6.split_once(']')?;
+        (h, after.strip_prefix(':'))
+    } else {
+        match hp.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hp, None),
+        }
+    };
+    let addr: IpAddr = host.parse().ok()?;
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None => 5060,
+    };
+    Some((start..start + len, addr, port))
+}
+
+/// `nf_nat_sip`'s header part: the Request-URI, the top Via, every Contact, From and To.
+fn headers(conn: &ConnRef, dir: Dir, data: &[u8], msg: &Message, cx: &mut Nat) {
+    let mut fields: Vec<(Range<usize>, bool)> = Vec::new();
+    if let Start::Request { uri, .. } = &msg.start {
+        fields.push((uri.clone(), false));
+    }
+    let mut via_done = false;
+    for (name, r) in &msg.headers {
+        match name.as_str() {
+            "via" if !via_done => {
+                via_done = true;
+                fields.push((r.clone(), true));
+            }
+            "contact" | "from" | "to" => fields.push((r.clone(), false)),
+            _ => {}
+        }
+    }
+    for (r, via) in fields {
+        let Some(value) = data.get(r.clone()) else {
+            continue;
+        };
+        if let Some((hp, a, port)) = host_port_in(value, via) {
+            if let Some((na, np)) = map_addr(conn, dir, a, port) {
+                cx.edit(r.start + hp.start..r.start + hp.end, host_port_text(na, np));
+            }
+        }
+    }
+}
+
+/// `mangle_content_len`: the body's new length, when the SDP was rewritten.
+fn content_length(msg: &Message, cx: &mut Nat) {
+    let (base, body) = (cx.base, msg.body.clone());
+    let delta: isize = cx
+        .edits
+        .iter()
+        .filter(|(r, _)| r.start >= base + body.start && r.end <= base + body.end)
+        .map(|(r, t)| t.len() as isize - r.len() as isize)
+        .sum();
+    if delta == 0 {
+        return;
+    }
+    if let Some((_, r)) = msg.headers.iter().find(|(n, _)| n == "content-length") {
+        let new = (body.len() as isize + delta).max(0);
+        cx.edit(r.clone(), new.to_string().into_bytes());
     }
 }
 
 /// `process_sip_request` / `process_sip_response` and the handlers of `sip_handlers[]`.
+#[allow(clippy::too_many_arguments)]
 fn process(
     conn: &ConnRef,
     dir: Dir,
@@ -108,9 +283,11 @@ fn process(
     msg: &Message,
     expect: &Expectations,
     now: u64,
+    cx: &mut Nat,
 ) -> Result<(), HelpDrop> {
     let cseq = msg.cseq.as_ref().map_or(0, |c| c.0);
     let body = &data[msg.body.clone()];
+    let body_at = msg.body.start;
     let media_classes = [AUDIO.class, VIDEO.class, IMAGE.class];
     let flush_media = || {
         for c in media_classes {
@@ -123,20 +300,20 @@ fn process(
     match (&msg.start, method) {
         (Start::Request { .. }, "INVITE") => {
             flush_media();
-            process_sdp(conn, dir, body, expect, now)?;
+            process_sdp(conn, dir, body, body_at, expect, now, cx)?;
             state.invite_cseq = cseq;
         }
         (Start::Request { .. }, "UPDATE" | "PRACK" | "ACK") => {
-            process_sdp(conn, dir, body, expect, now)?;
+            process_sdp(conn, dir, body, body_at, expect, now, cx)?;
         }
         (Start::Request { .. }, "BYE") => flush_media(),
         (Start::Request { .. }, "REGISTER") => {
             state.register_cseq = cseq;
-            register(conn, dir, data, msg, expect, now)?;
+            register(conn, dir, data, msg, expect, now, cx.on)?;
         }
         (Start::Response { code }, "INVITE" | "UPDATE" | "PRACK") => {
             if (100..300).contains(code) {
-                process_sdp(conn, dir, body, expect, now)?;
+                process_sdp(conn, dir, body, body_at, expect, now, cx)?;
             } else if method == "INVITE" && cseq == state.invite_cseq {
                 flush_media();
             }
@@ -164,12 +341,15 @@ fn process(
 
 /// `process_sdp` + `set_expected_rtp_rtcp` with `sip_direct_media`: RTP and RTCP from the
 /// signalling peer to each active stream's address, which must be the sender's own.
+#[allow(clippy::too_many_arguments)]
 fn process_sdp(
     conn: &ConnRef,
     dir: Dir,
     body: &[u8],
+    body_at: usize,
     expect: &Expectations,
     now: u64,
+    cx: &mut Nat,
 ) -> Result<(), HelpDrop> {
     let media = match parse_sdp(body) {
         Ok(m) => m,
@@ -188,22 +368,115 @@ fn process_sdp(
             MediaKind::Video => VIDEO,
             MediaKind::Image => IMAGE,
         };
+        let helper = HelperName::new("sip").unwrap_or_default();
+        if cx.on {
+            nat_media(conn, dir, &m, policy, body_at, expect, now, cx)?;
+            continue;
+        }
         for port in [m.rtp_port(), m.rtcp_port()] {
             let mut t = peer;
             t.proto = 17;
-            t.dst = super::super::tuple::Addr::from_ip(m.addr);
+            t.dst = Addr::from_ip(m.addr);
             t.dst_id = port;
             t.src_id = 0;
-            let helper = HelperName::new("sip").unwrap_or_default();
             let e = Expectation::new(t, conn, helper, policy, now);
             expect.add(e, now).map_err(HelpDrop::Expect)?;
         }
+    }
+    if cx.on {
+        // `o=` names the sender too (nf_nat_sdp_session).
+        let sender_ip = sender.src_ip().to_string();
+        let text = String::from_utf8_lossy(body);
+        let mut at = 0;
+        for line in text.split('\n') {
+            if line.starts_with("o=") {
+                if let Some(i) = line.rfind(&sender_ip) {
+                    let new = conn.tuple(dir.other()).dst_ip().to_string();
+                    cx.edit(
+                        body_at + at + i..body_at + at + i + sender_ip.len(),
+                        new.into_bytes(),
+                    );
+                }
+            }
+            at += line.len() + 1;
+        }
+    }
+    Ok(())
+}
+
+/// `nf_nat_sdp_media` + `nf_nat_sdp_addr`: a stream the peer reaches at the sender's
+/// translated address, on the first free RTP/RTCP port pair from the announced one; the
+/// `m=` port and the `c=` address rewritten to match.
+#[allow(clippy::too_many_arguments)]
+fn nat_media(
+    conn: &ConnRef,
+    dir: Dir,
+    m: &Media,
+    policy: Policy,
+    body_at: usize,
+    expect: &Expectations,
+    now: u64,
+    cx: &mut Nat,
+) -> Result<(), HelpDrop> {
+    let sender = conn.tuple(dir);
+    let seen = conn.tuple(dir.other());
+    let newaddr = seen.dst_ip();
+    let helper = HelperName::new("sip").unwrap_or_default();
+    let mut chosen = None;
+    let mut base = m.rtp_port();
+    for _ in 0..128 {
+        let mut ok = true;
+        for (i, port) in [base, base.wrapping_add(1)].into_iter().enumerate() {
+            let mut t = seen;
+            t.proto = 17;
+            t.src_id = 0;
+            t.dst = Addr::from_ip(newaddr);
+            t.dst_id = port;
+            let mut e = Expectation::new(t, conn, helper, policy, now);
+            e.follow = Some(Follow {
+                snat: sender.dst_ip(),
+                dnat: (m.addr, m.rtp_port() + i as u16),
+            });
+            match expect.add(e, now) {
+                Ok(()) => {}
+                Err(ExpectError::Clash) => {
+                    ok = false;
+                    break;
+                }
+                Err(err) => return Err(HelpDrop::Expect(err)),
+            }
+        }
+        if ok {
+            chosen = Some(base);
+            break;
+        }
+        base = match base.checked_add(2) {
+            Some(b) if b < 65535 => b,
+            _ => break,
+        };
+    }
+    let Some(port) = chosen else {
+        return Err(HelpDrop::Sip("cannot allocate an RTP port pair"));
+    };
+    if port != m.rtp_port() {
+        let announced = port + (m.port & 1);
+        cx.edit(
+            body_at + m.port_at.start..body_at + m.port_at.end,
+            announced.to_string().into_bytes(),
+        );
+    }
+    if m.addr != newaddr {
+        cx.edit(
+            body_at + m.addr_at.start..body_at + m.addr_at.end,
+            newaddr.to_string().into_bytes(),
+        );
     }
     Ok(())
 }
 
 /// `process_register_request`: a REGISTER whose Contact is the sender itself expects the
 /// registrar's calls to that address and port (inactive until the 2xx answer).
+#[allow(clippy::too_many_arguments)]
 fn register(
     conn: &ConnRef,
     dir: Dir,
@@ -211,6 +484,7 @@ fn register(
     msg: &Message,
     expect: &Expectations,
     now: u64,
+    nat: bool,
 ) -> Result<(), HelpDrop> {
     let Some(contact) = msg.header(data, "contact") else {
         return Ok(());
@@ -228,11 +502,22 @@ fn register(
     }
     let peer = conn.tuple(dir.other());
     let mut t = peer;
-    t.dst = super::super::tuple::Addr::from_ip(addr);
-    t.dst_id = port;
+    // Through NAT the registrar calls the Contact as it was rewritten (nf_nat_sip_expect).
+    let (to, to_port) = match nat.then(|| map_addr(conn, dir, addr, port)).flatten() {
+        Some(mapped) => mapped,
+        None => (addr, port),
+    };
+    t.dst = Addr::from_ip(to);
+    t.dst_id = to_port;
     t.src_id = 0;
     let helper = HelperName::new("sip").unwrap_or_default();
     let mut e = Expectation::new(t, conn, helper, SIGNALLING, now);
+    if (to, to_port) != (addr, port) {
+        e.follow = Some(Follow {
+            snat: sender.dst_ip(),
+            dnat: (addr, port),
+        });
+    }
     e.flags = PERMANENT | INACTIVE;
     e.helper_for_new = Some(helper);
     e.expires = now + u64::from(SIP_TIMEOUT) * 1_000_000_000;

@@ -8,8 +8,8 @@
 //! scenario has a chain of its own, reached by its server port, that counts its packets per
 //! `ct state` class (established/related accepted, invalid dropped, new lan->wan accepted,
 //! the rest dropped), so a verdict that differs is pinned to its scenario. Each scenario of
-//! [`scenarios`] is one connection, its segments written as in packetdrill (sequence numbers
-//! relative to the sender's initial sequence number, acks to the peer's):
+//! [`SCRIPT`] is one connection, its segments written much as in packetdrill (sequence
+//! numbers relative to the sender's initial sequence number, acks to the peer's):
 //!
 //! 1. simultaneous open (SYN both ways, then SYN/ACKs): the kernel's SYN_SENT2 path;
 //! 2. a retransmitted SYN, data segment and FIN (each its own connection);
@@ -39,7 +39,11 @@
 //!
 //! The router's ingress is captured with tcpdump and replayed through keepstate. Compared:
 //! `conntrack -L` (IPv4 and IPv6, with accounting; only the remaining timeout and `use=` are
-//! normalised), the nft counters of every chain, and the frames forwarded.
+//! normalised), the nft counters of every chain, the frames forwarded, and every
+//! `conntrack -E` event in order (so the paths agree, not only where they end; the same
+//! normalisation). Before that, the kernel must have done what each scenario is about: its
+//! INVALID count and final state are asserted. The router's CLOSE timeout is a minute on both
+//! sides, so no entry expires on a slow machine between the last frame and `conntrack -L`.
 
 mod common {
     pub mod capture;
@@ -52,8 +56,8 @@ use std::time::{Duration, Instant};
 
 use common::netns::{
     can_run, config6, in_netns, kernel_forwarded, multiset, multiset_diff, nft_counters, normalise,
-    replay, replay_ingress, serve_once, spawn_in_netns, Lab, RawLink, CLIENT, CLIENT6, ROUTER_LAN,
-    ROUTER_LAN6, ROUTER_WAN, ROUTER_WAN6, SERVER, SERVER6,
+    read_events, replay, replay_ingress, serve_once, spawn_in_netns, Lab, RawLink, CLIENT, CLIENT6,
+    ROUTER_LAN, ROUTER_LAN6, ROUTER_WAN, ROUTER_WAN6, SERVER, SERVER6,
 };
 use etherparse::{PacketBuilder, TcpOptionElement};
 use TcpOptionElement::{
@@ -70,6 +74,9 @@ const QUIET: &str = r#"table inet quiet {
 	}
 }
 "#;
+
+/// keepstate's settings: the router's sysctls.
+const CONNTRACK: &str = "\n[conntrack]\nnf_conntrack_tcp_timeout_close = 60\n";
 
 /// The real IPv6 connection's server ports (TCP, UDP); the client's UDP port.
 const V6_TCP: u16 = 9100;
@@ -482,6 +489,12 @@ fn kernel_and_replay_agree_on_tcp_edges() {
     let (c, r, s) = (lab.c.clone(), lab.r.clone(), lab.s.clone());
     lab.sh(&r, &format!("nft -f {}", rules_file.display()));
     lab.sh(&r, "sysctl -qw net.netfilter.nf_conntrack_acct=1");
+    // CLOSE lasts 10 s by default: long enough here, but not on a slow machine. Both sides get
+    // a minute ([`CONNTRACK`] for keepstate).
+    lab.sh(
+        &r,
+        "sysctl -qw net.netfilter.nf_conntrack_tcp_timeout_close=60",
+    );
     for ns in [&c, &s] {
         lab.sh(ns, &format!("nft -f {}", quiet_file.display()));
     }
@@ -524,7 +537,7 @@ fn kernel_and_replay_agree_on_tcp_edges() {
 
     let ours = replay_ingress(
         dir.path(),
-        replay(&rules_file, &config6(&rules_file, ""), true, true),
+        replay(&rules_file, &config6(&rules_file, CONNTRACK), true, true),
         |_, _| {},
     );
     let context = format!(
@@ -617,10 +630,9 @@ fn kernel_and_replay_agree_on_tcp_edges() {
     // 4. Every state change on the way, as `conntrack -E` reports it: the paths, not only
     // where they end (simultaneous open through SYN_SENT2, the entries a RST or a reopening
     // SYN destroys).
-    let kernel_events: Vec<String> = std::fs::read_to_string(&events_file)
-        .unwrap()
-        .lines()
-        .map(normalise)
+    let kernel_events: Vec<String> = read_events(&events_file)
+        .iter()
+        .map(|l| normalise(l))
         .collect();
     let ours_events: Vec<String> = ours
         .trace

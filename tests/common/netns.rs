@@ -302,8 +302,10 @@ impl Lab {
         self.children.push(child);
     }
 
-    /// Starts `conntrack -E` in the router, writing the events to `file`; it stops with the
-    /// captures. Call after [`Lab::start_captures`], whose flush it would otherwise report.
+    /// Starts `conntrack -E` in the router, writing the events to `file` (read them with
+    /// [`read_events`]); it stops with the captures. Call after [`Lab::start_captures`], whose
+    /// flush it would otherwise report. Returns once it listens: once the event of an entry
+    /// made for the purpose (from [`EVENTS_MARK`], then deleted) is in the file.
     pub fn record_events(&mut self, file: &Path) {
         let child = Command::new("ip")
             .args(["netns", "exec", &self.r, "conntrack", "-E"])
@@ -312,8 +314,34 @@ impl Lab {
             .spawn()
             .expect("conntrack -E");
         self.children.push(child);
-        // No word says it listens: give it the time to subscribe.
-        std::thread::sleep(Duration::from_millis(300));
+        let r = self.r.clone();
+        let mark = |op: &str| {
+            let mut args = vec!["ip", "netns", "exec", &r, "conntrack", op, "-p", "udp"];
+            args.extend([
+                "-s",
+                EVENTS_MARK,
+                "-d",
+                EVENTS_MARK,
+                "--sport",
+                "9",
+                "--dport",
+                "9",
+            ]);
+            if op == "-I" {
+                args.extend(["-t", "30"]);
+            }
+            run(&args).unwrap()
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            mark("-I");
+            std::thread::sleep(Duration::from_millis(50));
+            mark("-D");
+            if std::fs::read_to_string(file).is_ok_and(|t| t.contains(EVENTS_MARK)) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "conntrack -E never listened");
+        }
     }
 
     /// Stops the captures (SIGINT, so tcpdump closes its files) and waits for them.
@@ -476,6 +504,19 @@ pub fn serve_once(l: &std::net::TcpListener, expect: usize, answer: &[u8]) {
     s.read_exact(&mut vec![0u8; expect]).unwrap();
     s.write_all(answer).unwrap();
     s.read_to_end(&mut Vec::new()).unwrap();
+}
+
+/// The address of the entry [`Lab::record_events`] makes to know `conntrack -E` listens.
+pub const EVENTS_MARK: &str = "192.0.2.1";
+
+/// The events [`Lab::record_events`] wrote, but for its own entry's.
+pub fn read_events(file: &Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains(&format!("src={EVENTS_MARK} ")))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Frames of a pcap written by tcpdump.

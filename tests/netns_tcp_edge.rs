@@ -88,9 +88,10 @@ const V6_UDP_CLIENT: u16 = 9102;
 /// the server's port (the client's is 31000 above), how many of its packets the kernel must
 /// count INVALID, the state its entry must end in. Then its segments, `;` or a line between
 /// them: `SIDE FLAGS SEQ[(LEN)] [ack N] [win N] [<OPTIONS>]`, SIDE `C` (client) or `S`
-/// (server), FLAGS as packetdrill writes them (`S`, `.` for ACK, `F`, `R`, `P`), SEQ relative
+/// (server), FLAGS as packetdrill writes them (`S`, `.` for ACK, `F`, `R`, `P`; `-` for none),
+/// SEQ relative
 /// to the sender's initial sequence number, `ack` to the peer's, LEN bytes of data, the
-/// window 29200 unless given, OPTIONS named in [`options`]. `@handshake` is SYN, SYN/ACK,
+/// window 29200 unless given, OPTIONS named in [`options`], `badsum` for a wrong checksum. `@handshake` is SYN, SYN/ACK,
 /// ACK; `@connect` the opening of the packetdrill scripts whose socket connects (the client),
 /// the server then sending 3000 bytes, acked; `@bulk N` N segments of 1460 bytes from the
 /// client, each acked.
@@ -171,6 +172,36 @@ C S 0 win 32792 <mss1000>; S S. 0 ack 1 win 65535 <mss1460>; C . 1 ack 1 win 655
 = v6_edges 9014 1 TIME_WAIT v6
 @handshake; C P. 1(100) ack 1; C P. 1(100) ack 1; S . 1 ack 101; C P. 500101(100) ack 1
 C F. 101 ack 1; S F. 1 ack 102; C . 102 ack 2
+
+# 7. More of the tracker's rules. Window scaling, offered by both: the server's window of 1000
+# is 128000 bytes, so data 100000 bytes ahead is in it, 200000 ahead overshoots it by less
+# than a window (let through, see `overshoot`), 300000 ahead by more (INVALID).
+= wscale 9015 1 ESTABLISHED
+C S 0 win 1000 <ws7>; S S. 0 ack 1 win 1000 <ws7>; C . 1 ack 1 win 1000; S . 1 ack 1 win 1000
+C P. 100001(100) ack 1 win 1000; C P. 200001(100) ack 1 win 1000; C P. 300001(100) ack 1 win 1000
+# ... offered by the client only: no scaling either way, all three are beyond.
+= wscale_one_side 9016 3 ESTABLISHED
+C S 0 win 1000 <ws7>; S S. 0 ack 1 win 1000; C . 1 ack 1 win 1000; S . 1 ack 1 win 1000
+C P. 100001(100) ack 1 win 1000; C P. 200001(100) ack 1 win 1000; C P. 300001(100) ack 1 win 1000
+# A sender that overshoots the window by less than the receiver's largest window: let through
+# (not INVALID), and remembered, so the ACK of it is not INVALID either.
+= overshoot 9017 0 ESTABLISHED
+C S 0; S S. 0 ack 1 win 1000; C . 1 ack 1; C P. 1(1000) ack 1; C P. 1101(100) ack 1
+S . 1 ack 1201 win 1000
+# A zero window, then the client's one-byte probe.
+= zero_window 9018 0 ESTABLISHED
+@handshake; C P. 1(100) ack 1; S . 1 ack 101 win 0; C P. 101(1) ack 1; S . 1 ack 102
+# A SYN in TIME_WAIT after the client closed first reopens the tuple: the old entry is
+# destroyed, a new one made.
+= syn_in_time_wait 9019 0 ESTABLISHED
+@handshake; C F. 1 ack 1; S F. 1 ack 2; C . 2 ack 2; C S 100000; S S. 70000 ack 100001
+C . 100001 ack 70001
+# tcp_error: SYN+FIN, no flag at all, FIN without ACK, a wrong checksum: INVALID.
+= bad_segments 9020 4 ESTABLISHED
+@handshake; C SF 1; C - 1; C F 1; C P. 1(10) ack 1 badsum; C P. 1(10) ack 1; S . 1 ack 11
+# A retransmitted SYN/ACK, the final ACK lost, data first.
+= synack_retrans 9021 0 ESTABLISHED
+C S 0; S S. 0 ack 1; S S. 0 ack 1; C P. 1(100) ack 1; S . 1 ack 101
 "#;
 
 /// The TCP options a [`SCRIPT`] names (the timestamps' values do not matter to conntrack).
@@ -193,6 +224,7 @@ fn options(name: &str) -> Vec<TcpOptionElement> {
         "syn_ws7" => vec![Mss(1000), Noop, WindowScale(7), Timestamp(1, 0), Noop, Noop],
         "syn_ws0" => vec![Mss(1000), Noop, WindowScale(0), Timestamp(1, 0), Noop, Noop],
         "ts" => vec![Noop, Noop, Timestamp(1, 1)],
+        "ws7" => vec![WindowScale(7)],
         "mss1460" => vec![Mss(1460)],
         "mss1000" => vec![Mss(1000)],
         _ => panic!("no options named {name}"),
@@ -237,6 +269,8 @@ struct Seg {
     len: usize,
     win: u16,
     opts: Vec<TcpOptionElement>,
+    /// A wrong TCP checksum.
+    bad_checksum: bool,
 }
 
 impl Seg {
@@ -261,11 +295,13 @@ impl Seg {
             len,
             win: 29200,
             opts: Vec::new(),
+            bad_checksum: false,
         };
         while let Some(k) = w.next() {
             match k {
                 "ack" => g.ack = w.next().and_then(|n| n.parse().ok()).expect(text),
                 "win" => g.win = w.next().and_then(|n| n.parse().ok()).expect(text),
+                "badsum" => g.bad_checksum = true,
                 o if o.starts_with('<') => g.opts = options(o.trim_matches(['<', '>'])),
                 _ => panic!("{text}: what is {k}?"),
             }
@@ -362,6 +398,7 @@ impl Scenario {
                 'F' => b.fin(),
                 'R' => b.rst(),
                 'P' => b.psh(),
+                '-' => b,
                 _ => panic!("flag {f}"),
             };
         }
@@ -370,6 +407,10 @@ impl Scenario {
         }
         let mut out = Vec::new();
         b.write(&mut out, &vec![b'x'; g.len]).unwrap();
+        if g.bad_checksum {
+            // Ethernet, the IP header (no options), then the checksum 16 bytes into TCP.
+            out[14 + if self.v6 { 40 } else { 20 } + 16] ^= 0xff;
+        }
         out
     }
 }

@@ -757,7 +757,10 @@ pub fn normalise(line: &str) -> String {
     words
         .iter()
         .enumerate()
-        .filter(|(i, w)| !(*i == timeout && w.parse::<u64>().is_ok()) && !w.starts_with("use="))
+        .filter(|(i, w)| {
+            let is_timeout = *i == timeout && w.parse::<u64>().is_ok();
+            !is_timeout && !w.starts_with("use=")
+        })
         .map(|(_, w)| *w)
         .collect::<Vec<_>>()
         .join(" ")

@@ -246,6 +246,12 @@ fn conntrack_list_and_event_lines() {
         show::list_line(&c, t.h.now, opts),
         "tcp      6 431982 ESTABLISHED src=10.0.0.1 dst=10.0.0.2 sport=40000 dport=80 src=10.0.0.2 dst=10.0.0.1 sport=80 dport=40000 [ASSURED] mark=0 use=1"
     );
+    // An event that did not change the state does not carry it (ctnetlink_conntrack_event
+    // dumps the protocol info only with IPCT_PROTOINFO).
+    assert_eq!(
+        show::event_line(&c, keepstate::conntrack::EV_REPLY, t.h.now, opts),
+        " [UPDATE] tcp      6 431982 src=10.0.0.1 dst=10.0.0.2 sport=40000 dport=80 src=10.0.0.2 dst=10.0.0.1 sport=80 dport=40000 [ASSURED]"
+    );
     c.set_mark(7);
     let acct = ShowOpts {
         acct: true,
@@ -262,7 +268,7 @@ fn conntrack_list_and_event_lines() {
     );
     assert_eq!(
         show::event_line(&c, EV_DESTROY, t.h.now, acct),
-        "[DESTROY] tcp      6 ESTABLISHED src=10.0.0.1 dst=10.0.0.2 sport=40000 dport=80 packets=2 bytes=80 src=10.0.0.2 dst=10.0.0.1 sport=80 dport=40000 packets=1 bytes=40 [ASSURED] mark=7 delta-time=18"
+        "[DESTROY] tcp      6 431982 ESTABLISHED src=10.0.0.1 dst=10.0.0.2 sport=40000 dport=80 packets=2 bytes=80 src=10.0.0.2 dst=10.0.0.1 sport=80 dport=40000 packets=1 bytes=40 [ASSURED] mark=7 delta-time=18"
     );
 }
 

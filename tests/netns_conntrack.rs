@@ -33,10 +33,9 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::netns::{
-    can_run, config, engine_counters, finish, frames, merge, multiset, nft_counters, normalise,
-    packet_id, replay, run, say, wait_for, Lab, CLIENT, SERVER,
+    can_run, config, finish, kernel_forwarded, multiset, nft_counters, normalise, replay,
+    replay_ingress, run, say, serve_once, wait_for, Lab, CLIENT, ROUTER_LAN, ROUTER_WAN, SERVER,
 };
-use keepstate::replay::CaptureReader;
 
 /// The ruleset both the kernel and keepstate run. Every rule counts, so the counters tell
 /// how many packets took each path.
@@ -77,13 +76,7 @@ fn server() {
     let d = TcpListener::bind((SERVER, 8004)).unwrap();
     say("peer-ready");
     // A: the client sends 100 bytes, gets 200, and closes first.
-    let (mut s, _) = a.accept().unwrap();
-    let mut buf = [0u8; 100];
-    s.read_exact(&mut buf).unwrap();
-    s.write_all(&[b'a'; 200]).unwrap();
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest).unwrap();
-    drop(s);
+    serve_once(&a, 100, &[b'a'; 200]);
     // B: the server sends 50 bytes and closes first; the client answers 10 bytes, closes.
     let (mut s, _) = b.accept().unwrap();
     s.write_all(&[b'b'; 50]).unwrap();
@@ -213,7 +206,6 @@ fn kernel_and_replay_agree() {
 
     let (c, s) = (lab.c.clone(), lab.s.clone());
     lab.start_captures(dir.path());
-    let cap = |iface: &str, d: &str| Lab::capture_file(dir.path(), iface, d);
 
     eprintln!("netns_conntrack: lab up, captures running");
     let mut server = lab.peer(&s, "server");
@@ -259,53 +251,34 @@ fn kernel_and_replay_agree() {
     let kernel_nft = lab.sh(&r, "nft list ruleset");
     lab.stop_captures();
 
-    // Keepstate replays the router's ingress.
-    let lan_in = frames(&cap("lan", "in"));
-    let wan_in = frames(&cap("wan", "in"));
-    eprintln!(
-        "netns_conntrack: captured {} frames on lan, {} on wan ({} bytes)",
-        lan_in.len(),
-        wan_in.len(),
-        std::fs::metadata(cap("lan", "in")).map_or(0, |m| m.len())
-    );
-    let merged = merge(&lan_in, &wan_in);
-    std::fs::write(dir.path().join("ingress.pcapng"), &merged).unwrap();
-    let mut replay = replay(&rules_file, &config(&rules_file, ""), true);
-    let mut reader = CaptureReader::new(std::io::Cursor::new(merged)).unwrap();
-    let mut trace = Vec::new();
-    let mut forwarded = Vec::new();
+    // Keepstate replays the router's ingress, deleting D's entry where the kernel's was.
     let mut deleted = false;
-    while let Some(f) = reader.next_frame() {
-        let f = f.unwrap();
-        if !deleted && f.ts.0 >= deleted_at {
-            // The same deletion, at the same point of the traffic.
-            deleted = true;
-            let t = replay.engine().tracker();
-            for c in t.conns() {
-                if c.orig().proto == 6 && c.orig().dport() == 8004 {
-                    t.kill(&c);
+    let ours = replay_ingress(
+        dir.path(),
+        replay(&rules_file, &config(&rules_file, ""), true, false),
+        |replay, f| {
+            if !deleted && f.ts.0 >= deleted_at {
+                deleted = true;
+                let t = replay.engine().tracker();
+                for c in t.conns() {
+                    if c.orig().proto == 6 && c.orig().dport() == 8004 {
+                        t.kill(&c);
+                    }
                 }
             }
-        }
-        let step = replay.frame(&f);
-        trace.extend(step.lines);
-        if step.leaves.is_some() {
-            forwarded.extend(packet_id(&f.data));
-        }
-    }
-    let ours_counters = engine_counters(replay.engine());
-    let report = replay.finish();
+        },
+    );
     let context = format!(
         "--- keepstate trace\n{}\n--- kernel conntrack -L\n{kernel_ct}--- keepstate\n{}\n--- nft\n{kernel_nft}",
-        trace.join("\n"),
-        report.listing.join("\n")
+        ours.trace.join("\n"),
+        ours.listing.join("\n")
     );
 
     // 1. The connection tables.
     let mut theirs: Vec<String> = kernel_ct.lines().map(normalise).collect();
-    let mut ours: Vec<String> = report.listing.iter().map(|l| normalise(l)).collect();
+    let mut ours_table: Vec<String> = ours.listing.iter().map(|l| normalise(l)).collect();
     theirs.sort();
-    ours.sort();
+    ours_table.sort();
     let kinds = |v: &[String], p: &str| v.iter().filter(|l| l.starts_with(p)).count();
     assert_eq!(
         kinds(&theirs, "tcp"),
@@ -338,25 +311,20 @@ fn kernel_and_replay_agree() {
         "{context}"
     );
     assert_eq!(kinds(&theirs, "icmp"), 1, "{context}");
-    assert_eq!(theirs, ours, "conntrack -L differs\n{context}");
+    assert_eq!(theirs, ours_table, "conntrack -L differs\n{context}");
 
     // 2. The verdicts per ct state class: nft's rule counters.
     assert_eq!(
         nft_counters(&kernel_nft),
-        ours_counters,
+        ours.counters,
         "rule counters (established/related, invalid, new lan->wan, policy) differ\n{context}"
     );
 
-    // 3. Frame by frame: what the kernel forwarded is what keepstate forwards.
-    let egress = frames(&cap("lan", "out"))
-        .into_iter()
-        .chain(frames(&cap("wan", "out")))
-        .filter_map(|f| packet_id(&f.data))
-        // Nothing the router sends itself (there should be nothing but ARP) is forwarded.
-        .filter(|id| !id.starts_with("10.77.1.1 ") && !id.starts_with("10.77.2.1 "));
+    // 3. Frame by frame: what the kernel forwarded is what keepstate forwards (nothing the
+    // router sends itself, which should be nothing but ARP, is forwarded).
     assert_eq!(
-        multiset(egress),
-        multiset(forwarded.into_iter()),
+        kernel_forwarded(dir.path(), &[ROUTER_LAN, ROUTER_WAN]),
+        multiset(ours.forwarded.into_iter()),
         "forwarded frames differ\n{context}"
     );
     assert!(

@@ -504,7 +504,7 @@ fn differential(client_role: &str) {
     );
     let merged = merge(&lan_in, &wan_in);
     std::fs::write(dir.path().join("ingress.pcapng"), &merged).unwrap();
-    let mut replay = replay(&rules_file, &config(&rules_file, ROUTE), true);
+    let mut replay = replay(&rules_file, &config(&rules_file, ROUTE), true, false);
     let lan = replay.engine().port_index("lan").unwrap();
     let wan = replay.engine().port_index("wan").unwrap();
     let mut reader = CaptureReader::new(std::io::Cursor::new(merged)).unwrap();

@@ -11,7 +11,7 @@ use std::fmt::Write;
 use super::conn::{Conn, Counter};
 use super::proto::{Dir, ProtoState};
 use super::tuple::{Tuple, IPPROTO_DCCP, IPPROTO_SCTP, IPPROTO_UDPLITE, L3};
-use super::{status, CtStats, Timestamp, EV_DESTROY, EV_MARK, EV_NEW};
+use super::{status, CtStats, Timestamp, EV_DESTROY, EV_MARK, EV_NEW, EV_PROTOINFO};
 
 /// What the listing includes, as the kernel sysctls and `conntrack -o` decide.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -116,11 +116,18 @@ fn body(conn: &Conn, now: Timestamp, opts: ShowOpts, events: Option<u16>) -> Str
         let _ = write!(out, "{:<8} {} ", l3_name(o.l3), o.l3 as u8);
     }
     let _ = write!(out, "{:<8} {} ", l4_name(o.proto, o.l3), o.proto);
-    if !destroy {
-        let _ = write!(out, "{} ", conn.timeout_secs(now));
+    // ctnetlink_conntrack_event: a DESTROY carries the timeout only when some remains
+    // (`ctnetlink_dump_timeout(skb, ct, true)`: an entry killed, not expired), and the
+    // protocol state always; any other event carries the state only when it changed
+    // (IPCT_PROTOINFO).
+    let timeout = conn.timeout_secs(now);
+    if !destroy || timeout > 0 {
+        let _ = write!(out, "{timeout} ");
     }
-    if let Some(s) = state_name(conn) {
-        let _ = write!(out, "{s} ");
+    if events.is_none_or(|e| destroy || e & EV_PROTOINFO != 0) {
+        if let Some(s) = state_name(conn) {
+            let _ = write!(out, "{s} ");
+        }
     }
     let st = conn.status();
     // Events carry counters only on DESTROY (ctnetlink_conntrack_event).

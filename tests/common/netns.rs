@@ -1,7 +1,9 @@
-//! Test kit for the kernel differential tests (`netns_conntrack`, `netns_nat`): a client, a
-//! router and a server network namespace, tcpdump on the router's interfaces, the peers (the
-//! test binary itself re-run inside a namespace), and reading the results (captures merged
-//! into a pcapng for `keepstate::replay`, frame identities, `conntrack -L` and nft counters).
+//! Test kit for the kernel differential tests (`netns_conntrack`, `netns_nat`,
+//! `netns_tcp_edge`): a client, a router and a server network namespace (IPv6 on request),
+//! tcpdump on the router's interfaces, the peers (the test binary itself re-run inside a
+//! namespace, or a thread of it that entered one: [`spawn_in_netns`]), a packet socket that
+//! injects hand-made frames ([`RawLink`]), and reading the results (captures merged into a
+//! pcapng for `keepstate::replay`, frame identities, `conntrack -L` and nft counters).
 //!
 //! Namespaces are uniquely named (tag and pid) and deleted on Drop, also when the test fails,
 //! and by a watchdog if the test hangs; no traffic leaves them.
@@ -10,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,6 +33,11 @@ pub const CLIENT: &str = "10.77.1.2";
 pub const SERVER: &str = "10.77.2.2";
 pub const ROUTER_LAN: &str = "10.77.1.1";
 pub const ROUTER_WAN: &str = "10.77.2.1";
+/// The IPv6 addresses [`Lab::enable_ipv6`] gives the same interfaces.
+pub const CLIENT6: &str = "fd77:1::2";
+pub const SERVER6: &str = "fd77:2::2";
+pub const ROUTER_LAN6: &str = "fd77:1::1";
+pub const ROUTER_WAN6: &str = "fd77:2::1";
 
 pub fn run(args: &[&str]) -> Result<String, String> {
     let out = Command::new(args[0])
@@ -74,6 +82,8 @@ pub struct Lab {
     pub s: String,
     /// Child processes started by the test (tcpdump), stopped on Drop.
     children: Vec<Child>,
+    /// Whether [`Lab::enable_ipv6`] ran.
+    ipv6: bool,
 }
 
 impl Lab {
@@ -92,6 +102,7 @@ impl Lab {
             r: format!("{tag}-r-{id}"),
             s: format!("{tag}-s-{id}"),
             children: Vec::new(),
+            ipv6: false,
         };
         // A watchdog: a hung peer must not leave namespaces behind when the harness is
         // killed, so after `limit` it deletes them and ends the test binary.
@@ -150,6 +161,77 @@ impl Lab {
         lab
     }
 
+    /// Turns IPv6 on (which [`Lab::new`] leaves off) with the `CLIENT6`... addresses, the
+    /// router forwarding and the hosts routed through it. Quiet: no duplicate address
+    /// detection, no router solicitations and no link-local addresses, so the captures hold
+    /// only the test's traffic and the neighbour discovery it needs. Call before
+    /// [`Lab::start_captures`], which then resolves the IPv6 neighbours too.
+    pub fn enable_ipv6(&mut self) {
+        let hosts = [
+            (self.c.clone(), CLIENT6, ROUTER_LAN6),
+            (self.s.clone(), SERVER6, ROUTER_WAN6),
+        ];
+        let r = self.r.clone();
+        for (ns, ifaces) in [
+            (&r, &["lan", "wan"][..]),
+            (&hosts[0].0, &["eth0"][..]),
+            (&hosts[1].0, &["eth0"][..]),
+        ] {
+            for i in ["all", "default"].iter().chain(ifaces) {
+                for (k, v) in [
+                    ("accept_dad", 0),
+                    ("router_solicitations", 0),
+                    ("addr_gen_mode", 1),
+                ] {
+                    // `all` has no addr_gen_mode on older kernels.
+                    let _ = run(&[
+                        "ip",
+                        "netns",
+                        "exec",
+                        ns,
+                        "sysctl",
+                        "-qw",
+                        &format!("net.ipv6.conf.{i}.{k}={v}"),
+                    ]);
+                }
+            }
+            for i in ["all", "default"].iter().chain(ifaces) {
+                self.sh(ns, &format!("sysctl -qw net.ipv6.conf.{i}.disable_ipv6=0"));
+            }
+        }
+        self.sh(
+            &r,
+            &format!("ip -6 addr add {ROUTER_LAN6}/64 dev lan nodad"),
+        );
+        self.sh(
+            &r,
+            &format!("ip -6 addr add {ROUTER_WAN6}/64 dev wan nodad"),
+        );
+        self.sh(&r, "sysctl -qw net.ipv6.conf.all.forwarding=1");
+        for (ns, addr, gw) in &hosts {
+            self.sh(ns, &format!("ip -6 addr add {addr}/64 dev eth0 nodad"));
+            self.sh(ns, &format!("ip -6 route add default via {gw}"));
+        }
+        self.ipv6 = true;
+    }
+
+    /// The MAC address of `iface` in namespace `ns`.
+    pub fn mac(&self, ns: &str, iface: &str) -> [u8; 6] {
+        let text = self.sh(ns, &format!("cat /sys/class/net/{iface}/address"));
+        let mut mac = [0u8; 6];
+        for (b, hex) in mac.iter_mut().zip(text.trim().split(':')) {
+            *b = u8::from_str_radix(hex, 16).unwrap();
+        }
+        mac
+    }
+
+    /// The router's `conntrack -L`, IPv4 then IPv6 (`-L` alone lists only IPv4).
+    pub fn kernel_table(&self) -> String {
+        let list =
+            |f: &str| run(&["ip", "netns", "exec", &self.r, "conntrack", "-L", "-f", f]).unwrap();
+        list("ipv4") + &list("ipv6")
+    }
+
     /// Runs a command line (split on blanks) in namespace `ns`; panics on failure.
     pub fn sh(&self, ns: &str, cmd: &str) -> String {
         let mut args = vec!["ip", "netns", "exec", ns];
@@ -164,6 +246,10 @@ impl Lab {
         let (c, s, r) = (self.c.clone(), self.s.clone(), self.r.clone());
         self.sh(&c, &format!("ping -c 1 -W 2 {ROUTER_LAN}"));
         self.sh(&s, &format!("ping -c 1 -W 2 {ROUTER_WAN}"));
+        if self.ipv6 {
+            self.sh(&c, &format!("ping -6 -c 1 -W 2 {ROUTER_LAN6}"));
+            self.sh(&s, &format!("ping -6 -c 1 -W 2 {ROUTER_WAN6}"));
+        }
         let _ = run(&["ip", "netns", "exec", &r, "conntrack", "-F"]);
         for (iface, d) in [("lan", "in"), ("wan", "in"), ("lan", "out"), ("wan", "out")] {
             self.capture(iface, d, &Lab::capture_file(dir, iface, d));
@@ -214,6 +300,48 @@ impl Lab {
             let _ = std::io::copy(&mut err, &mut std::io::sink());
         });
         self.children.push(child);
+    }
+
+    /// Starts `conntrack -E` in the router, writing the events to `file` (read them with
+    /// [`read_events`]); it stops with the captures. Call after [`Lab::start_captures`], whose
+    /// flush it would otherwise report. Returns once it listens: once the event of an entry
+    /// made for the purpose (from [`EVENTS_MARK`], then deleted) is in the file.
+    pub fn record_events(&mut self, file: &Path) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.r, "conntrack", "-E"])
+            .stdout(std::fs::File::create(file).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("conntrack -E");
+        self.children.push(child);
+        let r = self.r.clone();
+        let mark = |op: &str| {
+            let mut args = vec!["ip", "netns", "exec", &r, "conntrack", op, "-p", "udp"];
+            args.extend([
+                "-s",
+                EVENTS_MARK,
+                "-d",
+                EVENTS_MARK,
+                "--sport",
+                "9",
+                "--dport",
+                "9",
+            ]);
+            if op == "-I" {
+                args.extend(["-t", "30"]);
+            }
+            run(&args).unwrap()
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            mark("-I");
+            std::thread::sleep(Duration::from_millis(50));
+            mark("-D");
+            if std::fs::read_to_string(file).is_ok_and(|t| t.contains(EVENTS_MARK)) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "conntrack -E never listened");
+        }
     }
 
     /// Stops the captures (SIGINT, so tcpdump closes its files) and waits for them.
@@ -292,6 +420,105 @@ pub fn finish(mut child: Child, what: &str) {
     }
 }
 
+/// Runs `f` on a new thread that has entered namespace `ns` (`setns`): the sockets it opens
+/// belong to `ns` for their whole life, whichever thread uses them later.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on this thread only, with a namespace file we hold open.
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// [`spawn_in_netns`], waiting for the result.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    spawn_in_netns(ns, f).join().unwrap()
+}
+
+/// A packet socket (`AF_PACKET`, `SOCK_RAW`, protocol 0 so it receives nothing) on an
+/// interface of a namespace: sends whole Ethernet frames exactly as given. They leave the
+/// interface without passing the host's own IP stack or netfilter, so the host neither
+/// tracks nor answers them.
+pub struct RawLink {
+    fd: OwnedFd,
+    ifindex: i32,
+}
+
+impl RawLink {
+    pub fn open(ns: &str, iface: &str) -> RawLink {
+        let name = std::ffi::CString::new(iface).unwrap();
+        in_netns(ns, move || {
+            // SAFETY: plain socket calls; the fd is owned at once.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+            assert!(ifindex > 0, "no interface {name:?}");
+            RawLink { fd, ifindex }
+        })
+    }
+
+    pub fn send(&self, frame: &[u8]) {
+        // SAFETY: sockaddr_ll is plain data; zero is a valid value for every field.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_ifindex = self.ifindex;
+        to.sll_protocol = u16::from_ne_bytes([frame[12], frame[13]]);
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: the buffer and the address outlive the call, their lengths are theirs.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&to as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "sendto: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// One TCP exchange on the server side: accepts a connection on `l`, reads `expect` bytes,
+/// writes `answer`, reads until the client closes, and closes.
+pub fn serve_once(l: &std::net::TcpListener, expect: usize, answer: &[u8]) {
+    use std::io::{Read, Write};
+    let (mut s, _) = l.accept().unwrap();
+    s.read_exact(&mut vec![0u8; expect]).unwrap();
+    s.write_all(answer).unwrap();
+    s.read_to_end(&mut Vec::new()).unwrap();
+}
+
+/// The address of the entry [`Lab::record_events`] makes to know `conntrack -E` listens.
+pub const EVENTS_MARK: &str = "192.0.2.1";
+
+/// The events [`Lab::record_events`] wrote, but for its own entry's.
+pub fn read_events(file: &Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains(&format!("src={EVENTS_MARK} ")))
+        .map(str::to_string)
+        .collect()
+}
+
 /// Frames of a pcap written by tcpdump.
 pub fn frames(file: &Path) -> Vec<CapturedFrame> {
     let mut r = CaptureReader::new(std::fs::File::open(file).unwrap()).unwrap();
@@ -321,24 +548,47 @@ pub fn merge(lan: &[CapturedFrame], wan: &[CapturedFrame]) -> Vec<u8> {
 /// The router's configuration for keepstate: ports `lan` and `wan` with the router's
 /// addresses, the rules file, and `extra` (routes, settings) after them.
 pub fn config(rules: &Path, extra: &str) -> String {
+    ports_config(rules, &[ROUTER_LAN], &[ROUTER_WAN], extra)
+}
+
+/// [`config`] for a lab with [`Lab::enable_ipv6`]: the ports have their IPv6 addresses too.
+pub fn config6(rules: &Path, extra: &str) -> String {
+    ports_config(
+        rules,
+        &[ROUTER_LAN, ROUTER_LAN6],
+        &[ROUTER_WAN, ROUTER_WAN6],
+        extra,
+    )
+}
+
+fn ports_config(rules: &Path, lan: &[&str], wan: &[&str], extra: &str) -> String {
+    let addrs = |v: &[&str]| {
+        v.iter()
+            .map(|a| format!("\"{a}/{}\"", if a.contains(':') { 64 } else { 24 }))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     format!(
         r#"rules = "{}"
 
 [[port]]
 name = "lan"
-addresses = ["{ROUTER_LAN}/24"]
+addresses = [{}]
 
 [[port]]
 name = "wan"
-addresses = ["{ROUTER_WAN}/24"]
+addresses = [{}]
 {extra}"#,
-        rules.display()
+        rules.display(),
+        addrs(lan),
+        addrs(wan)
     )
 }
 
 /// A replay of the router's ingress through keepstate: the configuration `cfg_text` (written
-/// next to `rules_file`), with `conntrack -L` accounting as `acct` says, tracing each frame.
-pub fn replay(rules_file: &Path, cfg_text: &str, acct: bool) -> Replay {
+/// next to `rules_file`), with `conntrack -L` accounting as `acct` says, tracing each frame
+/// and, if `events`, following each trace line with the frame's `conntrack -E` lines.
+pub fn replay(rules_file: &Path, cfg_text: &str, acct: bool, events: bool) -> Replay {
     let cfg_file = rules_file.with_extension("toml");
     std::fs::write(&cfg_file, cfg_text).unwrap();
     let cfg = Config::load(&cfg_file).unwrap();
@@ -346,7 +596,7 @@ pub fn replay(rules_file: &Path, cfg_text: &str, acct: bool) -> Replay {
     let engine = Engine::from_config(&cfg, &loaded).unwrap();
     let opts = ReplayOpts {
         trace: true,
-        events: false,
+        events,
         log: false,
         show: ShowOpts {
             acct,
@@ -356,20 +606,84 @@ pub fn replay(rules_file: &Path, cfg_text: &str, acct: bool) -> Replay {
     Replay::new(engine, Some(cfg), Ingress::Auto, opts)
 }
 
-/// What identifies an IPv4 packet across a hop (TTL and checksums change, MACs too).
+/// What keepstate did with the router's ingress (see [`replay_ingress`]).
+pub struct Replayed {
+    /// The replay's trace, a line per frame.
+    pub trace: Vec<String>,
+    /// [`packet_id`] of every frame keepstate forwarded.
+    pub forwarded: Vec<String>,
+    /// keepstate's rule counters, as [`engine_counters`] reads them.
+    pub counters: Vec<(u64, u64)>,
+    /// The final table, as `conntrack -L` prints it.
+    pub listing: Vec<String>,
+}
+
+/// Replays through `replay` the router's ingress that [`Lab::start_captures`] captured in
+/// `dir` (`lan` and `wan` merged by time, also kept as `ingress.pcapng`). `before` runs
+/// before each frame, to do to keepstate what the test did to the kernel at that moment.
+pub fn replay_ingress(
+    dir: &Path,
+    mut replay: Replay,
+    mut before: impl FnMut(&Replay, &CapturedFrame),
+) -> Replayed {
+    let lan_in = frames(&Lab::capture_file(dir, "lan", "in"));
+    let wan_in = frames(&Lab::capture_file(dir, "wan", "in"));
+    eprintln!(
+        "captured {} frames in on lan, {} on wan",
+        lan_in.len(),
+        wan_in.len()
+    );
+    let merged = merge(&lan_in, &wan_in);
+    std::fs::write(dir.join("ingress.pcapng"), &merged).unwrap();
+    let mut reader = CaptureReader::new(std::io::Cursor::new(merged)).unwrap();
+    let (mut trace, mut forwarded) = (Vec::new(), Vec::new());
+    while let Some(f) = reader.next_frame() {
+        let f = f.unwrap();
+        before(&replay, &f);
+        let step = replay.frame(&f);
+        trace.extend(step.lines);
+        if step.leaves.is_some() {
+            forwarded.extend(packet_id(&f.data));
+        }
+    }
+    let counters = engine_counters(replay.engine());
+    let listing = replay.finish().listing;
+    Replayed {
+        trace,
+        forwarded,
+        counters,
+        listing,
+    }
+}
+
+/// What the kernel forwarded: [`packet_id`] of every frame captured leaving `lan` and `wan`
+/// in `dir`, but for the packets the router sent itself (from one of `own`; ARP is no packet).
+pub fn kernel_forwarded(dir: &Path, own: &[&str]) -> BTreeMap<String, usize> {
+    let egress = ["lan", "wan"]
+        .into_iter()
+        .flat_map(|iface| frames(&Lab::capture_file(dir, iface, "out")))
+        .filter_map(|f| packet_id(&f.data))
+        .filter(|id| !own.iter().any(|a| id.starts_with(&format!("{a} "))));
+    multiset(egress)
+}
+
+/// What identifies an IP packet across a hop (TTL, hop limit and checksums change, MACs too).
 pub fn packet_id(frame: &[u8]) -> Option<String> {
     let p = SlicedPacket::from_ethernet(frame).ok()?;
-    let Some(NetSlice::Ipv4(ip)) = &p.net else {
-        return None;
+    let (src, dst, size): (std::net::IpAddr, std::net::IpAddr, String) = match &p.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            let h = ip.header();
+            let size = format!("id {} len {}", h.identification(), h.total_len());
+            (h.source_addr().into(), h.destination_addr().into(), size)
+        }
+        Some(NetSlice::Ipv6(ip)) => {
+            let h = ip.header();
+            let size = format!("plen {}", h.payload_length());
+            (h.source_addr().into(), h.destination_addr().into(), size)
+        }
+        _ => return None,
     };
-    let h = ip.header();
-    let mut id = format!(
-        "{} > {} id {} len {}",
-        h.source_addr(),
-        h.destination_addr(),
-        h.identification(),
-        h.total_len()
-    );
+    let mut id = format!("{src} > {dst} {size}");
     match &p.transport {
         Some(TransportSlice::Tcp(t)) => id.push_str(&format!(
             " tcp {}>{} seq {} ack {} syn{} fin{} rst{}",
@@ -395,6 +709,7 @@ pub fn packet_id(frame: &[u8]) -> Option<String> {
             }
             t => id.push_str(&format!(" icmp {t:?}")),
         },
+        Some(TransportSlice::Icmpv6(i)) => id.push_str(&format!(" icmpv6 {:?}", i.icmp_type())),
         _ => {}
     }
     Some(id)
@@ -429,13 +744,24 @@ pub fn multiset_diff(theirs: &BTreeMap<String, usize>, ours: &BTreeMap<String, u
     out
 }
 
-/// A `conntrack -L` line without what depends on when it was read or on the kernel's
-/// bookkeeping: the remaining timeout (third field) and `use=`.
+/// A `conntrack -L` or `conntrack -E` line without what depends on when it was read or on
+/// the kernel's bookkeeping: the remaining timeout (the third field; in an event, the number
+/// after the tag, which a `[DESTROY]` has only when time remained) and `use=`.
 pub fn normalise(line: &str) -> String {
-    line.split_whitespace()
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let timeout = if words.first().is_some_and(|w| w.starts_with('[')) {
+        3
+    } else {
+        2
+    };
+    words
+        .iter()
         .enumerate()
-        .filter(|(i, w)| *i != 2 && !w.starts_with("use="))
-        .map(|(_, w)| w)
+        .filter(|(i, w)| {
+            let is_timeout = *i == timeout && w.parse::<u64>().is_ok();
+            !is_timeout && !w.starts_with("use=")
+        })
+        .map(|(_, w)| *w)
         .collect::<Vec<_>>()
         .join(" ")
 }

@@ -1030,6 +1030,10 @@ impl Engine {
         // direction; they are taken at PREROUTING (routing and later rules see the new
         // destination; nothing after the source manip looks at the source).
         if !n.first && !n.icmp_error {
+            if w.edits.fast.is_some() {
+                // Both hooks' edits were taken at PREROUTING.
+                return Ok(());
+            }
             if let Some(b) = conn.nat() {
                 if at.manip == Manip::Dst {
                     let fast = b.rewrite[dir.index()].0;

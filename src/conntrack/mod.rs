@@ -895,6 +895,10 @@ impl Tracker {
     /// dropped.
     pub fn help(&self, t: &Tracked, p: &Packet<'_>, now: Timestamp) -> helper::Help {
         use helper::{ftp, sip, Help, HelpState};
+        // Most connections have no helper: one atomic load, no lock.
+        if t.conn.status() & status::HELPER == 0 {
+            return Help::Accept;
+        }
         let Some(h) = t.conn.helper() else {
             return Help::Accept;
         };

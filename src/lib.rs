@@ -24,6 +24,8 @@ pub mod cli;
 pub mod config;
 pub mod conntrack;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod packet;
 pub mod replay;
 pub mod rules;

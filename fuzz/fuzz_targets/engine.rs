@@ -1,0 +1,6 @@
+#![no_main]
+//! cargo +nightly fuzz run engine (see the README's reliability section).
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| keepstate::fuzz::engine_frames(data));

@@ -1,0 +1,6 @@
+#![no_main]
+//! cargo +nightly fuzz run ftp (see the README's reliability section).
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| keepstate::fuzz::ftp_payload(data));

@@ -684,7 +684,10 @@ nf_conntrack_tcp_timeout_established = 7200
         let e = err("[dataplane]\nworkerz = 2\n");
         assert!(e.contains(":2:1: unknown field `workerz`"), "{e}");
         let e = err("[dataplane]\nworkers = 0\n");
-        assert!(e.contains(":1:1: [dataplane] workers must be at least 1"), "{e}");
+        assert!(
+            e.contains(":1:1: [dataplane] workers must be at least 1"),
+            "{e}"
+        );
         let e = err("[[port]]\nname = \"a\"\nqueues = 0\n");
         assert!(e.contains(":3:10: a port needs at least 1 queue"), "{e}");
         let e = err("[[port]]\nname = \"a\"\naddresses = [\"10.0.0.1/24\"]\n[dataplane]\nmode = \"bridge\"\n");

@@ -500,16 +500,18 @@ mod tests {
             }
         );
         // etherparse agrees on the checksum.
-        let p = etherparse::SlicedPacket::from_ethernet(&f).unwrap();
-        let Some(etherparse::TransportSlice::Icmpv6(icmp)) = p.transport else {
-            panic!()
-        };
-        let (sn, _) = solicited_node(&us);
-        let want = icmp
-            .icmp_type()
-            .calc_checksum(host.octets(), sn.octets(), icmp.payload())
-            .unwrap();
-        assert_eq!(icmp.checksum(), want);
+        {
+            let p = etherparse::SlicedPacket::from_ethernet(&f).unwrap();
+            let Some(etherparse::TransportSlice::Icmpv6(icmp)) = p.transport else {
+                panic!()
+            };
+            let (sn, _) = solicited_node(&us);
+            let want = icmp
+                .icmp_type()
+                .calc_checksum(host.octets(), sn.octets(), icmp.payload())
+                .unwrap();
+            assert_eq!(icmp.checksum(), want);
+        }
         nd(
             &mut f,
             ND_NEIGHBOR_ADVERT,

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use keepstate::dataplane::lab::{Lab, FW_LAN, INTERNET, LAN_HOST};
+use keepstate::dataplane::lab::{Lab, FW_LAN, FW_LAN6, INTERNET, INTERNET6, LAN_HOST};
 
 /// The size of the download: large enough for thousands of frames in each direction.
 const BODY: usize = 6 * 1024 * 1024;
@@ -143,7 +143,12 @@ fn http_server(g: &mut Guard, ns: &str, addr: &str, port: u16, dir: &Path) {
         .spawn()
         .expect("http.server");
     g.children.push(child);
-    let url = format!("http://{addr}:{port}/");
+    let host = if addr.contains(':') {
+        format!("[{addr}]")
+    } else {
+        addr.to_string()
+    };
+    let url = format!("http://{host}:{port}/");
     for _ in 0..100 {
         if output(
             ns,
@@ -215,14 +220,10 @@ fn signal(pid: u32, sig: &str) {
     assert!(s.success(), "kill {sig} {pid}");
 }
 
-#[test]
-fn live_router_forwards_answers_drops_and_reloads() {
-    if !can_run() {
-        return;
-    }
-    let prefix = format!("kt{}", std::process::id() % 1_000_000);
-    let lab = Lab::named(&prefix).unwrap();
-    // A watchdog: a hung tool must not leave namespaces behind when the harness is killed.
+/// Builds a lab under `letter` and this process's id, with `queues` queues per veth, and a
+/// watchdog that deletes it if the test hangs.
+fn lab(letter: char, queues: u32) -> Guard {
+    let lab = Lab::named(&format!("k{letter}{}", std::process::id() % 1_000_000)).unwrap();
     let dog = lab.clone();
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(150));
@@ -230,11 +231,90 @@ fn live_router_forwards_answers_drops_and_reloads() {
         dog.down();
         std::process::exit(101);
     });
-    let mut g = Guard {
-        lab: lab.clone(),
+    let g = Guard {
+        lab,
         children: Vec::new(),
     };
-    lab.up(2).expect("lab up");
+    g.lab.up(queues).expect("lab up");
+    g
+}
+
+/// Starts the built `keepstate run --config cfg` in the lab's firewall namespace; returns
+/// once it runs, with its pid and its stderr lines.
+fn start(g: &mut Guard, cfg: &Path) -> (u32, Arc<Lines>) {
+    let mut fw = in_ns(
+        &g.lab.fw,
+        &[env!("CARGO_BIN_EXE_keepstate"), "run", "--config"],
+    )
+    .arg(cfg)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("keepstate run");
+    let pid = fw.id();
+    let lines = Arc::new(Lines::default());
+    lines.collect(&mut fw);
+    g.children.push(fw);
+    lines.wait_for("keepstate: running", 0, Duration::from_secs(20));
+    (pid, lines)
+}
+
+#[test]
+fn live_bridge_passes_arp_and_filters() {
+    if !can_run() {
+        return;
+    }
+    let mut g = lab('b', 1);
+    let lab = &g.lab.clone();
+    // One subnet across the bridge: the WAN host becomes 192.168.1.20.
+    ok(&lab.wan, &["ip", "-4", "addr", "flush", "dev", "eth0"]);
+    ok(
+        &lab.wan,
+        &["ip", "addr", "add", "192.168.1.20/24", "dev", "eth0"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let cfg = format!(
+        "rules = {:?}\n\n[[port]]\nname = \"lan\"\ninterface = \"ks-lan\"\n\n\
+         [[port]]\nname = \"wan\"\ninterface = \"ks-wan\"\n\n\
+         [dataplane]\nmode = \"bridge\"\nworkers = 1\n",
+        root.join("examples/home-router.nft").display().to_string()
+    );
+    let cfg_path = dir.path().join("bridge.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let (pid, lines) = start(&mut g, &cfg_path);
+
+    eprintln!("bridge: ARP and ping across, lan -> wan");
+    ok(&lab.lan, &["ping", "-c", "3", "-W", "2", "192.168.1.20"]);
+    eprintln!("bridge: a download across");
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    let want = body();
+    std::fs::write(www.join("blob"), &want).unwrap();
+    http_server(&mut g, &lab.wan, "192.168.1.20", 8000, &www);
+    let got = dir.path().join("got");
+    download(&lab.lan, "http://192.168.1.20:8000/blob", &got, &want);
+    eprintln!("bridge: wan -> lan is dropped");
+    http_server(&mut g, &lab.lan, LAN_HOST, 8001, &www);
+    let url = format!("http://{LAN_HOST}:8001/blob");
+    let o = output(&lab.wan, &["curl", "-s", "--max-time", "3", &url]);
+    assert!(
+        !o.status.success(),
+        "an inbound connection crossed the bridge"
+    );
+    lines.wait_for("forward drop: IN=wan OUT=lan", 0, Duration::from_secs(5));
+    signal(pid, "-TERM");
+    let status = g.children.remove(0).wait().expect("wait");
+    assert!(status.success(), "keepstate run ended with {status}");
+}
+
+#[test]
+fn live_router_forwards_answers_drops_and_reloads() {
+    if !can_run() {
+        return;
+    }
+    let mut g = lab('r', 2);
+    let lab = &g.lab.clone();
 
     // The lab's configuration and rules, copied so the rules file can be broken later.
     let dir = tempfile::tempdir().unwrap();
@@ -252,26 +332,16 @@ fn live_router_forwards_answers_drops_and_reloads() {
     let cfg_path = dir.path().join("lab.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
 
-    let mut fw = in_ns(
-        &lab.fw,
-        &[env!("CARGO_BIN_EXE_keepstate"), "run", "--config"],
-    )
-    .arg(&cfg_path)
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("keepstate run");
-    let pid = fw.id();
-    let lines = Arc::new(Lines::default());
-    lines.collect(&mut fw);
-    g.children.push(fw);
-    lines.wait_for("keepstate: running", 0, Duration::from_secs(20));
+    let (pid, lines) = start(&mut g, &cfg_path);
 
     eprintln!("ping: the firewall answers on its own address");
     ok(&lab.lan, &["ping", "-c", "2", "-W", "2", FW_LAN]);
 
-    eprintln!("ping: lan -> internet, forwarded through the default route");
+    ok(&lab.lan, &["ping", "-c", "2", "-W", "2", FW_LAN6]);
+
+    eprintln!("ping: lan -> internet, forwarded through the default routes (ARP, ND)");
     ok(&lab.lan, &["ping", "-c", "3", "-W", "2", INTERNET]);
+    ok(&lab.lan, &["ping", "-c", "3", "-W", "2", INTERNET6]);
 
     eprintln!("tcp: a {BODY}-byte download, lan <- internet");
     let www = dir.path().join("www");
@@ -281,6 +351,12 @@ fn live_router_forwards_answers_drops_and_reloads() {
     http_server(&mut g, &lab.wan, INTERNET, 8000, &www);
     let url = format!("http://{INTERNET}:8000/blob");
     download(&lab.lan, &url, &dir.path().join("got"), &want);
+    let www6 = dir.path().join("www6");
+    std::fs::create_dir(&www6).unwrap();
+    std::fs::write(www6.join("blob"), &want).unwrap();
+    http_server(&mut g, &lab.wan, INTERNET6, 8006, &www6);
+    let url6 = format!("http://[{INTERNET6}]:8006/blob");
+    download(&lab.lan, &url6, &dir.path().join("got6"), &want);
 
     eprintln!("udp: a datagram out and its answer back");
     let server = in_ns(&lab.wan, &["python3", "-c", UDP_SERVER, INTERNET, "5353"])
@@ -353,8 +429,7 @@ fn live_router_forwards_answers_drops_and_reloads() {
     eprintln!("stop: SIGTERM, then the counters");
     let from = lines.len();
     signal(pid, "-TERM");
-    let mut fw = g.children.remove(0);
-    let status = fw.wait().expect("wait");
+    let status = g.children.remove(0).wait().expect("wait");
     assert!(status.success(), "keepstate run ended with {status}");
     let i = lines.wait_for("port lan (", from, Duration::from_secs(5));
     let all = lines.lines.lock().unwrap();

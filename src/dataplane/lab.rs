@@ -3,16 +3,17 @@
 //! ```text
 //!  PREFIX-lan                 PREFIX-fw (keepstate run)                PREFIX-wan
 //!  eth0 192.168.1.10/24 ──── ks-lan  [port lan]   [port wan]  ks-wan ──── eth0 198.51.100.254/24
-//!  default via .1                no addresses in the kernel:               lo 203.0.113.7/32
-//!                                keepstate owns them                       192.168.1.0/24 via .1
+//!       fd00:1::10/64            no addresses in the kernel:                    fd00:2::254/64
+//!  default via .1, fd00:1::1     keepstate owns them           lo 203.0.113.7/32, 2001:db8::7/128
+//!                                                 192.168.1.0/24 via .1, fd00:1::/64 via fd00:2::1
 //! ```
 //!
 //! The addresses are those of `examples/lab.toml` ([`LAN_HOST`] and so on). Every veth is
 //! created inside its namespace (no name ever exists in the caller's namespace), with the
 //! same number of queues on both ends. The hosts send real checksums (`ethtool -K eth0 tx
 //! off`): veth otherwise hands on TCP and UDP with only the pseudo-header sum, which
-//! conntrack with `checksum = true` calls INVALID. No IPv6 on the hosts: router
-//! solicitations and MLD reports would only add noise.
+//! conntrack with `checksum = true` calls INVALID. The hosts' IPv6 addresses skip duplicate
+//! address detection (`nodad`), so they work at once; the firewall's kernel has IPv6 off.
 //!
 //! Owns only namespaces and links it creates; `down` deletes exactly the namespaces of its
 //! prefix.
@@ -26,6 +27,11 @@ pub const FW_LAN: &str = "192.168.1.1";
 pub const FW_WAN: &str = "198.51.100.1";
 pub const WAN_HOST: &str = "198.51.100.254";
 pub const INTERNET: &str = "203.0.113.7";
+pub const LAN_HOST6: &str = "fd00:1::10";
+pub const FW_LAN6: &str = "fd00:1::1";
+pub const FW_WAN6: &str = "fd00:2::1";
+pub const WAN_HOST6: &str = "fd00:2::254";
+pub const INTERNET6: &str = "2001:db8::7";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -79,11 +85,6 @@ impl Lab {
             ip(&["netns", "add", ns])?;
             sh(ns, "ip link set lo up")?;
         }
-        for ns in [&self.lan, &self.wan] {
-            for k in ["all", "default"] {
-                sh(ns, &format!("sysctl -qw net.ipv6.conf.{k}.disable_ipv6=1"))?;
-            }
-        }
         for k in ["all", "default"] {
             sh(
                 &self.fw,
@@ -126,6 +127,20 @@ impl Lab {
             &self.wan,
             &format!("ip route add 192.168.1.0/24 via {FW_WAN}"),
         )?;
+        sh(
+            &self.lan,
+            &format!("ip addr add {LAN_HOST6}/64 dev eth0 nodad"),
+        )?;
+        sh(&self.lan, &format!("ip -6 route add default via {FW_LAN6}"))?;
+        sh(
+            &self.wan,
+            &format!("ip addr add {WAN_HOST6}/64 dev eth0 nodad"),
+        )?;
+        sh(&self.wan, &format!("ip addr add {INTERNET6}/128 dev lo"))?;
+        sh(
+            &self.wan,
+            &format!("ip -6 route add fd00:1::/64 via {FW_WAN6}"),
+        )?;
         Ok(())
     }
 
@@ -149,17 +164,20 @@ impl Lab {
     pub fn usage(&self, config: &str) -> String {
         let (lan, fw, wan) = (&self.lan, &self.fw, &self.wan);
         format!(
-            "lab up: {lan} (host {LAN_HOST}) -- {fw} (firewall: ports lan {FW_LAN}, wan {FW_WAN}) -- {wan} (host {WAN_HOST}, and {INTERNET} behind it)
+            "lab up: {lan} (host {LAN_HOST}, {LAN_HOST6})
+  -- {fw} (the firewall: port lan {FW_LAN} {FW_LAN6}, port wan {FW_WAN} {FW_WAN6})
+  -- {wan} (host {WAN_HOST}, {WAN_HOST6}; the internet behind it: {INTERNET}, {INTERNET6})
 run the firewall:
   ip netns exec {fw} keepstate run --config {config}
 then, from other shells:
-  ip netns exec {lan} ping -c 3 {INTERNET}                  # forwarded (lan -> wan)
-  ip netns exec {lan} ping -c 3 {FW_LAN}                    # answered by the firewall
+  ip netns exec {lan} ping -c 3 {INTERNET}     # forwarded, lan -> wan
+  ip netns exec {lan} ping -c 3 {INTERNET6}
+  ip netns exec {lan} ping -c 3 {FW_LAN}     # answered by the firewall
   ip netns exec {wan} python3 -m http.server 8000 --bind {INTERNET} &
-  ip netns exec {lan} curl http://{INTERNET}:8000/          # TCP, lan -> wan
-  ip netns exec {wan} ping -c 3 -W 1 {LAN_HOST}             # dropped: nothing comes in unasked
-  kill -HUP $(pidof keepstate)                              # reload the rules file
-  kill -USR1 $(pidof keepstate)                             # print the counters
+  ip netns exec {lan} curl -o /dev/null http://{INTERNET}:8000/
+  ip netns exec {wan} ping -c 3 -W 1 {LAN_HOST}     # dropped: nothing comes in unasked
+  kill -HUP $(pidof keepstate)     # reload the rules file
+  kill -USR1 $(pidof keepstate)     # print the counters
 remove it with: keepstate lab down
 "
         )

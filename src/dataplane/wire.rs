@@ -59,6 +59,10 @@ pub fn ethertype(frame: &[u8]) -> Option<u16> {
     be16(frame, 12)
 }
 
+pub fn dst_mac(frame: &[u8]) -> Option<Mac> {
+    mac_at(frame, 0)
+}
+
 pub fn src_mac(frame: &[u8]) -> Option<Mac> {
     mac_at(frame, 6)
 }

@@ -239,6 +239,14 @@ impl Worker {
     fn decide(&mut self, frame: &mut [u8], ingress: usize) -> Action {
         let shared = self.shared.clone();
         let router = shared.mode == Mode::Router;
+        // A router takes frames for its own MAC and for groups only (`eth_type_trans`
+        // marks others PACKET_OTHERHOST and `ip_rcv` drops them); it never forwards what
+        // came to a group address (no multicast routing, as a kernel without mrouted).
+        let group = wire::dst_mac(frame).is_some_and(|d| d[0] & 1 != 0);
+        if router && !group && wire::dst_mac(frame).is_some_and(|d| d != shared.ports[ingress].mac)
+        {
+            return self.dropped(ingress, true);
+        }
         if router && wire::ethertype(frame) == Some(wire::ETHERTYPE_IPV6) {
             if let Some(nd) = wire::parse_nd(frame) {
                 // XXX: neighbour discovery is answered before the rules see it (the kernel
@@ -255,6 +263,10 @@ impl Worker {
             eprintln!("{line}");
         }
         match verdict {
+            // XXX: the engine routes multicast and broadcast destinations like unicast ones
+            // (ff02::16 by the default route); the kernel delivers them locally or drops
+            // them (RTN_MULTICAST, RTN_BROADCAST). Until it does, they stop here.
+            Verdict::Forward { .. } if router && group => self.dropped(ingress, true),
             Verdict::Forward { port, next_hop } => {
                 if self.engine_worker.released.is_empty() {
                     return self.forward(frame, port, next_hop);

@@ -198,6 +198,21 @@ while True:
     s.sendto(b'echo:' + data, peer)
 ";
 
+const UDP_REFUSED: &str = "
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b'x')
+try:
+    s.recv(100)
+    print('answered')
+except ConnectionRefusedError:
+    print('refused')
+except socket.timeout:
+    print('timeout')
+";
+
 const UDP_CLIENT: &str = "
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -368,6 +383,12 @@ fn live_router_forwards_answers_drops_and_reloads() {
     let got = ok(&lab.lan, &["python3", "-c", UDP_CLIENT, INTERNET, "5353"]);
     assert!(got.starts_with("echo:hello"), "udp answer: {got}");
 
+    eprintln!("fragments: 3000-byte pings through, judged whole, leaving as fragments");
+    ok(
+        &lab.lan,
+        &["ping", "-c", "2", "-W", "2", "-s", "3000", INTERNET],
+    );
+
     eprintln!("inbound: wan -> lan is dropped by the forward policy");
     let inside = dir.path().join("inside");
     std::fs::create_dir(&inside).unwrap();
@@ -424,6 +445,36 @@ fn live_router_forwards_answers_drops_and_reloads() {
     let from = lines.len();
     signal(pid, "-HUP");
     lines.wait_for("keepstate: reloaded", from, Duration::from_secs(10));
+    ok(&lab.lan, &["ping", "-c", "1", "-W", "2", INTERNET]);
+
+    eprintln!("reject: a TCP reset and an ICMP port unreachable go back out of the ingress port");
+    let anchor = "\t\t# LAN hosts may open connections to the internet.\n";
+    assert!(good.contains(anchor));
+    let rejecting = good.replace(
+        anchor,
+        &format!("\t\ttcp dport 9 reject with tcp reset\n\t\tudp dport 9 reject\n{anchor}"),
+    );
+    std::fs::write(&rules, rejecting).unwrap();
+    let from = lines.len();
+    signal(pid, "-HUP");
+    lines.wait_for("keepstate: reloaded", from, Duration::from_secs(10));
+    let t = Instant::now();
+    let o = output(
+        &lab.lan,
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            &format!("http://{INTERNET}:9/"),
+        ],
+    );
+    // curl's exit status 7: the connection was refused (a reset), not timed out (28).
+    assert_eq!(o.status.code(), Some(7), "curl to a rejected port: {o:?}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let got = ok(&lab.lan, &["python3", "-c", UDP_REFUSED, INTERNET, "9"]);
+    assert_eq!(got.trim(), "refused");
+    // Other traffic is unaffected.
     ok(&lab.lan, &["ping", "-c", "1", "-W", "2", INTERNET]);
 
     eprintln!("stop: SIGTERM, then the counters");

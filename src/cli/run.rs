@@ -63,6 +63,9 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
 
     let running = dataplane::start(&cfg, engine.clone())?;
     let shared = running.shared.clone();
+    for w in &running.warnings {
+        eprintln!("keepstate: warning: {w}");
+    }
     for (w, queues) in running.plan.iter().enumerate() {
         let qs: Vec<String> = queues.iter().map(|(p, q)| format!("{p}/{q}")).collect();
         eprintln!("keepstate: worker {w}: queues {}", qs.join(" "));

@@ -220,6 +220,8 @@ pub struct Running {
     threads: Vec<JoinHandle<()>>,
     /// Which worker serves which port queues, for the start-up message.
     pub plan: Vec<Vec<(String, u32)>>,
+    /// What an operator should know (an interface that is down).
+    pub warnings: Vec<String>,
 }
 
 impl Running {
@@ -236,6 +238,26 @@ impl Running {
     pub fn any_finished(&self) -> bool {
         self.threads.iter().any(|t| t.is_finished())
     }
+}
+
+/// Which `(port, queue)` pairs each of `workers` workers serves, given each port's queue
+/// count: worker w takes queue q of every port where q % workers == w. With at least
+/// `workers` queues per port, every worker has a socket on every port, so it can send
+/// anywhere without handing frames to another worker.
+pub fn assign(queues: &[u32], workers: usize) -> Vec<Vec<(usize, u32)>> {
+    (0..workers)
+        .map(|w| {
+            queues
+                .iter()
+                .enumerate()
+                .flat_map(|(i, &n)| {
+                    (0..n)
+                        .filter(move |q| *q as usize % workers == w)
+                        .map(move |q| (i, q))
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Opens the AF_XDP sockets on every queue of every port and starts the workers.
@@ -276,19 +298,15 @@ pub fn start(cfg: &Config, engine: Arc<Engine>) -> Result<Running, DataplaneErro
             queues: p.queues,
         });
     }
-    // Worker w serves queue q of every port where q % workers == w: each has at least one
-    // socket on every port, so it can send anywhere without handing frames to another.
-    let plan: Vec<Vec<(usize, u32)>> = (0..workers)
-        .map(|w| {
-            ports
-                .iter()
-                .enumerate()
-                .flat_map(|(i, p)| {
-                    (0..p.queues)
-                        .filter(move |q| *q as usize % workers == w)
-                        .map(move |q| (i, q))
-                })
-                .collect()
+    let plan = assign(&ports.iter().map(|p| p.queues).collect::<Vec<_>>(), workers);
+    let warnings = ports
+        .iter()
+        .filter(|p| iface::is_down(&p.interface))
+        .map(|p| {
+            format!(
+                "port {}: interface {} is down; nothing moves until it is up",
+                p.name, p.interface
+            )
         })
         .collect();
     let shared = Arc::new(Shared {
@@ -334,5 +352,35 @@ pub fn start(cfg: &Config, engine: Arc<Engine>) -> Result<Running, DataplaneErro
         shared,
         threads,
         plan,
+        warnings,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_worker_gets_a_queue_of_every_port() {
+        assert_eq!(assign(&[1, 1], 1), vec![vec![(0, 0), (1, 0)]]);
+        assert_eq!(
+            assign(&[2, 3], 2),
+            vec![vec![(0, 0), (1, 0), (1, 2)], vec![(0, 1), (1, 1)]]
+        );
+        // Every queue is served exactly once.
+        let plan = assign(&[4, 8, 5], 3);
+        let mut all: Vec<_> = plan.concat();
+        all.sort();
+        let want: Vec<_> = [4u32, 8, 5]
+            .iter()
+            .enumerate()
+            .flat_map(|(p, &n)| (0..n).map(move |q| (p, q)))
+            .collect();
+        assert_eq!(all, want);
+        for w in &plan {
+            for p in 0..3 {
+                assert!(w.iter().any(|&(port, _)| port == p));
+            }
+        }
+    }
 }

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 
@@ -48,6 +49,10 @@ pub enum Resolve {
 #[derive(Debug, Default)]
 pub struct Neighbours {
     table: RwLock<HashMap<(usize, IpAddr), State>>,
+    /// Bumped whenever a known MAC appears or changes: workers keep a private copy of the
+    /// entries they use and drop it when this moves, so the hot path reads one atomic that
+    /// rarely changes instead of taking the lock.
+    generation: AtomicU64,
 }
 
 impl Neighbours {
@@ -99,7 +104,15 @@ impl Neighbours {
             return;
         }
         let mut t = self.table.write();
-        t.insert((port, ip), State::Reachable(mac));
+        let old = t.insert((port, ip), State::Reachable(mac));
+        if old != Some(State::Reachable(mac)) {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// Changes when any known MAC appears or changes (see the field).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Every known entry, for `keepstate stats`.
@@ -133,8 +146,16 @@ mod tests {
         assert_eq!(n.resolve(0, hop, 3 * RETRANS_NS - 1), Resolve::Wait);
         assert_eq!(n.resolve(0, hop, 3 * RETRANS_NS), Resolve::Failed);
         assert_eq!(n.resolve(0, hop, 3 * RETRANS_NS + 1), Resolve::Ask);
+        let g = n.generation();
         n.learn(0, hop, [2, 0, 0, 0, 0, 9]);
         assert_eq!(n.resolve(0, hop, 0), Resolve::Known([2, 0, 0, 0, 0, 9]));
+        let g2 = n.generation();
+        assert_ne!(g, g2);
+        // Hearing the same again changes nothing; a new MAC does.
+        n.learn(0, hop, [2, 0, 0, 0, 0, 9]);
+        assert_eq!(n.generation(), g2);
+        n.learn(0, hop, [2, 0, 0, 0, 0, 8]);
+        assert_ne!(n.generation(), g2);
         // Per port; multicast and zero MACs are never learned.
         assert_eq!(n.get(1, hop), None);
         n.learn(1, hop, [1, 0, 0, 0, 0, 9]);

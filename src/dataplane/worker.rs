@@ -6,7 +6,7 @@
 //! being decided), a tx list, the tx ring, the completion ring, or the free list. It is
 //! touched (read or written) only while in this worker's hands or on the free list.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -32,6 +32,8 @@ const FRAME_SIZE: u32 = 2048;
 /// Frames waiting for a neighbour, per worker; beyond it they are dropped (the kernel's
 /// `unres_qlen` is about 100 per neighbour).
 const MAX_HELD: usize = 256;
+/// Beyond this many private neighbour entries, the worker starts its copy afresh.
+const MAX_CACHED_NEIGHBOURS: usize = 4096;
 /// How long an idle worker sleeps in poll(2) before it looks at the stop flag again.
 const IDLE_POLL_MS: i32 = 100;
 
@@ -72,6 +74,10 @@ pub(super) struct Worker {
     /// Per port: frames to hand to its tx ring at the end of the batch.
     outbox: Vec<Vec<FrameDesc>>,
     held: VecDeque<Held>,
+    /// This worker's copy of the neighbour entries it uses, valid while the shared table's
+    /// generation is `neigh_gen`.
+    neigh_cache: HashMap<(usize, IpAddr), Mac, foldhash::fast::RandomState>,
+    neigh_gen: u64,
     engine_worker: engine::Worker,
     /// A buffer for the frames the box writes itself (ARP, ND), reused.
     scratch: Vec<u8>,
@@ -162,6 +168,8 @@ impl Worker {
             tx_sock,
             free,
             held: VecDeque::new(),
+            neigh_cache: HashMap::default(),
+            neigh_gen: u64::MAX,
             engine_worker: engine::Worker::new(index),
             scratch: Vec::with_capacity(128),
             now: Timestamp(0),
@@ -172,7 +180,8 @@ impl Worker {
     /// recycle completed frames, refill, and sleep in poll(2) when there was nothing.
     pub(super) fn run(mut self) {
         let umem = self.umem.clone();
-        let shared = self.shared.clone();
+        let shared_arc = self.shared.clone();
+        let shared: &Shared = &shared_arc;
         let mut batch = vec![FrameDesc::default(); BATCH];
         let mut pollfds: Vec<libc::pollfd> = self
             .socks
@@ -198,7 +207,7 @@ impl Worker {
                         // SAFETY: the frame came off the rx ring and is in our hands; no other
                         // reference to it exists until it is queued for tx or recycled.
                         let mut data = unsafe { umem.data_mut(desc) };
-                        self.decide(data.contents_mut(), port)
+                        self.decide(shared, data.contents_mut(), port)
                     };
                     match action {
                         Action::Send(out) => self.outbox[out].push(*desc),
@@ -211,11 +220,11 @@ impl Worker {
                 shared.worker_stats[self.index]
                     .rx
                     .fetch_add(n as u64, Ordering::Relaxed);
-                self.flush();
+                self.flush(shared);
             }
             if !self.held.is_empty() {
-                self.release_held();
-                self.flush();
+                self.release_held(shared);
+                self.flush(shared);
             }
             self.complete();
             self.refill();
@@ -236,8 +245,7 @@ impl Worker {
     }
 
     /// Decides one received frame (the heart of the worker).
-    fn decide(&mut self, frame: &mut [u8], ingress: usize) -> Action {
-        let shared = self.shared.clone();
+    fn decide(&mut self, shared: &Shared, frame: &mut [u8], ingress: usize) -> Action {
         let router = shared.mode == Mode::Router;
         // A router takes frames for its own MAC and for groups only (`eth_type_trans`
         // marks others PACKET_OTHERHOST and `ip_rcv` drops them); it never forwards what
@@ -245,16 +253,19 @@ impl Worker {
         let group = wire::dst_mac(frame).is_some_and(|d| d[0] & 1 != 0);
         if router && !group && wire::dst_mac(frame).is_some_and(|d| d != shared.ports[ingress].mac)
         {
-            return self.dropped(ingress, true);
+            return self.dropped(shared, ingress, true);
         }
         if router && wire::ethertype(frame) == Some(wire::ETHERTYPE_IPV6) {
             if let Some(nd) = wire::parse_nd(frame) {
                 // XXX: neighbour discovery is answered before the rules see it (the kernel
                 // runs it through the input hook); home-router.nft accepts it anyway.
-                self.neighbour_discovery(frame, ingress, nd);
-                return self.dropped(ingress, false);
+                self.neighbour_discovery(shared, frame, ingress, nd);
+                return self.dropped(shared, ingress, false);
             }
         }
+        // A mutable slice on purpose: NAT rewrites in place, and the engine's signature is
+        // becoming `&mut [u8]` (today the `&mut` coerces to `&`).
+        #[allow(clippy::unnecessary_mut_passed)]
         let (verdict, _) =
             shared
                 .engine
@@ -266,16 +277,16 @@ impl Worker {
             // XXX: the engine routes multicast and broadcast destinations like unicast ones
             // (ff02::16 by the default route); the kernel delivers them locally or drops
             // them (RTN_MULTICAST, RTN_BROADCAST). Until it does, they stop here.
-            Verdict::Forward { .. } if router && group => self.dropped(ingress, true),
+            Verdict::Forward { .. } if router && group => self.dropped(shared, ingress, true),
             Verdict::Forward { port, next_hop } => {
                 if self.engine_worker.released.is_empty() {
-                    return self.forward(frame, port, next_hop);
+                    return self.forward(shared, frame, port, next_hop);
                 }
                 // The frame completed a fragmented datagram: its original fragments leave.
                 let released = std::mem::take(&mut self.engine_worker.released);
                 for mut f in released {
-                    if let Action::Send(p) = self.forward(&mut f, port, next_hop) {
-                        self.send_copy(p, &f);
+                    if let Action::Send(p) = self.forward(shared, &mut f, port, next_hop) {
+                        self.send_copy(shared, p, &f);
                     }
                 }
                 Action::Recycle
@@ -284,65 +295,73 @@ impl Worker {
                 let p = &shared.ports[ingress];
                 let ours = |a: IpAddr| p.addresses.iter().any(|n| n.addr() == a);
                 if wire::echo_reply_v4(frame, ours) || wire::echo_reply_v6(frame, ours) {
-                    self.answered();
+                    self.answered(shared);
                     Action::Send(ingress)
                 } else {
                     // XXX: the box has no TCP/UDP services of its own yet (DNS, ssh).
-                    self.dropped(ingress, true)
+                    self.dropped(shared, ingress, true)
                 }
             }
             Verdict::NotIp if router => {
-                self.arp(frame, ingress);
-                self.dropped(ingress, false)
+                self.arp(shared, frame, ingress);
+                self.dropped(shared, ingress, false)
             }
             Verdict::NotIp => match ingress ^ 1 {
                 out if out < shared.ports.len() => Action::Send(out),
-                _ => self.dropped(ingress, true),
+                _ => self.dropped(shared, ingress, true),
             },
             Verdict::Reject(_) => {
                 if let Some(reply) = self.engine_worker.reply.take() {
-                    self.send_copy(ingress, &reply);
+                    self.send_copy(shared, ingress, &reply);
                 }
-                self.dropped(ingress, true)
+                self.dropped(shared, ingress, true)
             }
             Verdict::Held => Action::Recycle,
-            Verdict::Drop(_) => self.dropped(ingress, true),
+            Verdict::Drop(_) => self.dropped(shared, ingress, true),
         }
     }
 
-    fn dropped(&self, port: usize, count: bool) -> Action {
+    fn dropped(&self, shared: &Shared, port: usize, count: bool) -> Action {
         if count {
-            self.shared.port_stats[port]
+            shared.port_stats[port]
                 .dropped
                 .fetch_add(1, Ordering::Relaxed);
-            self.shared.worker_stats[self.index]
+            shared.worker_stats[self.index]
                 .dropped
                 .fetch_add(1, Ordering::Relaxed);
         }
         Action::Recycle
     }
 
-    fn answered(&self) {
-        self.shared.worker_stats[self.index]
+    fn answered(&self, shared: &Shared) {
+        shared.worker_stats[self.index]
             .answered
             .fetch_add(1, Ordering::Relaxed);
     }
 
     /// The router's L2 part of forwarding: the next hop's MAC, or hold the frame and ask.
-    fn forward(&mut self, frame: &mut [u8], port: usize, hop: IpAddr) -> Action {
-        let shared = self.shared.clone();
+    fn forward(&mut self, shared: &Shared, frame: &mut [u8], port: usize, hop: IpAddr) -> Action {
         if shared.mode == Mode::Bridge {
             return Action::Send(port);
         }
-        let now = self.now.0;
-        match shared.neighbours.resolve(port, hop, now) {
+        let generation = shared.neighbours.generation();
+        if generation != self.neigh_gen || self.neigh_cache.len() > MAX_CACHED_NEIGHBOURS {
+            self.neigh_cache.clear();
+            self.neigh_gen = generation;
+        }
+        if let Some(&mac) = self.neigh_cache.get(&(port, hop)) {
+            wire::set_macs(frame, mac, shared.ports[port].mac);
+            return Action::Send(port);
+        }
+        match shared.neighbours.resolve(port, hop, self.now.0) {
             Resolve::Known(mac) => {
+                self.neigh_cache.insert((port, hop), mac);
                 wire::set_macs(frame, mac, shared.ports[port].mac);
                 Action::Send(port)
             }
             r @ (Resolve::Ask | Resolve::Wait) => {
                 if r == Resolve::Ask {
-                    self.solicit(port, hop);
+                    self.solicit(shared, port, hop);
                 }
                 if self.held.len() < MAX_HELD {
                     self.held.push_back(Held {
@@ -355,17 +374,16 @@ impl Worker {
                         .fetch_add(1, Ordering::Relaxed);
                     Action::Recycle
                 } else {
-                    self.dropped(port, true)
+                    self.dropped(shared, port, true)
                 }
             }
-            Resolve::Failed => self.dropped(port, true),
+            Resolve::Failed => self.dropped(shared, port, true),
         }
     }
 
     /// Sends what waited for a neighbour that is now known; asks again, or drops, for the
     /// others.
-    fn release_held(&mut self) {
-        let shared = self.shared.clone();
+    fn release_held(&mut self, shared: &Shared) {
         for _ in 0..self.held.len() {
             let Some(mut h) = self.held.pop_front() else {
                 break;
@@ -373,23 +391,23 @@ impl Worker {
             match shared.neighbours.resolve(h.port, h.hop, self.now.0) {
                 Resolve::Known(mac) => {
                     wire::set_macs(&mut h.frame, mac, shared.ports[h.port].mac);
-                    self.send_copy(h.port, &h.frame);
+                    self.send_copy(shared, h.port, &h.frame);
                 }
                 Resolve::Ask => {
-                    self.solicit(h.port, h.hop);
+                    self.solicit(shared, h.port, h.hop);
                     self.held.push_back(h);
                 }
                 Resolve::Wait => self.held.push_back(h),
                 Resolve::Failed => {
-                    self.dropped(h.port, true);
+                    self.dropped(shared, h.port, true);
                 }
             }
         }
     }
 
     /// Asks for `hop`'s MAC on `port`: an ARP request, or a neighbour solicitation.
-    fn solicit(&mut self, port: usize, hop: IpAddr) {
-        let p = &self.shared.ports[port];
+    fn solicit(&mut self, shared: &Shared, port: usize, hop: IpAddr) {
+        let p = &shared.ports[port];
         let mut out = std::mem::take(&mut self.scratch);
         match (p.source_for(hop), hop) {
             (Some(IpAddr::V4(src)), IpAddr::V4(h)) => {
@@ -407,18 +425,17 @@ impl Worker {
             _ => out.clear(),
         }
         if !out.is_empty() {
-            self.send_copy(port, &out);
+            self.send_copy(shared, port, &out);
         }
         self.scratch = out;
     }
 
     /// ARP on `port`: learn the sender when it is on our network (`arp_process`), answer
     /// requests for our addresses on that port.
-    fn arp(&mut self, frame: &[u8], port: usize) {
+    fn arp(&mut self, shared: &Shared, frame: &[u8], port: usize) {
         let Some(a) = wire::parse_arp(frame) else {
             return;
         };
-        let shared = self.shared.clone();
         let p = &shared.ports[port];
         let sender = IpAddr::V4(a.sender_ip);
         if p.on_link(sender) {
@@ -438,16 +455,15 @@ impl Worker {
                 Some(a.sender_mac),
                 a.sender_ip,
             );
-            self.send_copy(port, &out);
+            self.send_copy(shared, port, &out);
             self.scratch = out;
-            self.answered();
+            self.answered(shared);
         }
     }
 
     /// Neighbour discovery on `port`: learn from solicitations and advertisements, advertise
     /// our own addresses when solicited (RFC 4861 7.2.3-7.2.5).
-    fn neighbour_discovery(&mut self, frame: &[u8], port: usize, nd: wire::Nd) {
-        let shared = self.shared.clone();
+    fn neighbour_discovery(&mut self, shared: &Shared, frame: &[u8], port: usize, nd: wire::Nd) {
         let p = &shared.ports[port];
         let eth_src: Option<Mac> = wire::src_mac(frame);
         if nd.icmp_type == wire::ND_NEIGHBOR_ADVERT {
@@ -487,15 +503,15 @@ impl Worker {
             nd.target,
             true,
         );
-        self.send_copy(port, &out);
+        self.send_copy(shared, port, &out);
         self.scratch = out;
-        self.answered();
+        self.answered(shared);
     }
 
     /// Copies `bytes` into a free UMEM frame and queues it on `port`.
-    fn send_copy(&mut self, port: usize, bytes: &[u8]) {
+    fn send_copy(&mut self, shared: &Shared, port: usize, bytes: &[u8]) {
         let Some(mut desc) = self.free.pop() else {
-            self.shared.port_stats[port]
+            shared.port_stats[port]
                 .tx_dropped
                 .fetch_add(1, Ordering::Relaxed);
             return;
@@ -512,15 +528,14 @@ impl Worker {
             self.outbox[port].push(desc);
         } else {
             self.free.push(desc);
-            self.shared.port_stats[port]
+            shared.port_stats[port]
                 .tx_dropped
                 .fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Hands every port's outbox to its tx ring and wakes the kernel to send it.
-    fn flush(&mut self) {
-        let shared = self.shared.clone();
+    fn flush(&mut self, shared: &Shared) {
         for port in 0..self.outbox.len() {
             if self.outbox[port].is_empty() {
                 continue;

@@ -39,6 +39,8 @@ pub enum LabError {
     Command { command: String, reason: String },
     #[error("lab prefix `{0}` must be 1 to 8 letters, digits or dashes")]
     Prefix(String),
+    #[error("namespace `{0}` already exists: remove that lab first (`keepstate lab down`), or choose another --prefix")]
+    Exists(String),
 }
 
 /// The namespaces of one lab.
@@ -73,6 +75,14 @@ impl Lab {
     /// Builds the topology, `queues` receive and transmit queues per veth. On failure,
     /// what was built is removed again.
     pub fn up(&self, queues: u32) -> Result<(), LabError> {
+        // Never touch a lab that is already there: a failed `up` removes what it built.
+        if let Some(ns) = self
+            .all()
+            .into_iter()
+            .find(|ns| std::path::Path::new("/run/netns").join(ns).exists())
+        {
+            return Err(LabError::Exists(ns.to_string()));
+        }
         let r = self.build(queues.max(1));
         if r.is_err() {
             self.down();

@@ -45,12 +45,11 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
         Mode::Router => Routing::Router(cfg.routing_table()),
         Mode::Bridge => Routing::Pairs,
     };
-    let engine = Arc::new(Engine::new(
-        ports,
-        routing,
-        cfg.conntrack.tracker_config(),
-        compiled,
-    ));
+    let plan = dataplane::plan(&cfg)?;
+    let mut ct = cfg.conntrack.tracker_config();
+    // One statistics slot per worker (the kernel's per-CPU conntrack counters).
+    ct.cpus = plan.workers();
+    let engine = Arc::new(Engine::new(ports, routing, ct, compiled));
 
     let hup = Arc::new(AtomicBool::new(false));
     let usr1 = Arc::new(AtomicBool::new(false));
@@ -61,7 +60,7 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
         signal_hook::flag::register(s, term.clone())?;
     }
 
-    let running = dataplane::start(&cfg, engine.clone())?;
+    let running = dataplane::start(plan, engine.clone())?;
     let shared = running.shared.clone();
     for w in &running.warnings {
         eprintln!("keepstate: warning: {w}");

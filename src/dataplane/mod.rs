@@ -260,8 +260,27 @@ pub fn assign(queues: &[u32], workers: usize) -> Vec<Vec<(usize, u32)>> {
         .collect()
 }
 
-/// Opens the AF_XDP sockets on every queue of every port and starts the workers.
-pub fn start(cfg: &Config, engine: Arc<Engine>) -> Result<Running, DataplaneError> {
+/// The dataplane planned from the configuration and the interfaces, before any socket is
+/// opened: the engine is built knowing how many workers will share it.
+pub struct Plan {
+    ports: Vec<PortInfo>,
+    workers: usize,
+    cores: Vec<core_affinity::CoreId>,
+    queues: Vec<Vec<(usize, u32)>>,
+    warnings: Vec<String>,
+    mode: Mode,
+    busy_poll: bool,
+}
+
+impl Plan {
+    /// How many workers will run (the engine's per-worker statistics slots).
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+}
+
+/// Reads the ports' interfaces (MAC, queues) and decides the workers and their queues.
+pub fn plan(cfg: &Config) -> Result<Plan, DataplaneError> {
     if cfg.ports.is_empty() {
         return Err(DataplaneError::NoPorts);
     }
@@ -298,7 +317,7 @@ pub fn start(cfg: &Config, engine: Arc<Engine>) -> Result<Running, DataplaneErro
             queues: p.queues,
         });
     }
-    let plan = assign(&ports.iter().map(|p| p.queues).collect::<Vec<_>>(), workers);
+    let queues = assign(&ports.iter().map(|p| p.queues).collect::<Vec<_>>(), workers);
     let warnings = ports
         .iter()
         .filter(|p| iface::is_down(&p.interface))
@@ -309,13 +328,36 @@ pub fn start(cfg: &Config, engine: Arc<Engine>) -> Result<Running, DataplaneErro
             )
         })
         .collect();
+    Ok(Plan {
+        ports,
+        workers,
+        cores,
+        queues,
+        warnings,
+        mode: cfg.dataplane.mode,
+        busy_poll: cfg.dataplane.busy_poll,
+    })
+}
+
+/// Opens the AF_XDP sockets on every queue of every port and starts the workers, all
+/// sharing `engine`.
+pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError> {
+    let Plan {
+        ports,
+        workers,
+        cores,
+        queues: plan,
+        warnings,
+        mode,
+        busy_poll,
+    } = plan;
     let shared = Arc::new(Shared {
         engine,
         port_stats: ports.iter().map(|_| PortStats::default()).collect(),
         worker_stats: (0..workers).map(|_| WorkerStats::default()).collect(),
         ports,
-        mode: cfg.dataplane.mode,
-        busy_poll: cfg.dataplane.busy_poll,
+        mode,
+        busy_poll,
         neighbours: neigh::Neighbours::default(),
         stop: AtomicBool::new(false),
         epoch: Instant::now(),

@@ -126,3 +126,46 @@ pub fn pollfd(fd: RawFd) -> libc::pollfd {
         revents: 0,
     }
 }
+
+/// `enum libbpf_print_level`: LIBBPF_WARN.
+const LIBBPF_WARN: libc::c_int = 0;
+
+type LibbpfPrint = unsafe extern "C" fn(
+    level: libc::c_int,
+    fmt: *const libc::c_char,
+    ap: *mut libc::c_void,
+) -> libc::c_int;
+
+extern "C" {
+    /// libbpf's (linked into libxdp-sys): where its messages go.
+    fn libbpf_set_print(f: Option<LibbpfPrint>) -> Option<LibbpfPrint>;
+    fn vfprintf(
+        stream: *mut libc::FILE,
+        fmt: *const libc::c_char,
+        ap: *mut libc::c_void,
+    ) -> libc::c_int;
+    static mut stderr: *mut libc::FILE;
+}
+
+/// Prints libbpf's warnings and drops its information messages ("elf: skipping
+/// unrecognized data section" for every program libxdp loads).
+unsafe extern "C" fn libbpf_warnings(
+    level: libc::c_int,
+    fmt: *const libc::c_char,
+    ap: *mut libc::c_void,
+) -> libc::c_int {
+    if level != LIBBPF_WARN {
+        return 0;
+    }
+    // SAFETY: libbpf hands a printf format and its matching va_list, which vfprintf takes
+    // as they are; stderr is the C library's own stream.
+    unsafe { vfprintf(stderr, fmt, ap) }
+}
+
+/// Keeps libbpf to its warnings (call before opening sockets).
+pub fn quiet_libbpf() {
+    // SAFETY: installs a callback with the signature libbpf expects; nothing else is set.
+    unsafe {
+        libbpf_set_print(Some(libbpf_warnings));
+    }
+}

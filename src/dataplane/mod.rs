@@ -362,6 +362,7 @@ pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError>
         stop: AtomicBool::new(false),
         epoch: Instant::now(),
     });
+    iface::quiet_libbpf();
     // Open every socket before any worker runs, so a bad port fails the start as a whole.
     let mut built = Vec::new();
     for (w, queues) in plan.iter().enumerate() {

@@ -440,11 +440,29 @@ fn live_router_forwards_answers_drops_and_reloads() {
         "the old ruleset stopped dropping inbound connections"
     );
 
-    eprintln!("reload: the good file again");
+    eprintln!("reload: the good file again, in the middle of a download");
     std::fs::write(&rules, &good).unwrap();
+    let got3 = dir.path().join("got3");
+    // Slowed down to about a second, so the reload lands in the middle of it.
+    let mut slow = in_ns(&lab.lan, &["curl", "-sS", "--max-time", "30"])
+        .args(["--limit-rate", "6M", "-o"])
+        .arg(&got3)
+        .arg(&url)
+        .spawn()
+        .expect("curl");
+    std::thread::sleep(Duration::from_millis(400));
     let from = lines.len();
     signal(pid, "-HUP");
     lines.wait_for("keepstate: reloaded", from, Duration::from_secs(10));
+    let status = slow.wait().expect("curl");
+    assert!(
+        status.success(),
+        "the download across the reload failed: {status}"
+    );
+    assert!(
+        std::fs::read(&got3).unwrap() == want,
+        "the download across the reload is damaged"
+    );
     ok(&lab.lan, &["ping", "-c", "1", "-W", "2", INTERNET]);
 
     eprintln!("reject: a TCP reset and an ICMP port unreachable go back out of the ingress port");

@@ -213,6 +213,7 @@ impl Conntrack {
             tcp_be_liberal: self.tcp_be_liberal,
             checksum: self.checksum,
             tcp_max_retrans: self.tcp_max_retrans.min(255) as u8,
+            expect_max: Some(self.expect_max as usize),
             ..Default::default()
         };
         let t = &mut c.timeouts;
@@ -476,6 +477,12 @@ pub struct RouteEntry {
 }
 
 impl RouteEntry {
+    /// Whether the entry's network holds `a`.
+    pub fn holds(&self, a: IpAddr) -> bool {
+        let (v6, bits) = addr_bits(a);
+        self.contains(v6, bits)
+    }
+
     fn contains(&self, v6: bool, a: u128) -> bool {
         if self.v6 != v6 {
             return false;

@@ -18,8 +18,19 @@
 //! Fragments are reassembled first (`packet::frag`, as nf_defrag): the whole datagram is
 //! tracked and judged, and its original fragments leave with that verdict.
 //!
-//! XXX: NAT statements are evaluated but their translation is not applied yet (the NAT issue);
-//! the helpers (ct helper set is recorded on the connection) and log output come later too.
+//! NAT (`nf_nat_inet_fn` at each hook): when a family has nat chains, the first packet of a
+//! connection gets a binding at every NAT hook (the rule's `snat`/`dnat`/`masquerade`/
+//! `redirect`, or a null binding that only resolves clashes), kept on the connection as its
+//! REPLY tuple; every packet in either direction is then rewritten from it: destination at
+//! PREROUTING (so routing and the forward chain see the translated address), source at
+//! POSTROUTING and INPUT. A forwarded packet's TTL or hop limit is decremented before FORWARD
+//! (`ip_forward`), and one that would reach zero gets an ICMP time exceeded. The edits are
+//! made in place in the frame once the verdict is known (`packet::rewrite`, incremental
+//! checksums), in each released fragment too.
+//!
+//! XXX: every base chain of a hook is evaluated as one decision tree, so a prerouting filter
+//! chain of priority above -100 sees the packet before DNAT, where the kernel shows it after.
+//! XXX: the helpers (ct helper set is recorded on the connection) come with the helpers issue.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,12 +43,15 @@ use crate::classify::{
     action_stmt, BuildError, Classifier, Decision, Evaluation, LimitSpec, Limiter, PacketKey, Tree,
 };
 use crate::config::{Config, RouteEntry};
+use crate::conntrack::nat::{self as ctnat, Manip};
 use crate::conntrack::{
     self, Classified, Confirmed, CtConfig, HelperName, PktCtx, Timestamp, Tracker,
 };
+use crate::conntrack::{CtInfo, Tracked, Tuple};
 use crate::packet::frag::{Push, Reassembler};
 use crate::packet::log;
 use crate::packet::reject::{self, Answer};
+use crate::packet::rewrite::{self, CompiledRewrite, Layout, Rewrite};
 use crate::packet::{self, Frame, Ip, Packet, L4};
 use crate::rules::ir::{self, Field, Hook, RuleId, Ruleset, Stmt};
 use crate::rules::types;
@@ -77,6 +91,16 @@ pub enum DropReason {
     UnknownPort,
     /// A fragment that cannot be reassembled (overlap, bad length, memory bound, timeout).
     Fragment,
+    /// NAT found no free tuple in the range (ports exhausted).
+    NatFailed,
+    /// `masquerade` or `redirect` found no address of the packet's family on the port (the
+    /// kernel drops those packets too).
+    NatNoAddress,
+    /// The TTL or hop limit ran out on the way through (an ICMP time exceeded is the answer).
+    TtlExceeded,
+    /// The connection's helper refused the packet (`nf_ct_helper_log`; the reason is in the
+    /// worker's log lines).
+    Helper,
 }
 
 /// The engine's view of a port.
@@ -133,6 +157,10 @@ pub struct Compiled {
     /// Per family (v4, v6) and hook: an established packet is accepted by every base chain
     /// with no side effect, so the tree need not be consulted (see [`accepts_established`]).
     established_fast: [[bool; 5]; 2],
+    /// Per family (v4, v6): some nat base chain sees the family, so every new connection
+    /// gets a binding (a rule's or a null one) at every NAT hook, as the kernel's nat core
+    /// runs once any nat chain of the family is registered.
+    nat: [bool; 2],
     /// The prerouting base chains that run before conntrack (priority below
     /// `NF_IP_PRI_CONNTRACK`, -200: the `raw` chains where `notrack` lives), per family;
     /// `None` when there are none.
@@ -194,6 +222,14 @@ impl Compiled {
             })
             .collect();
         let hooked = ALL_HOOKS.map(|h| !main.base_chains(h).is_empty());
+        let nat = [ir::NFPROTO_IPV4, ir::NFPROTO_IPV6].map(|nf| {
+            let view = main.view_for(nf, true);
+            view.tables.iter().any(|t| {
+                t.chains
+                    .iter()
+                    .any(|c| c.base.is_some_and(|b| b.kind == ir::ChainType::Nat))
+            })
+        });
         let established_fast = [ir::NFPROTO_IPV4, ir::NFPROTO_IPV6].map(|nf| {
             let view = main.view_for(nf, false);
             ALL_HOOKS.map(|h| accepts_established(&view, h))
@@ -206,6 +242,7 @@ impl Compiled {
             limits: Mutex::new(Vec::new()),
             hooked,
             established_fast,
+            nat,
             raw,
         })
     }
@@ -317,6 +354,13 @@ pub struct EngineStats {
     pub dropped_insert_failed: AtomicU64,
     pub dropped_no_route: AtomicU64,
     pub dropped_fragments: AtomicU64,
+    /// NAT could not translate a new connection (`NatFailed`).
+    pub dropped_nat: AtomicU64,
+    /// TTL or hop limit exhausted while forwarding.
+    pub dropped_ttl: AtomicU64,
+    /// Refused by a connection's helper (a partial FTP command, no room for an
+    /// expectation).
+    pub dropped_helper: AtomicU64,
 }
 
 /// A worker's reusable buffers, so the hot path allocates nothing once they have grown.
@@ -342,15 +386,78 @@ pub struct Worker {
     /// The lines `log` statements wrote for the last frame, in the kernel's format.
     /// XXX: logs are not rate limited yet (the dataplane issue adds the limit and the sink).
     pub logs: Vec<String>,
+    /// The NAT statement the last hook's rules chose, if any.
+    nat_stmt: Option<ir::Nat>,
+    /// The edits the frame gets once judged (NAT, TTL).
+    edits: Edits,
+    /// xorshift state: the port search's random offsets (`get_random_u16`), per worker and
+    /// seeded from its index, so a replay is reproducible.
+    rng: u64,
 }
 
 impl Worker {
     pub fn new(cpu: usize) -> Worker {
         Worker {
             cpu,
+            rng: 0x9e37_79b9_7f4a_7c15 ^ (cpu as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
             ..Worker::default()
         }
     }
+
+    fn random_u16(&mut self) -> u16 {
+        if self.rng == 0 {
+            self.rng = 0x9e37_79b9_7f4a_7c15;
+        }
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        (x >> 24) as u16
+    }
+}
+
+/// What a judged frame must have changed before it leaves: the NAT edit of its headers (and,
+/// for an ICMP error, of the packet it quotes) and the TTL decrement of forwarding.
+#[derive(Clone, Copy, Debug, Default)]
+struct Edits {
+    rw: Rewrite,
+    inner: Option<Rewrite>,
+    /// `rw` compiled for the packet's shape (an established packet of a bound connection).
+    fast: Option<CompiledRewrite>,
+    ttl: bool,
+    /// Where the judged packet's IP header is in the frame, its length and layout (none when
+    /// the judged packet is a reassembled datagram: each fragment is parsed again).
+    at: Option<(usize, usize, Layout)>,
+}
+
+impl Edits {
+    fn is_empty(&self) -> bool {
+        !self.ttl && self.inner.is_none() && self.rw == Rewrite::default()
+    }
+}
+
+/// Later edits of a field win: the manip of a later hook works from the earlier one's result.
+fn merge(into: &mut Rewrite, rw: Rewrite) {
+    into.src = rw.src.or(into.src);
+    into.dst = rw.dst.or(into.dst);
+    into.sport = rw.sport.or(into.sport);
+    into.dport = rw.dport.or(into.dport);
+    into.icmp_id = rw.icmp_id.or(into.icmp_id);
+}
+
+/// Makes the edits on one IP packet (`ip`, laid out as `l`).
+fn apply_edits(ip: &mut [u8], l: &Layout, e: &Edits) -> Result<(), rewrite::RewriteError> {
+    match (&e.inner, &e.fast) {
+        (Some(inner), _) => rewrite::apply_icmp_error(ip, l, &e.rw, inner)?,
+        (None, Some(fast)) => rewrite::apply_compiled(ip, l, fast)?,
+        (None, None) if e.rw != Rewrite::default() => rewrite::apply(ip, l, &e.rw)?,
+        (None, None) => {}
+    }
+    if e.ttl {
+        rewrite::decrement_ttl(ip, l.v6)?;
+    }
+    Ok(())
 }
 
 /// What happened to one frame, for `replay --trace`.
@@ -369,6 +476,9 @@ pub struct Outcome {
     pub reply: Option<Vec<u8>>,
     /// The lines `log` statements wrote.
     pub logs: Vec<String>,
+    /// The frame as it leaves (NAT and TTL edits made); the released fragments, when there
+    /// are some, are edited in place in [`Outcome::released`].
+    pub frame: Vec<u8>,
 }
 
 pub struct Engine {
@@ -378,6 +488,8 @@ pub struct Engine {
     frags: Reassembler,
     rules: ArcSwap<Compiled>,
     pub stats: EngineStats,
+    /// Calls of [`Engine::process`], which seed their throwaway workers.
+    calls: AtomicU64,
 }
 
 impl Engine {
@@ -389,6 +501,7 @@ impl Engine {
             frags: Reassembler::default(),
             rules: ArcSwap::from_pointee(rules),
             stats: EngineStats::default(),
+            calls: AtomicU64::new(0),
         }
     }
 
@@ -449,22 +562,76 @@ impl Engine {
     /// does); the hot path uses [`Engine::process_with`].
     pub fn process(&self, frame: &[u8], ingress: usize, now: Timestamp, cpu: usize) -> Outcome {
         let mut w = Worker::new(cpu);
+        // A fresh worker per call must not replay the same random port offsets every time.
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        w.rng ^= n.wrapping_mul(0x94d0_49bb_1331_11eb);
+        self.process_traced(frame, ingress, now, &mut w)
+    }
+
+    /// [`Engine::process`] with a worker kept across frames (its NAT port choices continue
+    /// one random sequence, as one CPU's do).
+    pub fn process_traced(
+        &self,
+        frame: &[u8],
+        ingress: usize,
+        now: Timestamp,
+        w: &mut Worker,
+    ) -> Outcome {
         w.trace = true;
-        let (verdict, ct_state) = self.process_with(frame, ingress, now, &mut w);
+        let mut out = frame.to_vec();
+        let (verdict, ct_state) = self.process_with(&mut out, ingress, now, w);
         Outcome {
             verdict,
             ct_state,
-            rules: w.matched,
-            events: w.events,
-            released: w.released,
-            reply: w.reply,
-            logs: w.logs,
+            rules: std::mem::take(&mut w.matched),
+            events: std::mem::take(&mut w.events),
+            released: std::mem::take(&mut w.released),
+            reply: w.reply.take(),
+            logs: std::mem::take(&mut w.logs),
+            frame: out,
         }
     }
 
     /// Decides a frame: the verdict and the `ct state` bit rules saw (none for frames that
-    /// did not parse). The rules that matched and the conntrack events are left in `w`.
+    /// did not parse). The rules that matched and the conntrack events are left in `w`. A
+    /// frame that leaves (forwarded or delivered) is edited in place first: NAT, TTL.
     pub fn process_with(
+        &self,
+        frame: &mut [u8],
+        ingress: usize,
+        now: Timestamp,
+        w: &mut Worker,
+    ) -> (Verdict, Option<u32>) {
+        w.edits = Edits::default();
+        let out = self.decide(frame, ingress, now, w);
+        if matches!(out.0, Verdict::Forward { .. } | Verdict::Local) && !w.edits.is_empty() {
+            let e = w.edits;
+            let ok = match e.at {
+                Some((at, len, l)) => frame
+                    .get_mut(at..at + len)
+                    .map(|ip| apply_edits(ip, &l, &e)),
+                None => Some(Ok(())),
+            };
+            // The fragments of a reassembled datagram: each is parsed and edited.
+            let mut frags_ok = true;
+            for f in &mut w.released {
+                let (at, len, l) = match packet::parse_ethernet(f) {
+                    Frame::Ip(p) => (p.l3_offset, p.ip_bytes.len(), Layout::of(&p)),
+                    _ => continue,
+                };
+                if let Some(ip) = f.get_mut(at..at + len) {
+                    frags_ok &= apply_edits(ip, &l, &e).is_ok();
+                }
+            }
+            if !matches!(ok, Some(Ok(()))) || !frags_ok {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                return (Verdict::Drop(DropReason::Malformed), out.1);
+            }
+        }
+        out
+    }
+
+    fn decide(
         &self,
         frame: &[u8],
         ingress: usize,
@@ -512,6 +679,7 @@ impl Engine {
                         }
                     };
                     let out = self.judge(&whole, frame, ingress, in_port.packed_name, now, w);
+                    w.edits.at = None;
                     w.released = frames;
                     out
                 }
@@ -531,6 +699,7 @@ impl Engine {
         w: &mut Worker,
     ) -> (Verdict, Option<u32>) {
         let pkt = *pkt;
+        w.edits.at = Some((pkt.l3_offset, pkt.ip_bytes.len(), Layout::of(&pkt)));
         let ctx = PktCtx {
             hook: conntrack::Hook::Prerouting,
             cpu: w.cpu,
@@ -617,15 +786,45 @@ impl Engine {
             self.answer(&v, frame, &pkt, ingress, w);
             return (v, Some(ct_bits));
         }
+        // NAT at PREROUTING: the destination, before routing.
+        let mut nat = NatCtx::new(&ct, &pkt, compiled.nat[pkt.ip.is_v6() as usize]);
+        if let Some(n) = nat.as_mut() {
+            let at = NatHook {
+                manip: Manip::Dst,
+                ingress,
+                egress: None,
+            };
+            if let Err(r) = self.nat_step(n, at, &mut key, now, w) {
+                return (Verdict::Drop(r), Some(ct_bits));
+            }
+        }
 
         // Routing.
-        let dst = pkt.ip.dst();
+        let dst = w.edits.rw.dst.unwrap_or(pkt.ip.dst());
         let local = self.ports.iter().any(|p| p.addresses.contains(&dst));
         let (hooks, verdict): (&[Hook], Verdict) = if local {
             (&[Hook::Input], Verdict::Local)
         } else {
             match self.route(ingress, dst) {
                 Some((port, next_hop)) => {
+                    // ip_forward: the TTL runs out here, after routing and before FORWARD,
+                    // whose rules see it decremented.
+                    let ttl = match pkt.ip {
+                        Ip::V4(v) => v.ttl,
+                        Ip::V6(v) => v.hop_limit,
+                    };
+                    if ttl <= 1 {
+                        self.stats.dropped_ttl.fetch_add(1, Ordering::Relaxed);
+                        w.reply = self.answer_from(ingress, frame, &pkt, Answer::TimeExceeded);
+                        return (Verdict::Drop(DropReason::TtlExceeded), Some(ct_bits));
+                    }
+                    w.edits.ttl = true;
+                    let f = if pkt.ip.is_v6() {
+                        Field::Ip6Hoplimit
+                    } else {
+                        Field::Ip4Ttl
+                    };
+                    key.set(f, u128::from(ttl - 1));
                     key.set(Field::Oifname, self.ports[port].packed_name);
                     (
                         &[Hook::Forward, Hook::Postrouting],
@@ -637,6 +836,10 @@ impl Engine {
                     return (Verdict::Drop(DropReason::NoRoute), Some(ct_bits));
                 }
             }
+        };
+        let egress = match verdict {
+            Verdict::Forward { port, next_hop } => Some((port, next_hop)),
+            _ => None,
         };
         for &h in hooks {
             let d = self.run_hook(
@@ -654,6 +857,30 @@ impl Engine {
                 return (v, Some(ct_bits));
             }
         }
+        // NAT at POSTROUTING (or INPUT): the source.
+        if let Some(n) = nat.as_mut() {
+            let at = NatHook {
+                manip: Manip::Src,
+                ingress,
+                egress,
+            };
+            if let Err(r) = self.nat_step(n, at, &mut key, now, w) {
+                return (Verdict::Drop(r), Some(ct_bits));
+            }
+            if n.first && n.reply != n.tracked.conn.reply() {
+                let c = &n.tracked.conn;
+                c.set_nat(ctnat::binding(c.orig(), n.reply, c.status()));
+            }
+        }
+
+        // The connection's helper reads the packet (nf_confirm), and may refuse it.
+        if let Classified::Tracked(t) = &ct {
+            if let conntrack::helper::Help::Drop(why) = self.tracker.help(t, &pkt, now) {
+                self.stats.dropped_helper.fetch_add(1, Ordering::Relaxed);
+                w.logs.push(format!("{why}\n"));
+                return (Verdict::Drop(DropReason::Helper), Some(ct_bits));
+            }
+        }
 
         // nf_conntrack_confirm: the packet survived every hook.
         if let Classified::Tracked(t) = &ct {
@@ -666,9 +893,13 @@ impl Engine {
                     // __nf_conntrack_confirm caches IPCT_NEW (IPCT_RELATED for an expected
                     // connection; ctnetlink reports both as NEW): the tracker leaves that bit
                     // to whoever confirms, so a `conntrack -E` reader sees `[NEW]`.
-                    Confirmed::Inserted => w
-                        .events
-                        .push((t.events | conntrack::EV_NEW, t.conn.clone())),
+                    Confirmed::Inserted => {
+                        if t.conn.status() & conntrack::status::SRC_NAT_DONE != 0 {
+                            self.tracker.table().bysource_add(&t.conn);
+                        }
+                        w.events
+                            .push((t.events | conntrack::EV_NEW, t.conn.clone()))
+                    }
                     Confirmed::Already | Confirmed::Clash(_) => {}
                     Confirmed::Failed(_) => {
                         self.stats
@@ -681,6 +912,187 @@ impl Engine {
         }
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         (verdict, Some(ct_bits))
+    }
+
+    /// One NAT hook for a tracked packet (`nf_nat_inet_fn`): the first packet of a connection
+    /// sets the hook's binding up (the rule's NAT statement, else a null binding); then the
+    /// packet gets the hook's edit, and later hooks' rules see the edited fields.
+    fn nat_step(
+        &self,
+        n: &mut NatCtx<'_>,
+        at: NatHook,
+        key: &mut PacketKey,
+        now: Timestamp,
+        w: &mut Worker,
+    ) -> Result<(), DropReason> {
+        let conn = &n.tracked.conn;
+        if n.first && conn.status() & ctnat::done_bit(at.manip) == 0 {
+            let range = match w.nat_stmt.take() {
+                Some(stmt) => match self.nat_range(&stmt, at, n.v6, key) {
+                    Some(r) => r,
+                    None => {
+                        self.stats.dropped_nat.fetch_add(1, Ordering::Relaxed);
+                        return Err(DropReason::NatNoAddress);
+                    }
+                },
+                None => ctnat::null_range(&n.reply, at.manip),
+            };
+            let taken = TableView {
+                table: self.tracker.table(),
+                now: now.0,
+            };
+            let mut random = || w.random_u16();
+            match ctnat::setup(&n.reply, &range, at.manip, &taken, &mut random) {
+                None => return Err(self.nat_failed(w.cpu)),
+                Some(new) => {
+                    if new != n.reply {
+                        conn.set_status(ctnat::status_bit(at.manip));
+                        n.reply = new;
+                    }
+                }
+            }
+            conn.set_status(ctnat::done_bit(at.manip));
+            // Later hooks' `ct status snat/dnat` see the binding.
+            key.set(Field::CtStatus, u128::from(conn.status()));
+        }
+        let st = conn.status();
+        if st & (conntrack::status::SRC_NAT | conntrack::status::DST_NAT) == 0 {
+            return Ok(());
+        }
+        let dir = n.tracked.info.dir();
+        // An established packet: the binding has both hooks' edits ready, compiled for this
+        // direction; they are taken at PREROUTING (routing and later rules see the new
+        // destination; nothing after the source manip looks at the source).
+        if !n.first && !n.icmp_error {
+            if let Some(b) = conn.nat() {
+                if at.manip == Manip::Dst {
+                    let fast = b.rewrite[dir.index()].0;
+                    let rw = *fast.rewrite();
+                    merge(&mut w.edits.rw, rw);
+                    w.edits.fast = Some(fast);
+                    set_key_addrs(key, &Rewrite { src: None, ..rw });
+                    if let Some(p) = rw.dport {
+                        key.set(Field::Dport, u128::from(p));
+                    }
+                }
+                return Ok(());
+            }
+        }
+        let orig = conn.orig();
+        if !n.first {
+            n.reply = conn.reply();
+        }
+        if n.icmp_error {
+            if let Some((outer, inner)) = ctnat::icmp_error(orig, &n.reply, st, dir, at.manip) {
+                merge(&mut w.edits.rw, outer);
+                merge(w.edits.inner.get_or_insert_with(Rewrite::default), inner);
+                set_key_addrs(key, &outer);
+            }
+        } else if let Some(rw) = ctnat::packet(orig, &n.reply, st, dir, at.manip) {
+            merge(&mut w.edits.rw, rw);
+            set_key_addrs(key, &rw);
+            if let Some(p) = rw.sport {
+                key.set(Field::Sport, u128::from(p));
+            }
+            if let Some(p) = rw.dport {
+                key.set(Field::Dport, u128::from(p));
+            }
+        }
+        Ok(())
+    }
+
+    /// The range a NAT statement asks for at this hook (`nft_nat_eval`, `nft_masq_eval`,
+    /// `nft_redir_eval`): `masquerade` takes the output port's address (the one on the next
+    /// hop's network if several), `redirect` the input port's first address. `None` when the
+    /// port has no address of the packet's family (the kernel drops those packets too).
+    fn nat_range(
+        &self,
+        stmt: &ir::Nat,
+        at: NatHook,
+        v6: bool,
+        key: &PacketKey,
+    ) -> Option<ctnat::Range> {
+        let own = |port: usize, near: Option<IpAddr>| {
+            let addrs = &self.ports.get(port)?.addresses;
+            let mut fam = addrs.iter().copied().filter(|a| a.is_ipv6() == v6);
+            let on_link = near.and_then(|nh| {
+                addrs
+                    .iter()
+                    .copied()
+                    .find(|&a| self.connected(port).any(|r| r.holds(a) && r.holds(nh)))
+            });
+            on_link.or_else(|| fam.next())
+        };
+        let mut port = stmt.port;
+        let addr = match stmt.kind {
+            ir::NatKind::Snat | ir::NatKind::Dnat => match &stmt.map {
+                // The rule matched only if the key is in the map, so the lookup hits.
+                Some(m) => {
+                    let k: Option<Vec<u128>> = m.fields.iter().map(|f| key.get(*f)).collect();
+                    let (a, p) = m.lookup(&k?)?;
+                    if let Some(p) = p {
+                        port = Some((p, p));
+                    }
+                    Some((a, a))
+                }
+                None => stmt.addr,
+            },
+            ir::NatKind::Masquerade => {
+                let (port, nh) = at.egress?;
+                let a = own(port, Some(nh))?;
+                Some((a, a))
+            }
+            ir::NatKind::Redirect => {
+                let a = own(at.ingress, None)?;
+                Some((a, a))
+            }
+        };
+        if addr.is_some_and(|(a, _)| a.is_ipv6() != v6) {
+            return None;
+        }
+        Some(ctnat::Range {
+            addr,
+            port,
+            random: stmt.flags.random,
+            fully_random: stmt.flags.fully_random,
+            persistent: stmt.flags.persistent,
+        })
+    }
+
+    /// The connected networks of a port.
+    fn connected(&self, port: usize) -> impl Iterator<Item = &RouteEntry> + '_ {
+        let table: &[RouteEntry] = match &self.routing {
+            Routing::Router(t) => t,
+            Routing::Pairs => &[],
+        };
+        table
+            .iter()
+            .filter(move |r| r.port == port && r.via.is_none())
+    }
+
+    /// Counts a NAT failure: the engine's own counter, and conntrack's `insert_failed` and
+    /// `drop`, where the kernel's confirm of the clashing tuple would count it.
+    fn nat_failed(&self, cpu: usize) -> DropReason {
+        self.stats.dropped_nat.fetch_add(1, Ordering::Relaxed);
+        self.tracker.count_insert_failed(cpu);
+        DropReason::NatFailed
+    }
+
+    /// An ICMP answer from the box's address on the ingress port.
+    fn answer_from(
+        &self,
+        ingress: usize,
+        frame: &[u8],
+        pkt: &Packet<'_>,
+        kind: Answer,
+    ) -> Option<Vec<u8>> {
+        let v6 = pkt.ip.is_v6();
+        let from = self.ports[ingress]
+            .addresses
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv6() == v6);
+        reject::answer(frame, pkt, kind, from)
     }
 
     /// Builds the answer to a rejected packet (`nf_send_unreach`, `nf_send_reset`), sent from
@@ -696,12 +1108,7 @@ impl Engine {
             ir::Reject::Icmp6(c) => Answer::Icmp6(c),
             ir::Reject::Icmpx(c) => reject::icmpx(c, v6),
         };
-        let from = self.ports[ingress]
-            .addresses
-            .iter()
-            .copied()
-            .find(|a| a.is_ipv6() == v6);
-        w.reply = reject::answer(frame, pkt, kind, from);
+        w.reply = self.answer_from(ingress, frame, pkt, kind);
     }
 
     /// A drop or reject from a hook, as the final verdict.
@@ -780,17 +1187,23 @@ impl Engine {
                         pkt,
                     ));
                 }
+                Some(Stmt::Nat(n)) => w.nat_stmt = Some(n.clone()),
                 Some(Stmt::CtHelperSet(name)) => {
-                    if let Some(conn) = ct.and_then(|c| c.conn()) {
-                        // The helper's type, from the table's ct helper object.
-                        let ty = compiled
-                            .ruleset
-                            .tables
-                            .iter()
-                            .flat_map(|t| t.ct_helpers.iter())
-                            .find(|h| &h.name == name)
-                            .map_or(name.as_str(), |h| h.helper_type.as_str());
-                        conn.set_helper(HelperName::new(ty));
+                    // nft_ct_helper_obj_eval: only a connection not confirmed yet, of the
+                    // object's protocol, without a helper, gets one.
+                    let conn = ct.and_then(|c| c.conn()).filter(|c| {
+                        !c.is_confirmed() && c.status() & conntrack::status::HELPER == 0
+                    });
+                    let obj = compiled
+                        .ruleset
+                        .tables
+                        .iter()
+                        .flat_map(|t| t.ct_helpers.iter())
+                        .find(|h| &h.name == name);
+                    if let (Some(conn), Some(obj)) = (conn, obj) {
+                        if obj.protocol == pkt.ip.protocol() {
+                            conn.set_helper(HelperName::new(&obj.helper_type));
+                        }
                     }
                 }
                 // Marks come back in `ev.meta_mark` / `ev.ct_mark`, applied below.
@@ -817,6 +1230,94 @@ impl Engine {
                 (out < self.ports.len()).then_some((out, dst))
             }
             Routing::Router(table) => crate::config::lookup(table, dst),
+        }
+    }
+}
+
+/// A tracked packet's NAT state through the hooks.
+struct NatCtx<'a> {
+    tracked: &'a Tracked,
+    /// A NEW (or RELATED) connection still to be confirmed: the hooks set its binding up.
+    first: bool,
+    /// The REPLY tuple so far (bound on the connection before confirmation).
+    reply: Tuple,
+    /// An ICMP error RELATED to the connection: its quote is translated too.
+    icmp_error: bool,
+    v6: bool,
+}
+
+impl<'a> NatCtx<'a> {
+    /// `None` when NAT cannot concern the packet: untracked, or a connection that is neither
+    /// new in a family with nat chains nor translated.
+    fn new(ct: &'a Classified, pkt: &Packet<'_>, nat_chains: bool) -> Option<NatCtx<'a>> {
+        let Classified::Tracked(t) = ct else {
+            return None;
+        };
+        let first = t.is_tentative() && nat_chains;
+        let st = t.conn.status();
+        if !first && st & (conntrack::status::SRC_NAT | conntrack::status::DST_NAT) == 0 {
+            return None;
+        }
+        let icmp_error = matches!(t.info, CtInfo::Related | CtInfo::RelatedReply)
+            && match &pkt.l4 {
+                L4::Icmp(i) => packet::icmp_is_err(i.icmp_type),
+                L4::Icmp6(i) => packet::icmpv6_is_err(i.icmp_type),
+                _ => false,
+            };
+        Some(NatCtx {
+            tracked: t,
+            first,
+            // Only a new connection works on its REPLY tuple here; an established one reads
+            // its binding (one cache line), or the tuple when it needs it.
+            reply: if first {
+                t.conn.reply()
+            } else {
+                *t.conn.orig()
+            },
+            icmp_error,
+            v6: pkt.ip.is_v6(),
+        })
+    }
+}
+
+/// Where a NAT hook is: which side it translates, the ports (egress with the next hop, for
+/// masquerade).
+#[derive(Clone, Copy)]
+struct NatHook {
+    manip: Manip,
+    ingress: usize,
+    egress: Option<(usize, IpAddr)>,
+}
+
+/// What NAT's tuple choice asks of the table.
+struct TableView<'a> {
+    table: &'a conntrack::Table,
+    now: u64,
+}
+
+impl ctnat::Taken for TableView<'_> {
+    /// `nf_nat_used_tuple`: the candidate's REPLY tuple belongs to a live connection.
+    fn taken(&self, t: &Tuple) -> bool {
+        t.invert().is_ok_and(|r| self.table.taken(&r, self.now))
+    }
+    fn appropriate_src(&self, orig: &Tuple, r: &ctnat::Range) -> Option<Tuple> {
+        self.table
+            .bysource_replies(orig, self.now)
+            .iter()
+            .find_map(|reply| ctnat::src_candidate(orig, reply, r))
+    }
+}
+
+/// Later rules see translated addresses.
+fn set_key_addrs(key: &mut PacketKey, rw: &Rewrite) {
+    for (a, v4, v6) in [
+        (rw.src, Field::Ip4Saddr, Field::Ip6Saddr),
+        (rw.dst, Field::Ip4Daddr, Field::Ip6Daddr),
+    ] {
+        match a {
+            Some(IpAddr::V4(a)) => key.set(v4, u128::from(u32::from(a))),
+            Some(IpAddr::V6(a)) => key.set(v6, u128::from(a)),
+            None => {}
         }
     }
 }

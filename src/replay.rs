@@ -40,7 +40,7 @@ use pcap_file::{DataLink, TsResolution};
 use crate::config::Config;
 use crate::conntrack::show::{self, ShowOpts};
 use crate::conntrack::{ConnRef, Timestamp, EV_DESTROY};
-use crate::engine::{DropReason, Engine, Outcome, Verdict};
+use crate::engine::{DropReason, Engine, Outcome, Verdict, Worker};
 use crate::packet::{self, tcp_flags, Frame, L4};
 use crate::rules::ir::{ct_state, Reject};
 
@@ -243,6 +243,12 @@ pub struct Counts {
     pub no_route: u64,
     pub table_full: u64,
     pub insert_failed: u64,
+    /// New connections NAT could not translate (no free port, no address to masquerade to).
+    pub nat_failed: u64,
+    /// Frames whose TTL or hop limit ran out.
+    pub ttl_exceeded: u64,
+    /// Frames a connection's helper refused.
+    pub helper_dropped: u64,
     /// Frames whose ingress port could not be decided (unknown interface name, no route
     /// back to the source).
     pub unknown_ingress: u64,
@@ -282,6 +288,8 @@ pub struct Replay {
     first: Option<Timestamp>,
     now: Timestamp,
     last_gc: Option<Timestamp>,
+    /// One worker for the whole capture, as one CPU would be.
+    worker: Worker,
 }
 
 /// A GC pass runs when the capture clock has moved this far since the last one: the kernel's
@@ -314,6 +322,7 @@ impl Replay {
             first: None,
             now: Timestamp(0),
             last_gc: None,
+            worker: Worker::new(0),
         }
     }
 
@@ -374,7 +383,9 @@ impl Replay {
         };
         step.ingress = Some(port);
 
-        let out = self.engine.process(&f.data, port, self.now, 0);
+        let out = self
+            .engine
+            .process_traced(&f.data, port, self.now, &mut self.worker);
         self.count(&out.verdict);
         if let Verdict::Forward { port, .. } = out.verdict {
             step.leaves = Some(port);
@@ -470,6 +481,9 @@ impl Replay {
                 DropReason::Rules => c.dropped_by_rules += 1,
                 DropReason::TableFull => c.table_full += 1,
                 DropReason::InsertFailed => c.insert_failed += 1,
+                DropReason::NatFailed | DropReason::NatNoAddress => c.nat_failed += 1,
+                DropReason::TtlExceeded => c.ttl_exceeded += 1,
+                DropReason::Helper => c.helper_dropped += 1,
                 DropReason::NoRoute => c.no_route += 1,
                 DropReason::UnknownPort => c.unknown_ingress += 1,
             },
@@ -547,6 +561,10 @@ impl Replay {
                 DropReason::Rules => "drop".to_string(),
                 DropReason::TableFull => "drop (table full)".to_string(),
                 DropReason::InsertFailed => "drop (insert failed)".to_string(),
+                DropReason::NatFailed => "drop (nat: no free tuple)".to_string(),
+                DropReason::NatNoAddress => "drop (nat: no address on the port)".to_string(),
+                DropReason::TtlExceeded => "drop (ttl exceeded)".to_string(),
+                DropReason::Helper => "drop (helper)".to_string(),
                 DropReason::NoRoute => "drop (no route)".to_string(),
                 DropReason::UnknownPort => "drop (unknown port)".to_string(),
             },
@@ -595,6 +613,9 @@ impl Counts {
             (self.no_route, "no route"),
             (self.table_full, "dropped (table full)"),
             (self.insert_failed, "dropped (insert failed)"),
+            (self.nat_failed, "dropped (nat failed)"),
+            (self.ttl_exceeded, "dropped (ttl exceeded)"),
+            (self.helper_dropped, "dropped by a helper"),
             (self.unknown_ingress, "with no ingress port"),
             (self.unsupported_link, "not Ethernet"),
         ] {

@@ -280,6 +280,7 @@ fn lower_stmt(s: &StmtSpec, chain: usize, nbase: usize, nchains: usize) -> Stmt 
             addr: None,
             port: None,
             flags: NatFlags::default(),
+            map: None,
         }),
         8 => Stmt::Reject(if s.arg % 2 == 0 {
             Reject::Default
@@ -620,6 +621,7 @@ fn nat_ends_the_base_chain_with_accept() {
                         addr: None,
                         port: Some((8080, 8080)),
                         flags: NatFlags::default(),
+                        map: None,
                     }),
                     COUNTER,
                 ],

@@ -2,6 +2,10 @@
 //! router: forwarding, the stateful return path, input policy, rate limits, malformed frames,
 //! reloads that keep connections, and timeouts.
 
+mod common {
+    pub mod router;
+}
+
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -11,19 +15,7 @@ use keepstate::conntrack::Timestamp;
 use keepstate::engine::{Compiled, DropReason, Engine, Verdict};
 use keepstate::rules::{self, ir::ct_state};
 
-const CONFIG: &str = r#"
-[[port]]
-name = "lan"
-addresses = ["192.168.1.1/24"]
-
-[[port]]
-name = "wan"
-addresses = ["198.51.100.1/24"]
-
-[[route]]
-to = "default"
-via = "198.51.100.254"
-"#;
+use common::router::CONFIG;
 
 const LAN: usize = 0;
 const WAN: usize = 1;
@@ -111,7 +103,8 @@ fn lan_client_connects_out_and_replies_come_back() {
     );
 
     let synack = e.process(
-        &tcp(SERVER, CLIENT, 443, 40000, "SA", 5000, 1001),
+        // Masqueraded: the reply comes to the box's WAN address (the port was free, so kept).
+        &tcp(SERVER, BOX_WAN, 443, 40000, "SA", 5000, 1001),
         WAN,
         t(10),
         0,
@@ -222,7 +215,7 @@ fn reload_keeps_established_connections() {
         Verdict::Forward { .. }
     ));
     e.process(
-        &tcp(SERVER, CLIENT, 443, 40000, "SA", 5000, 1001),
+        &tcp(SERVER, BOX_WAN, 443, 40000, "SA", 5000, 1001),
         WAN,
         t(1),
         0,
@@ -254,7 +247,7 @@ fn udp_flows_time_out() {
         e.process(&q, LAN, t(0), 0).ct_state,
         Some(ct_state::NEW as u32)
     );
-    let r = udp(SERVER, CLIENT, 53, 5353);
+    let r = udp(SERVER, BOX_WAN, 53, 5353);
     assert_eq!(
         e.process(&r, WAN, t(100), 0).ct_state,
         Some(ct_state::ESTABLISHED as u32)
@@ -366,7 +359,8 @@ fn fragments_are_judged_whole_and_leave_as_they_came() {
     // A 3000-byte DNS answer to a LAN client's query: the query first, from the LAN.
     e.process(&udp(CLIENT, SERVER, 40000, 53), LAN, t(0), 0);
     // The reply comes from port 53 to the query's source port.
-    let frags = udp_fragments_from(SERVER, CLIENT, 53, 40000, 3000, 1480);
+    // Masqueraded: the answer comes to the box's WAN address.
+    let frags = udp_fragments_from(SERVER, BOX_WAN, 53, 40000, 3000, 1480);
     assert_eq!(frags.len(), 3);
     // Out of order: the last first.
     let a = e.process(&frags[2], WAN, t(10), 0);
@@ -380,11 +374,20 @@ fn fragments_are_judged_whole_and_leave_as_they_came() {
         c.verdict
     );
     assert_eq!(c.ct_state, Some(ct_state::ESTABLISHED as u32));
-    // The verdict applies to the original fragments, byte for byte, in arrival order.
-    assert_eq!(
-        c.released,
-        vec![frags[2].clone(), frags[0].clone(), frags[1].clone()]
-    );
+    // The verdict applies to the original fragments, in arrival order, each translated back
+    // to the client (the first one's UDP checksum covers the whole datagram) with its TTL
+    // decremented; nothing else changes.
+    let order = [&frags[2], &frags[0], &frags[1]];
+    assert_eq!(c.released.len(), 3);
+    for (out, orig) in c.released.iter().zip(order) {
+        assert_eq!(out.len(), orig.len());
+        assert_eq!(&out[14 + 16..14 + 20], &CLIENT, "destination translated");
+        assert_eq!(out[14 + 8], orig[14 + 8] - 1, "TTL decremented");
+        let mut h = out[14..34].to_vec();
+        ipv4_checksum(&mut h);
+        assert_eq!(h, out[14..34], "IPv4 header checksum verifies");
+        assert_eq!(out[34..], orig[34..], "payload untouched");
+    }
 
     // Unsolicited fragments towards the LAN are judged whole and dropped together.
     let bad = udp_fragments(SERVER, CLIENT, 9999, 2000, 1480);
@@ -444,18 +447,20 @@ fn fast_path_and_full_evaluation_agree() {
         let c = [192, 168, 1, 10 + (i % 3) as u8];
         let sport = 40000 + i;
         frames.push((tcp(c, SERVER, sport, 443, "S", 1000, 0), LAN));
-        frames.push((tcp(SERVER, c, 443, sport, "SA", 5000, 1001), WAN));
+        frames.push((tcp(SERVER, BOX_WAN, 443, sport, "SA", 5000, 1001), WAN));
         frames.push((tcp(c, SERVER, sport, 443, "A", 1001, 5001), LAN));
-        frames.push((tcp(SERVER, c, 443, sport, "A", 5001, 1001), WAN));
+        frames.push((tcp(SERVER, BOX_WAN, 443, sport, "A", 5001, 1001), WAN));
         frames.push((tcp(SERVER, BOX_WAN, 443, sport, "A", 1, 1), WAN));
         frames.push((udp(c, SERVER, sport, 53), LAN));
-        frames.push((udp(SERVER, c, 53, sport), WAN));
+        frames.push((udp(SERVER, BOX_WAN, 53, sport), WAN));
         frames.push((ping(SERVER, BOX_WAN, i), WAN));
     }
     for (n, (f, port)) in frames.iter().enumerate() {
-        let a = fast.process_with(f, *port, t(n as u64), &mut wf);
-        let b = full.process_with(f, *port, t(n as u64), &mut wt);
+        let (mut fa, mut fb) = (f.clone(), f.clone());
+        let a = fast.process_with(&mut fa, *port, t(n as u64), &mut wf);
+        let b = full.process_with(&mut fb, *port, t(n as u64), &mut wt);
         assert_eq!(a, b, "frame {n}");
+        assert_eq!(fa, fb, "frame {n} as it leaves");
     }
 }
 

@@ -115,8 +115,8 @@ proptest! {
             f.truncate(n);
         }
         // Twice, so the second sees whatever state the first left.
-        e.process_with(&f, port, Timestamp::from_millis(ms), &mut w);
-        e.process_with(&f, port, Timestamp::from_millis(ms + 1), &mut w);
+        e.process_with(&mut f.clone(), port, Timestamp::from_millis(ms), &mut w);
+        e.process_with(&mut f, port, Timestamp::from_millis(ms + 1), &mut w);
         e.housekeeping(Timestamp::from_millis(ms + 40_000), 64);
     }
 
@@ -124,6 +124,7 @@ proptest! {
     fn random_bytes_never_panic(f in prop::collection::vec(any::<u8>(), 0..200)) {
         let e = engine();
         let mut w = Worker::new(0);
-        e.process_with(&f, 0, Timestamp::from_secs(1), &mut w);
+        let mut f = f;
+        e.process_with(&mut f, 0, Timestamp::from_secs(1), &mut w);
     }
 }

@@ -25,33 +25,18 @@
 
 mod common {
     pub mod capture;
+    pub mod netns;
 }
 
-use std::borrow::Cow;
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketBlock;
-use pcap_file::pcapng::blocks::interface_description::{
-    InterfaceDescriptionBlock, InterfaceDescriptionOption,
+use common::netns::{
+    can_run, config, engine_counters, finish, frames, merge, multiset, nft_counters, normalise,
+    packet_id, replay, run, say, wait_for, Lab, CLIENT, SERVER,
 };
-use pcap_file::pcapng::PcapNgWriter;
-use pcap_file::DataLink;
-
-use keepstate::config::Config;
-use keepstate::conntrack::show::ShowOpts;
-use keepstate::engine::Engine;
-use keepstate::replay::{CaptureReader, CapturedFrame, Ingress, Replay, ReplayOpts};
-use keepstate::rules;
-use keepstate::rules::ir::Stmt;
-
-const CLIENT: &str = "10.77.1.2";
-const SERVER: &str = "10.77.2.2";
+use keepstate::replay::CaptureReader;
 
 /// The ruleset both the kernel and keepstate run. Every rule counts, so the counters tell
 /// how many packets took each path.
@@ -66,223 +51,6 @@ table inet filter {
 	}
 }
 "#;
-
-fn config(rules: &Path) -> String {
-    format!(
-        r#"rules = "{}"
-
-[[port]]
-name = "lan"
-addresses = ["10.77.1.1/24"]
-
-[[port]]
-name = "wan"
-addresses = ["10.77.2.1/24"]
-"#,
-        rules.display()
-    )
-}
-
-fn run(args: &[&str]) -> Result<String, String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-/// Three namespaces (client, router, server), deleted on Drop.
-struct Lab {
-    c: String,
-    r: String,
-    s: String,
-    /// Child processes started by the test (tcpdump), stopped on Drop.
-    children: Vec<Child>,
-}
-
-impl Lab {
-    fn new() -> Lab {
-        let pid = std::process::id();
-        let lab = Lab {
-            c: format!("ksct-c-{pid}"),
-            r: format!("ksct-r-{pid}"),
-            s: format!("ksct-s-{pid}"),
-            children: Vec::new(),
-        };
-        // A watchdog: a hung peer must not leave namespaces behind when the harness is
-        // killed, so after 90 s it deletes them and ends the test binary.
-        let names = [lab.c.clone(), lab.r.clone(), lab.s.clone()];
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(90));
-            eprintln!("netns_conntrack: timed out; deleting {names:?}");
-            for ns in &names {
-                let _ = Command::new("ip")
-                    .args(["netns", "pids", ns])
-                    .output()
-                    .map(|o| {
-                        for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                            let _ = Command::new("kill").args(["-9", pid]).status();
-                        }
-                    });
-                let _ = Command::new("ip").args(["netns", "del", ns]).status();
-            }
-            std::process::exit(101);
-        });
-        for ns in [&lab.c, &lab.r, &lab.s] {
-            let _ = run(&["ip", "netns", "del", ns]);
-            run(&["ip", "netns", "add", ns]).unwrap();
-            // No IPv6: router solicitations and MLD reports would only add noise.
-            for k in ["all", "default"] {
-                lab.sh(ns, &format!("sysctl -qw net.ipv6.conf.{k}.disable_ipv6=1"));
-            }
-            lab.sh(ns, "ip link set lo up");
-        }
-        let (c, r, s) = (&lab.c, &lab.r, &lab.s);
-        // The router's interfaces are named as the ports, so `iifname "lan"` reads the same
-        // in the kernel and in keepstate, and the capture's interface names are the ports.
-        run(&[
-            "ip", "-n", r, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", c,
-        ])
-        .unwrap();
-        run(&[
-            "ip", "-n", r, "link", "add", "wan", "type", "veth", "peer", "name", "eth0", "netns", s,
-        ])
-        .unwrap();
-        lab.sh(r, "ip addr add 10.77.1.1/24 dev lan");
-        lab.sh(r, "ip addr add 10.77.2.1/24 dev wan");
-        lab.sh(r, "ip link set lan up");
-        lab.sh(r, "ip link set wan up");
-        lab.sh(r, "sysctl -qw net.ipv4.ip_forward=1");
-        lab.sh(c, &format!("ip addr add {CLIENT}/24 dev eth0"));
-        // veth offloads checksums: the end hosts would send TCP and UDP with only the
-        // pseudo-header sum (CHECKSUM_PARTIAL), which the kernel's conntrack trusts without
-        // checking but a capture shows as wrong. Real checksums on the wire, as from a NIC.
-        lab.sh(c, "ethtool -K eth0 tx off");
-        lab.sh(s, "ethtool -K eth0 tx off");
-        lab.sh(c, "ip link set eth0 up");
-        lab.sh(c, "ip route add default via 10.77.1.1");
-        lab.sh(s, &format!("ip addr add {SERVER}/24 dev eth0"));
-        lab.sh(s, "ip link set eth0 up");
-        lab.sh(s, "ip route add default via 10.77.2.1");
-        lab
-    }
-
-    /// Runs a command line (split on blanks) in namespace `ns`; panics on failure.
-    fn sh(&self, ns: &str, cmd: &str) -> String {
-        let mut args = vec!["ip", "netns", "exec", ns];
-        args.extend(cmd.split_whitespace());
-        run(&args).unwrap()
-    }
-
-    /// Starts tcpdump on the router's `iface` for direction `dir` (in/out), writing `file`;
-    /// returns once it is listening.
-    fn capture(&mut self, iface: &str, dir: &str, file: &Path) {
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.r,
-                "tcpdump",
-                "-i",
-                iface,
-                "-Q",
-                dir,
-                "-U",
-                "-n",
-                "-Z",
-                "root",
-                "--immediate-mode",
-            ])
-            .args(["--time-stamp-precision=nano", "-w"])
-            .arg(file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tcpdump");
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        while err.read_line(&mut line).unwrap_or(0) > 0 && !line.contains("listening on") {
-            line.clear();
-        }
-        assert!(
-            line.contains("listening on"),
-            "tcpdump did not start: {line}"
-        );
-        // Keep draining its stderr so tcpdump never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut err, &mut std::io::sink());
-        });
-        self.children.push(child);
-    }
-
-    /// Stops the captures (SIGINT, so tcpdump closes its files) and waits for them.
-    fn stop_captures(&mut self) {
-        for c in &self.children {
-            let _ = Command::new("kill")
-                .args(["-INT", &c.id().to_string()])
-                .status();
-        }
-        for mut c in self.children.drain(..) {
-            let _ = c.wait();
-        }
-    }
-
-    /// Runs this test binary's `peer` test inside `ns` with `role`.
-    fn peer(&self, ns: &str, role: &str) -> Child {
-        let exe = std::env::current_exe().unwrap();
-        Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(exe)
-            .args([
-                "--exact",
-                "peer",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("KS_PEER_ROLE", role)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("peer")
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in [&self.c, &self.r, &self.s] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-fn can_run() -> bool {
-    let root = run(&["id", "-u"]).is_ok_and(|o| o.trim() == "0");
-    let tools = ["nft", "conntrack", "tcpdump", "ping", "ethtool"]
-        .iter()
-        .all(|t| Command::new(t).arg("--version").output().is_ok());
-    let netns = root && run(&["ip", "netns", "list"]).is_ok();
-    if !root || !tools || !netns {
-        eprintln!(
-            "SKIPPED: needs root, ip netns, nft, conntrack, tcpdump, ping and ethtool \
-             (scripts/setup.sh installs them); run as root: cargo test --test netns_conntrack"
-        );
-        return false;
-    }
-    true
-}
 
 // The traffic, from inside the end namespaces.
 
@@ -307,8 +75,7 @@ fn server() {
     let u = UdpSocket::bind((SERVER, 5000)).unwrap();
     let stream = UdpSocket::bind((SERVER, 5003)).unwrap();
     let d = TcpListener::bind((SERVER, 8004)).unwrap();
-    println!("\npeer-ready");
-    std::io::stdout().flush().unwrap();
+    say("peer-ready");
     // A: the client sends 100 bytes, gets 200, and closes first.
     let (mut s, _) = a.accept().unwrap();
     let mut buf = [0u8; 100];
@@ -357,8 +124,7 @@ fn mid() {
     let mut buf = [0u8; 20];
     s.write_all(&[b'm'; 10]).unwrap();
     s.read_exact(&mut buf[..10]).unwrap();
-    println!("\nmid-open");
-    std::io::stdout().flush().unwrap();
+    say("mid-open");
     std::thread::sleep(Duration::from_millis(1200));
     s.write_all(&[b'n'; 20]).unwrap();
     s.read_exact(&mut buf).unwrap();
@@ -430,176 +196,40 @@ fn probe() {
     assert!(TcpStream::connect_timeout(&to, Duration::from_millis(300)).is_err());
 }
 
-fn finish(mut child: Child, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            assert!(st.success(), "{what} failed");
-            return;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{what} did not finish");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-// Reading the results.
-
-/// Frames of a pcap written by tcpdump.
-fn frames(file: &Path) -> Vec<CapturedFrame> {
-    let mut r = CaptureReader::new(std::fs::File::open(file).unwrap()).unwrap();
-    let mut v = Vec::new();
-    while let Some(f) = r.next_frame() {
-        v.push(f.unwrap());
-    }
-    v
-}
-
-/// The two ingress captures, merged by time, as a pcapng whose interfaces are `lan`, `wan`.
-fn merge(lan: &[CapturedFrame], wan: &[CapturedFrame]) -> Vec<u8> {
-    let mut all: Vec<(u32, &CapturedFrame)> = lan
-        .iter()
-        .map(|f| (0, f))
-        .chain(wan.iter().map(|f| (1, f)))
-        .collect();
-    all.sort_by_key(|(_, f)| f.ts);
-    let mut w = PcapNgWriter::new(Vec::new()).unwrap();
-    for name in ["lan", "wan"] {
-        w.write_pcapng_block(InterfaceDescriptionBlock {
-            linktype: DataLink::ETHERNET,
-            snaplen: 0xFFFF,
-            options: vec![
-                InterfaceDescriptionOption::IfName(Cow::Borrowed(name)),
-                InterfaceDescriptionOption::IfTsResol(9),
-            ],
-        })
-        .unwrap();
-    }
-    for (id, f) in all {
-        w.write_pcapng_block(EnhancedPacketBlock {
-            interface_id: id,
-            timestamp: Duration::from_nanos(f.ts.0),
-            original_len: f.data.len() as u32,
-            data: Cow::Borrowed(&f.data),
-            options: vec![],
-        })
-        .unwrap();
-    }
-    w.into_inner()
-}
-
-/// What identifies an IPv4 packet across a hop (TTL and checksums change, MACs too).
-fn packet_id(frame: &[u8]) -> Option<String> {
-    let p = SlicedPacket::from_ethernet(frame).ok()?;
-    let Some(NetSlice::Ipv4(ip)) = &p.net else {
-        return None;
-    };
-    let h = ip.header();
-    let mut id = format!(
-        "{} > {} id {} len {}",
-        h.source_addr(),
-        h.destination_addr(),
-        h.identification(),
-        h.total_len()
-    );
-    match &p.transport {
-        Some(TransportSlice::Tcp(t)) => id.push_str(&format!(
-            " tcp {}>{} seq {} ack {} syn{} fin{} rst{}",
-            t.source_port(),
-            t.destination_port(),
-            t.sequence_number(),
-            t.acknowledgment_number(),
-            t.syn() as u8,
-            t.fin() as u8,
-            t.rst() as u8
-        )),
-        Some(TransportSlice::Udp(u)) => id.push_str(&format!(
-            " udp {}>{}",
-            u.source_port(),
-            u.destination_port()
-        )),
-        Some(TransportSlice::Icmpv4(i)) => id.push_str(&format!(" icmp {:?}", i.icmp_type())),
-        _ => {}
-    }
-    Some(id)
-}
-
-fn multiset(ids: impl Iterator<Item = String>) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for i in ids {
-        *m.entry(i).or_default() += 1;
-    }
-    m
-}
-
-/// A `conntrack -L` line without what depends on when it was read or on the kernel's
-/// bookkeeping: the remaining timeout (third field) and `use=`.
-fn normalise(line: &str) -> String {
-    line.split_whitespace()
-        .enumerate()
-        .filter(|(i, w)| *i != 2 && !w.starts_with("use="))
-        .map(|(_, w)| w)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// The `packets N bytes M` of every counter in `nft list ruleset`, in rule order.
-fn nft_counters(listing: &str) -> Vec<(u64, u64)> {
-    listing
-        .lines()
-        .filter_map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            let i = w.iter().position(|x| *x == "counter")?;
-            Some((w.get(i + 2)?.parse().ok()?, w.get(i + 4)?.parse().ok()?))
-        })
-        .collect()
-}
-
 #[test]
 fn kernel_and_replay_agree() {
-    if !can_run() {
+    if !can_run("netns_conntrack") {
         return;
     }
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let rules_file = dir.path().join("router.nft");
     std::fs::write(&rules_file, RULES).unwrap();
-    let mut lab = Lab::new();
+    let mut lab = Lab::new("ksct", Duration::from_secs(90));
     let r = lab.r.clone();
     lab.sh(&r, &format!("nft -f {}", rules_file.display()));
     // Accounting on for packets= bytes=; on after the ruleset so conntrack is loaded.
     lab.sh(&r, "sysctl -qw net.netfilter.nf_conntrack_acct=1");
 
-    // Resolve ARP before capturing, then forget those pings' entries: the capture and the
-    // table then hold exactly the test's traffic.
     let (c, s) = (lab.c.clone(), lab.s.clone());
-    lab.sh(&c, "ping -c 1 -W 2 10.77.1.1");
-    lab.sh(&s, "ping -c 1 -W 2 10.77.2.1");
-    let _ = run(&["ip", "netns", "exec", &r, "conntrack", "-F"]);
-    let cap = |n: &str| -> PathBuf { dir.path().join(n) };
-    for (iface, d) in [("lan", "in"), ("wan", "in"), ("lan", "out"), ("wan", "out")] {
-        lab.capture(iface, d, &cap(&format!("{iface}-{d}.pcap")));
-    }
+    lab.start_captures(dir.path());
+    let cap = |iface: &str, d: &str| Lab::capture_file(dir.path(), iface, d);
 
     eprintln!("netns_conntrack: lab up, captures running");
     let mut server = lab.peer(&s, "server");
-    let ready = BufReader::new(server.stdout.as_mut().unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .any(|l| l.contains("peer-ready"));
-    assert!(ready, "the server never got ready");
+    assert!(
+        wait_for(&mut server, "peer-ready"),
+        "the server never got ready"
+    );
     eprintln!("netns_conntrack: server ready");
     finish(lab.peer(&c, "client"), "client");
     eprintln!("netns_conntrack: client done");
     // D: delete its entry in a quiet moment, and remember when, to do the same in the replay.
     let mut mid = lab.peer(&c, "mid");
-    let open = BufReader::new(mid.stdout.as_mut().unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .any(|l| l.contains("mid-open"));
-    assert!(open, "the mid-stream client never opened");
+    assert!(
+        wait_for(&mut mid, "mid-open"),
+        "the mid-stream client never opened"
+    );
     std::thread::sleep(Duration::from_millis(300));
     run(&[
         "ip",
@@ -630,31 +260,17 @@ fn kernel_and_replay_agree() {
     lab.stop_captures();
 
     // Keepstate replays the router's ingress.
-    let lan_in = frames(&cap("lan-in.pcap"));
-    let wan_in = frames(&cap("wan-in.pcap"));
+    let lan_in = frames(&cap("lan", "in"));
+    let wan_in = frames(&cap("wan", "in"));
     eprintln!(
         "netns_conntrack: captured {} frames on lan, {} on wan ({} bytes)",
         lan_in.len(),
         wan_in.len(),
-        std::fs::metadata(cap("lan-in.pcap")).map_or(0, |m| m.len())
+        std::fs::metadata(cap("lan", "in")).map_or(0, |m| m.len())
     );
     let merged = merge(&lan_in, &wan_in);
-    std::fs::write(cap("ingress.pcapng"), &merged).unwrap();
-    let cfg_file = dir.path().join("router.toml");
-    std::fs::write(&cfg_file, config(&rules_file)).unwrap();
-    let cfg = Config::load(&cfg_file).unwrap();
-    let loaded = rules::load_file(&rules_file).unwrap();
-    let engine = Engine::from_config(&cfg, &loaded).unwrap();
-    let opts = ReplayOpts {
-        trace: true,
-        events: false,
-        log: false,
-        show: ShowOpts {
-            acct: true,
-            ..ShowOpts::default()
-        },
-    };
-    let mut replay = Replay::new(engine, Some(cfg), Ingress::Auto, opts);
+    std::fs::write(dir.path().join("ingress.pcapng"), &merged).unwrap();
+    let mut replay = replay(&rules_file, &config(&rules_file, ""), true);
     let mut reader = CaptureReader::new(std::io::Cursor::new(merged)).unwrap();
     let mut trace = Vec::new();
     let mut forwarded = Vec::new();
@@ -677,19 +293,7 @@ fn kernel_and_replay_agree() {
             forwarded.extend(packet_id(&f.data));
         }
     }
-    let compiled = replay.engine().compiled();
-    let ours_counters: Vec<(u64, u64)> = compiled
-        .ruleset
-        .rules()
-        .filter(|r| r.stmts.iter().any(|s| matches!(s, Stmt::Counter { .. })))
-        .map(|r| {
-            let c = &compiled.counters[r.id as usize];
-            (
-                c[0].load(std::sync::atomic::Ordering::Relaxed),
-                c[1].load(std::sync::atomic::Ordering::Relaxed),
-            )
-        })
-        .collect();
+    let ours_counters = engine_counters(replay.engine());
     let report = replay.finish();
     let context = format!(
         "--- keepstate trace\n{}\n--- kernel conntrack -L\n{kernel_ct}--- keepstate\n{}\n--- nft\n{kernel_nft}",
@@ -744,9 +348,9 @@ fn kernel_and_replay_agree() {
     );
 
     // 3. Frame by frame: what the kernel forwarded is what keepstate forwards.
-    let egress = frames(&cap("lan-out.pcap"))
+    let egress = frames(&cap("lan", "out"))
         .into_iter()
-        .chain(frames(&cap("wan-out.pcap")))
+        .chain(frames(&cap("wan", "out")))
         .filter_map(|f| packet_id(&f.data))
         // Nothing the router sends itself (there should be nothing but ARP) is forwarded.
         .filter(|id| !id.starts_with("10.77.1.1 ") && !id.starts_with("10.77.2.1 "));

@@ -7,12 +7,14 @@ mod common {
 }
 
 use std::io::Cursor;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::capture::{echo, pcap, pcapng, tcp, udp, Cap};
 use keepstate::config::Config;
 use keepstate::engine::{DropReason, Engine, Verdict};
+use keepstate::packet::{checksum, parse_ethernet, Frame};
 use keepstate::replay::{CaptureReader, Ingress, Replay, ReplayOpts};
 use keepstate::rules;
 
@@ -20,6 +22,8 @@ const CLIENT: [u8; 4] = [192, 168, 1, 10];
 const SERVER: [u8; 4] = [203, 0, 113, 7];
 const DNS: [u8; 4] = [203, 0, 113, 53];
 const OUTSIDER: [u8; 4] = [203, 0, 113, 9];
+/// The router's WAN address: the home router masquerades, so answers come back to it.
+const BOX_WAN: [u8; 4] = [198, 51, 100, 1];
 
 /// 2023-11-14 22:13:20 UTC, so capture times look real.
 const T0: u64 = 1_700_000_000_000_000_000;
@@ -60,8 +64,15 @@ fn line_of(needle: &str) -> usize {
 }
 
 /// The capture: TCP with data and a FIN teardown both ways, a UDP query and answer, a ping,
-/// and a connection from outside that the forward chain drops.
+/// and a connection from outside that the forward chain drops. The answers arrive at the
+/// router's WAN address (masquerade) and leave towards the client translated back.
 fn session() -> Vec<Cap> {
+    session_to(BOX_WAN)
+}
+
+/// The same session with the answers addressed to `to` (the client itself, for a router
+/// without NAT).
+fn session_to(to: [u8; 4]) -> Vec<Cap> {
     let c = |ns, iface, data| Cap { ns, iface, data };
     vec![
         c(
@@ -72,7 +83,7 @@ fn session() -> Vec<Cap> {
         c(
             ms(10),
             "wan",
-            tcp("wan", SERVER, CLIENT, 443, 40000, "SA", 5000, 1001, b""),
+            tcp("wan", SERVER, to, 443, 40000, "SA", 5000, 1001, b""),
         ),
         c(
             ms(11),
@@ -97,7 +108,7 @@ fn session() -> Vec<Cap> {
         c(
             ms(22),
             "wan",
-            tcp("wan", SERVER, CLIENT, 443, 40000, "A", 5001, 1101, b""),
+            tcp("wan", SERVER, to, 443, 40000, "A", 5001, 1101, b""),
         ),
         c(
             ms(30),
@@ -107,7 +118,7 @@ fn session() -> Vec<Cap> {
         c(
             ms(40),
             "wan",
-            tcp("wan", SERVER, CLIENT, 443, 40000, "FA", 5001, 1102, b""),
+            tcp("wan", SERVER, to, 443, 40000, "FA", 5001, 1102, b""),
         ),
         c(
             ms(41),
@@ -115,9 +126,9 @@ fn session() -> Vec<Cap> {
             tcp("lan", CLIENT, SERVER, 40000, 443, "A", 1102, 5002, b""),
         ),
         c(ms(50), "lan", udp("lan", CLIENT, DNS, 5353, 53, b"query")),
-        c(ms(60), "wan", udp("wan", DNS, CLIENT, 53, 5353, b"answer")),
+        c(ms(60), "wan", udp("wan", DNS, to, 53, 5353, b"answer")),
         c(ms(70), "lan", echo("lan", CLIENT, SERVER, 7, 1, false)),
-        c(ms(80), "wan", echo("wan", SERVER, CLIENT, 7, 1, true)),
+        c(ms(80), "wan", echo("wan", SERVER, to, 7, 1, true)),
         c(
             ms(90),
             "wan",
@@ -142,9 +153,9 @@ fn run(replay: &mut Replay, bytes: Vec<u8>) -> Vec<String> {
     lines
 }
 
-const TCP_LINE: &str = "tcp      6 119 TIME_WAIT src=192.168.1.10 dst=203.0.113.7 sport=40000 dport=443 src=203.0.113.7 dst=192.168.1.10 sport=443 dport=40000 [ASSURED] mark=0 use=1";
-const UDP_LINE: &str = "udp      17 29 src=192.168.1.10 dst=203.0.113.53 sport=5353 dport=53 src=203.0.113.53 dst=192.168.1.10 sport=53 dport=5353 mark=0 use=1";
-const ICMP_LINE: &str = "icmp     1 29 src=192.168.1.10 dst=203.0.113.7 type=8 code=0 id=7 src=203.0.113.7 dst=192.168.1.10 type=0 code=0 id=7 mark=0 use=1";
+const TCP_LINE: &str = "tcp      6 119 TIME_WAIT src=192.168.1.10 dst=203.0.113.7 sport=40000 dport=443 src=203.0.113.7 dst=198.51.100.1 sport=443 dport=40000 [ASSURED] mark=0 use=1";
+const UDP_LINE: &str = "udp      17 29 src=192.168.1.10 dst=203.0.113.53 sport=5353 dport=53 src=203.0.113.53 dst=198.51.100.1 sport=53 dport=5353 mark=0 use=1";
+const ICMP_LINE: &str = "icmp     1 29 src=192.168.1.10 dst=203.0.113.7 type=8 code=0 id=7 src=203.0.113.7 dst=198.51.100.1 type=0 code=0 id=7 mark=0 use=1";
 
 #[test]
 fn pcapng_session_through_the_home_router_lists_like_conntrack() {
@@ -184,7 +195,7 @@ fn pcapng_session_through_the_home_router_lists_like_conntrack() {
         "{events:#?}"
     );
     assert!(
-        events[0].ends_with("[UNREPLIED] src=203.0.113.7 dst=192.168.1.10 sport=443 dport=40000"),
+        events[0].ends_with("[UNREPLIED] src=203.0.113.7 dst=198.51.100.1 sport=443 dport=40000"),
         "{}",
         events[0]
     );
@@ -390,14 +401,32 @@ fn cli_replays_with_a_config_and_writes_what_leaves() {
         stderr.contains("replay: 13 frames: 12 forwarded, 0 local, 1 dropped by rules, 0 rejected"),
         "{stderr}"
     );
-    // The 12 forwarded frames, unchanged (NAT is not applied yet), in order.
+    // The 12 forwarded frames in order, as they leave: masqueraded towards the server,
+    // translated back towards the client, one TTL less, checksums right.
     let mut r = CaptureReader::new(std::fs::File::open(&out).unwrap()).unwrap();
     let mut n = 0;
     let all = session();
     while let Some(f) = r.next_frame() {
         let f = f.unwrap();
-        assert_eq!(f.data, all[n].data);
         assert_eq!(f.ts.0, all[n].ns);
+        let (Frame::Ip(got), Frame::Ip(sent)) =
+            (parse_ethernet(&f.data), parse_ethernet(&all[n].data))
+        else {
+            panic!("frame {n} does not parse")
+        };
+        checksum::verify(&got).unwrap();
+        let (want_src, want_dst) = if all[n].iface == "lan" {
+            (IpAddr::from(BOX_WAN), sent.ip.dst())
+        } else {
+            (sent.ip.src(), IpAddr::from(CLIENT))
+        };
+        assert_eq!(
+            (got.ip.src(), got.ip.dst()),
+            (want_src, want_dst),
+            "frame {n}"
+        );
+        assert_eq!(got.ip_bytes[8] + 1, sent.ip_bytes[8], "frame {n}: TTL");
+        assert_eq!(got.ip_bytes.len(), sent.ip_bytes.len());
         n += 1;
     }
     assert_eq!(n, 12);
@@ -406,12 +435,20 @@ fn cli_replays_with_a_config_and_writes_what_leaves() {
 #[test]
 fn cli_rules_alone_pairs_lan_and_wan() {
     let dir = tempfile::tempdir().unwrap();
-    // A pcap has no interface names: the first frame's source address is on lan.
-    let cap = write(dir.path(), "in.pcap", &pcap(&session()));
+    // A pcap has no interface names: the first frame's source address is on lan. The ports
+    // have no addresses, so there is nothing to masquerade to: the home router without its
+    // nat table, and answers straight to the client.
+    let cap = write(dir.path(), "in.pcap", &pcap(&session_to(CLIENT)));
+    let text = std::fs::read_to_string(manifest().join("examples/home-router.nft")).unwrap();
+    let rules = write(
+        dir.path(),
+        "no-nat.nft",
+        &text.as_bytes()[..text.find("\ntable ip nat {").unwrap()],
+    );
     let (ok, stdout, stderr) = keepstate(&[
         "replay",
         "--rules",
-        "examples/home-router.nft",
+        rules.to_str().unwrap(),
         "--pcap",
         cap.to_str().unwrap(),
         "--trace",
@@ -425,10 +462,9 @@ fn cli_rules_alone_pairs_lan_and_wan() {
         stdout.contains("2 0.010000 wan tcp 203.0.113.7:443 > 192.168.1.10:40000 [S.]"),
         "{stdout}"
     );
-    assert!(
-        stdout.contains(&format!("{TCP_LINE}\n{UDP_LINE}\n{ICMP_LINE}\n")),
-        "{stdout}"
-    );
+    let untranslated = format!("{TCP_LINE}\n{UDP_LINE}\n{ICMP_LINE}\n")
+        .replace("dst=198.51.100.1", "dst=192.168.1.10");
+    assert!(stdout.contains(&untranslated), "{stdout}");
     assert!(
         stderr.contains("replay: 13 frames: 12 forwarded, 0 local, 1 dropped by rules, 0 rejected"),
         "{stderr}"
@@ -439,7 +475,7 @@ fn cli_rules_alone_pairs_lan_and_wan() {
     let (ok, stdout, stderr) = keepstate(&[
         "replay",
         "--rules",
-        "examples/home-router.nft",
+        rules.to_str().unwrap(),
         "--pcap",
         cap.to_str().unwrap(),
         "--ingress",

@@ -139,7 +139,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                         w.write(frame.ts, f)?;
                     }
                 }
-                _ => w.write(frame.ts, &frame.data)?,
+                _ => match step.outcome.as_ref() {
+                    Some(o) => w.write(frame.ts, &o.frame)?,
+                    None => w.write(frame.ts, &frame.data)?,
+                },
             }
         }
     }

@@ -351,8 +351,8 @@ pub fn run(rules: &Path, packet: &str, reference: bool) -> anyhow::Result<ExitCo
         for &a in &ev.actions {
             if let Some(Stmt::Nat(n)) = action_stmt(&rs, a) {
                 if n.kind == ir::NatKind::Dnat {
-                    apply_dnat(&mut key, n);
-                    println!("    (destination translated: {})", nat_target(n));
+                    let to = apply_dnat(&mut key, n);
+                    println!("    (destination translated: {to})");
                 }
             }
         }
@@ -365,28 +365,23 @@ pub fn run(rules: &Path, packet: &str, reference: bool) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-fn apply_dnat(key: &mut PacketKey, n: &ir::Nat) {
-    if let Some((a, _)) = n.addr {
-        match a {
-            IpAddr::V4(a) => key.set(Field::Ip4Daddr, u32::from(a) as u128),
-            IpAddr::V6(a) => key.set(Field::Ip6Daddr, u128::from(a)),
-        }
+/// Makes the key look translated by a dnat and returns the target as text.
+fn apply_dnat(key: &mut PacketKey, n: &ir::Nat) -> String {
+    let (addr, port) = n.first_target(|f| key.get(f));
+    match addr {
+        Some(IpAddr::V4(a)) => key.set(Field::Ip4Daddr, u32::from(a) as u128),
+        Some(IpAddr::V6(a)) => key.set(Field::Ip6Daddr, u128::from(a)),
+        None => {}
     }
-    if let Some((p, _)) = n.port {
+    if let Some(p) = port {
         if key.get(Field::Dport).is_some() {
             key.set(Field::Dport, p as u128);
         }
     }
     let st = key.get(Field::CtStatus).unwrap_or(0);
     key.set(Field::CtStatus, st | ir::ct_status::DNAT);
-}
-
-fn nat_target(n: &ir::Nat) -> String {
-    let mut s = String::new();
-    if let Some((a, _)) = n.addr {
-        s.push_str(&a.to_string());
-    }
-    if let Some((p, _)) = n.port {
+    let mut s = addr.map(|a| a.to_string()).unwrap_or_default();
+    if let Some(p) = port {
         s.push_str(&format!(":{p}"));
     }
     s

@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
@@ -16,6 +16,7 @@ use super::proto::tcp::TcpState;
 use super::proto::{Dir, ProtoState};
 use super::tuple::Tuple;
 use super::{status, Timestamp};
+use crate::packet::rewrite::CompiledRewrite;
 
 /// A shared handle on a connection.
 pub type ConnRef = Arc<Conn>;
@@ -31,10 +32,24 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-/// The NAT binding of a connection. Opaque until the NAT issue: the tracker only stores it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct NatBinding {}
+/// The NAT binding of a connection (`nf_nat_setup_info`'s result): the REPLY tuple as
+/// translation left it. Set once, before the connection is confirmed; every later packet in
+/// either direction is translated from it (`nf_nat_manip_pkt` inverts the other direction's
+/// tuple).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct NatBinding {
+    /// Per direction (ORIGINAL, REPLY): every manip a packet of that direction gets, both
+    /// hooks' together, compiled for the direction's tuple (the fast path of established
+    /// packets), one cache line each.
+    pub rewrite: [DirRewrite; 2],
+    pub reply: Tuple,
+}
+
+/// One direction's compiled rewrite, alone on its cache line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C, align(64))]
+pub struct DirRewrite(pub CompiledRewrite);
 
 /// A helper's name, at most [`HELPER_NAME_LEN`] - 1 bytes like the kernel's.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
@@ -75,7 +90,10 @@ pub(crate) struct ConnInner {
     pub proto: ProtoState,
     pub counters: [Counter; 2],
     pub helper: Option<HelperName>,
-    pub nat: Option<Box<NatBinding>>,
+    /// The helper's own state (FTP's line starts, ...).
+    pub help: Option<Box<super::helper::HelpState>>,
+    /// The control connection of an expected (RELATED) connection (`ct->master`).
+    pub master: Option<std::sync::Weak<Conn>>,
 }
 
 /// One connection. Created tentative by [`super::Tracker::classify`], inserted by
@@ -83,9 +101,9 @@ pub(crate) struct ConnInner {
 ///
 /// Laid out in the order a packet touches it (`repr(C)`), so a lookup's cache misses land
 /// on the first three lines: `Arc` counts, status, expiry, the ORIGINAL tuple (to tell the
-/// direction), the mutex, the protocol state and the counters. The REPLY tuple is not
-/// stored: without NAT it is the ORIGINAL inverted (XXX: the NAT issue keeps its own in
-/// [`NatBinding`] and must make `reply()` return it).
+/// direction), the mutex, the protocol state and the counters. The REPLY tuple is stored
+/// only when NAT changed it ([`NatBinding`], set once before confirmation); without NAT it
+/// is the ORIGINAL inverted, so an untranslated connection pays 16 bytes for the slot.
 #[repr(C)]
 pub struct Conn {
     pub(crate) status: AtomicU32,
@@ -95,6 +113,7 @@ pub struct Conn {
     orig: Tuple,
     pub(crate) inner: Mutex<ConnInner>,
     start: u64,
+    nat: OnceLock<Box<NatBinding>>,
 }
 
 impl Conn {
@@ -110,8 +129,10 @@ impl Conn {
                 proto,
                 counters: [Counter::default(); 2],
                 helper: None,
-                nat: None,
+                help: None,
+                master: None,
             }),
+            nat: OnceLock::new(),
         }
     }
 
@@ -119,9 +140,12 @@ impl Conn {
     pub fn orig(&self) -> &Tuple {
         &self.orig
     }
-    /// The REPLY tuple.
+    /// The REPLY tuple: the translated one when NAT is bound, else the ORIGINAL inverted.
     pub fn reply(&self) -> Tuple {
-        self.orig.invert().unwrap_or(self.orig)
+        match self.nat.get() {
+            Some(n) => n.reply,
+            None => self.orig.invert().unwrap_or(self.orig),
+        }
     }
     pub fn tuple(&self, dir: Dir) -> Tuple {
         match dir {
@@ -188,6 +212,23 @@ impl Conn {
     pub fn helper(&self) -> Option<HelperName> {
         self.inner.lock().helper
     }
+    /// The control connection this one was expected by, if it is alive.
+    pub fn master(&self) -> Option<ConnRef> {
+        self.inner.lock().master.as_ref().and_then(|m| m.upgrade())
+    }
+    pub(crate) fn set_master(&self, master: &ConnRef) {
+        self.inner.lock().master = Some(Arc::downgrade(master));
+    }
+    /// Runs `f` on the helper's state (created by `init` the first time).
+    pub(crate) fn with_help<R>(
+        &self,
+        init: impl FnOnce() -> super::helper::HelpState,
+        f: impl FnOnce(&mut super::helper::HelpState) -> R,
+    ) -> R {
+        let mut g = self.inner.lock();
+        let h = g.help.get_or_insert_with(|| Box::new(init()));
+        f(h)
+    }
     /// `ct helper set`: attaches a helper by name (the helpers themselves come later).
     pub fn set_helper(&self, helper: Option<HelperName>) {
         self.inner.lock().helper = helper;
@@ -195,11 +236,18 @@ impl Conn {
             self.set_status(status::HELPER);
         }
     }
-    pub fn nat(&self) -> Option<NatBinding> {
-        self.inner.lock().nat.as_deref().cloned()
+    /// The NAT binding, if translation changed the REPLY tuple.
+    pub fn nat(&self) -> Option<&NatBinding> {
+        self.nat.get().map(|b| &**b)
     }
-    pub fn set_nat(&self, nat: Option<NatBinding>) {
-        self.inner.lock().nat = nat.map(Box::new);
+    /// Binds NAT (`nf_conntrack_alter_reply`): only on a tentative connection, before
+    /// [`super::Tracker::confirm`] puts its tuples in the table; false if it is confirmed or
+    /// already bound (the binding never changes under the table's keys).
+    pub fn set_nat(&self, nat: NatBinding) -> bool {
+        if self.is_confirmed() {
+            return false;
+        }
+        self.nat.set(Box::new(nat)).is_ok()
     }
 }
 
@@ -211,5 +259,15 @@ impl fmt::Debug for Conn {
             .field("status", &format_args!("{:#x}", self.status()))
             .field("expires", &self.expires())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_direction_of_a_binding_fits_one_cache_line() {
+        assert_eq!(std::mem::size_of::<DirRewrite>(), 64);
     }
 }

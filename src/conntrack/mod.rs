@@ -24,6 +24,7 @@
 //! happens in `classify`, as in the kernel, whatever the rules decide afterwards.
 
 pub mod conn;
+pub mod expect;
 pub mod helper;
 pub mod nat;
 pub mod proto;
@@ -227,6 +228,8 @@ pub struct CtConfig {
     pub cpus: usize,
     /// dashmap shards (rounded up to a power of two).
     pub shards: usize,
+    /// `nf_conntrack_expect_max`; by default the kernel's, from `max`.
+    pub expect_max: Option<usize>,
 }
 
 impl Default for CtConfig {
@@ -242,6 +245,7 @@ impl Default for CtConfig {
             events: false,
             cpus: 1,
             shards: 256,
+            expect_max: None,
         }
     }
 }
@@ -258,6 +262,7 @@ impl CtConfig {
             "tcp_ignore_invalid_rst" => self.tcp_ignore_invalid_rst = value != 0,
             "tcp_max_retrans" => self.tcp_max_retrans = value.min(255) as u8,
             "checksum" => self.checksum = value != 0,
+            "expect_max" => self.expect_max = Some(value as usize),
             _ => {
                 return self
                     .timeouts
@@ -486,6 +491,7 @@ fn add(a: &AtomicU64, n: u64) {
 pub struct Tracker {
     cfg: CtConfig,
     table: Table,
+    expect: expect::Expectations,
     stats: Box<[StatSlot]>,
     destroyed: Mutex<Vec<ConnRef>>,
 }
@@ -501,7 +507,11 @@ impl Tracker {
     pub fn new(cfg: CtConfig) -> Tracker {
         let table = Table::new(cfg.max, cfg.shards);
         let stats = (0..cfg.cpus.max(1)).map(|_| StatSlot::default()).collect();
+        let expect_max = cfg
+            .expect_max
+            .unwrap_or_else(|| expect::Expectations::default_max(cfg.max));
         Tracker {
+            expect: expect::Expectations::new(expect_max),
             cfg,
             table,
             stats,
@@ -515,6 +525,10 @@ impl Tracker {
     pub fn table(&self) -> &Table {
         &self.table
     }
+    /// The expectation table.
+    pub fn expectations(&self) -> &expect::Expectations {
+        &self.expect
+    }
     /// `nf_conntrack_count`.
     pub fn count(&self) -> usize {
         self.table.count()
@@ -526,14 +540,20 @@ impl Tracker {
 
     fn destroyed(&self, conns: impl IntoIterator<Item = ConnRef>, cpu: usize) {
         let mut n = 0;
-        if self.cfg.events {
-            let mut d = self.destroyed.lock();
-            for c in conns {
-                d.push(c);
-                n += 1;
-            }
+        let mut keep = if self.cfg.events {
+            Some(self.destroyed.lock())
         } else {
-            n = conns.into_iter().count() as u64;
+            None
+        };
+        for c in conns {
+            // nf_ct_remove_expectations: a master's expectations die with it.
+            if c.status() & status::HELPER != 0 {
+                self.expect.remove_master(&c);
+            }
+            if let Some(d) = keep.as_mut() {
+                d.push(c);
+            }
+            n += 1;
         }
         add(&self.slot(cpu).delete, n);
     }
@@ -742,14 +762,22 @@ impl Tracker {
             _ => ProtoState::Generic,
         };
         let conn = Arc::new(Conn::new(tuple, proto, now));
+        // nf_ct_find_expectation: a connection a helper announced is RELATED to its master,
+        // whose mark it inherits.
+        let mut info = CtInfo::New;
+        if let Some((e, master)) = self.expect.take(&tuple, now) {
+            conn.set_status(status::EXPECTED);
+            conn.set_mark(master.mark());
+            conn.set_master(&master);
+            if let Some(h) = e.helper_for_new {
+                conn.set_helper(Some(h));
+            }
+            info = CtInfo::Related;
+        }
         match self.packet(&conn, Dir::Original, p, now) {
             Outcome::Accepted { events, .. } => {
                 inc(&st.new);
-                Classified::Tracked(Tracked {
-                    conn,
-                    info: CtInfo::New,
-                    events,
-                })
+                Classified::Tracked(Tracked { conn, info, events })
             }
             Outcome::Invalid(r) => {
                 inc(&st.invalid);
@@ -826,11 +854,43 @@ impl Tracker {
     /// One incremental expiry step over `buckets` GC buckets (see [`Table::gc_step`]);
     /// returns how many connections were reaped. A full pass is [`Table::buckets`] buckets.
     pub fn gc_step(&self, now: Timestamp, buckets: usize) -> usize {
+        self.expect.gc(now.0);
         let mut reaped = Vec::new();
         self.table.gc_step(now.0, buckets, &mut reaped);
         let n = reaped.len();
         self.destroyed(reaped, 0);
         n
+    }
+
+    /// Counts a new connection that could not be inserted for want of a free tuple (NAT's
+    /// port exhaustion): `insert_failed` and `drop`, as the kernel's failed confirm does.
+    pub fn count_insert_failed(&self, cpu: usize) {
+        let st = self.slot(cpu);
+        inc(&st.insert_failed);
+        inc(&st.drop);
+    }
+
+    /// Runs the connection's helper on a packet that survived the hooks (`nf_confirm` calls
+    /// `helper->help` there): FTP reads ESTABLISHED segments of its control connection. A
+    /// packet the helper refuses must be dropped.
+    pub fn help(&self, t: &Tracked, p: &Packet<'_>, now: Timestamp) -> helper::Help {
+        let Some(h) = t.conn.helper() else {
+            return helper::Help::Accept;
+        };
+        if !matches!(t.info, CtInfo::Established | CtInfo::EstablishedReply) {
+            return helper::Help::Accept;
+        }
+        match h.as_str() {
+            "ftp" if matches!(p.l4, L4::Tcp(_)) => t.conn.with_help(
+                || helper::HelpState::Ftp(helper::ftp::FtpState::default()),
+                |s| match s {
+                    helper::HelpState::Ftp(f) => {
+                        helper::ftp::help(&t.conn, t.info.dir(), f, p, &self.expect, now.0)
+                    }
+                },
+            ),
+            _ => helper::Help::Accept,
+        }
     }
 
     /// Removes a connection (`conntrack -D`, or a reset sent by the box).

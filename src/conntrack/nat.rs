@@ -12,12 +12,183 @@
 //! The address hash is lookup3's `hashword` as `<linux/jhash.h>` has it; that it picks the
 //! kernel's address bit for bit is for the NAT issue's differential test (`snat to` a range).
 //!
-//! XXX: the kernel first reuses the mapping of an existing connection from the same source
-//! (`find_appropriate_src`, the bysource hash); the NAT issue adds it with the table.
+//! Beside the choice, what a translated connection does to each packet (`nf_nat_packet`,
+//! `nf_nat_manip_pkt`, `nf_nat_icmp_reply_translation`): which hook rewrites which side in
+//! which direction, as [`Rewrite`]s the packet layer applies.
+//!
+//! Source NAT reuses the mapping of an earlier connection from the same source when the
+//! original tuple will not do (`find_appropriate_src`): the caller's [`Taken`] answers from
+//! the table's bysource index.
 
 use std::net::IpAddr;
 
-use super::tuple::{Addr, Tuple, L3};
+use super::conn::{DirRewrite, NatBinding};
+use super::proto::Dir;
+use super::status;
+use super::tuple::{has_ports, Addr, Tuple, L3};
+use crate::packet::rewrite::{Before, Rewrite};
+
+/// `nf_nat_setup_info` on a connection not yet confirmed, whose REPLY tuple is `reply` so far
+/// (the ORIGINAL inverted, or the result of an earlier manip at another hook): the new REPLY
+/// tuple, equal to `reply` when nothing needed to change. `None` when every tuple of the range
+/// is taken: the packet must be dropped and counted.
+pub fn setup(
+    reply: &Tuple,
+    r: &Range,
+    manip: Manip,
+    taken: &dyn Taken,
+    random: &mut dyn FnMut() -> u16,
+) -> Option<Tuple> {
+    // curr_tuple: what the ORIGINAL tuple looks like after the manips so far.
+    let curr = reply.invert().ok()?;
+    let new = unique_tuple(&curr, r, manip, taken, random)?;
+    if new == curr {
+        return Some(*reply);
+    }
+    new.invert().ok()
+}
+
+/// `nf_nat_alloc_null_binding`: the range a connection gets at a NAT hook where no rule
+/// translated it: its current address on that side, so only a clash changes its port.
+pub fn null_range(reply: &Tuple, manip: Manip) -> Range {
+    let a = match manip {
+        Manip::Src => reply.dst_ip(),
+        Manip::Dst => reply.src_ip(),
+    };
+    Range {
+        addr: Some((a, a)),
+        ..Range::default()
+    }
+}
+
+/// The status bit a translation on `manip`'s side sets (`IPS_SRC_NAT`, `IPS_DST_NAT`).
+pub fn status_bit(manip: Manip) -> u32 {
+    match manip {
+        Manip::Src => status::SRC_NAT,
+        Manip::Dst => status::DST_NAT,
+    }
+}
+
+/// The `*_NAT_DONE` bit: the hook has set its binding up (`nf_nat_initialized`).
+pub fn done_bit(manip: Manip) -> u32 {
+    match manip {
+        Manip::Src => status::SRC_NAT_DONE,
+        Manip::Dst => status::DST_NAT_DONE,
+    }
+}
+
+/// Whether a packet of direction `dir` is rewritten on `manip`'s side: the status bit of that
+/// side, or of the other side for replies (`statusbit ^= IPS_NAT_MASK`).
+fn applies(st: u32, dir: Dir, manip: Manip) -> bool {
+    let side = match (dir, manip) {
+        (Dir::Original, m) => m,
+        (Dir::Reply, Manip::Src) => Manip::Dst,
+        (Dir::Reply, Manip::Dst) => Manip::Src,
+    };
+    st & status_bit(side) != 0
+}
+
+/// `l3proto->manip_pkt` + `l4proto->manip_pkt`: the edit that makes a packet's `manip` side
+/// look like `target`'s. ICMP rewrites its echo id whatever the side, as `icmp_manip_pkt` does.
+fn manip_to(target: &Tuple, manip: Manip) -> Rewrite {
+    let mut rw = Rewrite::default();
+    match manip {
+        Manip::Src => {
+            rw.src = Some(target.src_ip());
+            if has_ports(target.proto) {
+                rw.sport = Some(target.src_id);
+            }
+        }
+        Manip::Dst => {
+            rw.dst = Some(target.dst_ip());
+            if has_ports(target.proto) {
+                rw.dport = Some(target.dst_id);
+            }
+        }
+    }
+    if target.is_icmp() {
+        rw.icmp_id = Some(target.src_id);
+    }
+    rw
+}
+
+/// `nf_nat_packet`: the edit a packet of direction `dir` gets at a hook doing `manip`, given
+/// the connection's tuples and status; `None` when that side is not translated.
+pub fn packet(orig: &Tuple, reply: &Tuple, st: u32, dir: Dir, manip: Manip) -> Option<Rewrite> {
+    if !applies(st, dir, manip) {
+        return None;
+    }
+    let other = match dir {
+        Dir::Original => reply,
+        Dir::Reply => orig,
+    };
+    Some(manip_to(&other.invert().ok()?, manip))
+}
+
+/// The binding a connection keeps once its REPLY tuple is final (`status` holding its
+/// `SRC_NAT`/`DST_NAT` bits): per direction, the edits of both hooks, and those compiled for
+/// the direction's tuple, so an established packet's rewrite is a few stores.
+pub fn binding(orig: &Tuple, reply: Tuple, st: u32) -> NatBinding {
+    let per_dir = |dir: Dir| {
+        let mut rw = Rewrite::default();
+        for manip in [Manip::Dst, Manip::Src] {
+            if let Some(m) = packet(orig, &reply, st, dir, manip) {
+                rw.src = m.src.or(rw.src);
+                rw.dst = m.dst.or(rw.dst);
+                rw.sport = m.sport.or(rw.sport);
+                rw.dport = m.dport.or(rw.dport);
+                rw.icmp_id = m.icmp_id.or(rw.icmp_id);
+            }
+        }
+        let t = match dir {
+            Dir::Original => orig,
+            Dir::Reply => &reply,
+        };
+        let before = Before {
+            src: t.src_ip(),
+            dst: t.dst_ip(),
+            protocol: t.proto,
+            sport: t.src_id,
+            dport: t.dst_id,
+        };
+        DirRewrite(rw.compile(&before))
+    };
+    NatBinding {
+        reply,
+        rewrite: [per_dir(Dir::Original), per_dir(Dir::Reply)],
+    }
+}
+
+/// `nf_nat_icmp_reply_translation`: an ICMP error RELATED to a translated connection, quoting
+/// a packet of the other direction. Returns the edits of (the error's own header, the quoted
+/// packet): the quote is put back as the peer sent it (the opposite manip, to the other
+/// direction's tuple), and the outer header like any packet of direction `dir`.
+pub fn icmp_error(
+    orig: &Tuple,
+    reply: &Tuple,
+    st: u32,
+    dir: Dir,
+    manip: Manip,
+) -> Option<(Rewrite, Rewrite)> {
+    if !applies(st, dir, manip) {
+        return None;
+    }
+    let other = match dir {
+        Dir::Original => reply,
+        Dir::Reply => orig,
+    };
+    let inner_manip = match manip {
+        Manip::Src => Manip::Dst,
+        Manip::Dst => Manip::Src,
+    };
+    let inner = manip_to(other, inner_manip);
+    let mut outer = manip_to(&other.invert().ok()?, manip);
+    // The outer header is ICMP: no ports, and its id is not the quoted flow's.
+    outer.sport = None;
+    outer.dport = None;
+    outer.icmp_id = None;
+    Some((outer, inner))
+}
 
 /// Which side of the tuple is translated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,6 +349,23 @@ fn best_ip(t: &mut Tuple, r: &Range, manip: Manip) {
 /// direction would be `t` clashing with one in the table (its reply tuple taken)?
 pub trait Taken {
     fn taken(&self, t: &Tuple) -> bool;
+    /// `find_appropriate_src`: the source an existing connection from the same source
+    /// (address, port, protocol of `orig`) was translated to, as a candidate ORIGINAL tuple
+    /// towards `orig`'s destination, if its address is in `r`. None by default.
+    fn appropriate_src(&self, orig: &Tuple, r: &Range) -> Option<Tuple> {
+        let _ = (orig, r);
+        None
+    }
+}
+
+/// `find_appropriate_src`'s candidate from one earlier connection of the same source: the
+/// earlier translated source (its REPLY tuple inverted) towards `orig`'s destination, if it
+/// is in the range (`in_range`: the address, and the port when the range gives ports).
+pub fn src_candidate(orig: &Tuple, earlier_reply: &Tuple, r: &Range) -> Option<Tuple> {
+    let mut t = earlier_reply.invert().ok()?;
+    t.dst = orig.dst;
+    t.dst_id = orig.dst_id;
+    in_range(&t, r, Manip::Src).then_some(t)
 }
 
 impl<F: Fn(&Tuple) -> bool> Taken for F {
@@ -230,9 +418,17 @@ pub fn unique_tuple(
     taken: &dyn Taken,
     random: &mut dyn FnMut() -> u16,
 ) -> Option<Tuple> {
-    // Try the original tuple first (source NAT only, without random).
-    if manip == Manip::Src && !r.random_all() && in_range(orig, r, manip) && !taken.taken(orig) {
-        return Some(*orig);
+    // Try the original tuple first (source NAT only, without random), then the mapping an
+    // earlier connection of the same source got.
+    if manip == Manip::Src && !r.random_all() {
+        if in_range(orig, r, manip) && !taken.taken(orig) {
+            return Some(*orig);
+        }
+        if let Some(t) = taken.appropriate_src(orig, r) {
+            if !taken.taken(&t) {
+                return Some(t);
+            }
+        }
     }
     let mut t = *orig;
     best_ip(&mut t, r, manip);

@@ -17,7 +17,7 @@
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -36,6 +36,15 @@ const ENTRIES_PER_BUCKET: usize = 8;
 
 type Hasher = foldhash::fast::RandomState;
 
+/// The key of [`Table::bysource`]: the tuple's source only (`hash_by_src`, `same_src`).
+fn source_key(t: &Tuple) -> Tuple {
+    Tuple {
+        dst: super::tuple::Addr::default(),
+        dst_id: 0,
+        ..*t
+    }
+}
+
 /// Why a connection could not be inserted.
 #[derive(Clone, Debug)]
 pub enum InsertError {
@@ -48,6 +57,10 @@ pub enum InsertError {
 
 pub struct Table {
     map: DashMap<Tuple, ConnRef, Hasher>,
+    /// `nf_nat_bysource`: connections that went through source NAT (a binding or a null
+    /// binding), by the source of their ORIGINAL tuple ([`source_key`]), for
+    /// `find_appropriate_src`. Entries leave with their connection ([`Table::remove`]).
+    bysource: DashMap<Tuple, Vec<Weak<Conn>>, Hasher>,
     buckets: Box<[Mutex<Vec<ConnRef>>]>,
     bucket_mask: usize,
     shards: usize,
@@ -69,6 +82,11 @@ impl Table {
         let shards = shards.max(2).next_power_of_two();
         Table {
             map: DashMap::with_capacity_and_hasher_and_shard_amount(0, Hasher::default(), shards),
+            bysource: DashMap::with_capacity_and_hasher_and_shard_amount(
+                0,
+                Hasher::default(),
+                shards,
+            ),
             buckets,
             bucket_mask: nbuckets - 1,
             shards,
@@ -114,6 +132,14 @@ impl Table {
             return (None, None);
         }
         (Some(hit), None)
+    }
+
+    /// `nf_conntrack_tuple_taken`: a live connection (not expired, not dying) holds `t` in
+    /// either direction. NAT asks it of every candidate REPLY tuple.
+    pub fn taken(&self, t: &Tuple, now: u64) -> bool {
+        self.map
+            .get(t)
+            .is_some_and(|c| !c.is_expired(now) && !c.is_dying())
     }
 
     /// Inserts both tuples of `conn`, or neither (`__nf_conntrack_confirm`). An expired or
@@ -173,11 +199,43 @@ impl Table {
         Ok(())
     }
 
+    /// Files a confirmed connection that went through source NAT under its source
+    /// (`nf_nat_setup_info` adds it to `nf_nat_bysource`).
+    pub fn bysource_add(&self, conn: &ConnRef) {
+        let mut v = self.bysource.entry(source_key(conn.orig())).or_default();
+        v.push(Arc::downgrade(conn));
+    }
+
+    /// The REPLY tuples of live connections from the same source as `orig` (address, port,
+    /// protocol), most recent first, as `find_appropriate_src` walks them.
+    pub fn bysource_replies(&self, orig: &Tuple, now: u64) -> Vec<Tuple> {
+        let Some(v) = self.bysource.get(&source_key(orig)) else {
+            return Vec::new();
+        };
+        v.iter()
+            .rev()
+            .filter_map(Weak::upgrade)
+            .filter(|c| !c.is_dying() && !c.is_expired(now))
+            .map(|c| c.reply())
+            .collect()
+    }
+
     /// Unlinks `conn` (`nf_ct_delete`). Returns false if someone else already did.
     pub fn remove(&self, conn: &ConnRef) -> bool {
         let prev = conn.set_status(status::DYING);
         if prev & status::DYING != 0 {
             return false;
+        }
+        if prev & status::SRC_NAT_DONE != 0 {
+            let key = source_key(conn.orig());
+            let ptr = Arc::as_ptr(conn);
+            if let Entry::Occupied(mut e) = self.bysource.entry(key) {
+                e.get_mut()
+                    .retain(|w| w.as_ptr() != ptr && w.strong_count() > 0);
+                if e.get().is_empty() {
+                    e.remove();
+                }
+            }
         }
         self.map.remove_if(conn.orig(), |_, v| Arc::ptr_eq(v, conn));
         self.map

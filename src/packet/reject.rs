@@ -37,6 +37,9 @@ pub enum Answer {
     Icmp6(u8),
     /// A TCP reset.
     TcpReset,
+    /// ICMP time exceeded in transit (type 11 code 0) or ICMPv6 hop limit exceeded (type 3
+    /// code 0): what `ip_forward` and `ip6_forward` send when the TTL runs out.
+    TimeExceeded,
 }
 
 /// `ip_default_ttl` / the IPv6 default hop limit the kernel's answers carry.
@@ -95,7 +98,7 @@ pub fn answer(
             };
             b.write(&mut out, &[]).ok()?;
         }
-        (Answer::Icmp(code), Ip::V4(_), IpAddr::V4(s), IpAddr::V4(d)) => {
+        (Answer::Icmp(_) | Answer::TimeExceeded, Ip::V4(_), IpAddr::V4(s), IpAddr::V4(d)) => {
             if let L4::Icmp(i) = pkt.l4 {
                 if super::icmp_is_err(i.icmp_type) {
                     return None;
@@ -103,15 +106,18 @@ pub fn answer(
             }
             let quote_max = ICMP4_MAX - 20 - 8;
             let quote = &pkt.ip_bytes[..pkt.ip_bytes.len().min(quote_max)];
-            let ty = Icmpv4Type::DestinationUnreachable(
-                icmpv4::DestUnreachableHeader::from_values(code, 0)?,
-            );
+            let ty = match kind {
+                Answer::Icmp(code) => Icmpv4Type::DestinationUnreachable(
+                    icmpv4::DestUnreachableHeader::from_values(code, 0)?,
+                ),
+                _ => Icmpv4Type::TimeExceeded(icmpv4::TimeExceededCode::TtlExceededInTransit),
+            };
             eth.ipv4(s.octets(), d.octets(), TTL)
                 .icmpv4(ty)
                 .write(&mut out, quote)
                 .ok()?;
         }
-        (Answer::Icmp6(code), Ip::V6(_), IpAddr::V6(s), IpAddr::V6(d)) => {
+        (Answer::Icmp6(_) | Answer::TimeExceeded, Ip::V6(_), IpAddr::V6(s), IpAddr::V6(d)) => {
             if let L4::Icmp6(i) = pkt.l4 {
                 if super::icmpv6_is_err(i.icmp_type) {
                     return None;
@@ -119,8 +125,12 @@ pub fn answer(
             }
             let quote_max = ICMP6_MAX - 40 - 8;
             let quote = &pkt.ip_bytes[..pkt.ip_bytes.len().min(quote_max)];
-            let ty =
-                Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::from_u8(code)?);
+            let ty = match kind {
+                Answer::Icmp6(code) => {
+                    Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::from_u8(code)?)
+                }
+                _ => Icmpv6Type::TimeExceeded(icmpv6::TimeExceededCode::HopLimitExceeded),
+            };
             eth.ipv6(s.octets(), d.octets(), TTL)
                 .icmpv6(ty)
                 .write(&mut out, quote)

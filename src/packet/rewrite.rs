@@ -105,11 +105,41 @@ fn put16(b: &mut [u8], at: usize, v: u16) -> Result<(), RewriteError> {
     Ok(())
 }
 
-fn addr_bytes(a: IpAddr) -> Vec<u8> {
-    match a {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
+/// An address's bytes on the stack (the rewrite of every NATed packet allocates nothing).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct AddrBytes {
+    b: [u8; 16],
+    len: usize,
+}
+
+impl std::ops::Deref for AddrBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.b[..self.len]
     }
+}
+
+fn addr_bytes(a: IpAddr) -> AddrBytes {
+    let mut b = [0u8; 16];
+    let len = match a {
+        IpAddr::V4(a) => {
+            b[..4].copy_from_slice(&a.octets());
+            4
+        }
+        IpAddr::V6(a) => {
+            b = a.octets();
+            16
+        }
+    };
+    AddrBytes { b, len }
+}
+
+/// The `len` bytes at `at` of `buf`, copied to the stack.
+fn bytes_at(buf: &[u8], at: usize, len: usize) -> Result<AddrBytes, RewriteError> {
+    let src = buf.get(at..at + len).ok_or(RewriteError::Truncated)?;
+    let mut b = [0u8; 16];
+    b[..len].copy_from_slice(src);
+    Ok(AddrBytes { b, len })
 }
 
 /// Offset of the transport checksum, if the protocol's checksum covers the pseudo-header
@@ -138,10 +168,7 @@ pub fn apply(ip: &mut [u8], l: &Layout, rw: &Rewrite) -> Result<(), RewriteError
             return Err(RewriteError::Family);
         }
         let nb = addr_bytes(new);
-        let ob = ip
-            .get(at..at + alen)
-            .ok_or(RewriteError::Truncated)?
-            .to_vec();
+        let ob = bytes_at(ip, at, alen)?;
         if ob == nb {
             continue;
         }
@@ -199,6 +226,189 @@ pub fn apply(ip: &mut [u8], l: &Layout, rw: &Rewrite) -> Result<(), RewriteError
     Ok(())
 }
 
+/// A [`Rewrite`] compiled for packets whose fields before the edit are known: every packet of
+/// one direction of a translated connection arrives with the same addresses and ports, so
+/// the checksum changes are constants (RFC 1624 eqn. 3, summed over the changed words) and an
+/// edit is a few stores and two one's-complement additions. Built by [`Rewrite::compile`];
+/// [`apply_compiled`] falls back to [`apply`] for a packet of another shape (a non-first
+/// fragment, another protocol).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompiledRewrite {
+    rw: Rewrite,
+    v6: bool,
+    protocol: u8,
+    /// Sum of `!old + new` over the changed IPv4 header words (the addresses).
+    ip_delta: u32,
+    /// The same over the words the transport checksum covers (pseudo-header addresses for
+    /// TCP, UDP and ICMPv6; ports or the echo id).
+    l4_delta: u32,
+}
+
+/// The fields a packet carries before a rewrite: what [`Rewrite::compile`] needs to know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Before {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub protocol: u8,
+    /// Ports (TCP, UDP), or the echo id in `sport` (ICMP, ICMPv6).
+    pub sport: u16,
+    pub dport: u16,
+}
+
+fn words(a: IpAddr) -> AddrBytes {
+    addr_bytes(a)
+}
+
+fn delta_of(old: &[u8], new: &[u8]) -> u32 {
+    old.chunks(2)
+        .zip(new.chunks(2))
+        .map(|(o, n)| {
+            let ow = u16::from_be_bytes([o[0], *o.get(1).unwrap_or(&0)]);
+            let nw = u16::from_be_bytes([n[0], *n.get(1).unwrap_or(&0)]);
+            // An unchanged word changes nothing (as `apply` skips it).
+            if ow == nw {
+                0
+            } else {
+                u32::from(!ow) + u32::from(nw)
+            }
+        })
+        .sum()
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// The checksum after adding a precomputed delta.
+fn csum_add(csum: u16, delta: u32) -> u16 {
+    !fold(u32::from(!csum) + delta)
+}
+
+impl CompiledRewrite {
+    /// The edit, uncompiled.
+    pub fn rewrite(&self) -> &Rewrite {
+        &self.rw
+    }
+}
+
+impl Rewrite {
+    /// Compiles the edit for packets that arrive as `before`.
+    pub fn compile(&self, before: &Before) -> CompiledRewrite {
+        let v6 = before.src.is_ipv6();
+        let icmp = matches!((before.protocol, v6), (1, false) | (58, true));
+        let pseudo = matches!(before.protocol, 6 | 17) || (icmp && v6);
+        let mut ip_delta = 0;
+        let mut l4_delta = 0;
+        for (new, old) in [(self.src, before.src), (self.dst, before.dst)] {
+            if let Some(new) = new {
+                let d = delta_of(&words(old), &words(new));
+                if !v6 {
+                    ip_delta += d;
+                }
+                if pseudo {
+                    l4_delta += d;
+                }
+            }
+        }
+        let ports = matches!(before.protocol, 6 | 17);
+        let edits = if ports {
+            [(self.sport, before.sport), (self.dport, before.dport)]
+        } else if icmp {
+            [(self.icmp_id, before.sport), (None, 0)]
+        } else {
+            [(None, 0), (None, 0)]
+        };
+        for (new, old) in edits {
+            if let Some(new) = new.filter(|&n| n != old) {
+                l4_delta += u32::from(!old) + u32::from(new);
+            }
+        }
+        CompiledRewrite {
+            rw: *self,
+            v6,
+            protocol: before.protocol,
+            ip_delta,
+            l4_delta,
+        }
+    }
+}
+
+/// Applies a compiled rewrite: the same bytes as [`apply`] with the original [`Rewrite`], for
+/// a packet that arrived as the compiled [`Before`] said.
+pub fn apply_compiled(ip: &mut [u8], l: &Layout, c: &CompiledRewrite) -> Result<(), RewriteError> {
+    let kind_ok = matches!(
+        (l.kind, c.protocol),
+        (Kind::Tcp, 6) | (Kind::Udp, 17) | (Kind::Icmp, 1) | (Kind::Icmp6, 58)
+    );
+    if l.v6 != c.v6 || l.later_fragment || !kind_ok || l.protocol != c.protocol {
+        return apply(ip, l, &c.rw);
+    }
+    let (src_at, dst_at, alen) = if l.v6 { (8, 24, 16) } else { (12, 16, 4) };
+    for (new, at) in [(c.rw.src, src_at), (c.rw.dst, dst_at)] {
+        if let Some(new) = new {
+            let nb = addr_bytes(new);
+            ip.get_mut(at..at + alen)
+                .ok_or(RewriteError::Truncated)?
+                .copy_from_slice(&nb);
+        }
+    }
+    if !l.v6 && c.ip_delta != 0 {
+        let h = get16(ip, 10)?;
+        put16(ip, 10, csum_add(h, c.ip_delta))?;
+    }
+    let o = l.l4_offset;
+    match l.kind {
+        Kind::Tcp | Kind::Udp => {
+            if let Some(p) = c.rw.sport {
+                put16(ip, o, p)?;
+            }
+            if let Some(p) = c.rw.dport {
+                put16(ip, o + 2, p)?;
+            }
+        }
+        _ => {
+            if let Some(id) = c.rw.icmp_id {
+                put16(ip, o + 4, id)?;
+            }
+        }
+    }
+    if c.l4_delta != 0 {
+        let (off, zero_means_none) = match l.kind {
+            Kind::Tcp => (16, false),
+            Kind::Udp => (6, !l.v6),
+            _ => (2, false),
+        };
+        let cur = get16(ip, o + off)?;
+        if !(zero_means_none && cur == 0) {
+            let mut n = csum_add(cur, c.l4_delta);
+            if l.kind == Kind::Udp && n == 0 {
+                n = 0xffff;
+            }
+            put16(ip, o + off, n)?;
+        }
+    }
+    Ok(())
+}
+
+/// `ip_decrease_ttl` / the IPv6 hop limit: one less, with the IPv4 header checksum updated
+/// incrementally (the TTL shares its 16-bit word with the protocol).
+pub fn decrement_ttl(ip: &mut [u8], v6: bool) -> Result<(), RewriteError> {
+    if v6 {
+        let h = ip.get_mut(7).ok_or(RewriteError::Truncated)?;
+        *h = h.saturating_sub(1);
+        return Ok(());
+    }
+    let old = get16(ip, 8)?;
+    let ttl = (old >> 8) as u8;
+    let new = (u16::from(ttl.saturating_sub(1)) << 8) | (old & 0xff);
+    put16(ip, 8, new)?;
+    let c = get16(ip, 10)?;
+    put16(ip, 10, csum_replace2(c, old, new))
+}
+
 /// Translates an ICMP or ICMPv6 error: `outer` edits the error's own IP header, `inner` the
 /// packet it quotes (its addresses, ports or echo id, the quoted IPv4 header checksum and, when
 /// the quote holds it, the quoted UDP checksum), then the error's checksum is recomputed over
@@ -236,10 +446,7 @@ pub fn apply_icmp_error(
             return Err(RewriteError::Family);
         }
         let nb = addr_bytes(new);
-        let ob = qbuf
-            .get(at..at + alen)
-            .ok_or(RewriteError::Truncated)?
-            .to_vec();
+        let ob = bytes_at(&qbuf, at, alen)?;
         qbuf[at..at + alen].copy_from_slice(&nb);
         if !inner_v6 {
             let c = get16(&qbuf, 10)?;
@@ -309,10 +516,86 @@ fn recompute_icmp(ip: &mut [u8], l: &Layout) -> Result<(), RewriteError> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    /// A TCP, UDP (with or without checksum) or ICMP echo packet over IPv4 or IPv6.
+    fn packet(kind: u8, v6: bool, zero: bool, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let b = if v6 {
+            etherparse::PacketBuilder::ipv6([0xfd; 16], [0x20; 16], 64)
+        } else {
+            etherparse::PacketBuilder::ipv4([10, 0, 0, 1], [203, 0, 113, 7], 64)
+        };
+        let mut out = Vec::new();
+        match kind % 3 {
+            0 => b
+                .tcp(sport, dport, 1, 100)
+                .write(&mut out, payload)
+                .unwrap(),
+            1 => b.udp(sport, dport).write(&mut out, payload).unwrap(),
+            _ if v6 => b
+                .icmpv6_echo_request(sport, dport)
+                .write(&mut out, payload)
+                .unwrap(),
+            _ => b
+                .icmpv4_echo_request(sport, dport)
+                .write(&mut out, payload)
+                .unwrap(),
+        }
+        if zero && kind % 3 == 1 && !v6 {
+            out[26..28].copy_from_slice(&[0, 0]);
+        }
+        out
+    }
+
+    proptest! {
+        /// The compiled rewrite gives the bytes the plain one gives, for every edit.
+        #[test]
+        fn compiled_equals_plain(
+            kind in 0u8..3, v6 in any::<bool>(), zero in any::<bool>(),
+            sport in any::<u16>(), dport in any::<u16>(),
+            payload in prop::collection::vec(any::<u8>(), 0..40),
+            new_src in prop::option::of(any::<[u8; 16]>()),
+            new_dst in prop::option::of(any::<[u8; 16]>()),
+            new_sport in prop::option::of(any::<u16>()),
+            new_dport in prop::option::of(any::<u16>()),
+        ) {
+            let f = packet(kind, v6, zero, sport, dport, &payload);
+            let addr = |b: [u8; 16]| if v6 {
+                IpAddr::from(b)
+            } else {
+                IpAddr::from([b[0], b[1], b[2], b[3]])
+            };
+            let rw = Rewrite {
+                src: new_src.map(addr),
+                dst: new_dst.map(addr),
+                sport: new_sport,
+                dport: new_dport,
+                icmp_id: new_sport,
+            };
+            let (before, layout) = match crate::packet::parse_ip(&f) {
+                crate::packet::Frame::Ip(p) => (
+                    Before {
+                        src: p.ip.src(),
+                        dst: p.ip.dst(),
+                        protocol: p.ip.protocol(),
+                        sport,
+                        dport,
+                    },
+                    Layout::of(&p),
+                ),
+                other => panic!("{other:?}"),
+            };
+            let mut a = f.clone();
+            let mut b = f.clone();
+            apply(&mut a, &layout, &rw).unwrap();
+            apply_compiled(&mut b, &layout, &rw.compile(&before)).unwrap();
+            prop_assert_eq!(a, b);
+        }
+    }
+
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     use etherparse::PacketBuilder;
-    use proptest::prelude::*;
 
     use super::*;
     use crate::packet::{checksum, parse_ip, Frame};

@@ -239,7 +239,7 @@ pub enum StmtAst {
         unit: Name,
         burst: Option<u32>,
     },
-    Nat(NatAst),
+    Nat(Box<NatAst>),
     CtHelperSet(Spanned<Expr>),
     CtMarkSet(Spanned<MarkSrc>),
     MetaMarkSet(Spanned<MarkSrc>),
@@ -276,4 +276,8 @@ pub struct NatAst {
     pub addr: Option<(Spanned<Expr>, Option<Spanned<Expr>>)>,
     pub port: Option<(Spanned<Expr>, Option<Spanned<Expr>>)>,
     pub flags: Vec<Name>,
+    /// `dnat to tcp dport map { 80 : 192.168.1.10, ... }`: the key's selectors and the map.
+    pub map: Option<(Vec<Spanned<Selector>>, Spanned<Expr>)>,
+    /// `dnat ip addr . port to ...`.
+    pub addr_port: bool,
 }

@@ -464,6 +464,23 @@ impl<'a> Checker<'a> {
             .iter()
             .map(|c| (c.name.node.clone(), c.hook.is_some()))
             .collect();
+        // A verdict map's jumps must land on a regular chain of the table, whether or not a
+        // rule uses the map (nft refuses the element when it is added).
+        for decl in &t.sets {
+            if let Some(ms) = set_map.get(&decl.name.node) {
+                for e in &ms.elems {
+                    if let Some(MData::Verdict(MVerdict::Jump(n) | MVerdict::Goto(n))) = &e.data {
+                        match chain_kinds.get(n) {
+                            None => self.err(decl.name.span, format!("unknown chain `{n}`")),
+                            Some(true) => {
+                                self.err(decl.name.span, format!("cannot jump to base chain `{n}`"))
+                            }
+                            Some(false) => {}
+                        }
+                    }
+                }
+            }
+        }
         let mut chains = Vec::new();
         for c in &t.chains {
             let base = c
@@ -1748,6 +1765,26 @@ impl<'a> Checker<'a> {
                 return None;
             }
         }
+        if let Some((sels, map)) = &n.map {
+            let m = self.nat_map(rcx, kw, sels, map, family, has_l4, l3)?;
+            let flags = nat_flags(&n.flags);
+            let family = (rcx.family == Family::Inet).then_some(m.family);
+            return Some(MNat {
+                kind,
+                family,
+                addr: None,
+                port: None,
+                flags,
+                map: Some(m),
+            });
+        }
+        if n.addr_port {
+            self.err(
+                span,
+                format!("`{kw} addr . port to` needs a map (`... map {{ KEY : ADDR . PORT }}`)"),
+            );
+            return None;
+        }
         let mut addr = None;
         if let Some((lo, hi)) = &n.addr {
             let a = self.ip(lo)?;
@@ -1824,20 +1861,135 @@ impl<'a> Checker<'a> {
             // `snat ip to` in an ip table is just `snat to`.
             family = None;
         }
-        let mut flags = NatFlags::default();
-        for f in &n.flags {
-            match f.node.as_str() {
-                "random" => flags.random = true,
-                "fully-random" => flags.fully_random = true,
-                _ => flags.persistent = true,
-            }
-        }
+        let flags = nat_flags(&n.flags);
         Some(MNat {
             kind,
             family,
             addr,
             port,
             flags,
+            map: None,
+        })
+    }
+
+    /// `snat|dnat [ip|ip6] [addr . port] to SELECTORS map { KEY : ADDR [. PORT], ... }`: the
+    /// key is typed by its selectors, as a set's; the data is an address of one family, or
+    /// an address and a port (which needs a transport protocol, from an earlier match or from
+    /// the key itself).
+    #[allow(clippy::too_many_arguments)]
+    fn nat_map(
+        &mut self,
+        rcx: &RuleCx,
+        kw: &str,
+        sels: &[Spanned<Selector>],
+        map: &Spanned<Expr>,
+        family: Option<Family>,
+        has_l4: bool,
+        l3: Option<Family>,
+    ) -> Option<MNatMap> {
+        let mut msels = Vec::new();
+        for s in sels {
+            msels.push(self.selector(rcx, s)?);
+        }
+        let types: Vec<DType> = msels.iter().map(|s| sel_type(*s)).collect();
+        let entries = match &map.node {
+            Expr::Map(entries) => entries,
+            Expr::SetRef(n) => {
+                self.err(
+                    map.span,
+                    format!("named maps (`@{n}`) in NAT statements are not supported yet: write the map in the rule"),
+                );
+                return None;
+            }
+            _ => {
+                self.err(map.span, "expected a map: `{ KEY : ADDRESS, ... }`");
+                return None;
+            }
+        };
+        let l4_in_key = types.contains(&DType::InetService);
+        let mut elems = Vec::new();
+        let mut fam: Option<Family> = None;
+        for (k, v) in entries {
+            let key = self.key_atoms(&types, k)?;
+            let MapValue::Expr(e) = &v.node else {
+                self.err(v.span, "a NAT map's data is an address (or address . port)");
+                return None;
+            };
+            let whole = Spanned::new(e.clone(), v.span);
+            let (a, p) = match e {
+                Expr::Concat(parts) if parts.len() == 2 => (&parts[0], Some(&parts[1])),
+                _ => (&whole, None),
+            };
+            let addr = self.ip(a)?;
+            let port = match p {
+                Some(p) => {
+                    if !has_l4 && !l4_in_key {
+                        self.err(
+                            v.span,
+                            "a port translation needs a transport protocol match earlier in the rule (for example `tcp dport 80` or `meta l4proto tcp`)",
+                        );
+                        return None;
+                    }
+                    Some(self.scalar(DType::InetService, p)? as u16)
+                }
+                None => None,
+            };
+            let f = if addr.is_ipv6() {
+                Family::Ip6
+            } else {
+                Family::Ip
+            };
+            if fam.is_some_and(|x| x != f) {
+                self.err(
+                    v.span,
+                    "the addresses of a NAT map are of different families",
+                );
+                return None;
+            }
+            fam = Some(f);
+            elems.push(MElem {
+                key,
+                data: Some(MData::Nat(addr, port)),
+            });
+        }
+        let Some(f) = fam else {
+            self.err(map.span, "a NAT map needs at least one element");
+            return None;
+        };
+        match (rcx.family, family) {
+            (_, Some(x)) if x != f => {
+                self.err(
+                    map.span,
+                    format!("the map's addresses are not {} addresses", Family::name(x)),
+                );
+                return None;
+            }
+            (Family::Inet, None) if l3 != Some(f) => {
+                self.err(
+                    map.span,
+                    format!(
+                        "in an inet table write `{kw} {} to ...` to say which family to translate",
+                        Family::name(f)
+                    ),
+                );
+                return None;
+            }
+            (t, None) if t != Family::Inet && t != f => {
+                self.err(
+                    map.span,
+                    format!(
+                        "the map's addresses do not fit a table of family {}",
+                        Family::name(t)
+                    ),
+                );
+                return None;
+            }
+            _ => {}
+        }
+        Some(MNatMap {
+            sels: msels,
+            elems,
+            family: f,
         })
     }
 
@@ -2063,6 +2215,19 @@ fn implies_l4(s: Sel) -> bool {
 }
 
 /// The datatype of a selector's values.
+/// `random`, `fully-random`, `persistent` (the grammar admits no other word).
+fn nat_flags(words: &[Name]) -> NatFlags {
+    let mut flags = NatFlags::default();
+    for f in words {
+        match f.node.as_str() {
+            "random" => flags.random = true,
+            "fully-random" => flags.fully_random = true,
+            _ => flags.persistent = true,
+        }
+    }
+    flags
+}
+
 pub fn sel_type(s: Sel) -> DType {
     match s {
         Sel::IpSaddr | Sel::IpDaddr => DType::Ipv4Addr,

@@ -487,6 +487,49 @@ pub struct Nat {
     /// Inclusive port range (`:8080`, `:1024-2047`); `None` keeps the port where possible.
     pub port: Option<(u16, u16)>,
     pub flags: NatFlags,
+    /// `dnat to tcp dport map { ... }`: the address (and port) come from the element the
+    /// packet's key falls in. The rule also carries the key's membership as a match, as a
+    /// lookup miss ends the rule (`NFT_BREAK`).
+    pub map: Option<Arc<NatMap>>,
+}
+
+/// A NAT statement's map: the key's fields and, per element, the key's intervals (one per
+/// field) with the target address and port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NatMap {
+    pub fields: Vec<Field>,
+    pub entries: Vec<(Vec<Interval>, IpAddr, Option<u16>)>,
+}
+
+impl Nat {
+    /// The start of what the statement translates to for a packet whose fields `get` gives:
+    /// the first address and port of its range, or its map's element for the packet's key
+    /// (`None`s when the key is not in the map).
+    pub fn first_target(
+        &self,
+        get: impl Fn(Field) -> Option<u128>,
+    ) -> (Option<IpAddr>, Option<u16>) {
+        match &self.map {
+            Some(m) => {
+                let key: Option<Vec<u128>> = m.fields.iter().map(|f| get(*f)).collect();
+                match key.and_then(|k| m.lookup(&k)) {
+                    Some((a, p)) => (Some(a), p.or(self.port.map(|p| p.0))),
+                    None => (None, None),
+                }
+            }
+            None => (self.addr.map(|a| a.0), self.port.map(|p| p.0)),
+        }
+    }
+}
+
+impl NatMap {
+    /// The target of the first element holding `key` (one value per field).
+    pub fn lookup(&self, key: &[u128]) -> Option<(IpAddr, Option<u16>)> {
+        self.entries
+            .iter()
+            .find(|(ivs, _, _)| ivs.iter().zip(key).all(|(iv, v)| iv.contains(*v)))
+            .map(|(_, a, p)| (*a, *p))
+    }
 }
 
 /// What `ct mark set` / `meta mark set` write.

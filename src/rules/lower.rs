@@ -177,6 +177,44 @@ impl Lower<'_> {
                         MStmt::Reject(ir::Reject::Icmp6(_)) if self.family == ir::Family::Inet => {
                             push(&mut matches, point(Field::Nfproto, NFPROTO_IPV6))
                         }
+                        // `snat ip to` in an inet table leaves IPv6 packets alone (and the
+                        // rule's evaluation goes on, `nft_nat_inet_eval`); a NAT map lookup
+                        // that misses ends the rule. Both are matches of the rule.
+                        MStmt::Nat(n) => {
+                            match n.family {
+                                Some(ir::Family::Ip) if self.family == ir::Family::Inet => {
+                                    push(&mut matches, point(Field::Nfproto, NFPROTO_IPV4))
+                                }
+                                Some(ir::Family::Ip6) if self.family == ir::Family::Inet => {
+                                    push(&mut matches, point(Field::Nfproto, NFPROTO_IPV6))
+                                }
+                                _ => {}
+                            }
+                            if let Some(m) = &n.map {
+                                for s in &m.sels {
+                                    for d in dependencies(self.family, *s) {
+                                        push(&mut matches, d);
+                                    }
+                                }
+                                let keys = MMatch {
+                                    sels: m.sels.clone(),
+                                    mask: None,
+                                    op: None,
+                                    rhs: MRhs::Set(
+                                        m.elems
+                                            .iter()
+                                            .map(|e| MElem {
+                                                key: e.key.clone(),
+                                                data: None,
+                                            })
+                                            .collect(),
+                                    ),
+                                };
+                                if let Lowered::Match(x) = self.relation(&keys, cache) {
+                                    push(&mut matches, x);
+                                }
+                            }
+                        }
                         _ => {}
                     }
                     stmts.push(self.stmt(s));
@@ -362,6 +400,31 @@ impl Lower<'_> {
                 addr: n.addr.map(|(a, b)| (a, b.unwrap_or(a))),
                 port: n.port.map(|(a, b)| (a, b.unwrap_or(a))),
                 flags: n.flags,
+                map: n.map.as_ref().map(|m| {
+                    let types: Vec<DType> = m.sels.iter().map(|s| sel_type(*s)).collect();
+                    Arc::new(ir::NatMap {
+                        fields: m.sels.iter().map(|s| field(*s)).collect(),
+                        entries: m
+                            .elems
+                            .iter()
+                            .filter_map(|e| match e.data {
+                                Some(MData::Nat(a, p)) => Some((
+                                    e.key
+                                        .iter()
+                                        .zip(&types)
+                                        .map(|(k, t)| {
+                                            let (lo, hi) = k.bounds(*t);
+                                            Interval::new(lo, hi)
+                                        })
+                                        .collect(),
+                                    a,
+                                    p,
+                                )),
+                                _ => None,
+                            })
+                            .collect(),
+                    })
+                }),
             }),
             MStmt::CtHelperSet(h) => Stmt::CtHelperSet(h.clone()),
             MStmt::CtMarkSet(m) => Stmt::CtMarkSet(*m),

@@ -99,6 +99,8 @@ pub struct MElem {
 pub enum MData {
     Verdict(MVerdict),
     Value(Atom),
+    /// A NAT map's target: an address, and a port for `addr . port` data.
+    Nat(IpAddr, Option<u16>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -233,4 +235,16 @@ pub struct MNat {
     pub addr: Option<(IpAddr, Option<IpAddr>)>,
     pub port: Option<(u16, Option<u16>)>,
     pub flags: NatFlags,
+    /// `dnat to tcp dport map { 80 : 192.168.1.10, ... }`.
+    pub map: Option<MNatMap>,
+}
+
+/// The map of a NAT statement: the key's selectors, and elements whose data is
+/// [`MData::Nat`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct MNatMap {
+    pub sels: Vec<Sel>,
+    pub elems: Vec<MElem>,
+    /// The family of the addresses (printed as `dnat ip to` when the data has ports).
+    pub family: Family,
 }

@@ -258,6 +258,8 @@ fn describe(r: Rule) -> Option<&'static str> {
         }
         Rule::helper_type | Rule::helper_l3proto => "type or l3proto",
         Rule::nat_target | Rule::nat_addr | Rule::nat_port => "a NAT address or :port",
+        Rule::nat_map => "a map lookup (`tcp dport map { ... }`)",
+        Rule::nat_addr_port => "`addr . port`",
         Rule::nat_flags | Rule::nat_flag => "random, fully-random or persistent",
         Rule::mark_source => "a mark value",
         Rule::EOI => "end of file",
@@ -930,6 +932,8 @@ impl Cx {
                     addr: None,
                     port: None,
                     flags: Vec::new(),
+                    map: None,
+                    addr_port: false,
                 };
                 nat.kind = match kind {
                     Rule::masquerade => NatKindAst::Masquerade,
@@ -956,11 +960,28 @@ impl Cx {
                             }
                         }
                         Rule::nat_port => nat.port = Some(self.nat_range(part)),
+                        Rule::nat_addr_port => nat.addr_port = true,
+                        Rule::nat_map => {
+                            let mut sels = Vec::new();
+                            let mut map = None;
+                            for m in part.kids() {
+                                match m.as_rule() {
+                                    Rule::selectors => {
+                                        sels.extend(m.kids().map(|s| self.selector(s)))
+                                    }
+                                    Rule::kw_map => {}
+                                    _ => map = Some(self.expr_any(m)),
+                                }
+                            }
+                            if let Some(m) = map {
+                                nat.map = Some((sels, m));
+                            }
+                        }
                         Rule::nat_flags => nat.flags = part.kids().map(|f| self.name(f)).collect(),
                         other => unreachable!("grammar yields no nat part {other:?}"),
                     }
                 }
-                StmtAst::Nat(nat)
+                StmtAst::Nat(Box::new(nat))
             }
             Rule::ct_helper_set => {
                 StmtAst::CtHelperSet(self.expr_any(p.kids().next().expect("helper name")))

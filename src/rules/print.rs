@@ -473,6 +473,12 @@ fn elem_str(key: &[DType], data: Option<&MapData>, e: &MElem) -> String {
         (Some(MData::Value(a)), Some(MapData::Type(t))) => {
             let _ = write!(s, " : {}", atom_str(*t, a));
         }
+        (Some(MData::Nat(a, p)), _) => {
+            let _ = write!(s, " : {a}");
+            if let Some(p) = p {
+                let _ = write!(s, " . {p}");
+            }
+        }
         _ => {}
     }
     s
@@ -606,8 +612,28 @@ fn nat_str(n: &MNat) -> String {
         NatKind::Masquerade => "masquerade",
         NatKind::Redirect => "redirect",
     });
-    if let Some(f) = n.family {
+    // nft names the family of a map whose data has ports even in an ip table.
+    let family = n.family.or_else(|| {
+        n.map.as_ref().and_then(|m| {
+            m.elems
+                .iter()
+                .any(|e| matches!(e.data, Some(MData::Nat(_, Some(_)))))
+                .then_some(m.family)
+        })
+    });
+    if let Some(f) = family {
         let _ = write!(s, " {}", Family::name(f));
+    }
+    if let Some(m) = &n.map {
+        let types: Vec<DType> = m.sels.iter().map(|x| sel_type(*x)).collect();
+        let interval = m
+            .elems
+            .iter()
+            .any(|e| e.key.iter().any(|a| !matches!(a, Atom::Value(_))));
+        let el = normalise_elems(&types, &m.elems, interval, false);
+        let keys: Vec<&str> = m.sels.iter().map(|x| sel_str(*x)).collect();
+        let parts: Vec<String> = el.iter().map(|e| elem_str(&types, None, e)).collect();
+        let _ = write!(s, " to {} map {{ {} }}", keys.join(" . "), parts.join(", "));
     }
     let bracket = n.port.is_some() && matches!(n.addr, Some((IpAddr::V6(_), _)));
     let ip = |a: &IpAddr| {

@@ -5,10 +5,145 @@
 //! checked (`PORT 10,0,0,300,4,1` wraps as C's unsigned arithmetic does), and a pattern that
 //! matches but does not parse is a "partial match" that makes the kernel drop the segment.
 //!
-//! Owns only the parsing; the line-start rule (`seq_aft_nl`), the expectations and the NAT
-//! rewrite that use the match's offset and length live beside it (the helpers issue).
+//! [`help`] is the helper itself (`help()` in nf_conntrack_ftp.c): the line-start rule
+//! (`seq_aft_nl`, two remembered sequence numbers per direction), and the expectation of the
+//! data connection. XXX: the NAT rewrite of the announced address (`nf_nat_ftp`, with TCP
+//! sequence adjustment) is not done yet: through NAT the expectation is for the translated
+//! tuples, which works for a client behind masquerade in passive mode only.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use super::super::conn::ConnRef;
+use super::super::expect::{Expectation, Expectations, Policy};
+use super::super::proto::Dir;
+use super::super::HelperName;
+use super::{Help, HelpDrop};
+use crate::packet::{Packet, L4};
+
+/// The FTP helper's one expectation class (`ftp_exp_policy`): one data connection per
+/// control connection, 5 minutes to arrive.
+pub const POLICY: Policy = Policy {
+    class: 0,
+    name: "",
+    max_expected: 1,
+    timeout_secs: 5 * 60,
+};
+
+/// `NUM_SEQ_TO_REMEMBER`.
+const SEQ_TO_REMEMBER: usize = 2;
+
+/// Per control connection (`struct nf_ct_ftp_master`): the sequence numbers just after a
+/// newline, per direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FtpState {
+    seq_aft_nl: [[u32; SEQ_TO_REMEMBER]; 2],
+    seq_aft_nl_num: [u8; 2],
+}
+
+impl FtpState {
+    fn find_nl_seq(&self, seq: u32, dir: usize) -> bool {
+        self.seq_aft_nl[dir][..usize::from(self.seq_aft_nl_num[dir])].contains(&seq)
+    }
+
+    /// `update_nl_seq`: remember `nl_seq`, replacing the older of two if it is newer.
+    fn update_nl_seq(&mut self, nl_seq: u32, dir: usize) {
+        let n = usize::from(self.seq_aft_nl_num[dir]);
+        if self.seq_aft_nl[dir][..n].contains(&nl_seq) {
+            return;
+        }
+        if n < SEQ_TO_REMEMBER {
+            self.seq_aft_nl[dir][n] = nl_seq;
+            self.seq_aft_nl_num[dir] += 1;
+        } else {
+            let s = &mut self.seq_aft_nl[dir];
+            let oldest = if before(s[0], s[1]) { 0 } else { 1 };
+            if after(nl_seq, s[oldest]) {
+                s[oldest] = nl_seq;
+            }
+        }
+    }
+}
+
+fn before(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+fn after(a: u32, b: u32) -> bool {
+    before(b, a)
+}
+
+/// `help()`: a segment of an ESTABLISHED FTP control connection `conn`, in direction `dir`
+/// (the caller passes only packets rules saw as `ct state established`). Finds a command at
+/// a line start and expects its data connection.
+pub fn help(
+    conn: &ConnRef,
+    dir: Dir,
+    state: &mut FtpState,
+    pkt: &Packet<'_>,
+    expect: &Expectations,
+    now: u64,
+) -> Help {
+    let L4::Tcp(th) = pkt.l4 else {
+        return Help::Accept;
+    };
+    let start = pkt.l4_offset + usize::from(th.header_len);
+    let Some(payload) = pkt.ip_bytes.get(start..start + th.payload_len as usize) else {
+        return Help::Accept;
+    };
+    if payload.is_empty() {
+        return Help::Accept;
+    }
+    let d = dir.index();
+    let ends_in_nl = payload.last() == Some(&b'\n');
+    let nl_seq = th.seq.wrapping_add(th.payload_len);
+    if !state.find_nl_seq(th.seq, d) {
+        // Not just after a newline: no command can start here.
+        if ends_in_nl {
+            state.update_nl_seq(nl_seq, d);
+        }
+        return Help::Accept;
+    }
+    let side = match dir {
+        Dir::Original => Side::Client,
+        Dir::Reply => Side::Server,
+    };
+    let m = match parse(payload, side, pkt.ip.is_v6()) {
+        FtpParse::None => {
+            if ends_in_nl {
+                state.update_nl_seq(nl_seq, d);
+            }
+            return Help::Accept;
+        }
+        FtpParse::Partial(kind) => return Help::Drop(HelpDrop::FtpPartial(kind)),
+        FtpParse::Found(m) => m,
+    };
+    // The sender's address as its own tuple says, and as the peer sees it.
+    let own = conn.tuple(dir);
+    let seen = conn.tuple(dir.other());
+    let announced = m.addr.unwrap_or(own.src_ip());
+    let verdict = if announced != own.src_ip() {
+        // Not loose: an address other than the sender's own is not expected.
+        Help::Accept
+    } else {
+        // From the peer (the other direction's source) to the sender as the peer sees it.
+        let mut t = seen;
+        t.src = seen.src;
+        t.dst = seen.dst;
+        t.proto = 6;
+        t.src_id = 0;
+        t.dst_id = m.port;
+        let helper = HelperName::new("ftp").unwrap_or_default();
+        let e = Expectation::new(t, conn, helper, POLICY, now);
+        match expect.add(e, now) {
+            Ok(()) => Help::Accept,
+            Err(err) => Help::Drop(HelpDrop::Expect(err)),
+        }
+    };
+    if ends_in_nl {
+        state.update_nl_seq(nl_seq, d);
+    }
+    verdict
+}
 
 /// Which command was found (`enum nf_ct_ftp_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,8 +2,36 @@
 //! the connections it is about to open (FTP data, SIP media), as the kernel's
 //! `nf_conntrack_ftp.c` and `nf_conntrack_sip.c` do.
 //!
-//! So far: the FTP and SIP parsers. XXX: the expectation table and the NAT
-//! payload rewrite (with TCP sequence adjustment) come with the helpers issue.
+//! A connection's helper is attached by rules (`ct helper set`), never by port. Each helper
+//! keeps its per-connection state in [`HelpState`] on the connection, and creates
+//! expectations in [`super::expect`].
 
 pub mod ftp;
 pub mod sip;
+
+use super::expect::ExpectError;
+
+/// What the helper decided for a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Help {
+    Accept,
+    /// The kernel drops the segment (`NF_DROP`): a partial match, or the expectation could
+    /// not be added.
+    Drop(HelpDrop),
+}
+
+#[derive(thiserror::Error, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HelpDrop {
+    #[error("nf_ct_ftp: partial matching of `{0:?}'")]
+    FtpPartial(ftp::FtpKind),
+    #[error("cannot add expectation: {0}")]
+    Expect(ExpectError),
+    #[error("nf_ct_sip: {0}")]
+    Sip(&'static str),
+}
+
+/// A helper's state on its control connection (`nfct_help(ct)->help`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HelpState {
+    Ftp(ftp::FtpState),
+}

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use keepstate::dataplane::lab::{Lab, FW_LAN, FW_LAN6, INTERNET, INTERNET6, LAN_HOST};
+use keepstate::dataplane::lab::{Lab, FW_LAN, FW_LAN6, FW_WAN, INTERNET, INTERNET6, LAN_HOST};
 
 /// The size of the download: large enough for thousands of frames in each direction.
 const BODY: usize = 6 * 1024 * 1024;
@@ -195,7 +195,7 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((sys.argv[1], int(sys.argv[2])))
 while True:
     data, peer = s.recvfrom(2048)
-    s.sendto(b'echo:' + data, peer)
+    s.sendto(b'echo:' + data + b' from ' + peer[0].encode(), peer)
 ";
 
 const UDP_REFUSED: &str = "
@@ -368,7 +368,9 @@ fn live_router_forwards_answers_drops_and_reloads() {
     ok(&lab.lan, &["ping", "-c", "2", "-W", "2", FW_LAN6]);
 
     eprintln!("ping: lan -> internet, forwarded through the default routes (ARP, ND)");
-    ok(&lab.lan, &["ping", "-c", "3", "-W", "2", INTERNET]);
+    let out = ok(&lab.lan, &["ping", "-c", "3", "-W", "2", INTERNET]);
+    // The engine took one off the TTL on the way back (the WAN host answers with 64).
+    assert!(out.contains("ttl=63"), "{out}");
     ok(&lab.lan, &["ping", "-c", "3", "-W", "2", INTERNET6]);
 
     eprintln!("tcp: a {BODY}-byte download, lan <- internet");
@@ -395,6 +397,11 @@ fn live_router_forwards_answers_drops_and_reloads() {
     std::thread::sleep(Duration::from_millis(300));
     let got = ok(&lab.lan, &["python3", "-c", UDP_CLIENT, INTERNET, "5353"]);
     assert!(got.starts_with("echo:hello"), "udp answer: {got}");
+    // Masqueraded: the server saw the firewall's WAN address.
+    assert!(
+        got.trim().ends_with(&format!("from {FW_WAN}")),
+        "udp answer: {got}"
+    );
 
     eprintln!("fragments: 3000-byte pings through, judged whole, leaving as fragments");
     ok(
@@ -421,6 +428,20 @@ fn live_router_forwards_answers_drops_and_reloads() {
     let o = output(&lab.wan, &["ping", "-c", "2", "-W", "1", LAN_HOST]);
     assert!(!o.status.success(), "an inbound ping got through");
     lines.wait_for("forward drop: IN=wan OUT=lan", 0, Duration::from_secs(5));
+
+    eprintln!("port forward: wan tcp/8080 on the firewall reaches the LAN server's port 80");
+    http_server(&mut g, &lab.lan, LAN_HOST, 80, &inside);
+    let o = ok(
+        &lab.wan,
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{FW_WAN}:8080/secret"),
+        ],
+    );
+    assert_eq!(o, "not for the internet");
 
     eprintln!("reload: a broken rules file is refused and traffic keeps flowing");
     std::fs::write(

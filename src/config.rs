@@ -213,7 +213,7 @@ impl Conntrack {
             tcp_be_liberal: self.tcp_be_liberal,
             checksum: self.checksum,
             tcp_max_retrans: self.tcp_max_retrans.min(255) as u8,
-            expect_max: Some(self.expect_max as usize),
+            expect_max: self.expect_max as usize,
             ..Default::default()
         };
         let t = &mut c.timeouts;

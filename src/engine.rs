@@ -383,6 +383,9 @@ pub struct Worker {
     /// The answer to a rejected frame (ICMP error or TCP reset), to send back out of the port
     /// the frame came in by.
     pub reply: Option<Vec<u8>>,
+    /// When a helper changed the length of the last frame's payload (FTP through NAT): the
+    /// frame as it leaves, in place of the one given.
+    pub resized: Option<Vec<u8>>,
     /// The lines `log` statements wrote for the last frame, in the kernel's format.
     /// XXX: logs are not rate limited yet (the dataplane issue adds the limit and the sink).
     pub logs: Vec<String>,
@@ -419,13 +422,17 @@ impl Worker {
 
 /// What a judged frame must have changed before it leaves: the NAT edit of its headers (and,
 /// for an ICMP error, of the packet it quotes) and the TTL decrement of forwarding.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Edits {
     rw: Rewrite,
     inner: Option<Rewrite>,
     /// `rw` compiled for the packet's shape (an established packet of a bound connection).
     fast: Option<CompiledRewrite>,
     ttl: bool,
+    /// The sequence adjustment of a connection a helper resized, and the packet's direction.
+    seqadj: Option<(conntrack::seqadj::SeqAdj, conntrack::Dir)>,
+    /// A helper's payload rewrite (it may change the packet's length).
+    mangle: Option<conntrack::helper::Mangle>,
     /// Where the judged packet's IP header is in the frame, its length and layout (none when
     /// the judged packet is a reassembled datagram: each fragment is parsed again).
     at: Option<(usize, usize, Layout)>,
@@ -433,7 +440,11 @@ struct Edits {
 
 impl Edits {
     fn is_empty(&self) -> bool {
-        !self.ttl && self.inner.is_none() && self.rw == Rewrite::default()
+        !self.ttl
+            && self.inner.is_none()
+            && self.rw == Rewrite::default()
+            && self.seqadj.is_none()
+            && self.mangle.is_none()
     }
 }
 
@@ -457,7 +468,21 @@ fn apply_edits(ip: &mut [u8], l: &Layout, e: &Edits) -> Result<(), rewrite::Rewr
     if e.ttl {
         rewrite::decrement_ttl(ip, l.v6)?;
     }
+    if let Some((adj, dir)) = &e.seqadj {
+        let (seq, ack) = tcp_seq_ack(ip, l).ok_or(rewrite::RewriteError::Truncated)?;
+        let a = adj.adjust(*dir, seq, ack);
+        rewrite::tcp_seq_ack(ip, l, a.seq, a.ack, |edge| {
+            edge.wrapping_sub(adj.ack_offset(*dir, edge) as u32)
+        })?;
+    }
     Ok(())
+}
+
+/// A TCP segment's sequence and acknowledgement numbers.
+fn tcp_seq_ack(ip: &[u8], l: &Layout) -> Option<(u32, u32)> {
+    let o = l.l4_offset;
+    let w = |at: usize| Some(u32::from_be_bytes(ip.get(at..at + 4)?.try_into().ok()?));
+    Some((w(o + 4)?, w(o + 8)?))
 }
 
 /// What happened to one frame, for `replay --trace`.
@@ -580,6 +605,9 @@ impl Engine {
         w.trace = true;
         let mut out = frame.to_vec();
         let (verdict, ct_state) = self.process_with(&mut out, ingress, now, w);
+        if let Some(r) = w.resized.take() {
+            out = r;
+        }
         Outcome {
             verdict,
             ct_state,
@@ -603,15 +631,29 @@ impl Engine {
         w: &mut Worker,
     ) -> (Verdict, Option<u32>) {
         w.edits = Edits::default();
+        w.resized = None;
         let out = self.decide(frame, ingress, now, w);
         if matches!(out.0, Verdict::Forward { .. } | Verdict::Local) && !w.edits.is_empty() {
-            let e = w.edits;
-            let ok = match e.at {
+            let e = std::mem::take(&mut w.edits);
+            let mut ok = match e.at {
                 Some((at, len, l)) => frame
                     .get_mut(at..at + len)
                     .map(|ip| apply_edits(ip, &l, &e)),
                 None => Some(Ok(())),
             };
+            // A helper's payload rewrite, last (it recomputes the TCP checksum): a frame of
+            // another length, which leaves in place of this one.
+            if let (Some(m), Some((at, len, l)), Some(Ok(()))) = (&e.mangle, e.at, &ok) {
+                let ip = frame.get(at..at + len).unwrap_or(&[]);
+                match rewrite::mangle_tcp(ip, &l, m.offset, m.len, &m.text) {
+                    Ok(new_ip) => {
+                        let mut f = frame[..at].to_vec();
+                        f.extend_from_slice(&new_ip);
+                        w.resized = Some(f);
+                    }
+                    Err(err) => ok = Some(Err(err)),
+                }
+            }
             // The fragments of a reassembled datagram: each is parsed and edited.
             let mut frags_ok = true;
             for f in &mut w.released {
@@ -875,10 +917,20 @@ impl Engine {
 
         // The connection's helper reads the packet (nf_confirm), and may refuse it.
         if let Classified::Tracked(t) = &ct {
-            if let conntrack::helper::Help::Drop(why) = self.tracker.help(t, &pkt, now) {
-                self.stats.dropped_helper.fetch_add(1, Ordering::Relaxed);
-                w.logs.push(format!("{why}\n"));
-                return (Verdict::Drop(DropReason::Helper), Some(ct_bits));
+            match self.tracker.help(t, &pkt, now) {
+                conntrack::helper::Help::Accept => {}
+                conntrack::helper::Help::Mangle(m) => w.edits.mangle = Some(m),
+                conntrack::helper::Help::Drop(why) => {
+                    self.stats.dropped_helper.fetch_add(1, Ordering::Relaxed);
+                    w.logs.push(format!("{why}\n"));
+                    return (Verdict::Drop(DropReason::Helper), Some(ct_bits));
+                }
+            }
+            // nf_ct_seq_adjust: a connection whose stream a helper resized.
+            if t.conn.status() & conntrack::status::SEQ_ADJUST != 0 {
+                if let (Some(adj), L4::Tcp(_)) = (t.conn.seqadj(), &pkt.l4) {
+                    w.edits.seqadj = Some((adj, t.info.dir()));
+                }
             }
         }
 
@@ -927,15 +979,29 @@ impl Engine {
     ) -> Result<(), DropReason> {
         let conn = &n.tracked.conn;
         if n.first && conn.status() & ctnat::done_bit(at.manip) == 0 {
-            let range = match w.nat_stmt.take() {
-                Some(stmt) => match self.nat_range(&stmt, at, n.v6, key) {
+            let stmt = w.nat_stmt.take();
+            let range = match (n.tracked.follow, stmt) {
+                // nf_nat_follow_master: an expected connection of a translated master goes
+                // where the master's payload pointed before the helper rewrote it.
+                (Some(f), _) => {
+                    let a = match at.manip {
+                        Manip::Src => f.snat,
+                        Manip::Dst => f.dnat.0,
+                    };
+                    ctnat::Range {
+                        addr: Some((a, a)),
+                        port: (at.manip == Manip::Dst).then_some((f.dnat.1, f.dnat.1)),
+                        ..ctnat::Range::default()
+                    }
+                }
+                (None, Some(stmt)) => match self.nat_range(&stmt, at, n.v6, key) {
                     Some(r) => r,
                     None => {
                         self.stats.dropped_nat.fetch_add(1, Ordering::Relaxed);
                         return Err(DropReason::NatNoAddress);
                     }
                 },
-                None => ctnat::null_range(&n.reply, at.manip),
+                (None, None) => ctnat::null_range(&n.reply, at.manip),
             };
             let taken = TableView {
                 table: self.tracker.table(),
@@ -1253,7 +1319,7 @@ impl<'a> NatCtx<'a> {
         let Classified::Tracked(t) = ct else {
             return None;
         };
-        let first = t.is_tentative() && nat_chains;
+        let first = t.is_tentative() && (nat_chains || t.follow.is_some());
         let st = t.conn.status();
         if !first && st & (conntrack::status::SRC_NAT | conntrack::status::DST_NAT) == 0 {
             return None;

@@ -14,6 +14,7 @@ use keepstate::config::Config;
 use keepstate::conntrack::expect::proc_line;
 use keepstate::conntrack::Timestamp;
 use keepstate::engine::{DropReason, Engine, Outcome, Verdict};
+use keepstate::packet::{checksum, parse_ethernet, Frame, L4};
 use keepstate::rules::{self, ir::ct_state};
 
 use common::capture::tcp;
@@ -61,23 +62,25 @@ fn t(ms: u64) -> Timestamp {
 /// first command (the first line of each direction only teaches the helper where lines
 /// start). Returns the next sequence numbers (client, server).
 fn control(e: &Engine) -> (u32, u32) {
+    control_from(e, CLIENT)
+}
+
+/// [`control`] from another LAN host.
+fn control_from(e: &Engine, client: [u8; 4]) -> (u32, u32) {
     let c = |f: Vec<u8>, port, ms| e.process(&f, port, t(ms), 0);
-    assert!(matches!(
-        c(
-            tcp("lan", CLIENT, SERVER, 40000, 21, "S", 100, 0, b""),
-            LAN,
-            0
-        )
-        .verdict,
-        Verdict::Forward { .. }
-    ));
+    let syn = c(
+        tcp("lan", client, SERVER, 40000, 21, "S", 100, 0, b""),
+        LAN,
+        0,
+    );
+    assert!(forwarded(&syn));
     c(
         tcp("wan", SERVER, BOX_WAN, 21, 40000, "SA", 500, 101, b""),
         WAN,
         1,
     );
     c(
-        tcp("lan", CLIENT, SERVER, 40000, 21, "A", 101, 501, b""),
+        tcp("lan", client, SERVER, 40000, 21, "A", 101, 501, b""),
         LAN,
         2,
     );
@@ -89,7 +92,7 @@ fn control(e: &Engine) -> (u32, u32) {
     );
     let user = b"USER anonymous\r\n";
     c(
-        tcp("lan", CLIENT, SERVER, 40000, 21, "PA", 101, 514, user),
+        tcp("lan", client, SERVER, 40000, 21, "PA", 101, 514, user),
         LAN,
         4,
     );
@@ -268,4 +271,318 @@ fn one_expectation_per_control_connection_and_they_die_with_it() {
     e.tracker().kill(&master);
     assert!(e.tracker().expectations().list(t(21).nanos()).is_empty());
     assert_eq!(e.tracker().expectations().count(), 0);
+}
+
+/// A gateway without NAT, with the SIP helper on udp/5060.
+fn sip_gateway() -> Engine {
+    let text = "table inet fw {\n\
+         \tct helper sip-5060 {\n\t\ttype \"sip\" protocol udp;\n\t}\n\
+         \tchain pre {\n\t\ttype filter hook prerouting priority filter; policy accept;\n\
+         \t\tudp dport 5060 ct helper set \"sip-5060\"\n\t}\n\
+         \tchain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\
+         \t\tct state established,related accept\n\
+         \t\tiifname \"lan\" oifname \"wan\" accept\n\t}\n}\n";
+    let cfg = Config::parse(&config(), Path::new("ks.toml")).unwrap();
+    let rules = rules::load_str("sip.nft", text).unwrap();
+    Engine::from_config(&cfg, &rules).unwrap()
+}
+
+const PHONE: [u8; 4] = [192, 168, 1, 20];
+const PROVIDER: [u8; 4] = [203, 0, 113, 50];
+
+fn sip(from: [u8; 4], to: [u8; 4], port: usize, body: &str) -> Vec<u8> {
+    let iface = if port == LAN { "lan" } else { "wan" };
+    common::capture::udp(iface, from, to, 5060, 5060, body.as_bytes())
+}
+
+fn sdp(addr: &str, port: u16) -> String {
+    format!("v=0\r\no=- 1 1 IN IP4 {addr}\r\ns=-\r\nc=IN IP4 {addr}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\n")
+}
+
+fn message(start: &str, cseq: &str, extra: &str, body: &str) -> String {
+    format!(
+        "{start}\r\nVia: SIP/2.0/UDP 192.168.1.20:5060\r\nFrom: <sip:alice@example.org>\r\nTo: <sip:bob@example.org>\r\nCall-ID: 1@x\r\nCSeq: {cseq}\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn a_sip_call_expects_rtp_and_rtcp_both_ways() {
+    let e = sip_gateway();
+    let invite = message(
+        "INVITE sip:bob@203.0.113.50 SIP/2.0",
+        "1 INVITE",
+        "Content-Type: application/sdp\r\n",
+        &sdp("192.168.1.20", 40000),
+    );
+    assert!(forwarded(&e.process(
+        &sip(PHONE, PROVIDER, LAN, &invite),
+        LAN,
+        t(0),
+        0
+    )));
+    let ok = message(
+        "SIP/2.0 200 OK",
+        "1 INVITE",
+        "Content-Type: application/sdp\r\n",
+        &sdp("203.0.113.50", 50000),
+    );
+    assert!(forwarded(&e.process(
+        &sip(PROVIDER, PHONE, WAN, &ok),
+        WAN,
+        t(10),
+        0
+    )));
+    let lines: Vec<String> = e
+        .tracker()
+        .expectations()
+        .list(t(10).nanos())
+        .iter()
+        .map(|x| proc_line(x, t(10).nanos()))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            "179 l3proto = 2 proto=17 src=203.0.113.50 dst=192.168.1.20 sport=0 dport=40000 sip/audio",
+            "179 l3proto = 2 proto=17 src=203.0.113.50 dst=192.168.1.20 sport=0 dport=40001 sip/audio",
+            "180 l3proto = 2 proto=17 src=192.168.1.20 dst=203.0.113.50 sport=0 dport=50000 sip/audio",
+            "180 l3proto = 2 proto=17 src=192.168.1.20 dst=203.0.113.50 sport=0 dport=50001 sip/audio",
+        ]
+    );
+    // Media from the provider to the phone: RELATED, let in.
+    let rtp = common::capture::udp("wan", PROVIDER, PHONE, 50000, 40000, b"rtp");
+    let o = e.process(&rtp, WAN, t(20), 0);
+    assert_eq!(o.ct_state, Some(ct_state::RELATED as u32));
+    assert!(forwarded(&o));
+    // Unannounced media is not.
+    let stray = common::capture::udp("wan", PROVIDER, PHONE, 50000, 40010, b"rtp");
+    assert!(!forwarded(&e.process(&stray, WAN, t(21), 0)));
+    // BYE flushes what is left.
+    let bye = message("BYE sip:bob@203.0.113.50 SIP/2.0", "2 BYE", "", "");
+    e.process(&sip(PHONE, PROVIDER, LAN, &bye), LAN, t(30), 0);
+    assert!(e.tracker().expectations().list(t(30).nanos()).is_empty());
+}
+
+#[test]
+fn a_registration_lets_the_registrar_call_back() {
+    let e = sip_gateway();
+    let reg = message(
+        "REGISTER sip:example.org SIP/2.0",
+        "7 REGISTER",
+        "Contact: <sip:alice@192.168.1.20:5062>;expires=600\r\n",
+        "",
+    );
+    e.process(&sip(PHONE, PROVIDER, LAN, &reg), LAN, t(0), 0);
+    let exp = e.tracker().expectations().list(t(0).nanos());
+    assert_eq!(
+        proc_line(&exp[0], t(0).nanos()),
+        "3600 l3proto = 2 proto=17 src=203.0.113.50 dst=192.168.1.20 sport=0 dport=5062 PERMANENT,INACTIVE sip/signalling"
+    );
+    // Inactive until the registrar says yes: a call now is not related.
+    let early = common::capture::udp("wan", PROVIDER, PHONE, 5060, 5062, b"INVITE");
+    assert!(!forwarded(&e.process(&early, WAN, t(1), 0)));
+    let ok = message(
+        "SIP/2.0 200 OK",
+        "7 REGISTER",
+        "Contact: <sip:alice@192.168.1.20:5062>;expires=600\r\n",
+        "",
+    );
+    e.process(&sip(PROVIDER, PHONE, WAN, &ok), WAN, t(2), 0);
+    let exp = e.tracker().expectations().list(t(2).nanos());
+    assert_eq!(exp[0].flags, keepstate::conntrack::expect::PERMANENT);
+    let call = common::capture::udp("wan", PROVIDER, PHONE, 5060, 5062, b"INVITE");
+    let o = e.process(&call, WAN, t(3), 0);
+    assert_eq!(o.ct_state, Some(ct_state::RELATED as u32));
+    // PERMANENT: it stays for the next call, and the new connection has the SIP helper.
+    assert_eq!(e.tracker().expectations().count(), 1);
+    let conn = o.events[0].1.clone();
+    assert_eq!(
+        conn.helper().map(|h| h.as_str().to_string()),
+        Some("sip".into())
+    );
+}
+
+#[test]
+fn an_sdp_without_an_address_is_dropped_and_the_control_connection_lives_an_hour() {
+    let e = sip_gateway();
+    let body = "v=0\r\no=- 1 1 IN IP4 192.168.1.20\r\ns=-\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n";
+    let invite = message("INVITE sip:bob@203.0.113.50 SIP/2.0", "1 INVITE", "", body);
+    let o = e.process(&sip(PHONE, PROVIDER, LAN, &invite), LAN, t(0), 0);
+    assert_eq!(o.verdict, Verdict::Drop(DropReason::Helper));
+    let options = message("OPTIONS sip:bob@203.0.113.50 SIP/2.0", "2 OPTIONS", "", "");
+    let o = e.process(&sip(PHONE, PROVIDER, LAN, &options), LAN, t(1), 0);
+    assert!(forwarded(&o));
+    let c = e.tracker().conns()[0].clone();
+    assert_eq!(c.timeout_secs(t(1)), 3600);
+}
+
+/// The frame as it left: payload, sequence and acknowledgement numbers, checksums verified.
+fn left(
+    o: &Outcome,
+) -> (
+    Vec<u8>,
+    u32,
+    u32,
+    std::net::IpAddr,
+    std::net::IpAddr,
+    u16,
+    u16,
+) {
+    let Frame::Ip(p) = parse_ethernet(&o.frame) else {
+        panic!("does not parse")
+    };
+    checksum::verify(&p).expect("checksums verify");
+    let L4::Tcp(th) = p.l4 else { panic!() };
+    let at = p.l4_offset + usize::from(th.header_len);
+    let payload = p.ip_bytes[at..at + th.payload_len as usize].to_vec();
+    (
+        payload,
+        th.seq,
+        th.ack,
+        p.ip.src(),
+        p.ip.dst(),
+        th.sport,
+        th.dport,
+    )
+}
+
+#[test]
+fn active_ftp_through_masquerade_rewrites_port_and_adjusts_sequence_numbers() {
+    let e = gateway(true);
+    let client = [192, 168, 1, 5];
+    let (cseq, sseq) = control_from(&e, client);
+    let port = b"PORT 192,168,1,5,4,1\r\n";
+    let o = e.process(
+        &tcp("lan", client, SERVER, 40000, 21, "PA", cseq, sseq, port),
+        LAN,
+        t(10),
+        0,
+    );
+    assert!(forwarded(&o));
+    // The server is told the public address; the text is one byte longer.
+    let (payload, seq, _, src, ..) = left(&o);
+    assert_eq!(payload, b"PORT 198,51,100,1,4,1\r\n");
+    assert_eq!((seq, src), (cseq, std::net::IpAddr::from(BOX_WAN)));
+    let exp = e.tracker().expectations().list(t(10).nanos());
+    assert_eq!(
+        proc_line(&exp[0], t(10).nanos()),
+        "300 l3proto = 2 proto=6 src=203.0.113.7 dst=198.51.100.1 sport=0 dport=1025 ftp"
+    );
+    // The server acknowledges the longer stream: the client sees its own numbers.
+    let end_seen = cseq + port.len() as u32 + 1;
+    let ok = b"200 PORT command successful\r\n";
+    let o = e.process(
+        &tcp("wan", SERVER, BOX_WAN, 21, 40000, "PA", sseq, end_seen, ok),
+        WAN,
+        t(11),
+        0,
+    );
+    assert!(forwarded(&o), "{:?}", o.verdict);
+    let (_, _, ack, ..) = left(&o);
+    assert_eq!(ack, cseq + port.len() as u32);
+    // The client's next command leaves one byte further on.
+    let list = b"LIST\r\n";
+    let next = cseq + port.len() as u32;
+    let o = e.process(
+        &tcp(
+            "lan",
+            client,
+            SERVER,
+            40000,
+            21,
+            "PA",
+            next,
+            sseq + ok.len() as u32,
+            list,
+        ),
+        LAN,
+        t(12),
+        0,
+    );
+    let (_, seq, ..) = left(&o);
+    assert_eq!(seq, next + 1);
+    // The data connection from the server's port 20 to the public address reaches the
+    // client on the port it asked for: RELATED, and translated (nf_nat_follow_master).
+    let data = e.process(
+        &tcp("wan", SERVER, BOX_WAN, 20, 1025, "S", 9, 0, b""),
+        WAN,
+        t(13),
+        0,
+    );
+    assert_eq!(data.ct_state, Some(ct_state::RELATED as u32));
+    assert!(forwarded(&data), "{:?}", data.verdict);
+    let (_, _, _, src, dst, sport, dport) = left(&data);
+    assert_eq!(
+        (src, dst, sport, dport),
+        (SERVER.into(), client.into(), 20, 1025)
+    );
+}
+
+/// A port forward to an FTP server inside: its passive-mode answer names its inside address,
+/// which the helper rewrites to the public one.
+#[test]
+fn passive_ftp_to_a_server_behind_a_port_forward() {
+    let text = "table inet fw {\n\
+         \tct helper ftp-standard {\n\t\ttype \"ftp\" protocol tcp;\n\t}\n\
+         \tchain pre {\n\t\ttype filter hook prerouting priority filter; policy accept;\n\
+         \t\ttcp dport 21 ct helper set \"ftp-standard\"\n\t}\n\
+         \tchain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\
+         \t\tct state established,related accept\n\
+         \t\tct status dnat accept\n\t}\n}\n\
+         table ip nat {\n\tchain pre {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+         \t\tiifname \"wan\" tcp dport 21 dnat to 192.168.1.10\n\t}\n}\n";
+    let cfg = Config::parse(&config(), Path::new("ks.toml")).unwrap();
+    let e = Engine::from_config(&cfg, &rules::load_str("fwd.nft", text).unwrap()).unwrap();
+    let out = [203, 0, 113, 99];
+    let c = |f: Vec<u8>, port, ms| e.process(&f, port, t(ms), 0);
+    assert!(forwarded(&c(
+        tcp("wan", out, BOX_WAN, 50000, 21, "S", 10, 0, b""),
+        WAN,
+        0
+    )));
+    c(
+        tcp("lan", CLIENT, out, 21, 50000, "SA", 70, 11, b""),
+        LAN,
+        1,
+    );
+    c(
+        tcp("wan", out, BOX_WAN, 50000, 21, "A", 11, 71, b""),
+        WAN,
+        2,
+    );
+    let hello = b"220 hi\r\n";
+    c(
+        tcp("lan", CLIENT, out, 21, 50000, "PA", 71, 11, hello),
+        LAN,
+        3,
+    );
+    let pasv = b"227 Entering Passive Mode (192,168,1,10,117,49)\r\n";
+    let o = c(
+        tcp(
+            "lan",
+            CLIENT,
+            out,
+            21,
+            50000,
+            "PA",
+            71 + hello.len() as u32,
+            11,
+            pasv,
+        ),
+        LAN,
+        4,
+    );
+    let (payload, ..) = left(&o);
+    assert_eq!(
+        payload,
+        b"227 Entering Passive Mode (198,51,100,1,117,49)\r\n"
+    );
+    let data = c(
+        tcp("wan", out, BOX_WAN, 50001, 30001, "S", 5, 0, b""),
+        WAN,
+        5,
+    );
+    assert_eq!(data.ct_state, Some(ct_state::RELATED as u32));
+    let (_, _, _, _, dst, _, dport) = left(&data);
+    assert_eq!((dst, dport), (CLIENT.into(), 30001));
 }

@@ -79,6 +79,9 @@ pub enum Command {
         /// Print the lines `log` statements write, in the kernel's format.
         #[arg(long)]
         log: bool,
+        /// At the end, print the helpers' expectations as /proc/net/nf_conntrack_expect does.
+        #[arg(long)]
+        expect: bool,
     },
     /// Run the firewall on the configuration's ports (AF_XDP): SIGHUP reloads the rules,
     /// SIGUSR1 prints counters, SIGTERM or SIGINT stops.
@@ -189,6 +192,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             acct,
             stats,
             log,
+            expect,
         } => replay::run(&replay::Args {
             config,
             rules,
@@ -200,6 +204,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             acct,
             stats,
             log,
+            expect,
         }),
         Command::Run { config } => run::run(&config),
         Command::Lab {

@@ -33,6 +33,7 @@ pub struct Args {
     pub acct: bool,
     pub stats: bool,
     pub log: bool,
+    pub expect: bool,
 }
 
 fn load_rules(path: &Path) -> anyhow::Result<rules::Loaded> {
@@ -149,6 +150,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let report = replay.finish();
     for l in report.events.iter().chain(&report.listing) {
         writeln!(out, "{l}")?;
+    }
+    if args.expect {
+        let now = replay.now().nanos();
+        for e in replay.engine().tracker().expectations().list(now) {
+            writeln!(out, "{}", crate::conntrack::expect::proc_line(&e, now))?;
+        }
     }
     out.flush()?;
     drop(out);

@@ -90,10 +90,20 @@ pub(crate) struct ConnInner {
     pub proto: ProtoState,
     pub counters: [Counter; 2],
     pub helper: Option<HelperName>,
+    /// What few connections have (the kernel's ct extensions), in one allocation.
+    pub ext: Option<Box<Ext>>,
+}
+
+/// A connection's rarer parts (`nf_ct_ext`): one pointer in every entry, one allocation in
+/// those that use any.
+#[derive(Clone, Debug, Default)]
+pub struct Ext {
     /// The helper's own state (FTP's line starts, ...).
-    pub help: Option<Box<super::helper::HelpState>>,
+    pub help: Option<super::helper::HelpState>,
     /// The control connection of an expected (RELATED) connection (`ct->master`).
     pub master: Option<std::sync::Weak<Conn>>,
+    /// TCP sequence adjustment after a NAT helper changed a payload's length.
+    pub seqadj: Option<super::seqadj::SeqAdj>,
 }
 
 /// One connection. Created tentative by [`super::Tracker::classify`], inserted by
@@ -129,8 +139,7 @@ impl Conn {
                 proto,
                 counters: [Counter::default(); 2],
                 helper: None,
-                help: None,
-                master: None,
+                ext: None,
             }),
             nat: OnceLock::new(),
         }
@@ -214,10 +223,26 @@ impl Conn {
     }
     /// The control connection this one was expected by, if it is alive.
     pub fn master(&self) -> Option<ConnRef> {
-        self.inner.lock().master.as_ref().and_then(|m| m.upgrade())
+        let g = self.inner.lock();
+        g.ext.as_ref()?.master.as_ref()?.upgrade()
     }
     pub(crate) fn set_master(&self, master: &ConnRef) {
-        self.inner.lock().master = Some(Arc::downgrade(master));
+        self.inner.lock().ext.get_or_insert_default().master = Some(Arc::downgrade(master));
+    }
+    /// The sequence adjustment, if a NAT helper changed a payload's length.
+    pub fn seqadj(&self) -> Option<super::seqadj::SeqAdj> {
+        self.inner.lock().ext.as_ref()?.seqadj
+    }
+    /// Records a payload length change (`nf_ct_seqadj_set`) and sets `IPS_SEQ_ADJUST`.
+    pub(crate) fn seqadj_set(&self, dir: super::proto::Dir, seq: u32, off: i32) {
+        if off == 0 {
+            return;
+        }
+        let mut g = self.inner.lock();
+        let ext = g.ext.get_or_insert_default();
+        ext.seqadj.get_or_insert_default().set(dir, seq, off);
+        drop(g);
+        self.set_status(status::SEQ_ADJUST);
     }
     /// Runs `f` on the helper's state (created by `init` the first time).
     pub(crate) fn with_help<R>(
@@ -226,7 +251,7 @@ impl Conn {
         f: impl FnOnce(&mut super::helper::HelpState) -> R,
     ) -> R {
         let mut g = self.inner.lock();
-        let h = g.help.get_or_insert_with(|| Box::new(init()));
+        let h = g.ext.get_or_insert_default().help.get_or_insert_with(init);
         f(h)
     }
     /// `ct helper set`: attaches a helper by name (the helpers themselves come later).

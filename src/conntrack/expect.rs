@@ -55,10 +55,8 @@ pub struct Expectation {
     pub flags: u8,
     /// Absolute expiry in ns.
     pub expires: u64,
-    /// For NAT helpers: the port the master's payload announced before translation, and the
-    /// direction of the master the expected connection goes in (`exp->saved_proto`,
-    /// `exp->dir`); `nf_nat_follow_master` translates the new connection with them.
-    pub saved: Option<(std::net::IpAddr, u16)>,
+    /// For NAT helpers: how the expected connection is translated (`nf_nat_follow_master`).
+    pub follow: Option<Follow>,
     id: u64,
 }
 
@@ -81,7 +79,7 @@ impl Expectation {
             helper_for_new: None,
             flags: 0,
             expires: now + u64::from(policy.timeout_secs) * 1_000_000_000,
-            saved: None,
+            follow: None,
             id: 0,
         }
     }
@@ -105,6 +103,16 @@ impl Expectation {
     fn master_alive(&self) -> Option<ConnRef> {
         self.master.upgrade().filter(|m| !m.is_dying())
     }
+}
+
+/// `nf_nat_follow_master`: an expected connection of a translated master is translated to
+/// reach what the master's payload announced before the helper rewrote it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Follow {
+    /// SNAT to this address (the master's `tuplehash[!exp->dir].tuple.dst`).
+    pub snat: std::net::IpAddr,
+    /// DNAT to this address and port (`tuplehash[!exp->dir].tuple.src`, `exp->saved_proto`).
+    pub dnat: (std::net::IpAddr, u16),
 }
 
 /// Why an expectation was refused (the helper then drops the packet: "cannot add
@@ -325,6 +333,18 @@ impl Expectations {
         g.by_dst.retain(|_, v| !v.is_empty());
         drop(g);
         self.sub(removed as u64);
+    }
+
+    /// Changes the expectations of `master` of one class (SIP activates its signalling
+    /// expectation and sets its timer when the registration is confirmed).
+    pub fn update_class(&self, master: &ConnRef, class: u8, mut f: impl FnMut(&mut Expectation)) {
+        let ptr = Arc::as_ptr(master);
+        let mut g = self.inner.lock();
+        for x in g.by_dst.values_mut().flatten() {
+            if x.master.as_ptr() == ptr && x.policy.class == class {
+                f(x);
+            }
+        }
     }
 
     /// Drops expired expectations and those whose master is gone (the expectation timers).

@@ -28,6 +28,7 @@ pub mod expect;
 pub mod helper;
 pub mod nat;
 pub mod proto;
+pub mod seqadj;
 pub mod show;
 pub mod table;
 pub mod tuple;
@@ -228,8 +229,8 @@ pub struct CtConfig {
     pub cpus: usize,
     /// dashmap shards (rounded up to a power of two).
     pub shards: usize,
-    /// `nf_conntrack_expect_max`; by default the kernel's, from `max`.
-    pub expect_max: Option<usize>,
+    /// `nf_conntrack_expect_max` (the kernel's default goes with its default table).
+    pub expect_max: usize,
 }
 
 impl Default for CtConfig {
@@ -245,7 +246,7 @@ impl Default for CtConfig {
             events: false,
             cpus: 1,
             shards: 256,
-            expect_max: None,
+            expect_max: expect::Expectations::default_max(262_144),
         }
     }
 }
@@ -262,7 +263,7 @@ impl CtConfig {
             "tcp_ignore_invalid_rst" => self.tcp_ignore_invalid_rst = value != 0,
             "tcp_max_retrans" => self.tcp_max_retrans = value.min(255) as u8,
             "checksum" => self.checksum = value != 0,
-            "expect_max" => self.expect_max = Some(value as usize),
+            "expect_max" => self.expect_max = value as usize,
             _ => {
                 return self
                     .timeouts
@@ -375,6 +376,9 @@ pub struct Tracked {
     pub info: CtInfo,
     /// Event bits this packet caused (before confirmation for a NEW connection).
     pub events: u16,
+    /// An expected connection of a translated master: how NAT must translate it
+    /// (`nf_nat_follow_master`), instead of the nat chains.
+    pub follow: Option<expect::Follow>,
 }
 
 impl Tracked {
@@ -507,11 +511,8 @@ impl Tracker {
     pub fn new(cfg: CtConfig) -> Tracker {
         let table = Table::new(cfg.max, cfg.shards);
         let stats = (0..cfg.cpus.max(1)).map(|_| StatSlot::default()).collect();
-        let expect_max = cfg
-            .expect_max
-            .unwrap_or_else(|| expect::Expectations::default_max(cfg.max));
         Tracker {
-            expect: expect::Expectations::new(expect_max),
+            expect: expect::Expectations::new(cfg.expect_max),
             cfg,
             table,
             stats,
@@ -645,7 +646,12 @@ impl Tracker {
                     if kill && self.table.remove(&conn) {
                         self.destroyed([conn.clone()], ctx.cpu);
                     }
-                    return Classified::Tracked(Tracked { conn, info, events });
+                    return Classified::Tracked(Tracked {
+                        conn,
+                        info,
+                        events,
+                        follow: None,
+                    });
                 }
                 Outcome::Invalid(r) => return invalid(r),
                 Outcome::Repeat => {
@@ -667,13 +673,18 @@ impl Tracker {
         let s = conn.status();
         let mut events = 0u16;
         let mut g = conn.inner.lock();
+        let seqadj = g.ext.as_ref().and_then(|e| e.seqadj);
         let verdict = match (&mut g.proto, &p.l4) {
             (ProtoState::Tcp(tc), L4::Tcp(th)) => {
                 let expires = conn.expires.load(Ordering::Relaxed);
+                // The peer acknowledges a stream a NAT helper may have resized.
+                let receiver_offset =
+                    seqadj.map_or(0, |a| a.offset(dir.other(), th.ack.wrapping_sub(1)));
                 let cx = tcp::TcpCtx {
                     dir,
                     status: s,
                     expires_in_secs: expires.saturating_sub(now) / NS,
+                    receiver_offset,
                 };
                 tcp::tcp_packet(tc, th, cx, cfg, &mut events)
             }
@@ -765,7 +776,9 @@ impl Tracker {
         // nf_ct_find_expectation: a connection a helper announced is RELATED to its master,
         // whose mark it inherits.
         let mut info = CtInfo::New;
+        let mut follow = None;
         if let Some((e, master)) = self.expect.take(&tuple, now) {
+            follow = e.follow;
             conn.set_status(status::EXPECTED);
             conn.set_mark(master.mark());
             conn.set_master(&master);
@@ -777,7 +790,12 @@ impl Tracker {
         match self.packet(&conn, Dir::Original, p, now) {
             Outcome::Accepted { events, .. } => {
                 inc(&st.new);
-                Classified::Tracked(Tracked { conn, info, events })
+                Classified::Tracked(Tracked {
+                    conn,
+                    info,
+                    events,
+                    follow,
+                })
             }
             Outcome::Invalid(r) => {
                 inc(&st.invalid);
@@ -824,6 +842,7 @@ impl Tracker {
             conn,
             info,
             events: 0,
+            follow: None,
         })
     }
 
@@ -871,25 +890,55 @@ impl Tracker {
     }
 
     /// Runs the connection's helper on a packet that survived the hooks (`nf_confirm` calls
-    /// `helper->help` there): FTP reads ESTABLISHED segments of its control connection. A
-    /// packet the helper refuses must be dropped.
+    /// `helper->help` there): FTP reads ESTABLISHED segments of its control connection, SIP
+    /// every message over UDP and established TCP. A packet the helper refuses must be
+    /// dropped.
     pub fn help(&self, t: &Tracked, p: &Packet<'_>, now: Timestamp) -> helper::Help {
+        use helper::{ftp, sip, Help, HelpState};
         let Some(h) = t.conn.helper() else {
-            return helper::Help::Accept;
+            return Help::Accept;
         };
-        if !matches!(t.info, CtInfo::Established | CtInfo::EstablishedReply) {
-            return helper::Help::Accept;
+        let udp = matches!(p.l4, L4::Udp(_));
+        if !udp && !matches!(t.info, CtInfo::Established | CtInfo::EstablishedReply) {
+            return Help::Accept;
         }
+        let dir = t.info.dir();
         match h.as_str() {
-            "ftp" if matches!(p.l4, L4::Tcp(_)) => t.conn.with_help(
-                || helper::HelpState::Ftp(helper::ftp::FtpState::default()),
-                |s| match s {
-                    helper::HelpState::Ftp(f) => {
-                        helper::ftp::help(&t.conn, t.info.dir(), f, p, &self.expect, now.0)
-                    }
-                },
-            ),
-            _ => helper::Help::Accept,
+            "ftp" => {
+                let L4::Tcp(th) = p.l4 else {
+                    return Help::Accept;
+                };
+                let verdict = t.conn.with_help(
+                    || HelpState::Ftp(ftp::FtpState::default()),
+                    |s| match s {
+                        HelpState::Ftp(f) => ftp::help(&t.conn, dir, f, p, &self.expect, now.0),
+                        HelpState::Sip(_) => Help::Accept,
+                    },
+                );
+                // A rewrite that changes the payload's length moves every later sequence
+                // number of this direction (nf_nat_mangle_tcp_packet -> nf_ct_seqadj_set).
+                if let Help::Mangle(m) = &verdict {
+                    let delta = m.text.len() as i64 - m.len as i64;
+                    t.conn.seqadj_set(dir, th.seq, delta as i32);
+                }
+                verdict
+            }
+            "sip" if udp || matches!(p.l4, L4::Tcp(_)) => {
+                let (verdict, refresh) = t.conn.with_help(
+                    || HelpState::Sip(sip::SipState::default()),
+                    |s| match s {
+                        HelpState::Sip(st) => sip::help(&t.conn, dir, st, p, &self.expect, now.0),
+                        HelpState::Ftp(_) => (Help::Accept, false),
+                    },
+                );
+                // sip_help_udp: every SIP message keeps the signalling connection alive.
+                if refresh && udp {
+                    let until = now.0 + u64::from(sip::SIP_TIMEOUT) * NS;
+                    t.conn.expires.store(until, Ordering::Relaxed);
+                }
+                verdict
+            }
+            _ => Help::Accept,
         }
     }
 

@@ -393,6 +393,101 @@ pub fn apply_compiled(ip: &mut [u8], l: &Layout, c: &CompiledRewrite) -> Result<
     Ok(())
 }
 
+/// `nf_nat_mangle_tcp_packet`: a TCP segment whose `len` payload bytes at `offset` (from
+/// the start of the IP packet) become `text`: the new IP packet, its length fields, IPv4
+/// header checksum and TCP checksum made right.
+pub fn mangle_tcp(
+    ip: &[u8],
+    l: &Layout,
+    offset: usize,
+    len: usize,
+    text: &[u8],
+) -> Result<Vec<u8>, RewriteError> {
+    if l.kind != Kind::Tcp || offset < l.l4_offset + 20 || offset + len > ip.len() {
+        return Err(RewriteError::Truncated);
+    }
+    let mut out = Vec::with_capacity(ip.len() + text.len());
+    out.extend_from_slice(&ip[..offset]);
+    out.extend_from_slice(text);
+    out.extend_from_slice(&ip[offset + len..]);
+    if l.v6 {
+        let plen = u16::try_from(out.len() - 40).map_err(|_| RewriteError::Truncated)?;
+        put16(&mut out, 4, plen)?;
+    } else {
+        let tot = u16::try_from(out.len()).map_err(|_| RewriteError::Truncated)?;
+        put16(&mut out, 2, tot)?;
+        let ihl = usize::from(out[0] & 0x0f) * 4;
+        put16(&mut out, 10, 0)?;
+        let c = etherparse::checksum::Sum16BitWords::new()
+            .add_slice(out.get(..ihl).ok_or(RewriteError::Truncated)?)
+            .ones_complement();
+        put16(&mut out, 10, u16::from_be_bytes(c.to_ne_bytes()))?;
+    }
+    let c = match super::parse_ip(&out) {
+        super::Frame::Ip(p) => super::checksum::compute_l4(&p),
+        _ => None,
+    }
+    .ok_or(RewriteError::Truncated)?;
+    put16(&mut out, l.l4_offset + 16, c)?;
+    Ok(out)
+}
+
+/// A TCP segment's sequence and acknowledgement numbers, and its SACK blocks' edges through
+/// `sack` (`nf_ct_seq_adjust`, `nf_ct_sack_adjust`), with the checksum updated incrementally.
+pub fn tcp_seq_ack(
+    ip: &mut [u8],
+    l: &Layout,
+    seq: u32,
+    ack: u32,
+    sack: impl Fn(u32) -> u32,
+) -> Result<(), RewriteError> {
+    if l.kind != Kind::Tcp || l.later_fragment {
+        return Ok(());
+    }
+    let o = l.l4_offset;
+    let mut csum = get16(ip, o + 16)?;
+    let mut put32 = |ip: &mut [u8], at: usize, v: u32| -> Result<(), RewriteError> {
+        let old = [get16(ip, at)?, get16(ip, at + 2)?];
+        let new = [(v >> 16) as u16, v as u16];
+        for i in 0..2 {
+            csum = csum_replace2(csum, old[i], new[i]);
+            put16(ip, at + 2 * i, new[i])?;
+        }
+        Ok(())
+    };
+    put32(ip, o + 4, seq)?;
+    put32(ip, o + 8, ack)?;
+    // SACK blocks (option kind 5) in the options.
+    let hlen = usize::from(ip.get(o + 12).ok_or(RewriteError::Truncated)? >> 4) * 4;
+    let mut i = o + 20;
+    let end = (o + hlen).min(ip.len());
+    while i < end {
+        match ip[i] {
+            0 => break,
+            1 => i += 1,
+            kind => {
+                let len = usize::from(*ip.get(i + 1).ok_or(RewriteError::Truncated)?);
+                if len < 2 || i + len > end {
+                    break;
+                }
+                if kind == 5 {
+                    let mut at = i + 2;
+                    while at + 8 <= i + len {
+                        for edge in [at, at + 4] {
+                            let v =
+                                u32::from(get16(ip, edge)?) << 16 | u32::from(get16(ip, edge + 2)?);
+                            put32(ip, edge, sack(v))?;
+                        }
+                        at += 8;
+                    }
+                }
+                i += len;
+            }
+        }
+    }
+    put16(ip, o + 16, csum)
+}
+
 /// `ip_decrease_ttl` / the IPv6 hop limit: one less, with the IPv4 header checksum updated
 /// incrementally (the TTL shares its 16-bit word with the protocol).
 pub fn decrement_ttl(ip: &mut [u8], v6: bool) -> Result<(), RewriteError> {

@@ -7,16 +7,18 @@
 //!
 //! [`help`] is the helper itself (`help()` in nf_conntrack_ftp.c): the line-start rule
 //! (`seq_aft_nl`, two remembered sequence numbers per direction), and the expectation of the
-//! data connection. XXX: the NAT rewrite of the announced address (`nf_nat_ftp`, with TCP
-//! sequence adjustment) is not done yet: through NAT the expectation is for the translated
-//! tuples, which works for a client behind masquerade in passive mode only.
+//! data connection. On a translated control connection it is `nf_nat_ftp` too: the announced
+//! address and port become the ones the peer can reach, the expectation is for those, and
+//! the data connection is translated back to what was announced (`nf_nat_follow_master`).
+//! The caller makes the payload edit and the sequence adjustment ([`Help::Mangle`]).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::super::conn::ConnRef;
-use super::super::expect::{Expectation, Expectations, Policy};
+use super::super::expect::Follow;
+use super::super::expect::{ExpectError, Expectation, Expectations, Policy};
 use super::super::proto::Dir;
-use super::super::HelperName;
+use super::super::{status, HelperName};
 use super::{Help, HelpDrop};
 use crate::packet::{Packet, L4};
 
@@ -121,9 +123,12 @@ pub fn help(
     let own = conn.tuple(dir);
     let seen = conn.tuple(dir.other());
     let announced = m.addr.unwrap_or(own.src_ip());
+    let nat = conn.status() & (status::SRC_NAT | status::DST_NAT) != 0;
     let verdict = if announced != own.src_ip() {
         // Not loose: an address other than the sender's own is not expected.
         Help::Accept
+    } else if nat {
+        nat_ftp(conn, dir, &m, th.seq, start, expect, now)
     } else {
         // From the peer (the other direction's source) to the sender as the peer sees it.
         let mut t = seen;
@@ -190,6 +195,85 @@ pub enum Side {
     Client,
     /// Server to client: 227 and 229.
     Server,
+}
+
+/// `nf_nat_ftp`: the data connection is expected at the address the peer sees the sender
+/// at, on the announced port if it is free (else another: the kernel's search, 128 tries),
+/// and the command is rewritten to announce that.
+fn nat_ftp(
+    conn: &ConnRef,
+    dir: Dir,
+    m: &FtpMatch,
+    seq: u32,
+    payload_at: usize,
+    expect: &Expectations,
+    now: u64,
+) -> Help {
+    let own = conn.tuple(dir);
+    let seen = conn.tuple(dir.other());
+    // newaddr: the sender as the peer sees it.
+    let newaddr = seen.dst_ip();
+    let mut t = seen;
+    t.proto = 6;
+    t.src_id = 0;
+    let helper = HelperName::new("ftp").unwrap_or_default();
+    let follow = Follow {
+        snat: own.dst_ip(),
+        dnat: (own.src_ip(), m.port),
+    };
+    // nf_nat_exp_find_port: the same port first, then pseudo-random ones above it (the
+    // sequence number stands in for get_random_u32: no clock, no global state here).
+    let mut x = seq ^ u32::from(m.port).rotate_left(16) ^ (now as u32);
+    let mut port = m.port;
+    let mut found = None;
+    for attempt in 0..128u32 {
+        if attempt > 0 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let min = u32::from(m.port).max(1024);
+            let range = 65535 - min.min(65534);
+            port = (min + x % range.max(1)) as u16;
+        }
+        t.dst_id = port;
+        let mut e = Expectation::new(t, conn, helper, POLICY, now);
+        e.follow = Some(follow);
+        match expect.add(e, now) {
+            Ok(()) => {
+                found = Some(port);
+                break;
+            }
+            Err(ExpectError::Clash) => continue,
+            Err(err) => return Help::Drop(HelpDrop::Expect(err)),
+        }
+    }
+    let Some(port) = found else {
+        return Help::Drop(HelpDrop::Expect(ExpectError::Clash));
+    };
+    let text = match (m.kind, newaddr) {
+        (FtpKind::Port | FtpKind::Pasv, IpAddr::V4(a)) => {
+            let o = a.octets();
+            format!(
+                "{},{},{},{},{},{}",
+                o[0],
+                o[1],
+                o[2],
+                o[3],
+                port >> 8,
+                port & 0xff
+            )
+        }
+        (FtpKind::Eprt, IpAddr::V4(a)) => format!("|1|{a}|{port}|"),
+        (FtpKind::Eprt, IpAddr::V6(a)) => format!("|2|{a}|{port}|"),
+        (FtpKind::Epsv, _) => format!("|||{port}|"),
+        // PORT and 227 carry IPv4 only.
+        (_, IpAddr::V6(_)) => return Help::Accept,
+    };
+    Help::Mangle(super::Mangle {
+        offset: payload_at + m.offset,
+        len: m.len,
+        text: text.into_bytes(),
+    })
 }
 
 /// Looks for the commands of `side` at the start of `payload` (a segment that starts a line),

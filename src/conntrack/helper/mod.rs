@@ -12,9 +12,12 @@ pub mod sip;
 use super::expect::ExpectError;
 
 /// What the helper decided for a segment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Help {
     Accept,
+    /// Accept, with the payload rewritten (a NAT helper): the caller makes the edit and the
+    /// sequence adjustment.
+    Mangle(Mangle),
     /// The kernel drops the segment (`NF_DROP`): a partial match, or the expectation could
     /// not be added.
     Drop(HelpDrop),
@@ -30,8 +33,18 @@ pub enum HelpDrop {
     Sip(&'static str),
 }
 
+/// A payload rewrite (`nf_nat_mangle_tcp_packet`): `len` bytes at `offset` (from the start
+/// of the IP packet) become `text`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mangle {
+    pub offset: usize,
+    pub len: usize,
+    pub text: Vec<u8>,
+}
+
 /// A helper's state on its control connection (`nfct_help(ct)->help`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HelpState {
     Ftp(ftp::FtpState),
+    Sip(sip::SipState),
 }

@@ -3,11 +3,290 @@
 //! kernel's `nf_conntrack_sip.c` (`sip_help_udp`/`process_sip_msg`, `ct_sip_get_header`,
 //! `process_sdp`). Byte offsets are kept for everything NAT will rewrite.
 //!
-//! Owns only the parsing; the expectations (RTP/RTCP, REGISTER signalling) and the NAT rewrite
-//! live beside it (the helpers issue).
+//! [`help`] is the helper (`sip_help_udp`, `sip_help_tcp`, `process_sip_msg` and the method
+//! handlers): RTP and RTCP expectations from SDP offers and answers (direct media), their
+//! flush on a new INVITE, a failed INVITE or a BYE, and the signalling expectation of a
+//! REGISTER, activated by its 2xx answer. Every message refreshes the control connection to
+//! `sip_timeout`. XXX: the NAT rewrite of SIP and SDP (`nf_nat_sip`) is not done yet.
 
 use std::net::IpAddr;
 use std::ops::Range;
+
+use super::super::conn::ConnRef;
+use super::super::expect::{Expectation, Expectations, Policy, INACTIVE, PERMANENT};
+use super::super::proto::Dir;
+use super::super::HelperName;
+use super::{Help, HelpDrop};
+use crate::packet::{Packet, L4};
+
+/// `SIP_TIMEOUT`: the control connection lives this long after each message.
+pub const SIP_TIMEOUT: u32 = 3600;
+
+/// `sip_exp_policy`: the expectation classes, in `SIP_EXPECT_*` order.
+pub const SIGNALLING: Policy = Policy {
+    class: 0,
+    name: "signalling",
+    max_expected: 1,
+    timeout_secs: 3 * 60,
+};
+pub const AUDIO: Policy = Policy {
+    class: 1,
+    name: "audio",
+    max_expected: 4,
+    timeout_secs: 3 * 60,
+};
+pub const VIDEO: Policy = Policy {
+    class: 2,
+    name: "video",
+    max_expected: 4,
+    timeout_secs: 3 * 60,
+};
+pub const IMAGE: Policy = Policy {
+    class: 3,
+    name: "image",
+    max_expected: 2,
+    timeout_secs: 3 * 60,
+};
+
+/// Per control connection (`struct nf_ct_sip_master`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SipState {
+    invite_cseq: u32,
+    register_cseq: u32,
+}
+
+/// `sip_help_udp` / `sip_help_tcp`: the SIP messages of one packet of the control connection
+/// `conn` (direction `dir`). Returns whether to refresh the connection to [`SIP_TIMEOUT`]
+/// (every parsed message does) with the verdict.
+pub fn help(
+    conn: &ConnRef,
+    dir: Dir,
+    state: &mut SipState,
+    pkt: &Packet<'_>,
+    expect: &Expectations,
+    now: u64,
+) -> (Help, bool) {
+    let (payload, tcp) = match pkt.l4 {
+        L4::Udp(_) => (pkt.ip_bytes.get(pkt.l4_offset + 8..), false),
+        L4::Tcp(th) => {
+            let start = pkt.l4_offset + usize::from(th.header_len);
+            (
+                pkt.ip_bytes.get(start..start + th.payload_len as usize),
+                true,
+            )
+        }
+        _ => return (Help::Accept, false),
+    };
+    let Some(mut data) = payload else {
+        return (Help::Accept, false);
+    };
+    let mut refresh = false;
+    loop {
+        let msg = match parse_message(data) {
+            Ok(m) => m,
+            // Too short, not SIP, or (on TCP) not all there yet: accepted unparsed.
+            Err(_) => return (Help::Accept, refresh),
+        };
+        refresh = true;
+        if let Err(why) = process(conn, dir, state, data, &msg, expect, now) {
+            return (Help::Drop(why), refresh);
+        }
+        // One message per datagram; a TCP segment may hold several.
+        if !tcp || msg.len >= data.len() {
+            return (Help::Accept, refresh);
+        }
+        data = &data[msg.len..];
+    }
+}
+
+/// `process_sip_request` / `process_sip_response` and the handlers of `sip_handlers[]`.
+fn process(
+    conn: &ConnRef,
+    dir: Dir,
+    state: &mut SipState,
+    data: &[u8],
+    msg: &Message,
+    expect: &Expectations,
+    now: u64,
+) -> Result<(), HelpDrop> {
+    let cseq = msg.cseq.as_ref().map_or(0, |c| c.0);
+    let body = &data[msg.body.clone()];
+    let media_classes = [AUDIO.class, VIDEO.class, IMAGE.class];
+    let flush_media = || {
+        for c in media_classes {
+            expect.remove_class(conn, c);
+        }
+    };
+    let Some(method) = msg.method() else {
+        return Ok(());
+    };
+    match (&msg.start, method) {
+        (Start::Request { .. }, "INVITE") => {
+            flush_media();
+            process_sdp(conn, dir, body, expect, now)?;
+            state.invite_cseq = cseq;
+        }
+        (Start::Request { .. }, "UPDATE" | "PRACK" | "ACK") => {
+            process_sdp(conn, dir, body, expect, now)?;
+        }
+        (Start::Request { .. }, "BYE") => flush_media(),
+        (Start::Request { .. }, "REGISTER") => {
+            state.register_cseq = cseq;
+            register(conn, dir, data, msg, expect, now)?;
+        }
+        (Start::Response { code }, "INVITE" | "UPDATE" | "PRACK") => {
+            if (100..300).contains(code) {
+                process_sdp(conn, dir, body, expect, now)?;
+            } else if method == "INVITE" && cseq == state.invite_cseq {
+                flush_media();
+            }
+        }
+        (Start::Response { code }, "REGISTER") if cseq == state.register_cseq => {
+            if (200..300).contains(code) {
+                // The registration holds: its signalling expectation becomes active.
+                let secs = expires_of(data, msg).unwrap_or(SIP_TIMEOUT);
+                if secs == 0 {
+                    expect.remove_class(conn, SIGNALLING.class);
+                } else {
+                    expect.update_class(conn, SIGNALLING.class, |e| {
+                        e.flags &= !INACTIVE;
+                        e.expires = now + u64::from(secs) * 1_000_000_000;
+                    });
+                }
+            } else if *code >= 200 {
+                expect.remove_class(conn, SIGNALLING.class);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `process_sdp` + `set_expected_rtp_rtcp` with `sip_direct_media`: RTP and RTCP from the
+/// signalling peer to each active stream's address, which must be the sender's own.
+fn process_sdp(
+    conn: &ConnRef,
+    dir: Dir,
+    body: &[u8],
+    expect: &Expectations,
+    now: u64,
+) -> Result<(), HelpDrop> {
+    let media = match parse_sdp(body) {
+        Ok(m) => m,
+        Err(SipError::WrongPort(_)) => return Err(HelpDrop::Sip("wrong port")),
+        Err(SipError::NoAddress) => return Err(HelpDrop::Sip("cannot parse SDP message")),
+        Err(_) => return Ok(()),
+    };
+    let sender = conn.tuple(dir);
+    let peer = conn.tuple(dir.other());
+    for m in media {
+        if m.addr != sender.src_ip() {
+            continue;
+        }
+        let policy = match m.kind {
+            MediaKind::Audio => AUDIO,
+            MediaKind::Video => VIDEO,
+            MediaKind::Image => IMAGE,
+        };
+        for port in [m.rtp_port(), m.rtcp_port()] {
+            let mut t = peer;
+            t.proto = 17;
+            t.dst = super::super::tuple::Addr::from_ip(m.addr);
+            t.dst_id = port;
+            t.src_id = 0;
+            let helper = HelperName::new("sip").unwrap_or_default();
+            let e = Expectation::new(t, conn, helper, policy, now);
+            expect.add(e, now).map_err(HelpDrop::Expect)?;
+        }
+    }
+    Ok(())
+}
+
+/// `process_register_request`: a REGISTER whose Contact is the sender itself expects the
+/// registrar's calls to that address and port (inactive until the 2xx answer).
+fn register(
+    conn: &ConnRef,
+    dir: Dir,
+    data: &[u8],
+    msg: &Message,
+    expect: &Expectations,
+    now: u64,
+) -> Result<(), HelpDrop> {
+    let Some(contact) = msg.header(data, "contact") else {
+        return Ok(());
+    };
+    let Some((addr, port)) = uri_host_port(contact) else {
+        return Ok(());
+    };
+    let sender = conn.tuple(dir);
+    if addr != sender.src_ip() {
+        return Ok(());
+    }
+    if expires_of(data, msg) == Some(0) {
+        expect.remove_class(conn, SIGNALLING.class);
+        return Ok(());
+    }
+    let peer = conn.tuple(dir.other());
+    let mut t = peer;
+    t.dst = super::super::tuple::Addr::from_ip(addr);
+    t.dst_id = port;
+    t.src_id = 0;
+    let helper = HelperName::new("sip").unwrap_or_default();
+    let mut e = Expectation::new(t, conn, helper, SIGNALLING, now);
+    e.flags = PERMANENT | INACTIVE;
+    e.helper_for_new = Some(helper);
+    e.expires = now + u64::from(SIP_TIMEOUT) * 1_000_000_000;
+    expect.add(e, now).map_err(HelpDrop::Expect)
+}
+
+/// The registration's lifetime: the Contact's `;expires=`, else the `Expires:` header.
+fn expires_of(data: &[u8], msg: &Message) -> Option<u32> {
+    let contact = msg.header(data, "contact").unwrap_or(b"");
+    let text = String::from_utf8_lossy(contact).to_ascii_lowercase();
+    if let Some(i) = text.find(";expires=") {
+        let digits: String = text[i + 9..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        return digits.parse().ok();
+    }
+    let h = msg.header(data, "expires")?;
+    String::from_utf8_lossy(h).trim().parse().ok()
+}
+
+/// `sip:user@host:port` in a header value: the host's address and the port (5060 when
+/// absent; a port outside 1024..65535 makes the URI unusable, as `ct_sip_parse_header_uri`).
+pub fn uri_host_port(value: &[u8]) -> Option<(IpAddr, u16)> {
+    let text = std::str::from_utf8(value).ok()?;
+    let i = text.find("sip:")?;
+    let rest = &text[i + 4..];
+    let end = rest
+        .find([';', '>', ',', ' ', '\r', '?'])
+        .unwrap_or(rest.len());
+    let hostport = &rest[..end];
+    let hostport = hostport.rsplit_once('@').map_or(hostport, |(_, h)| h);
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (h, after) = v6.split_once(']')?;
+        (h, after.strip_prefix(':'))
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    let addr: IpAddr = host.parse().ok()?;
+    let port = match port {
+        Some(p) => {
+            let p: u32 = p.parse().ok()?;
+            if !(1024..=65535).contains(&p) {
+                return None;
+            }
+            p as u16
+        }
+        None => 5060,
+    };
+    Some((addr, port))
+}
 
 /// Why a message gives no expectation; the kernel's reaction is in the comment.
 #[derive(thiserror::Error, Clone, Copy, Debug, PartialEq, Eq)]

@@ -344,6 +344,7 @@ fn tcp_in_window(
     index: TcpIndex,
     th: &TcpView<'_>,
     cfg: &CtConfig,
+    receiver_offset: i32,
 ) -> WinAction {
     let state = ct.state;
     let mut seq = th.seq;
@@ -359,7 +360,9 @@ fn tcp_in_window(
     if receiver.flags & flag::SACK_PERM != 0 {
         tcp_sack(th.options, &mut sack);
     }
-    // XXX: NAT sequence adjustment (nf_ct_seq_offset) is zero until NAT helpers exist.
+    // Take into account NAT sequence number mangling.
+    ack = ack.wrapping_sub(receiver_offset as u32);
+    sack = sack.wrapping_sub(receiver_offset as u32);
 
     if sender.td_maxwin == 0 {
         // First packet seen from this side.
@@ -586,6 +589,9 @@ pub struct TcpCtx {
     pub status: u32,
     /// Whole seconds until the connection would expire (for `nf_tcp_handle_invalid`).
     pub expires_in_secs: u64,
+    /// `nf_ct_seq_offset(ct, !dir, ack - 1)`: how far a NAT helper moved the sequence numbers
+    /// this packet acknowledges; taken off its ack and SACK before the window checks.
+    pub receiver_offset: i32,
 }
 
 /// `nf_conntrack_tcp_packet` after `tcp_error` and `tcp_new`. Sets event bits in `events`.
@@ -767,7 +773,7 @@ pub fn tcp_packet(
     }
 
     if !skip_window {
-        match tcp_in_window(ct, dir, index, th, cfg) {
+        match tcp_in_window(ct, dir, index, th, cfg, cx.receiver_offset) {
             WinAction::Accept => {}
             WinAction::Ignore => return L4Verdict::Ignore,
             WinAction::Invalid(reason) => {

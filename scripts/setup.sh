@@ -8,7 +8,13 @@ set -euo pipefail
 # conntrack, tcpdump, iputils-ping, ethtool: the kernel differential test of replay
 # (tests/netns_conntrack.rs) reads `conntrack -L`, captures the router's interfaces, pings
 # through it and turns off checksum offload so the captured checksums are real.
-packages=(nftables iproute2 conntrack tcpdump iputils-ping ethtool)
+# clang llvm libelf-dev zlib1g-dev libpcap-dev pkg-config m4 gcc-multilib: xsk-rs builds libxdp
+# and libbpf from source for the AF_XDP dataplane (clang compiles libxdp's BPF programs);
+# curl, python3: the live dataplane test (tests/netns_dataplane.rs) downloads from a Python
+# http.server through the firewall with curl.
+packages=(nftables iproute2 conntrack tcpdump iputils-ping ethtool
+	clang llvm libelf-dev zlib1g-dev libpcap-dev pkg-config m4 gcc-multilib make
+	curl python3)
 
 missing=()
 for p in "${packages[@]}"; do

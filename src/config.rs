@@ -25,7 +25,16 @@
 //! [conntrack]
 //! max = 262144
 //! nf_conntrack_tcp_timeout_established = 432000
+//!
+//! [dataplane]                        # what only the live appliance (`keepstate run`) reads
+//! mode = "router"                    # or "bridge": ports in pairs, no addresses, no routes
+//! workers = 2                        # worker threads, one per core (default: auto)
+//! busy_poll = false                  # SO_PREFER_BUSY_POLL on the AF_XDP sockets
+//! control = "/run/keepstate.sock"    # the control socket (for `keepstate reload`, `ct`)
+//! control_group = "adm"              # the group that may use it
 //! ```
+//!
+//! A port may also say `queues = N` (default: every receive queue its interface has).
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -60,6 +69,49 @@ pub struct Config {
     pub ports: Vec<Port>,
     pub routes: Vec<Route>,
     pub conntrack: Conntrack,
+    pub dataplane: Dataplane,
+}
+
+/// How the live appliance forwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Ports have addresses; connected networks and routes decide the egress port, and the
+    /// box resolves next hops itself (ARP, IPv6 neighbour discovery).
+    #[default]
+    Router,
+    /// A transparent bridge: ports in pairs (first with second, third with fourth, ...), no
+    /// addresses; a frame in on one leaves unchanged by the other.
+    Bridge,
+}
+
+/// What only the live appliance reads: `[dataplane]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dataplane {
+    pub mode: Mode,
+    /// Worker threads, each pinned to a core; `None`: as many as the machine has cores,
+    /// but no more than the fewest queues of any port.
+    pub workers: Option<usize>,
+    /// Busy polling on the AF_XDP sockets (`SO_PREFER_BUSY_POLL`, `SO_BUSY_POLL`): the
+    /// workers spin instead of sleeping in poll(2).
+    pub busy_poll: bool,
+    /// The control socket's path (for the live control commands).
+    pub control: PathBuf,
+    /// The group allowed to use the control socket; `None`: root only.
+    pub control_group: Option<String>,
+}
+
+impl Default for Dataplane {
+    fn default() -> Self {
+        Dataplane {
+            mode: Mode::Router,
+            workers: None,
+            busy_poll: false,
+            control: PathBuf::from("/run/keepstate.sock"),
+            control_group: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -68,6 +120,9 @@ pub struct Port {
     pub interface: String,
     /// The port's own addresses with their prefix lengths (`192.168.1.1/24`).
     pub addresses: Vec<IpNet>,
+    /// How many of the interface's receive queues the dataplane serves (the first N);
+    /// `None`: all of them.
+    pub queues: Option<u32>,
 }
 
 impl Port {
@@ -193,6 +248,7 @@ struct RawConfig {
     route: Vec<RawRoute>,
     #[serde(default)]
     conntrack: Conntrack,
+    dataplane: Option<Spanned<Dataplane>>,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +258,7 @@ struct RawPort {
     interface: Option<Spanned<String>>,
     #[serde(default)]
     addresses: Vec<Spanned<String>>,
+    queues: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -239,6 +296,10 @@ impl Config {
             at(span, e.message().trim().to_string())
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        let bridge = raw
+            .dataplane
+            .as_ref()
+            .is_some_and(|d| d.get_ref().mode == Mode::Bridge);
         let mut names = HashSet::new();
         let mut ports = Vec::new();
         for p in &raw.port {
@@ -276,10 +337,24 @@ impl Config {
                 })?;
                 addresses.push(net);
             }
+            if let Some(q) = &p.queues {
+                if *q.get_ref() == 0 {
+                    return Err(at(q.span(), "a port needs at least 1 queue".into()));
+                }
+            }
+            if bridge {
+                if let Some(a) = p.addresses.first() {
+                    return Err(at(
+                        a.span(),
+                        "a port of a bridge (mode = \"bridge\") has no addresses".into(),
+                    ));
+                }
+            }
             ports.push(Port {
                 name: name.clone(),
                 interface,
                 addresses,
+                queues: p.queues.as_ref().map(|q| *q.get_ref()),
             });
         }
         let mut routes = Vec::new();
@@ -348,11 +423,36 @@ impl Config {
         if raw.conntrack.max == 0 {
             return Err(at(0..0, "[conntrack] max must be at least 1".into()));
         }
+        let (dp_span, dataplane) = match raw.dataplane {
+            Some(d) => (d.span(), d.into_inner()),
+            None => (0..0, Dataplane::default()),
+        };
+        if dataplane.workers == Some(0) {
+            return Err(at(dp_span, "[dataplane] workers must be at least 1".into()));
+        }
+        if dataplane.mode == Mode::Bridge {
+            if let Some(r) = raw.route.first() {
+                return Err(at(
+                    r.to.span(),
+                    "a bridge (mode = \"bridge\") has no routes".into(),
+                ));
+            }
+            if ports.len() % 2 != 0 {
+                return Err(at(
+                    dp_span,
+                    format!(
+                        "a bridge pairs its ports (first with second, ...): {} ports is an odd number",
+                        ports.len()
+                    ),
+                ));
+            }
+        }
         Ok(Config {
             rules: raw.rules.map(|r| base.join(r)),
             ports,
             routes,
             conntrack: raw.conntrack,
+            dataplane,
         })
     }
 
@@ -563,5 +663,43 @@ nf_conntrack_tcp_timeout_established = 7200
         assert!(e.contains(":3:8: unknown port `dmz`"), "{e}");
         let e = err("rules = 5\n");
         assert!(e.contains(":1:9:"), "{e}");
+    }
+
+    #[test]
+    fn the_dataplane_section() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.dataplane, Dataplane::default());
+        assert_eq!(c.ports[0].queues, None);
+        let c = parse(
+            "[[port]]\nname = \"a\"\nqueues = 2\n[[port]]\nname = \"b\"\n\
+             [dataplane]\nmode = \"bridge\"\nworkers = 2\nbusy_poll = true\n\
+             control = \"/tmp/ks.sock\"\ncontrol_group = \"adm\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.dataplane.mode, Mode::Bridge);
+        assert_eq!(c.dataplane.workers, Some(2));
+        assert!(c.dataplane.busy_poll);
+        assert_eq!(c.dataplane.control, Path::new("/tmp/ks.sock"));
+        assert_eq!(c.dataplane.control_group.as_deref(), Some("adm"));
+        assert_eq!(c.ports[0].queues, Some(2));
+    }
+
+    #[test]
+    fn dataplane_errors_name_the_line() {
+        let e = err("[dataplane]\nmode = \"hub\"\n");
+        assert!(e.contains(":2:8: unknown variant `hub`"), "{e}");
+        let e = err("[dataplane]\nworkerz = 2\n");
+        assert!(e.contains(":2:1: unknown field `workerz`"), "{e}");
+        let e = err("[dataplane]\nworkers = 0\n");
+        assert!(
+            e.contains(":1:1: [dataplane] workers must be at least 1"),
+            "{e}"
+        );
+        let e = err("[[port]]\nname = \"a\"\nqueues = 0\n");
+        assert!(e.contains(":3:10: a port needs at least 1 queue"), "{e}");
+        let e = err("[[port]]\nname = \"a\"\naddresses = [\"10.0.0.1/24\"]\n[dataplane]\nmode = \"bridge\"\n");
+        assert!(e.contains(":3:14: a port of a bridge"), "{e}");
+        let e = err("[[port]]\nname = \"a\"\n[dataplane]\nmode = \"bridge\"\n");
+        assert!(e.contains("1 ports is an odd number"), "{e}");
     }
 }

@@ -4,6 +4,8 @@
 //!
 //! ```text
 //!   cli        clap subcommands; wires the library together, holds no policy
+//!   dataplane  the live box: AF_XDP sockets, per-core workers, ARP/ND/echo, the lab; the only
+//!              home of unsafe, threads and syscalls
 //!   replay     offline replay: capture files -> engine with the capture's clock -> text
 //!   config     the TOML configuration: rules file, ports, routes, conntrack settings
 //!   engine     sans-IO: process(frame, ingress, now) -> Verdict; the one place that joins
@@ -23,6 +25,7 @@ pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod conntrack;
+pub mod dataplane;
 pub mod engine;
 #[doc(hidden)]
 pub mod fuzz;

@@ -2,7 +2,9 @@
 
 mod bench;
 mod check;
+mod lab;
 pub mod replay;
+mod run;
 pub mod trace;
 
 use std::path::PathBuf;
@@ -81,10 +83,41 @@ pub enum Command {
         #[arg(long)]
         expect: bool,
     },
+    /// Run the firewall on the configuration's ports (AF_XDP): SIGHUP reloads the rules,
+    /// SIGUSR1 prints counters, SIGTERM or SIGINT stops.
+    Run {
+        /// The configuration (rules file, ports, routes, conntrack, [dataplane]).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Build or remove a network-namespace lab (LAN host, firewall, WAN host) for `run`.
+    Lab {
+        #[command(subcommand)]
+        action: LabCommand,
+    },
     /// Measure a ruleset's decision tree against the rule-by-rule reference.
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LabCommand {
+    /// Create the namespaces PREFIX-lan, PREFIX-fw, PREFIX-wan and their veth pairs, with
+    /// the addresses of examples/lab.toml.
+    Up {
+        /// The namespaces' name prefix.
+        #[arg(long, default_value = "ks")]
+        prefix: String,
+        /// Receive and transmit queues per veth (at least the configuration's workers).
+        #[arg(long, default_value_t = 2)]
+        queues: u32,
+    },
+    /// Delete the lab's namespaces (and whatever runs in them).
+    Down {
+        #[arg(long, default_value = "ks")]
+        prefix: String,
     },
 }
 
@@ -173,6 +206,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             log,
             expect,
         }),
+        Command::Run { config } => run::run(&config),
+        Command::Lab {
+            action: LabCommand::Up { prefix, queues },
+        } => lab::up(&prefix, queues),
+        Command::Lab {
+            action: LabCommand::Down { prefix },
+        } => lab::down(&prefix),
         Command::Bench {
             what:
                 BenchCommand::Classify {

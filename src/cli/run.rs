@@ -1,0 +1,114 @@
+//! `keepstate run --config FILE`: the live appliance. Wiring only: loads the configuration
+//! and the rules, builds the engine, starts the dataplane's workers, and turns signals into
+//! actions: SIGHUP reloads the rules file (compiled here, off the workers' path; on an error
+//! the diagnostics are printed and the old ruleset keeps running), SIGUSR1 prints the
+//! counters, SIGTERM and SIGINT stop. Between signals it runs the tracker's expiry.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::{Config, Mode};
+use crate::dataplane;
+use crate::engine::{Compiled, Engine, Port, Routing};
+use crate::rules;
+
+/// How often the main thread looks at the signals and runs a step of expiry.
+const TICK: Duration = Duration::from_millis(50);
+/// A full pass of the tracker's expiry takes about this many ticks (2 s).
+const TICKS_PER_GC_PASS: usize = 40;
+
+fn compile(path: &Path) -> anyhow::Result<Compiled> {
+    let loaded = rules::load_file(path).map_err(|d| anyhow::anyhow!("{}:\n{d}", path.display()))?;
+    Ok(Compiled::new(&loaded)?)
+}
+
+pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let rules_path = cfg.rules.clone().with_context(|| {
+        format!(
+            "{} names no rules file (add `rules = \"FILE.nft\"`)",
+            config.display()
+        )
+    })?;
+    let compiled = compile(&rules_path)?;
+    let ports = cfg
+        .ports
+        .iter()
+        .map(|p| Port::new(&p.name, p.addresses.iter().map(|a| a.addr()).collect()))
+        .collect();
+    let routing = match cfg.dataplane.mode {
+        Mode::Router => Routing::Router(cfg.routing_table()),
+        Mode::Bridge => Routing::Pairs,
+    };
+    let plan = dataplane::plan(&cfg)?;
+    let mut ct = cfg.conntrack.tracker_config();
+    // One statistics slot per worker (the kernel's per-CPU conntrack counters).
+    ct.cpus = plan.workers();
+    let engine = Arc::new(Engine::new(ports, routing, ct, compiled));
+
+    let hup = Arc::new(AtomicBool::new(false));
+    let usr1 = Arc::new(AtomicBool::new(false));
+    let term = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, usr1.clone())?;
+    for s in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(s, term.clone())?;
+    }
+
+    let running = dataplane::start(plan, engine.clone())?;
+    let shared = running.shared.clone();
+    for w in &running.warnings {
+        eprintln!("keepstate: warning: {w}");
+    }
+    for (w, queues) in running.plan.iter().enumerate() {
+        let qs: Vec<String> = queues.iter().map(|(p, q)| format!("{p}/{q}")).collect();
+        eprintln!("keepstate: worker {w}: queues {}", qs.join(" "));
+    }
+    eprintln!(
+        "keepstate: running ({:?} mode, {} ports, rules {}); SIGHUP reloads the rules, SIGUSR1 prints counters",
+        cfg.dataplane.mode,
+        shared.ports.len(),
+        rules_path.display()
+    );
+
+    let buckets = engine
+        .tracker()
+        .table()
+        .buckets()
+        .div_ceil(TICKS_PER_GC_PASS)
+        .max(1);
+    let mut failed = false;
+    while !term.load(Ordering::Relaxed) {
+        std::thread::sleep(TICK);
+        if hup.swap(false, Ordering::Relaxed) {
+            match compile(&rules_path) {
+                Ok(c) => {
+                    engine.reload(c);
+                    eprintln!("keepstate: reloaded {}", rules_path.display());
+                }
+                Err(e) => eprintln!("keepstate: reload failed, keeping the old ruleset: {e:#}"),
+            }
+        }
+        if usr1.swap(false, Ordering::Relaxed) {
+            eprint!("{}", shared.render_stats());
+        }
+        engine.housekeeping(shared.now(), buckets);
+        if running.any_finished() {
+            eprintln!("keepstate: a worker stopped unexpectedly; shutting down");
+            failed = true;
+            break;
+        }
+    }
+    running.stop();
+    eprint!("{}", shared.render_stats());
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,429 @@
+//! The live dataplane: frames in on AF_XDP sockets, decisions from the engine, frames out.
+//! The only home of unsafe code, threads and syscalls in keepstate.
+//!
+//! ```text
+//!  port interface, rx queue q ──XDP (libxdp's redirect program)──> AF_XDP socket (copy mode)
+//!    worker w owns queue q of every port where q % workers == w, and one UMEM for them all:
+//!    rx ring ─> frame ─> engine.process_with(frame, port, now) ─> verdict
+//!       Forward: L2 rewrite (MACs from the neighbour cache) ─> tx ring of the egress port
+//!       Local:   ICMP echo answered in place ─> tx ring of the ingress port
+//!       NotIp:   ARP answered and learned (bridge: passed to the paired port)
+//!       Reject:  the engine's answer frame ─> tx ring of the ingress port
+//!    completion ring ─> free frames ─> fill ring
+//! ```
+//!
+//! The division of labour: the engine owns L3/L4 (conntrack, rules, NAT edits, TTL); the
+//! dataplane owns L2 and the box's own small stack (ARP, neighbour discovery, echo). A frame
+//! that is forwarded leaves from the UMEM frame it arrived in: receive, decide, rewrite the
+//! Ethernet header and transmit touch no allocator. Only frames that wait for a neighbour
+//! and the few the box writes itself (ARP, ND, reject answers) are copied.
+//!
+//! Owns: sockets and UMEMs ([`worker`]), interface facts and socket options ([`iface`]), the
+//! neighbour cache ([`neigh`]), the link-layer bytes ([`wire`]), the lab's namespaces
+//! ([`lab`]). Must not hold policy: what passes is the engine's word alone.
+
+pub mod iface;
+pub mod lab;
+pub mod neigh;
+pub mod wire;
+mod worker;
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use ipnet::IpNet;
+
+use crate::config::{Config, Mode};
+use crate::conntrack::Timestamp;
+use crate::engine::Engine;
+
+pub use wire::Mac;
+
+/// Frames taken from an rx ring at once, and the most the workers hand the tx ring at once.
+pub const BATCH: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("interface `{interface}` cannot be used ({reason}); is keepstate running in the right network namespace?")]
+    NoInterface { interface: String, reason: String },
+    #[error("the configuration has no [[port]]: there is nothing to forward between")]
+    NoPorts,
+    #[error("port `{port}` asks for {want} queues, but interface `{interface}` has {have}")]
+    TooManyQueues {
+        port: String,
+        interface: String,
+        want: u32,
+        have: u32,
+    },
+    #[error(
+        "{workers} workers need at least {workers} queues on every port (each worker sends on a \
+         queue of its own), but port `{port}` has {queues}: lower `workers` under [dataplane], \
+         or give the interface more queues (veth: `ip link add ... numrxqueues N numtxqueues N`)"
+    )]
+    TooFewQueues {
+        workers: usize,
+        port: String,
+        queues: u32,
+    },
+    #[error("worker {worker}: cannot create its UMEM: {reason}")]
+    Umem { worker: usize, reason: String },
+    #[error(
+        "cannot open an AF_XDP socket on `{interface}` queue {queue}: {reason} (this needs root, \
+         or CAP_NET_ADMIN and CAP_BPF, and nothing else bound to that queue)"
+    )]
+    Socket {
+        interface: String,
+        queue: u32,
+        reason: String,
+    },
+    #[error("cannot start worker {worker}: {source}")]
+    Thread {
+        worker: usize,
+        source: std::io::Error,
+    },
+}
+
+/// A port as the dataplane sees it.
+#[derive(Clone, Debug)]
+pub struct PortInfo {
+    pub name: String,
+    pub interface: String,
+    pub mac: Mac,
+    /// Its own addresses, with their networks (router mode).
+    pub addresses: Vec<IpNet>,
+    /// How many of its receive queues the workers serve.
+    pub queues: u32,
+}
+
+impl PortInfo {
+    /// The port's own address of `hop`'s family, preferring one on `hop`'s network: the
+    /// source of an ARP or ND question about `hop`.
+    fn source_for(&self, hop: IpAddr) -> Option<IpAddr> {
+        let same = |n: &&IpNet| n.addr().is_ipv4() == hop.is_ipv4();
+        self.addresses
+            .iter()
+            .filter(same)
+            .find(|n| n.contains(&hop))
+            .or_else(|| self.addresses.iter().find(same))
+            .map(|n| n.addr())
+    }
+
+    fn on_link(&self, ip: IpAddr) -> bool {
+        self.addresses.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// Counters of one port, summed over the workers.
+#[derive(Debug, Default)]
+pub struct PortStats {
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Frames that came in here and were not sent anywhere: the engine's drops, frames for
+    /// the box it does not answer, neighbours that never answered.
+    pub dropped: AtomicU64,
+    /// Frames that should have left here but found the tx ring or the frame pool full.
+    pub tx_dropped: AtomicU64,
+}
+
+/// Counters of one worker.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub rx: AtomicU64,
+    pub tx: AtomicU64,
+    pub dropped: AtomicU64,
+    /// Frames the box answered itself (ARP, ND, echo).
+    pub answered: AtomicU64,
+    /// Frames held while their next hop was being resolved.
+    pub held: AtomicU64,
+    /// Times the worker slept in poll(2) with nothing to do.
+    pub sleeps: AtomicU64,
+}
+
+/// Everything the workers share.
+pub struct Shared {
+    pub engine: Arc<Engine>,
+    pub ports: Vec<PortInfo>,
+    pub mode: Mode,
+    pub busy_poll: bool,
+    pub neighbours: neigh::Neighbours,
+    pub port_stats: Vec<PortStats>,
+    pub worker_stats: Vec<WorkerStats>,
+    pub stop: AtomicBool,
+    /// Where the monotonic clock starts (the engine's `now` is time since this).
+    epoch: Instant,
+}
+
+impl Shared {
+    /// The monotonic clock, as the engine and the tracker take it.
+    pub fn now(&self) -> Timestamp {
+        // Start at 1 s rather than 0, so no timestamp is the default value.
+        Timestamp(self.epoch.elapsed().as_nanos() as u64 + 1_000_000_000)
+    }
+
+    /// The counters as text: one line per port, one per worker, the engine's verdicts.
+    pub fn render_stats(&self) -> String {
+        let mut s = String::new();
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        for (p, st) in self.ports.iter().zip(&self.port_stats) {
+            let _ = writeln!(
+                s,
+                "port {} ({}): rx {} packets {} bytes, tx {} packets {} bytes, dropped {}, tx dropped {}",
+                p.name,
+                p.interface,
+                r(&st.rx_packets),
+                r(&st.rx_bytes),
+                r(&st.tx_packets),
+                r(&st.tx_bytes),
+                r(&st.dropped),
+                r(&st.tx_dropped)
+            );
+        }
+        for (i, w) in self.worker_stats.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "worker {i}: rx {} tx {} dropped {} answered {} held {} sleeps {}",
+                r(&w.rx),
+                r(&w.tx),
+                r(&w.dropped),
+                r(&w.answered),
+                r(&w.held),
+                r(&w.sleeps)
+            );
+        }
+        let e = &self.engine.stats;
+        let _ = writeln!(
+            s,
+            "engine: {} frames, {} accepted, {} dropped by rules, {} rejected, {} malformed, {} not IP, {} no route, {} table full; {} connections",
+            r(&e.frames),
+            r(&e.accepted),
+            r(&e.dropped_by_rules),
+            r(&e.rejected),
+            r(&e.malformed),
+            r(&e.not_ip),
+            r(&e.dropped_no_route),
+            r(&e.dropped_table_full),
+            self.engine.tracker().count()
+        );
+        s
+    }
+}
+
+/// The running dataplane: its workers and what they share.
+pub struct Running {
+    pub shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    /// Which worker serves which port queues, for the start-up message.
+    pub plan: Vec<Vec<(String, u32)>>,
+    /// What an operator should know (an interface that is down).
+    pub warnings: Vec<String>,
+}
+
+impl Running {
+    /// Asks the workers to stop and waits for them; their sockets close (and libxdp detaches
+    /// its XDP program) as they end.
+    pub fn stop(self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+
+    /// Whether a worker has ended (it ends only on stop or a fatal socket error).
+    pub fn any_finished(&self) -> bool {
+        self.threads.iter().any(|t| t.is_finished())
+    }
+}
+
+/// Which `(port, queue)` pairs each of `workers` workers serves, given each port's queue
+/// count: worker w takes queue q of every port where q % workers == w. With at least
+/// `workers` queues per port, every worker has a socket on every port, so it can send
+/// anywhere without handing frames to another worker.
+pub fn assign(queues: &[u32], workers: usize) -> Vec<Vec<(usize, u32)>> {
+    (0..workers)
+        .map(|w| {
+            queues
+                .iter()
+                .enumerate()
+                .flat_map(|(i, &n)| {
+                    (0..n)
+                        .filter(move |q| *q as usize % workers == w)
+                        .map(move |q| (i, q))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The dataplane planned from the configuration and the interfaces, before any socket is
+/// opened: the engine is built knowing how many workers will share it.
+pub struct Plan {
+    ports: Vec<PortInfo>,
+    workers: usize,
+    cores: Vec<core_affinity::CoreId>,
+    queues: Vec<Vec<(usize, u32)>>,
+    warnings: Vec<String>,
+    mode: Mode,
+    busy_poll: bool,
+}
+
+impl Plan {
+    /// How many workers will run (the engine's per-worker statistics slots).
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+}
+
+/// Reads the ports' interfaces (MAC, queues) and decides the workers and their queues.
+pub fn plan(cfg: &Config) -> Result<Plan, DataplaneError> {
+    if cfg.ports.is_empty() {
+        return Err(DataplaneError::NoPorts);
+    }
+    let mut ports = Vec::new();
+    for p in &cfg.ports {
+        let have = iface::rx_queues(&p.interface)?;
+        let queues = p.queues.unwrap_or(have);
+        if queues > have {
+            return Err(DataplaneError::TooManyQueues {
+                port: p.name.clone(),
+                interface: p.interface.clone(),
+                want: queues,
+                have,
+            });
+        }
+        ports.push(PortInfo {
+            name: p.name.clone(),
+            interface: p.interface.clone(),
+            mac: iface::mac(&p.interface)?,
+            addresses: p.addresses.clone(),
+            queues,
+        });
+    }
+    let fewest = ports.iter().map(|p| p.queues).min().unwrap_or(1).max(1);
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let workers = cfg
+        .dataplane
+        .workers
+        .unwrap_or_else(|| cores.len().clamp(1, fewest as usize));
+    if let Some(p) = ports.iter().find(|p| (p.queues as usize) < workers) {
+        return Err(DataplaneError::TooFewQueues {
+            workers,
+            port: p.name.clone(),
+            queues: p.queues,
+        });
+    }
+    let queues = assign(&ports.iter().map(|p| p.queues).collect::<Vec<_>>(), workers);
+    let warnings = ports
+        .iter()
+        .filter(|p| iface::is_down(&p.interface))
+        .map(|p| {
+            format!(
+                "port {}: interface {} is down; nothing moves until it is up",
+                p.name, p.interface
+            )
+        })
+        .collect();
+    Ok(Plan {
+        ports,
+        workers,
+        cores,
+        queues,
+        warnings,
+        mode: cfg.dataplane.mode,
+        busy_poll: cfg.dataplane.busy_poll,
+    })
+}
+
+/// Opens the AF_XDP sockets on every queue of every port and starts the workers, all
+/// sharing `engine`.
+pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError> {
+    let Plan {
+        ports,
+        workers,
+        cores,
+        queues: plan,
+        warnings,
+        mode,
+        busy_poll,
+    } = plan;
+    let shared = Arc::new(Shared {
+        engine,
+        port_stats: ports.iter().map(|_| PortStats::default()).collect(),
+        worker_stats: (0..workers).map(|_| WorkerStats::default()).collect(),
+        ports,
+        mode,
+        busy_poll,
+        neighbours: neigh::Neighbours::default(),
+        stop: AtomicBool::new(false),
+        epoch: Instant::now(),
+    });
+    iface::quiet_libbpf();
+    // Open every socket before any worker runs, so a bad port fails the start as a whole.
+    let mut built = Vec::new();
+    for (w, queues) in plan.iter().enumerate() {
+        built.push(worker::Worker::open(w, queues, shared.clone())?);
+    }
+    let mut threads = Vec::new();
+    for (w, worker) in built.into_iter().enumerate() {
+        let core = cores.get(w % cores.len().max(1)).copied();
+        let t = std::thread::Builder::new()
+            .name(format!("keepstate-w{w}"))
+            .spawn(move || {
+                if let Some(c) = core {
+                    // Pinning is a preference: a worker that cannot be pinned still works.
+                    core_affinity::set_for_current(c);
+                }
+                worker.run();
+            })
+            .map_err(|source| DataplaneError::Thread { worker: w, source })?;
+        threads.push(t);
+    }
+    let plan = plan
+        .iter()
+        .map(|qs| {
+            qs.iter()
+                .map(|&(p, q)| (shared.ports[p].name.clone(), q))
+                .collect()
+        })
+        .collect();
+    Ok(Running {
+        shared,
+        threads,
+        plan,
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_worker_gets_a_queue_of_every_port() {
+        assert_eq!(assign(&[1, 1], 1), vec![vec![(0, 0), (1, 0)]]);
+        assert_eq!(
+            assign(&[2, 3], 2),
+            vec![vec![(0, 0), (1, 0), (1, 2)], vec![(0, 1), (1, 1)]]
+        );
+        // Every queue is served exactly once.
+        let plan = assign(&[4, 8, 5], 3);
+        let mut all: Vec<_> = plan.concat();
+        all.sort();
+        let want: Vec<_> = [4u32, 8, 5]
+            .iter()
+            .enumerate()
+            .flat_map(|(p, &n)| (0..n).map(move |q| (p, q)))
+            .collect();
+        assert_eq!(all, want);
+        for w in &plan {
+            for p in 0..3 {
+                assert!(w.iter().any(|&(port, _)| port == p));
+            }
+        }
+    }
+}

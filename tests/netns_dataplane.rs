@@ -1,0 +1,547 @@
+//! The live appliance in network namespaces (needs root): `keepstate run` on AF_XDP sockets
+//! in a firewall namespace between a LAN host and a WAN host (the topology of `keepstate lab
+//! up`, under a prefix of its own), with examples/lab.toml and examples/home-router.nft, and
+//! real tools on the hosts: ping, curl against python3's http.server, a UDP exchange.
+//!
+//! Skipped with a message when not root or a tool is missing. The namespaces are deleted on
+//! Drop (also when an assertion fails) and by a watchdog if the test hangs.
+//!
+//! Run it alone with: `cargo test --test netns_dataplane -- --nocapture` (as root).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use keepstate::dataplane::lab::{Lab, FW_LAN, FW_LAN6, FW_WAN, INTERNET, INTERNET6, LAN_HOST};
+
+/// The size of the download: large enough for thousands of frames in each direction.
+const BODY: usize = 6 * 1024 * 1024;
+
+fn can_run() -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let tools = ["ping", "curl", "python3", "ethtool"]
+        .iter()
+        .all(|t| Command::new(t).arg("-V").output().is_ok());
+    let netns = root && Command::new("ip").args(["netns", "list"]).output().is_ok();
+    if !root || !tools || !netns {
+        eprintln!(
+            "SKIPPED: needs root, ip netns, ping, curl, python3 and ethtool (scripts/setup.sh \
+             installs them); run as root: cargo test --test netns_dataplane"
+        );
+        return false;
+    }
+    true
+}
+
+/// The lab and every process started in it: killed and deleted on Drop.
+struct Guard {
+    lab: Lab,
+    children: Vec<Child>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.lab.down();
+    }
+}
+
+fn in_ns(ns: &str, cmd: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).args(cmd);
+    c
+}
+
+fn output(ns: &str, cmd: &[&str]) -> Output {
+    in_ns(ns, cmd).output().expect("ip netns exec")
+}
+
+/// Runs `cmd` in `ns` and requires success.
+fn ok(ns: &str, cmd: &[&str]) -> String {
+    let o = output(ns, cmd);
+    assert!(
+        o.status.success(),
+        "`{}` in {ns} failed: {}{}",
+        cmd.join(" "),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The lines keepstate writes to stderr, as they come.
+#[derive(Default)]
+struct Lines {
+    lines: Mutex<Vec<String>>,
+    more: Condvar,
+}
+
+impl Lines {
+    fn collect(self: &Arc<Self>, child: &mut Child) {
+        let err = child.stderr.take().expect("stderr");
+        let me = self.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("  keepstate| {line}");
+                me.lines.lock().unwrap().push(line);
+                me.more.notify_all();
+            }
+        });
+    }
+
+    /// Waits for a line containing `what` after the first `from` lines; its index.
+    fn wait_for(&self, what: &str, from: usize, limit: Duration) -> usize {
+        let end = Instant::now() + limit;
+        let mut lines = self.lines.lock().unwrap();
+        loop {
+            if let Some(i) = lines.iter().skip(from).position(|l| l.contains(what)) {
+                return from + i;
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "keepstate did not say `{what}` within {limit:?}"
+            );
+            lines = self.more.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
+}
+
+/// Deterministic bytes that compress badly (xorshift).
+fn body() -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..BODY)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Starts `python3 -m http.server` in `ns` on `addr:port` serving `dir`; returns when it
+/// answers (asked from inside its own namespace, so the firewall is not involved).
+fn http_server(g: &mut Guard, ns: &str, addr: &str, port: u16, dir: &Path) {
+    let child = in_ns(ns, &["python3", "-m", "http.server", &port.to_string()])
+        .args(["--bind", addr, "--directory"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("http.server");
+    g.children.push(child);
+    let host = if addr.contains(':') {
+        format!("[{addr}]")
+    } else {
+        addr.to_string()
+    };
+    let url = format!("http://{host}:{port}/");
+    for _ in 0..100 {
+        if output(
+            ns,
+            &["curl", "-s", "-o", "/dev/null", "--max-time", "1", &url],
+        )
+        .status
+        .success()
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("http.server in {ns} did not start");
+}
+
+/// Downloads `url` from `ns` into `to` and requires it to equal `want`.
+fn download(ns: &str, url: &str, to: &Path, want: &[u8]) {
+    let t = Instant::now();
+    ok(
+        ns,
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "30",
+            "-o",
+            to.to_str().unwrap(),
+            url,
+        ],
+    );
+    let got = std::fs::read(to).expect("downloaded file");
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "download of {url} has the wrong length"
+    );
+    assert!(got == want, "download of {url} is damaged");
+    eprintln!("  {} bytes intact in {:?}", got.len(), t.elapsed());
+}
+
+const UDP_SERVER: &str = "
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(b'echo:' + data + b' from ' + peer[0].encode(), peer)
+";
+
+const UDP_REFUSED: &str = "
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b'x')
+try:
+    s.recv(100)
+    print('answered')
+except ConnectionRefusedError:
+    print('refused')
+except socket.timeout:
+    print('timeout')
+";
+
+const UDP_CLIENT: &str = "
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1)
+for i in range(5):
+    s.sendto(b'hello %d' % i, (sys.argv[1], int(sys.argv[2])))
+    try:
+        print(s.recv(2048).decode())
+        sys.exit(0)
+    except socket.timeout:
+        pass
+sys.exit(1)
+";
+
+fn signal(pid: u32, sig: &str) {
+    let s = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(s.success(), "kill {sig} {pid}");
+}
+
+/// Builds a lab under `letter` and this process's id, with `queues` queues per veth, and a
+/// watchdog that deletes it if the test hangs.
+fn lab(letter: char, queues: u32) -> Guard {
+    let lab = Lab::named(&format!("k{letter}{}", std::process::id() % 1_000_000)).unwrap();
+    let dog = lab.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(150));
+        eprintln!("netns_dataplane: timed out; deleting the lab");
+        dog.down();
+        std::process::exit(101);
+    });
+    let g = Guard {
+        lab,
+        children: Vec::new(),
+    };
+    g.lab.up(queues).expect("lab up");
+    g
+}
+
+/// Starts the built `keepstate run --config cfg` in the lab's firewall namespace; returns
+/// once it runs, with its pid and its stderr lines.
+fn start(g: &mut Guard, cfg: &Path) -> (u32, Arc<Lines>) {
+    let mut fw = in_ns(
+        &g.lab.fw,
+        &[env!("CARGO_BIN_EXE_keepstate"), "run", "--config"],
+    )
+    .arg(cfg)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("keepstate run");
+    let pid = fw.id();
+    let lines = Arc::new(Lines::default());
+    lines.collect(&mut fw);
+    g.children.push(fw);
+    lines.wait_for("keepstate: running", 0, Duration::from_secs(20));
+    (pid, lines)
+}
+
+const BRIDGE_RULES: &str = "table inet filter {
+\tchain forward {
+\t\ttype filter hook forward priority filter; policy drop;
+\t\tct state vmap { established : accept, related : accept, invalid : drop }
+\t\tiifname \"lan\" oifname \"wan\" accept
+\t\tlog prefix \"forward drop: \" drop
+\t}
+}
+";
+
+#[test]
+fn live_bridge_passes_arp_and_filters() {
+    if !can_run() {
+        return;
+    }
+    let mut g = lab('b', 1);
+    let lab = &g.lab.clone();
+    // One subnet across the bridge: the WAN host becomes 192.168.1.20.
+    ok(&lab.wan, &["ip", "-4", "addr", "flush", "dev", "eth0"]);
+    ok(
+        &lab.wan,
+        &["ip", "addr", "add", "192.168.1.20/24", "dev", "eth0"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // A bridge's ruleset: stateful filtering, no NAT (a bridge has no address to
+    // masquerade to, so home-router.nft's `masquerade` would drop everything).
+    let rules = dir.path().join("bridge.nft");
+    std::fs::write(&rules, BRIDGE_RULES).unwrap();
+    let cfg = format!(
+        "rules = {:?}\n\n[[port]]\nname = \"lan\"\ninterface = \"ks-lan\"\n\n\
+         [[port]]\nname = \"wan\"\ninterface = \"ks-wan\"\n\n\
+         [dataplane]\nmode = \"bridge\"\nworkers = 1\n",
+        rules.display().to_string()
+    );
+    let cfg_path = dir.path().join("bridge.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let (pid, lines) = start(&mut g, &cfg_path);
+
+    eprintln!("bridge: ARP and ping across, lan -> wan");
+    ok(&lab.lan, &["ping", "-c", "3", "-W", "2", "192.168.1.20"]);
+    eprintln!("bridge: a download across");
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    let want = body();
+    std::fs::write(www.join("blob"), &want).unwrap();
+    http_server(&mut g, &lab.wan, "192.168.1.20", 8000, &www);
+    let got = dir.path().join("got");
+    download(&lab.lan, "http://192.168.1.20:8000/blob", &got, &want);
+    eprintln!("bridge: wan -> lan is dropped");
+    http_server(&mut g, &lab.lan, LAN_HOST, 8001, &www);
+    let url = format!("http://{LAN_HOST}:8001/blob");
+    let o = output(&lab.wan, &["curl", "-s", "--max-time", "3", &url]);
+    assert!(
+        !o.status.success(),
+        "an inbound connection crossed the bridge"
+    );
+    lines.wait_for("forward drop: IN=wan OUT=lan", 0, Duration::from_secs(5));
+    signal(pid, "-TERM");
+    let status = g.children.remove(0).wait().expect("wait");
+    assert!(status.success(), "keepstate run ended with {status}");
+}
+
+#[test]
+fn live_router_forwards_answers_drops_and_reloads() {
+    if !can_run() {
+        return;
+    }
+    let mut g = lab('r', 2);
+    let lab = &g.lab.clone();
+
+    // The lab's configuration and rules, copied so the rules file can be broken later.
+    let dir = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let rules = dir.path().join("home-router.nft");
+    let good = std::fs::read_to_string(root.join("examples/home-router.nft")).unwrap();
+    std::fs::write(&rules, &good).unwrap();
+    let cfg = std::fs::read_to_string(root.join("examples/lab.toml"))
+        .unwrap()
+        .replace(
+            "rules = \"home-router.nft\"",
+            &format!("rules = {:?}", rules.display().to_string()),
+        );
+    assert!(cfg.contains(&rules.display().to_string()));
+    let cfg_path = dir.path().join("lab.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+
+    let (pid, lines) = start(&mut g, &cfg_path);
+
+    eprintln!("ping: the firewall answers on its own address");
+    ok(&lab.lan, &["ping", "-c", "2", "-W", "2", FW_LAN]);
+
+    ok(&lab.lan, &["ping", "-c", "2", "-W", "2", FW_LAN6]);
+
+    eprintln!("ping: lan -> internet, forwarded through the default routes (ARP, ND)");
+    let out = ok(&lab.lan, &["ping", "-c", "3", "-W", "2", INTERNET]);
+    // The engine took one off the TTL on the way back (the WAN host answers with 64).
+    assert!(out.contains("ttl=63"), "{out}");
+    ok(&lab.lan, &["ping", "-c", "3", "-W", "2", INTERNET6]);
+
+    eprintln!("tcp: a {BODY}-byte download, lan <- internet");
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    let want = body();
+    std::fs::write(www.join("blob"), &want).unwrap();
+    http_server(&mut g, &lab.wan, INTERNET, 8000, &www);
+    let url = format!("http://{INTERNET}:8000/blob");
+    download(&lab.lan, &url, &dir.path().join("got"), &want);
+    let www6 = dir.path().join("www6");
+    std::fs::create_dir(&www6).unwrap();
+    std::fs::write(www6.join("blob"), &want).unwrap();
+    http_server(&mut g, &lab.wan, INTERNET6, 8006, &www6);
+    let url6 = format!("http://[{INTERNET6}]:8006/blob");
+    download(&lab.lan, &url6, &dir.path().join("got6"), &want);
+
+    eprintln!("udp: a datagram out and its answer back");
+    let server = in_ns(&lab.wan, &["python3", "-c", UDP_SERVER, INTERNET, "5353"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("udp server");
+    g.children.push(server);
+    std::thread::sleep(Duration::from_millis(300));
+    let got = ok(&lab.lan, &["python3", "-c", UDP_CLIENT, INTERNET, "5353"]);
+    assert!(got.starts_with("echo:hello"), "udp answer: {got}");
+    // Masqueraded: the server saw the firewall's WAN address.
+    assert!(
+        got.trim().ends_with(&format!("from {FW_WAN}")),
+        "udp answer: {got}"
+    );
+
+    eprintln!("fragments: 3000-byte pings through, judged whole, leaving as fragments");
+    ok(
+        &lab.lan,
+        &["ping", "-c", "2", "-W", "2", "-s", "3000", INTERNET],
+    );
+
+    eprintln!("inbound: wan -> lan is dropped by the forward policy");
+    let inside = dir.path().join("inside");
+    std::fs::create_dir(&inside).unwrap();
+    std::fs::write(inside.join("secret"), b"not for the internet").unwrap();
+    http_server(&mut g, &lab.lan, LAN_HOST, 8001, &inside);
+    let o = output(
+        &lab.wan,
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "3",
+            &format!("http://{LAN_HOST}:8001/secret"),
+        ],
+    );
+    assert!(!o.status.success(), "an inbound connection got through");
+    let o = output(&lab.wan, &["ping", "-c", "2", "-W", "1", LAN_HOST]);
+    assert!(!o.status.success(), "an inbound ping got through");
+    lines.wait_for("forward drop: IN=wan OUT=lan", 0, Duration::from_secs(5));
+
+    eprintln!("port forward: wan tcp/8080 on the firewall reaches the LAN server's port 80");
+    http_server(&mut g, &lab.lan, LAN_HOST, 80, &inside);
+    let o = ok(
+        &lab.wan,
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{FW_WAN}:8080/secret"),
+        ],
+    );
+    assert_eq!(o, "not for the internet");
+
+    eprintln!("reload: a broken rules file is refused and traffic keeps flowing");
+    std::fs::write(
+        &rules,
+        "table inet filter {\n\tchain forward {\n\t\ttype filter hook forward priority 0;\n\t\ttcp dport @nope accept\n\t}\n}\n",
+    )
+    .unwrap();
+    let from = lines.len();
+    signal(pid, "-HUP");
+    let at = lines.wait_for(
+        "reload failed, keeping the old ruleset",
+        from,
+        Duration::from_secs(10),
+    );
+    lines.wait_for("@nope", at, Duration::from_secs(5));
+    ok(&lab.lan, &["ping", "-c", "2", "-W", "2", INTERNET]);
+    download(&lab.lan, &url, &dir.path().join("got2"), &want);
+    let o = output(
+        &lab.wan,
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "2",
+            &format!("http://{LAN_HOST}:8001/secret"),
+        ],
+    );
+    assert!(
+        !o.status.success(),
+        "the old ruleset stopped dropping inbound connections"
+    );
+
+    eprintln!("reload: the good file again, in the middle of a download");
+    std::fs::write(&rules, &good).unwrap();
+    let got3 = dir.path().join("got3");
+    // Slowed down to about a second, so the reload lands in the middle of it.
+    let mut slow = in_ns(&lab.lan, &["curl", "-sS", "--max-time", "30"])
+        .args(["--limit-rate", "6M", "-o"])
+        .arg(&got3)
+        .arg(&url)
+        .spawn()
+        .expect("curl");
+    std::thread::sleep(Duration::from_millis(400));
+    let from = lines.len();
+    signal(pid, "-HUP");
+    lines.wait_for("keepstate: reloaded", from, Duration::from_secs(10));
+    let status = slow.wait().expect("curl");
+    assert!(
+        status.success(),
+        "the download across the reload failed: {status}"
+    );
+    assert!(
+        std::fs::read(&got3).unwrap() == want,
+        "the download across the reload is damaged"
+    );
+    ok(&lab.lan, &["ping", "-c", "1", "-W", "2", INTERNET]);
+
+    eprintln!("reject: a TCP reset and an ICMP port unreachable go back out of the ingress port");
+    let anchor = "\t\t# LAN hosts may open connections to the internet.\n";
+    assert!(good.contains(anchor));
+    let rejecting = good.replace(
+        anchor,
+        &format!("\t\ttcp dport 9 reject with tcp reset\n\t\tudp dport 9 reject\n{anchor}"),
+    );
+    std::fs::write(&rules, rejecting).unwrap();
+    let from = lines.len();
+    signal(pid, "-HUP");
+    lines.wait_for("keepstate: reloaded", from, Duration::from_secs(10));
+    let t = Instant::now();
+    let o = output(
+        &lab.lan,
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            &format!("http://{INTERNET}:9/"),
+        ],
+    );
+    // curl's exit status 7: the connection was refused (a reset), not timed out (28).
+    assert_eq!(o.status.code(), Some(7), "curl to a rejected port: {o:?}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let got = ok(&lab.lan, &["python3", "-c", UDP_REFUSED, INTERNET, "9"]);
+    assert_eq!(got.trim(), "refused");
+    // Other traffic is unaffected.
+    ok(&lab.lan, &["ping", "-c", "1", "-W", "2", INTERNET]);
+
+    eprintln!("stop: SIGTERM, then the counters");
+    let from = lines.len();
+    signal(pid, "-TERM");
+    let status = g.children.remove(0).wait().expect("wait");
+    assert!(status.success(), "keepstate run ended with {status}");
+    let i = lines.wait_for("port lan (", from, Duration::from_secs(5));
+    let all = lines.lines.lock().unwrap();
+    let tx: u64 = all[i]
+        .split("tx ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    // Two downloads' worth of frames went out towards the LAN host.
+    assert!(tx as usize > 2 * BODY / 1500, "lan tx counter: {}", all[i]);
+}

@@ -841,9 +841,10 @@ impl Engine {
             }
         }
 
-        // Routing.
+        // Routing. Multicast and broadcast destinations are the box's own (RTN_MULTICAST,
+        // RTN_BROADCAST are delivered locally, never forwarded).
         let dst = w.edits.rw.dst.unwrap_or(pkt.ip.dst());
-        let local = self.ports.iter().any(|p| p.addresses.contains(&dst));
+        let local = self.ports.iter().any(|p| p.addresses.contains(&dst)) || is_group(dst);
         let (hooks, verdict): (&[Hook], Verdict) = if local {
             (&[Hook::Input], Verdict::Local)
         } else {
@@ -1357,6 +1358,14 @@ struct NatHook {
     manip: Manip,
     ingress: usize,
     egress: Option<(usize, IpAddr)>,
+}
+
+/// A multicast or limited-broadcast destination.
+fn is_group(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(a) => a.is_multicast() || a.is_broadcast(),
+        IpAddr::V6(a) => a.is_multicast(),
+    }
 }
 
 /// What NAT's tuple choice asks of the table.

@@ -263,9 +263,7 @@ impl Worker {
                 return self.dropped(shared, ingress, false);
             }
         }
-        // A mutable slice on purpose: NAT rewrites in place, and the engine's signature is
-        // becoming `&mut [u8]` (today the `&mut` coerces to `&`).
-        #[allow(clippy::unnecessary_mut_passed)]
+        // The engine edits the frame in place (TTL, NAT).
         let (verdict, _) =
             shared
                 .engine
@@ -279,6 +277,14 @@ impl Worker {
             // them (RTN_MULTICAST, RTN_BROADCAST). Until it does, they stop here.
             Verdict::Forward { .. } if router && group => self.dropped(shared, ingress, true),
             Verdict::Forward { port, next_hop } => {
+                // A helper rewrote the payload to another length (FTP, SIP through NAT):
+                // that frame leaves instead.
+                if let Some(mut f) = self.engine_worker.resized.take() {
+                    if let Action::Send(p) = self.forward(shared, &mut f, port, next_hop) {
+                        self.send_copy(shared, p, &f);
+                    }
+                    return Action::Recycle;
+                }
                 if self.engine_worker.released.is_empty() {
                     return self.forward(shared, frame, port, next_hop);
                 }
@@ -317,7 +323,13 @@ impl Worker {
                 self.dropped(shared, ingress, true)
             }
             Verdict::Held => Action::Recycle,
-            Verdict::Drop(_) => self.dropped(shared, ingress, true),
+            Verdict::Drop(_) => {
+                // An ICMP time exceeded for a TTL that ran out goes back to the sender.
+                if let Some(reply) = self.engine_worker.reply.take() {
+                    self.send_copy(shared, ingress, &reply);
+                }
+                self.dropped(shared, ingress, true)
+            }
         }
     }
 

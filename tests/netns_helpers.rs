@@ -715,6 +715,56 @@ fn kernel_and_keepstate_helpers_agree() {
         ));
     }
 
+    // Scenario 3: the server's data connection without the helper, dropped by keepstate
+    // (by the policy, as the kernel's policy counter says it did there).
+    let refused: Vec<&String> = ours
+        .trace
+        .iter()
+        .filter(|l| {
+            l.contains(&format!(" wan tcp {SERVER}:"))
+                && l.contains(&format!(" > {HOST}:"))
+                && l.contains(" [S] ")
+        })
+        .collect();
+    for l in &refused {
+        eprintln!("netns_helpers: scenario 3 in keepstate: {l}");
+    }
+    assert!(
+        !refused.is_empty()
+            && refused.len() as u64 == kernel_counters[POLICY_COUNTER].0
+            && refused.iter().all(|l| l.contains("-> drop")),
+        "scenario 3: the data connection must be dropped, every SYN\n{context}"
+    );
+
+    // The rewrites happened (so the frame comparison below covers them): the kernel's
+    // frames out of wan carry the router's address in PORT, EPRT and the SIP messages,
+    // the port forward's 227 the router's too, and what comes back to the phone its own
+    // address.
+    let text = |name: &str| -> String {
+        frames(&Lab::capture_file(dir.path(), name, "out"))
+            .iter()
+            .map(|f| String::from_utf8_lossy(&f.data).into_owned())
+            .collect()
+    };
+    let (wan_text, lan_text) = (text("wan"), text("lan"));
+    for (what, hay, needle) in [
+        ("PORT rewritten", &wan_text, "PORT 10,77,2,1,"),
+        ("EPRT rewritten", &wan_text, "EPRT |1|10.77.2.1|"),
+        ("227 of the port forward rewritten", &wan_text, "(10,77,2,1,"),
+        ("INVITE's SDP rewritten", &wan_text, "c=IN IP4 10.77.2.1\r\n"),
+        ("INVITE's Contact rewritten", &wan_text, "Contact: <sip:alice@10.77.2.1:5060>"),
+        ("the phone's own Via back", &lan_text, "Via: SIP/2.0/UDP 10.77.1.100:5060"),
+    ] {
+        assert!(hay.contains(needle), "{what}: no {needle:?} in the kernel's frames");
+    }
+    // nf_nat_sip leaves Call-ID alone (the phone put its address there): nothing else
+    // leaves by wan with the inside address.
+    let leaks: Vec<&str> = wan_text
+        .split("\r\n")
+        .filter(|l| l.contains(HOST) && !l.starts_with("Call-ID: "))
+        .collect();
+    assert!(leaks.is_empty(), "the inside address left by wan: {leaks:?}");
+
     // 3. Every forwarded frame, per egress.
     let replay_engine = replay(&rules_file, &config(&rules_file, ""), true, false);
     for name in ["lan", "wan"] {

@@ -61,7 +61,7 @@ use std::time::{Duration, Instant};
 
 use common::netns::{
     can_run, config, frame_key, frames, multiset, multiset_diff, nft_counters, normalise, replay,
-    replay_ingress, run, spawn_in_netns, Lab, ROUTER_LAN, ROUTER_WAN, SERVER,
+    replay_ingress, rules_in_tempdir, run, spawn_in_netns, Lab, ROUTER_LAN, ROUTER_WAN, SERVER,
 };
 
 /// The LAN host's address for everything the test sends or serves there.
@@ -154,7 +154,9 @@ impl Control {
     }
 
     fn send(&mut self, line: &str) {
-        self.out.write_all(format!("{line}\r\n").as_bytes()).unwrap();
+        self.out
+            .write_all(format!("{line}\r\n").as_bytes())
+            .unwrap();
     }
 
     fn line(&mut self) -> String {
@@ -227,14 +229,19 @@ fn ftp_server(l: TcpListener) {
             }
             "EPRT" => {
                 let f: Vec<&str> = arg.split('|').collect();
-                active = Some(SocketAddr::new(f[2].parse().unwrap(), f[3].parse().unwrap()));
+                active = Some(SocketAddr::new(
+                    f[2].parse().unwrap(),
+                    f[3].parse().unwrap(),
+                ));
                 c.send("200 EPRT command successful");
             }
             "RETR" => {
                 c.send("150 Opening BINARY mode data connection");
                 let data = match (passive.take(), active.take()) {
                     (Some(l), _) => accept_within(&l),
-                    (None, Some(a)) => TcpStream::connect_timeout(&a, Duration::from_millis(1200)).ok(),
+                    (None, Some(a)) => {
+                        TcpStream::connect_timeout(&a, Duration::from_millis(1200)).ok()
+                    }
                     _ => None,
                 };
                 match data {
@@ -293,7 +300,10 @@ fn ftp_client(to: (&str, u16), modes: &[Mode], refused: bool) {
                 if let Mode::Port = m {
                     let IpAddr::V4(a) = me else { panic!() };
                     let [a, b, cc, d] = a.octets();
-                    c.ask(&format!("PORT {a},{b},{cc},{d},{},{}", p >> 8, p & 0xff), "200");
+                    c.ask(
+                        &format!("PORT {a},{b},{cc},{d},{},{}", p >> 8, p & 0xff),
+                        "200",
+                    );
                 } else {
                     c.ask(&format!("EPRT |1|{me}|{p}|"), "200");
                 }
@@ -367,10 +377,13 @@ fn media_of(m: &str) -> SocketAddr {
     SocketAddr::new(addr.trim().parse().unwrap(), port.parse().unwrap())
 }
 
-fn recv(u: &UdpSocket) -> (String, SocketAddr) {
+/// Receives a SIP message, which must start with `start`, and who sent it.
+fn recv_starting(u: &UdpSocket, start: &str) -> (String, SocketAddr) {
     let mut buf = [0u8; 2048];
     let (n, from) = u.recv_from(&mut buf).unwrap();
-    (String::from_utf8_lossy(&buf[..n]).into_owned(), from)
+    let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(m.starts_with(start), "not {start}: {m}");
+    (m, from)
 }
 
 fn udp(addr: &str, port: u16) -> UdpSocket {
@@ -417,24 +430,30 @@ fn phone() {
     h.push("Expires: 3600".into());
     sig.send_to(&sip(&format!("REGISTER sip:{SERVER} SIP/2.0"), &h, ""), far)
         .unwrap();
-    let (ok, _) = recv(&sig);
-    assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+    recv_starting(&sig, "SIP/2.0 200");
     // The registrar's request to the registered contact, from another port.
-    let (req, from) = recv(&sig);
-    assert!(req.starts_with("OPTIONS "), "{req}");
-    assert_eq!(from, SocketAddr::new(SERVER.parse().unwrap(), REGISTRAR_OUT));
+    let (req, from) = recv_starting(&sig, "OPTIONS ");
+    assert_eq!(
+        from,
+        SocketAddr::new(SERVER.parse().unwrap(), REGISTRAR_OUT)
+    );
     sig.send_to(&answer(&req, &[], ""), from).unwrap();
     // The call.
     let invite = common("INVITE", 1, "i1", "call1", &format!("bob@{SERVER}"));
     let body = sdp("alice", HOST, PHONE_RTP);
-    sig.send_to(&sip(&format!("INVITE sip:bob@{SERVER} SIP/2.0"), &invite, &body), far)
-        .unwrap();
-    let (ok, _) = recv(&sig);
-    assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+    sig.send_to(
+        &sip(&format!("INVITE sip:bob@{SERVER} SIP/2.0"), &invite, &body),
+        far,
+    )
+    .unwrap();
+    let (ok, _) = recv_starting(&sig, "SIP/2.0 200");
     let to_far = media_of(&ok);
     let ack = common("ACK", 1, "a1", "call1", &format!("bob@{SERVER}"));
-    sig.send_to(&sip(&format!("ACK sip:bob@{SERVER}:5060 SIP/2.0"), &ack, ""), far)
-        .unwrap();
+    sig.send_to(
+        &sip(&format!("ACK sip:bob@{SERVER}:5060 SIP/2.0"), &ack, ""),
+        far,
+    )
+    .unwrap();
     // RTP: the far end starts, to what the INVITE's SDP said (rewritten by NAT).
     let mut buf = [0u8; 256];
     for i in 0..3u8 {
@@ -450,10 +469,12 @@ fn phone() {
         assert_eq!(&buf[..n], &[0x81, 201, 0, i][..]);
     }
     let bye = common("BYE", 2, "b1", "call1", &format!("bob@{SERVER}"));
-    sig.send_to(&sip(&format!("BYE sip:bob@{SERVER}:5060 SIP/2.0"), &bye, ""), far)
-        .unwrap();
-    let (ok, _) = recv(&sig);
-    assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+    sig.send_to(
+        &sip(&format!("BYE sip:bob@{SERVER}:5060 SIP/2.0"), &bye, ""),
+        far,
+    )
+    .unwrap();
+    recv_starting(&sig, "SIP/2.0 200");
 }
 
 /// The registrar and far end on the WAN; says `ready` once its sockets are bound.
@@ -464,11 +485,13 @@ fn far_end(ready: std::sync::mpsc::Sender<()>) {
     let rtcp = udp(SERVER, FAR_RTP + 1);
     ready.send(()).unwrap();
     // REGISTER: remember the contact as it arrived.
-    let (reg, from) = recv(&sig);
-    assert!(reg.starts_with("REGISTER "), "{reg}");
+    let (reg, from) = recv_starting(&sig, "REGISTER ");
     let contact = header(&reg, "Contact").to_string();
-    sig.send_to(&answer(&reg, &[format!("Contact: {contact};expires=3600")], ""), from)
-        .unwrap();
+    sig.send_to(
+        &answer(&reg, &[format!("Contact: {contact};expires=3600")], ""),
+        from,
+    )
+    .unwrap();
     let uri = contact.trim_start_matches('<').trim_end_matches('>');
     let host_port = uri.split_once('@').unwrap().1;
     let h = vec![
@@ -481,17 +504,17 @@ fn far_end(ready: std::sync::mpsc::Sender<()>) {
     ];
     out.send_to(&sip(&format!("OPTIONS {uri} SIP/2.0"), &h, ""), host_port)
         .unwrap();
-    let (ok, _) = recv(&out);
-    assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+    recv_starting(&out, "SIP/2.0 200");
     // INVITE.
-    let (invite, from) = recv(&sig);
-    assert!(invite.starts_with("INVITE "), "{invite}");
+    let (invite, from) = recv_starting(&sig, "INVITE ");
     let to_phone = media_of(&invite);
     let contact = format!("Contact: <sip:bob@{SERVER}:5060>");
-    sig.send_to(&answer(&invite, &[contact], &sdp("bob", SERVER, FAR_RTP)), from)
-        .unwrap();
-    let (ack, _) = recv(&sig);
-    assert!(ack.starts_with("ACK "), "{ack}");
+    sig.send_to(
+        &answer(&invite, &[contact], &sdp("bob", SERVER, FAR_RTP)),
+        from,
+    )
+    .unwrap();
+    recv_starting(&sig, "ACK ");
     let mut buf = [0u8; 256];
     for i in 0..3u8 {
         rtp.send_to(&[0x80, 0, 0, i, 1, 2, 3, 4], to_phone).unwrap();
@@ -503,8 +526,7 @@ fn far_end(ready: std::sync::mpsc::Sender<()>) {
         assert_eq!(&buf[..n], &[0x81, 200, 0, i][..]);
         rtcp.send_to(&[0x81, 201, 0, i], from).unwrap();
     }
-    let (bye, from) = recv(&sig);
-    assert!(bye.starts_with("BYE "), "{bye}");
+    let (bye, from) = recv_starting(&sig, "BYE ");
     sig.send_to(&answer(&bye, &[], ""), from).unwrap();
 }
 
@@ -550,7 +572,11 @@ fn ftp_listener(addr: &'static str, port: u16) -> impl FnOnce(std::sync::mpsc::S
 /// related rules ...:19 ...:33` (line 33: the masquerade rule). Returns those packets'
 /// count and bytes, read from keepstate's trace and the replayed capture.
 fn known_difference(dir: &std::path::Path, trace: &[String]) -> (u64, u64) {
-    let masq_line = RULES.lines().position(|l| l.contains("masquerade")).unwrap() + 1;
+    let masq_line = RULES
+        .lines()
+        .position(|l| l.contains("masquerade"))
+        .unwrap()
+        + 1;
     let mut reader = keepstate::replay::CaptureReader::new(
         std::fs::File::open(dir.join("ingress.pcapng")).unwrap(),
     )
@@ -575,7 +601,10 @@ fn known_difference(dir: &std::path::Path, trace: &[String]) -> (u64, u64) {
 
 /// Strips the remaining timeout (the first word) of a `/proc/net/nf_conntrack_expect` line.
 fn expect_line(l: &str) -> String {
-    l.split_once(' ').map_or(l, |(_, rest)| rest).trim().to_string()
+    l.split_once(' ')
+        .map_or(l, |(_, rest)| rest)
+        .trim()
+        .to_string()
 }
 
 #[test]
@@ -584,9 +613,7 @@ fn kernel_and_keepstate_helpers_agree() {
         return;
     }
     let started = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let rules_file = dir.path().join("router.nft");
-    std::fs::write(&rules_file, RULES).unwrap();
+    let (dir, rules_file) = rules_in_tempdir(RULES);
     let mut lab = Lab::new("kshelp", Duration::from_secs(120));
     let (c, r, s) = (lab.c.clone(), lab.r.clone(), lab.s.clone());
     // The LAN host speaks from HOST (its TCP connections by the route's source).
@@ -611,7 +638,13 @@ fn kernel_and_keepstate_helpers_agree() {
         &s,
         ftp_listener(SERVER, 21),
         &c,
-        || ftp_client((SERVER, 21), &[Mode::Pasv, Mode::Epsv, Mode::Port, Mode::Eprt], false),
+        || {
+            ftp_client(
+                (SERVER, 21),
+                &[Mode::Pasv, Mode::Epsv, Mode::Port, Mode::Eprt],
+                false,
+            )
+        },
     );
     // 2. FTP server behind the port forward.
     scenario(
@@ -659,30 +692,40 @@ fn kernel_and_keepstate_helpers_agree() {
     std::fs::write(dir.path().join("context.txt"), &context).unwrap();
     let mut failures = Vec::new();
 
-    // 1. The connection tables.
-    let theirs = multiset(kernel_ct.lines().map(normalise));
-    let mine = multiset(ours.listing.iter().map(|l| normalise(l)));
-    for l in theirs.keys() {
-        eprintln!("netns_helpers: kernel: {l}");
-    }
-    if theirs != mine {
-        failures.push(format!(
-            "conntrack -L differs (- the kernel only, + keepstate only):\n{}",
-            multiset_diff(&theirs, &mine)
-        ));
-    }
-    // The expectations left.
-    let theirs = multiset(kernel_exp.lines().map(expect_line));
-    let mine = multiset(ours.expect.iter().map(|l| expect_line(l)));
-    for l in theirs.keys() {
-        eprintln!("netns_helpers: kernel expects: {l}");
-    }
-    if theirs != mine {
-        failures.push(format!(
-            "expectations differ (- the kernel only, + keepstate only):\n{}",
-            multiset_diff(&theirs, &mine)
-        ));
-    }
+    // 1. The connection tables, then the expectations left.
+    let mut compare = |what: &str, theirs: &[String], mine: &[String]| {
+        let (theirs, mine) = (
+            multiset(theirs.iter().cloned()),
+            multiset(mine.iter().cloned()),
+        );
+        for l in theirs.keys() {
+            eprintln!("netns_helpers: kernel {what}: {l}");
+        }
+        if theirs != mine {
+            failures.push(format!(
+                "{what} differs (- the kernel only, + keepstate only):\n{}",
+                multiset_diff(&theirs, &mine)
+            ));
+        }
+    };
+    compare(
+        "conntrack -L",
+        &kernel_ct.lines().map(normalise).collect::<Vec<_>>(),
+        &ours
+            .listing
+            .iter()
+            .map(|l| normalise(l))
+            .collect::<Vec<_>>(),
+    );
+    compare(
+        "nf_conntrack_expect",
+        &kernel_exp.lines().map(expect_line).collect::<Vec<_>>(),
+        &ours
+            .expect
+            .iter()
+            .map(|l| expect_line(l))
+            .collect::<Vec<_>>(),
+    );
 
     // 2. The counters.
     let kernel_counters = nft_counters(&kernel_nft);
@@ -750,12 +793,31 @@ fn kernel_and_keepstate_helpers_agree() {
     for (what, hay, needle) in [
         ("PORT rewritten", &wan_text, "PORT 10,77,2,1,"),
         ("EPRT rewritten", &wan_text, "EPRT |1|10.77.2.1|"),
-        ("227 of the port forward rewritten", &wan_text, "(10,77,2,1,"),
-        ("INVITE's SDP rewritten", &wan_text, "c=IN IP4 10.77.2.1\r\n"),
-        ("INVITE's Contact rewritten", &wan_text, "Contact: <sip:alice@10.77.2.1:5060>"),
-        ("the phone's own Via back", &lan_text, "Via: SIP/2.0/UDP 10.77.1.100:5060"),
+        (
+            "227 of the port forward rewritten",
+            &wan_text,
+            "(10,77,2,1,",
+        ),
+        (
+            "INVITE's SDP rewritten",
+            &wan_text,
+            "c=IN IP4 10.77.2.1\r\n",
+        ),
+        (
+            "INVITE's Contact rewritten",
+            &wan_text,
+            "Contact: <sip:alice@10.77.2.1:5060>",
+        ),
+        (
+            "the phone's own Via back",
+            &lan_text,
+            "Via: SIP/2.0/UDP 10.77.1.100:5060",
+        ),
     ] {
-        assert!(hay.contains(needle), "{what}: no {needle:?} in the kernel's frames");
+        assert!(
+            hay.contains(needle),
+            "{what}: no {needle:?} in the kernel's frames"
+        );
     }
     // nf_nat_sip leaves Call-ID alone (the phone put its address there): nothing else
     // leaves by wan with the inside address.
@@ -763,14 +825,21 @@ fn kernel_and_keepstate_helpers_agree() {
         .split("\r\n")
         .filter(|l| l.contains(HOST) && !l.starts_with("Call-ID: "))
         .collect();
-    assert!(leaks.is_empty(), "the inside address left by wan: {leaks:?}");
+    assert!(
+        leaks.is_empty(),
+        "the inside address left by wan: {leaks:?}"
+    );
 
     // 3. Every forwarded frame, per egress.
     let replay_engine = replay(&rules_file, &config(&rules_file, ""), true, false);
     for name in ["lan", "wan"] {
         let port = replay_engine.engine().port_index(name).unwrap();
         let cap = Lab::capture_file(dir.path(), name, "out");
-        let theirs = multiset(frames(&cap).iter().filter_map(|f| frame_key(&f.data, |_| {})));
+        let theirs = multiset(
+            frames(&cap)
+                .iter()
+                .filter_map(|f| frame_key(&f.data, |_| {})),
+        );
         let mine = multiset(
             ours.out
                 .get(&port)
@@ -778,7 +847,10 @@ fn kernel_and_keepstate_helpers_agree() {
                 .flatten()
                 .filter_map(|f| frame_key(f, |_| {})),
         );
-        let bad: Vec<&String> = theirs.keys().filter(|k| !k.contains("checksums-ok")).collect();
+        let bad: Vec<&String> = theirs
+            .keys()
+            .filter(|k| !k.contains("checksums-ok"))
+            .collect();
         assert!(
             bad.is_empty(),
             "the kernel's frames out of {name} must verify (checksum offload off?): {bad:#?}"
@@ -797,9 +869,5 @@ fn kernel_and_keepstate_helpers_agree() {
     }
     let took = started.elapsed();
     eprintln!("netns_helpers: took {took:?}");
-    assert!(
-        failures.is_empty(),
-        "{}\n{context}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{}\n{context}", failures.join("\n"));
 }

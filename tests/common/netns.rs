@@ -550,6 +550,15 @@ pub fn merge(lan: &[CapturedFrame], wan: &[CapturedFrame]) -> Vec<u8> {
     pcapng(&all)
 }
 
+/// A temporary directory for a test's files (captures, configuration) with the router's
+/// ruleset `rules` written in it as `router.nft`, whose path comes second.
+pub fn rules_in_tempdir(rules: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("router.nft");
+    std::fs::write(&file, rules).unwrap();
+    (dir, file)
+}
+
 /// The router's configuration for keepstate: ports `lan` and `wan` with the router's
 /// addresses, the rules file, and `extra` (routes, settings) after them.
 pub fn config(rules: &Path, extra: &str) -> String {

@@ -599,6 +599,9 @@ fn known_difference(dir: &std::path::Path, trace: &[String]) -> (u64, u64) {
         .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
+/// A listing compared: its name, its normalisation, the kernel's lines and keepstate's.
+type Table<'a> = (&'a str, fn(&str) -> String, Vec<&'a str>, Vec<&'a str>);
+
 /// Strips the remaining timeout (the first word) of a `/proc/net/nf_conntrack_expect` line.
 fn expect_line(l: &str) -> String {
     l.split_once(' ')
@@ -693,11 +696,23 @@ fn kernel_and_keepstate_helpers_agree() {
     let mut failures = Vec::new();
 
     // 1. The connection tables, then the expectations left.
-    let mut compare = |what: &str, theirs: &[String], mine: &[String]| {
-        let (theirs, mine) = (
-            multiset(theirs.iter().cloned()),
-            multiset(mine.iter().cloned()),
-        );
+    let tables: [Table; 2] = [
+        (
+            "conntrack -L",
+            normalise,
+            kernel_ct.lines().collect(),
+            ours.listing.iter().map(String::as_str).collect(),
+        ),
+        (
+            "nf_conntrack_expect",
+            expect_line,
+            kernel_exp.lines().collect(),
+            ours.expect.iter().map(String::as_str).collect(),
+        ),
+    ];
+    for (what, norm, theirs, mine) in tables {
+        let theirs = multiset(theirs.into_iter().map(norm));
+        let mine = multiset(mine.into_iter().map(norm));
         for l in theirs.keys() {
             eprintln!("netns_helpers: kernel {what}: {l}");
         }
@@ -707,25 +722,7 @@ fn kernel_and_keepstate_helpers_agree() {
                 multiset_diff(&theirs, &mine)
             ));
         }
-    };
-    compare(
-        "conntrack -L",
-        &kernel_ct.lines().map(normalise).collect::<Vec<_>>(),
-        &ours
-            .listing
-            .iter()
-            .map(|l| normalise(l))
-            .collect::<Vec<_>>(),
-    );
-    compare(
-        "nf_conntrack_expect",
-        &kernel_exp.lines().map(expect_line).collect::<Vec<_>>(),
-        &ours
-            .expect
-            .iter()
-            .map(|l| expect_line(l))
-            .collect::<Vec<_>>(),
-    );
+    }
 
     // 2. The counters.
     let kernel_counters = nft_counters(&kernel_nft);

@@ -1,9 +1,10 @@
 //! Test kit for the kernel differential tests (`netns_conntrack`, `netns_nat`,
-//! `netns_tcp_edge`): a client, a router and a server network namespace (IPv6 on request),
+//! `netns_tcp_edge`, `netns_helpers`): a client, a router and a server network namespace (IPv6 on request),
 //! tcpdump on the router's interfaces, the peers (the test binary itself re-run inside a
 //! namespace, or a thread of it that entered one: [`spawn_in_netns`]), a packet socket that
 //! injects hand-made frames ([`RawLink`]), and reading the results (captures merged into a
-//! pcapng for `keepstate::replay`, frame identities, `conntrack -L` and nft counters).
+//! pcapng for `keepstate::replay`, frame identities and byte-for-byte keys, `conntrack -L`
+//! and nft counters).
 //!
 //! Namespaces are uniquely named (tag and pid) and deleted on Drop, also when the test fails,
 //! and by a watchdog if the test hangs; no traffic leaves them.

@@ -58,11 +58,10 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use etherparse::checksum::Sum16BitWords;
-
 use common::netns::{
-    can_run, config, engine_counters, finish, frames, merge, multiset, multiset_diff, nft_counters,
-    normalise, packet_id, replay, run, say, wait_for, Lab, CLIENT, ROUTER_LAN, ROUTER_WAN, SERVER,
+    can_run, checksums, config, engine_counters, finish, frame_key, frames, ip_of, merge, multiset,
+    multiset_diff, nft_counters, normalise, packet_id, replay, run, say, wait_for, Lab, CLIENT,
+    ROUTER_LAN, ROUTER_WAN, SERVER,
 };
 use keepstate::engine::Verdict;
 use keepstate::replay::CaptureReader;
@@ -260,56 +259,6 @@ fn outside() {
 
 // Reading the results.
 
-/// Whether the IPv4 header's and the transport's checksums verify, recomputed from scratch
-/// (a zero UDP checksum is "none").
-fn checksums(ip: &[u8]) -> &'static str {
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
-    if Sum16BitWords::new().add_slice(&ip[..ihl]).ones_complement() != 0 {
-        return "ip-checksum-BAD";
-    }
-    let seg = &ip[ihl..total];
-    let proto = ip[9];
-    let sum = match proto {
-        6 | 17 => {
-            if proto == 17 && seg.get(6..8) == Some(&[0, 0]) {
-                return "checksums-ok";
-            }
-            Sum16BitWords::new()
-                .add_slice(&ip[12..20])
-                .add_2bytes([0, proto])
-                .add_2bytes((seg.len() as u16).to_be_bytes())
-                .add_slice(seg)
-        }
-        1 => Sum16BitWords::new().add_slice(seg),
-        _ => return "checksums-ok",
-    };
-    if sum.ones_complement() == 0 {
-        "checksums-ok"
-    } else {
-        "l4-checksum-BAD"
-    }
-}
-
-/// Where a transport checksum sits in its header.
-fn l4_checksum_at(proto: u8) -> Option<usize> {
-    match proto {
-        6 => Some(16),
-        17 => Some(6),
-        1 => Some(2),
-        _ => None,
-    }
-}
-
-/// The IPv4 packet of an Ethernet frame, and its transport header's offset in it.
-fn ip_of(frame: &[u8]) -> Option<(&[u8], usize)> {
-    if frame.get(12..14) != Some(&[0x08, 0x00]) {
-        return None;
-    }
-    let ip = frame.get(14..)?;
-    Some((ip, usize::from(ip[0] & 0x0f) * 4))
-}
-
 /// The UDP ports of a frame, if it is UDP.
 fn udp_ports(frame: &[u8]) -> Option<(u16, u16)> {
     let (ip, l4) = ip_of(frame)?;
@@ -338,29 +287,14 @@ fn set_udp_port(frame: &mut [u8], at: usize, port: u16) {
     }
 }
 
-/// What must be equal between a frame the kernel forwarded and the one keepstate forwards:
-/// [`packet_id`], the TTL, whether the checksums verify, and a hash of the whole IP packet
-/// with its checksum fields zeroed. `realloc`, the port the clash moved to, reads as 0.
-fn frame_key(frame: &[u8], realloc: u16) -> Option<String> {
-    let (ip, l4) = ip_of(frame)?;
-    let sums = checksums(ip);
-    let mut f = frame.to_vec();
-    match udp_ports(frame) {
+/// [`frame_key`] with `realloc`, the port the clash moved to, read as 0.
+fn clash_key(frame: &[u8], realloc: u16) -> Option<String> {
+    let (_, l4) = ip_of(frame)?;
+    frame_key(frame, |f| match udp_ports(f) {
         Some((s, CLASH_TO | AGAIN_TO)) if s == realloc => f[14 + l4..14 + l4 + 2].fill(0),
         Some((CLASH_TO | AGAIN_TO, d)) if d == realloc => f[14 + l4 + 2..14 + l4 + 4].fill(0),
         _ => {}
-    }
-    let id = packet_id(&f)?;
-    let ip = &mut f[14..];
-    ip[10..12].fill(0);
-    if let Some(at) = l4_checksum_at(ip[9]) {
-        ip[l4 + at..l4 + at + 2].fill(0);
-    }
-    // FNV-1a over the packet.
-    let h = ip.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    });
-    Some(format!("{id} ttl {} {sums} bytes {h:016x}", ip[8]))
+    })
 }
 
 /// The words of a `conntrack -L` line that make its two tuples.
@@ -678,12 +612,12 @@ fn differential(client_role: &str) {
                 own += usize::from(mine);
                 !mine
             })
-            .filter_map(|f| frame_key(&f.data, kernel_port));
+            .filter_map(|f| clash_key(&f.data, kernel_port));
         let ours = forwarded
             .get(&port)
             .into_iter()
             .flatten()
-            .filter_map(|f| frame_key(f, our_port));
+            .filter_map(|f| clash_key(f, our_port));
         let (theirs, ours) = (multiset(theirs), multiset(ours));
         assert!(
             theirs.keys().all(|k| k.contains("checksums-ok")),

@@ -1,9 +1,10 @@
 //! Test kit for the kernel differential tests (`netns_conntrack`, `netns_nat`,
-//! `netns_tcp_edge`): a client, a router and a server network namespace (IPv6 on request),
+//! `netns_tcp_edge`, `netns_helpers`): a client, a router and a server network namespace (IPv6 on request),
 //! tcpdump on the router's interfaces, the peers (the test binary itself re-run inside a
 //! namespace, or a thread of it that entered one: [`spawn_in_netns`]), a packet socket that
 //! injects hand-made frames ([`RawLink`]), and reading the results (captures merged into a
-//! pcapng for `keepstate::replay`, frame identities, `conntrack -L` and nft counters).
+//! pcapng for `keepstate::replay`, frame identities and byte-for-byte keys, `conntrack -L`
+//! and nft counters).
 //!
 //! Namespaces are uniquely named (tag and pid) and deleted on Drop, also when the test fails,
 //! and by a watchdog if the test hangs; no traffic leaves them.
@@ -18,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use etherparse::checksum::Sum16BitWords;
 use etherparse::{Icmpv4Type, NetSlice, SlicedPacket, TransportSlice};
 
 use super::capture::{pcapng, Cap};
@@ -275,6 +277,10 @@ impl Lab {
                 "-Q",
                 dir,
                 "-U",
+                // 16 MiB of kernel buffer: bulk transfers (netns_helpers' FTP data) come
+                // faster than tcpdump writes, and a dropped frame would make the replay wrong.
+                "-B",
+                "16384",
                 "-n",
                 "-Z",
                 "root",
@@ -545,6 +551,15 @@ pub fn merge(lan: &[CapturedFrame], wan: &[CapturedFrame]) -> Vec<u8> {
     pcapng(&all)
 }
 
+/// A temporary directory for a test's files (captures, configuration) with the router's
+/// ruleset `rules` written in it as `router.nft`, whose path comes second.
+pub fn rules_in_tempdir(rules: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("router.nft");
+    std::fs::write(&file, rules).unwrap();
+    (dir, file)
+}
+
 /// The router's configuration for keepstate: ports `lan` and `wan` with the router's
 /// addresses, the rules file, and `extra` (routes, settings) after them.
 pub fn config(rules: &Path, extra: &str) -> String {
@@ -612,10 +627,14 @@ pub struct Replayed {
     pub trace: Vec<String>,
     /// [`packet_id`] of every frame keepstate forwarded.
     pub forwarded: Vec<String>,
+    /// Every frame keepstate forwarded, as it leaves, by the port it leaves by.
+    pub out: BTreeMap<usize, Vec<Vec<u8>>>,
     /// keepstate's rule counters, as [`engine_counters`] reads them.
     pub counters: Vec<(u64, u64)>,
     /// The final table, as `conntrack -L` prints it.
     pub listing: Vec<String>,
+    /// The expectations left, as `/proc/net/nf_conntrack_expect` prints them.
+    pub expect: Vec<String>,
 }
 
 /// Replays through `replay` the router's ingress that [`Lab::start_captures`] captured in
@@ -636,23 +655,37 @@ pub fn replay_ingress(
     let merged = merge(&lan_in, &wan_in);
     std::fs::write(dir.join("ingress.pcapng"), &merged).unwrap();
     let mut reader = CaptureReader::new(std::io::Cursor::new(merged)).unwrap();
-    let (mut trace, mut forwarded) = (Vec::new(), Vec::new());
+    let (mut trace, mut forwarded, mut out) = (Vec::new(), Vec::new(), BTreeMap::new());
     while let Some(f) = reader.next_frame() {
         let f = f.unwrap();
         before(&replay, &f);
         let step = replay.frame(&f);
         trace.extend(step.lines);
-        if step.leaves.is_some() {
+        if let Some(port) = step.leaves {
             forwarded.extend(packet_id(&f.data));
+            if let Some(o) = step.outcome {
+                out.entry(port).or_insert_with(Vec::new).push(o.frame);
+            }
         }
     }
     let counters = engine_counters(replay.engine());
     let listing = replay.finish().listing;
+    let now = replay.now().nanos();
+    let expect = replay
+        .engine()
+        .tracker()
+        .expectations()
+        .list(now)
+        .iter()
+        .map(|e| keepstate::conntrack::expect::proc_line(e, now))
+        .collect();
     Replayed {
         trace,
         forwarded,
+        out,
         counters,
         listing,
+        expect,
     }
 }
 
@@ -793,4 +826,79 @@ pub fn engine_counters(engine: &Engine) -> Vec<(u64, u64)> {
             (c[0].load(Relaxed), c[1].load(Relaxed))
         })
         .collect()
+}
+
+// Comparing forwarded frames byte for byte.
+
+/// Whether the IPv4 header's and the transport's checksums verify, recomputed from scratch
+/// (a zero UDP checksum is "none").
+pub fn checksums(ip: &[u8]) -> &'static str {
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+    if Sum16BitWords::new().add_slice(&ip[..ihl]).ones_complement() != 0 {
+        return "ip-checksum-BAD";
+    }
+    let seg = &ip[ihl..total];
+    let proto = ip[9];
+    let sum = match proto {
+        6 | 17 => {
+            if proto == 17 && seg.get(6..8) == Some(&[0, 0]) {
+                return "checksums-ok";
+            }
+            Sum16BitWords::new()
+                .add_slice(&ip[12..20])
+                .add_2bytes([0, proto])
+                .add_2bytes((seg.len() as u16).to_be_bytes())
+                .add_slice(seg)
+        }
+        1 => Sum16BitWords::new().add_slice(seg),
+        _ => return "checksums-ok",
+    };
+    if sum.ones_complement() == 0 {
+        "checksums-ok"
+    } else {
+        "l4-checksum-BAD"
+    }
+}
+
+/// Where a transport checksum sits in its header.
+pub fn l4_checksum_at(proto: u8) -> Option<usize> {
+    match proto {
+        6 => Some(16),
+        17 => Some(6),
+        1 => Some(2),
+        _ => None,
+    }
+}
+
+/// The IPv4 packet of an Ethernet frame, and its transport header's offset in it.
+pub fn ip_of(frame: &[u8]) -> Option<(&[u8], usize)> {
+    if frame.get(12..14) != Some(&[0x08, 0x00]) {
+        return None;
+    }
+    let ip = frame.get(14..)?;
+    Some((ip, usize::from(ip[0] & 0x0f) * 4))
+}
+
+/// What must be equal between a frame the kernel forwarded and the one keepstate forwards:
+/// [`packet_id`], the TTL, whether the checksums verify (recomputed from scratch), and a hash
+/// of the whole IP packet, payload included, with its checksum fields zeroed. `normalise`
+/// may first blank what the two may choose differently (a randomly picked port); the
+/// checksums are judged on the frame as it was.
+pub fn frame_key(frame: &[u8], normalise: impl FnOnce(&mut [u8])) -> Option<String> {
+    let (ip, l4) = ip_of(frame)?;
+    let sums = checksums(ip);
+    let mut f = frame.to_vec();
+    normalise(&mut f);
+    let id = packet_id(&f)?;
+    let ip = &mut f[14..];
+    ip[10..12].fill(0);
+    if let Some(at) = l4_checksum_at(ip[9]) {
+        ip[l4 + at..l4 + at + 2].fill(0);
+    }
+    // FNV-1a over the packet.
+    let h = ip.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    });
+    Some(format!("{id} ttl {} {sums} bytes {h:016x}", ip[8]))
 }

@@ -806,7 +806,10 @@ impl Engine {
             };
             return (Verdict::Drop(reason), Some(ct_bits));
         }
-        let first = matches!(&ct, Classified::Tracked(t) if t.is_tentative());
+        // nat chains see the first packet of a connection, unless its NAT is already set up:
+        // an expected connection of a translated master is bound from its expectation when
+        // it is created (`nf_nat_follow_master`), so `nf_nat_inet_fn` runs no nat chain for it.
+        let first = matches!(&ct, Classified::Tracked(t) if t.is_tentative() && t.follow.is_none());
         let tree = compiled.tree(pkt.ip.is_v6(), first);
         let mut key = packet_key(&pkt, Some(&ct), iif);
         if let Some(m) = raw_mark {

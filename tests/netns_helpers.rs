@@ -114,11 +114,9 @@ table ip nat {
 }
 "#;
 
-/// The index, among the rules with a counter, of `ct state related`, of the policy's and
-/// of the masquerade.
+/// The index, among the rules with a counter, of `ct state related` and of the policy's.
 const RELATED_COUNTER: usize = 3;
 const POLICY_COUNTER: usize = 7;
-const MASQ_COUNTER: usize = 9;
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(5));
 
@@ -559,47 +557,6 @@ fn ftp_listener(addr: &'static str, port: u16) -> impl FnOnce(std::sync::mpsc::S
     }
 }
 
-/// A known difference, reported: for a RELATED connection whose expectation came from a
-/// translated master, the kernel sets both NAT bindings up when the connection is created
-/// (`init_conntrack` calls the expectation's `expectfn`, `nf_nat_follow_master` for FTP,
-/// `nf_nat_sip_expected` for SIP, which binds the source too when the connection comes
-/// from the master's side), and `nf_nat_inet_fn` runs a hook's nat chains only while
-/// `!nf_nat_initialized(ct, maniptype)`: the postrouting chain never sees those
-/// connections, so `oifname "wan" counter masquerade` does not count them. keepstate
-/// translates them the same (the tables and frames agree) but evaluates the nat chain
-/// anyway (`Engine::nat_step` takes the `Follow` binding after the chain ran), so its
-/// masquerade counter also counts their first packets: here the PASV and EPSV data
-/// connections' SYNs and the phone's first RTCP datagram, traced as `forward wan ct
-/// related rules ...:19 ...:33` (line 33: the masquerade rule). Returns those packets'
-/// count and bytes, read from keepstate's trace and the replayed capture.
-fn known_difference(dir: &std::path::Path, trace: &[String]) -> (u64, u64) {
-    let masq_line = RULES
-        .lines()
-        .position(|l| l.contains("masquerade"))
-        .unwrap()
-        + 1;
-    let mut reader = keepstate::replay::CaptureReader::new(
-        std::fs::File::open(dir.join("ingress.pcapng")).unwrap(),
-    )
-    .unwrap();
-    let mut sizes = Vec::new();
-    while let Some(f) = reader.next_frame() {
-        let f = f.unwrap();
-        sizes.push(u64::from(u16::from_be_bytes([f.data[16], f.data[17]])));
-    }
-    trace
-        .iter()
-        .filter(|l| {
-            l.contains("-> forward wan ct related ")
-                && l.ends_with(&format!("router.nft:{masq_line}"))
-        })
-        .map(|l| {
-            let n: usize = l.split_whitespace().next().unwrap().parse().unwrap();
-            (1, sizes[n - 1])
-        })
-        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
-}
-
 /// A listing compared: its name, its normalisation, the kernel's lines and keepstate's.
 type Table<'a> = (&'a str, fn(&str) -> String, Vec<&'a str>, Vec<&'a str>);
 
@@ -732,26 +689,15 @@ fn kernel_and_keepstate_helpers_agree() {
         kernel_counters[RELATED_COUNTER].0 > 0 && kernel_counters[POLICY_COUNTER].0 > 0,
         "the kernel's related and policy-drop counters must count\n{kernel_nft}"
     );
-    let related_masq = known_difference(dir.path(), &ours.trace);
-    eprintln!(
-        "netns_helpers: known difference: keepstate's masquerade rule also counts the first \
-         packets of the RELATED connections opened from the LAN: {related_masq:?}"
-    );
-    let mut expected = kernel_counters.clone();
-    expected[MASQ_COUNTER].0 += related_masq.0;
-    expected[MASQ_COUNTER].1 += related_masq.1;
-    if related_masq.0 != 3 {
-        failures.push(format!(
-            "the known difference (see known_difference) should concern the two passive FTP data \
-             connections and the first RTCP datagram, not {related_masq:?}: fixed? \
-             update the test"
-        ));
-    }
+    // An expected connection of a translated master is bound from its expectation when it is
+    // created (nf_nat_follow_master, nf_nat_sip_expected), so no nat chain counts it: the
+    // masquerade counter must agree too.
+    let expected = kernel_counters.clone();
     if expected != ours.counters {
         failures.push(format!(
             "rule counters differ (helper ftp, helper sip, established, related, invalid, \
-             new lan->wan, new dnat, policy, dnat, masquerade):\n  kernel    {kernel_counters:?}\n  \
-             kernel with the known difference {expected:?}\n  keepstate {:?}",
+             new lan->wan, new dnat, policy, dnat, masquerade):\n  kernel    {expected:?}\n  \
+             keepstate {:?}",
             ours.counters
         ));
     }

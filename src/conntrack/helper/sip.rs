@@ -386,9 +386,11 @@ fn process_sdp(
     if cx.on {
         // `o=` names the sender too (nf_nat_sdp_session).
         let sender_ip = sender.src_ip().to_string();
-        let text = String::from_utf8_lossy(body);
         let mut at = 0;
-        for line in text.split('\n') {
+        for raw in body.split(|&b| b == b'\n') {
+            // Offsets into the body itself: a line that is not UTF-8 is left alone.
+            let line = std::str::from_utf8(raw).unwrap_or("");
+            let len = raw.len();
             if line.starts_with("o=") {
                 if let Some(i) = line.rfind(&sender_ip) {
                     let new = conn.tuple(dir.other()).dst_ip().to_string();
@@ -398,7 +400,7 @@ fn process_sdp(
                     );
                 }
             }
-            at += line.len() + 1;
+            at += len + 1;
         }
     }
     Ok(())
@@ -802,12 +804,13 @@ fn connection(line: &str, at: usize) -> Option<(IpAddr, Range<usize>)> {
 
 /// `process_sdp`: the active audio, video and image streams of an SDP body.
 pub fn parse_sdp(body: &[u8]) -> Result<Vec<Media>, SipError> {
-    let text = String::from_utf8_lossy(body);
-    // Byte offset of each line.
+    // Byte offset of each line in `body` (offsets are what NAT rewrites, so they must be the
+    // body's own: a line that is not UTF-8 is kept as an empty line, never re-encoded).
     let mut lines: Vec<(usize, &str)> = Vec::new();
     let mut at = 0;
-    for l in text.split('\n') {
-        lines.push((at, l.trim_end_matches('\r')));
+    for l in body.split(|&b| b == b'\n') {
+        let text = std::str::from_utf8(l).unwrap_or("");
+        lines.push((at, text.trim_end_matches('\r')));
         at += l.len() + 1;
     }
     let Some(v) = lines.iter().position(|(_, l)| l.starts_with("v=")) else {

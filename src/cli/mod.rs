@@ -195,6 +195,19 @@ pub enum LabCommand {
         #[arg(long, default_value_t = 2)]
         queues: u32,
     },
+    /// The product, shown: bring a lab up, run the appliance with examples/home-router.nft,
+    /// drive real traffic (ping, curl, a port forward, FTP with examples/office-ftp-sip.nft),
+    /// print what was expected and observed, the box's `ct list` and `stats`, tear it down.
+    /// Exit status 0: every scenario passed; 1: one failed; 77: it could not run here (not
+    /// root, a tool missing, AF_XDP unavailable), with the reason.
+    Demo {
+        /// The namespaces' name prefix.
+        #[arg(long, default_value = "ksdemo")]
+        prefix: String,
+        /// Where the example rulesets and lab.toml are.
+        #[arg(long, default_value = "examples")]
+        examples: PathBuf,
+    },
     /// Delete the lab's namespaces (and whatever runs in them).
     Down {
         #[arg(long, default_value = "ks")]
@@ -309,6 +322,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Lab {
             action: LabCommand::Down { prefix },
         } => lab::down(&prefix),
+        Command::Lab {
+            action: LabCommand::Demo { prefix, examples },
+        } => lab::demo(&prefix, &examples),
         Command::Bench {
             what:
                 BenchCommand::Classify {

@@ -23,6 +23,7 @@
 //! ([`lab`]), the control socket ([`control`]) and the lab demo ([`demo`]). Must not hold policy: what passes is the engine's word alone.
 
 pub mod control;
+pub mod demo;
 
 pub mod iface;
 pub mod lab;

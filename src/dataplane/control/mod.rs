@@ -18,7 +18,6 @@ pub mod client;
 pub mod proto;
 
 use std::ffi::CString;
-use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -404,8 +403,6 @@ fn answer(ctx: &Ctx, req: &Request, w: &mut impl Write, fd: RawFd) -> std::io::R
             let compiled = engine.compiled();
             text.push_str("\n# the ruleset in force, as `nft list ruleset` shows it\n");
             text.push_str(&listing_with_counters(&compiled));
-            text.push_str("\n# every rule's hits (keepstate counts each rule, `counter` or not)\n");
-            text.push_str(&rule_hits(&compiled));
             write(w, Answer::Out(text))?;
             write(w, Answer::Ok)
         }
@@ -561,21 +558,6 @@ fn with_counter(text: &str, packets: u64, bytes: u64) -> String {
     )
 }
 
-/// One line per rule: where it is, its packets and bytes, its text.
-pub fn rule_hits(c: &Compiled) -> String {
-    let mut s = String::new();
-    for r in c.ruleset.rules() {
-        let (p, b) = c
-            .counters
-            .get(r.id as usize)
-            .map(|k| (k[0].load(Ordering::Relaxed), k[1].load(Ordering::Relaxed)))
-            .unwrap_or((0, 0));
-        let loc = format!("{}:{}", r.loc.file, r.loc.line);
-        let _ = writeln!(s, "{loc:<34} {p:>10} packets {b:>12} bytes  {}", r.text);
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -606,9 +588,6 @@ mod tests {
             "{l}"
         );
         assert_eq!(l.lines().count(), c.listing.lines().count());
-        let hits = rule_hits(&c);
-        assert_eq!(hits.lines().count(), 3);
-        assert!(hits.lines().nth(1).unwrap().contains("3 packets"), "{hits}");
     }
 
     #[test]

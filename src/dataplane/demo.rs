@@ -98,6 +98,8 @@ impl Appliance {
 /// Everything the demo made: removed on drop, whatever happened.
 struct Stage {
     lab: Lab,
+    /// The lab is this demo's (it built it): only then is it removed.
+    built: bool,
     dir: PathBuf,
     children: Vec<Child>,
     box_: Option<Appliance>,
@@ -112,7 +114,9 @@ impl Drop for Stage {
             let _ = c.kill();
             let _ = c.wait();
         }
-        self.lab.down();
+        if self.built {
+            self.lab.down();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -392,6 +396,7 @@ pub fn run(prefix: &str, examples: &Path) -> Result<Summary, DemoError> {
     std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
     let mut st = Stage {
         lab: lab.clone(),
+        built: false,
         dir: dir.clone(),
         children: Vec::new(),
         box_: None,
@@ -408,7 +413,10 @@ pub fn run(prefix: &str, examples: &Path) -> Result<Summary, DemoError> {
         "   {} (LAN host {LAN_HOST}, the home server) -- {} (keepstate: lan {FW_LAN}, wan {FW_WAN}) -- {} (WAN host {WAN_HOST}; \"the internet\" {INTERNET})",
         lab.lan, lab.fw, lab.wan
     );
+    // A lab of the same name that is already there is someone else's: `up` refuses it, and
+    // it is left alone.
     lab.up(2)?;
+    st.built = true;
     home_router(&mut st, &mut show, &examples)?;
     show.check()?;
     office_ftp(&mut st, &mut show, &examples)?;

@@ -612,6 +612,41 @@ mod tests {
     }
 
     #[test]
+    fn the_socket_is_placed_with_its_mode_and_never_over_a_live_one_or_a_file() {
+        let dir = std::env::temp_dir().join(format!("ks-ctl-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.sock");
+        let b = bind(&path, None).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // Someone answers there: refused.
+        assert!(matches!(bind(&path, None), Err(ControlError::InUse(_))));
+        // Nobody answers any more (a killed appliance): the stale socket is replaced.
+        drop(b);
+        let b = bind(&path, None).unwrap();
+        drop(b);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "not a socket").unwrap();
+        assert!(matches!(
+            bind(&path, None),
+            Err(ControlError::NotASocket(_))
+        ));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a socket");
+        assert!(matches!(
+            bind(&dir.join("d.sock"), Some("no-such-group-here")),
+            Err(ControlError::NoGroup(_))
+        ));
+        assert!(!dir.join("d.sock").exists());
+        // A client that finds nobody says so in words.
+        let e = client::Client::connect(&dir.join("none.sock"))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("is `keepstate run` running"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_counter_in_the_middle_keeps_the_rest() {
         assert_eq!(
             with_counter("ip saddr 1.2.3.4 counter packets 0 bytes 0 drop", 5, 6),

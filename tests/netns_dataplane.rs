@@ -425,6 +425,24 @@ fn live_router_forwards_answers_drops_and_reloads() {
     assert!(err.contains("permission denied: uid 65534"), "{err}");
     assert!(o.stdout.is_empty());
 
+    eprintln!("control: malformed requests get an answer that says what is wrong");
+    for (req, want) in [
+        (&b"halt\n"[..], "fail unknown request `halt`"),
+        (
+            &b"ct list proto=tcpp\n"[..],
+            "fail bad argument `proto=tcpp`",
+        ),
+        (&b"\xff\xfe\n"[..], "fail request is not UTF-8 text"),
+        (&[b'x'; 5000][..], "fail request longer than 4096 bytes"),
+    ] {
+        use std::io::{Read, Write};
+        let mut c = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+        c.write_all(req).unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with(want), "{answer}");
+    }
+
     eprintln!("control: `ct events` streams conntrack -E lines");
     let mut events = Command::new(env!("CARGO_BIN_EXE_keepstate"))
         .args(["ct", "events", "--control"])

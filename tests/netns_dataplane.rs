@@ -341,15 +341,53 @@ fn live_bridge_passes_arp_and_filters() {
     // masquerade to, so home-router.nft's `masquerade` would drop everything).
     let rules = dir.path().join("bridge.nft");
     std::fs::write(&rules, BRIDGE_RULES).unwrap();
+    // The control socket for the group nogroup (gid 65534), in a directory others may
+    // traverse.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = dir.path().join("control.sock");
     let cfg = format!(
         "rules = {:?}\n\n[[port]]\nname = \"lan\"\ninterface = \"ks-lan\"\n\n\
          [[port]]\nname = \"wan\"\ninterface = \"ks-wan\"\n\n\
-         [dataplane]\nmode = \"bridge\"\nworkers = 1\n",
-        rules.display().to_string()
+         [dataplane]\nmode = \"bridge\"\nworkers = 1\ncontrol = {:?}\ncontrol_group = \"nogroup\"\n",
+        rules.display().to_string(),
+        sock.display().to_string()
     );
     let cfg_path = dir.path().join("bridge.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
     let (pid, lines) = start(&mut g, &cfg_path);
+
+    eprintln!("control: root:nogroup 0660; the group is served, other users are not");
+    let meta = std::fs::metadata(&sock).expect("control socket");
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    assert_eq!((meta.uid(), meta.gid()), (0, 65534));
+    let as_user = |ids: &[&str]| {
+        Command::new("setpriv")
+            .args(ids)
+            .arg(env!("CARGO_BIN_EXE_keepstate"))
+            .args(["ct", "count", "--control"])
+            .arg(&sock)
+            .output()
+            .expect("setpriv")
+    };
+    // nobody's group, as its primary group and as a supplementary one.
+    for ids in [
+        &["--reuid=65534", "--regid=65534", "--clear-groups"][..],
+        &["--reuid=65533", "--regid=65533", "--groups=65534"][..],
+    ] {
+        let o = as_user(ids);
+        assert!(o.status.success(), "{ids:?}: {o:?}");
+        assert!(String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse::<u64>()
+            .is_ok());
+    }
+    let o = as_user(&["--reuid=65533", "--regid=65533", "--clear-groups"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("permission denied"),
+        "{o:?}"
+    );
 
     eprintln!("bridge: ARP and ping across, lan -> wan");
     ok(&lab.lan, &["ping", "-c", "3", "-W", "2", "192.168.1.20"]);

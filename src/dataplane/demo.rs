@@ -261,6 +261,54 @@ handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.
 Server((sys.argv[1], int(sys.argv[2])), handler).serve_forever()
 ";
 
+/// `keepstate ct events` run as a person would, its lines collected.
+struct Events {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Events {
+    fn start(control: &Path) -> Option<Events> {
+        let exe = std::env::current_exe().ok()?;
+        let mut child = Command::new(exe)
+            .args(["ct", "events", "--control"])
+            .arg(control)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let out = child.stdout.take()?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                l.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        // Subscribed once the appliance has accepted it.
+        std::thread::sleep(Duration::from_millis(300));
+        Some(Events { child, lines })
+    }
+
+    /// Stops the client (as Ctrl-C would) and returns what it printed.
+    fn finish(mut self) -> Vec<String> {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(50));
+        let l = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        l.clone()
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Starts python3's http.server in `ns`, its log in `log`; waits until it answers.
 fn http_server(
     st: &mut Stage,
@@ -584,6 +632,9 @@ fn home_router(st: &mut Stage, show: &mut Show, examples: &Path) -> Result<(), D
         },
     )?;
 
+    // `keepstate ct events` (this binary, a client of the control socket) watches the port
+    // forward's connection come and go.
+    let watcher = Events::start(&a.control);
     show.scenario(
         &format!("the port forward: WAN host -> {FW_WAN}:8080"),
         &format!("DNAT to the home server {LAN_HOST}:80; its page comes back"),
@@ -607,6 +658,15 @@ fn home_router(st: &mut Stage, show: &mut Show, examples: &Path) -> Result<(), D
         },
     )?;
     show.check()?;
+    if let Some(w) = watcher {
+        println!(
+            "\n$ keepstate ct events --control {}    # while the port forward ran",
+            a.control.display()
+        );
+        for l in w.finish() {
+            println!("{l}");
+        }
+    }
 
     println!("\n== the box's own view, through its control socket");
     ask(

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job, until the dataplane exists: check every example ruleset, print it as
-# `nft list ruleset` would, trace packets through the home router, replay a recorded session
-# through it (conntrack events and table), and size the classifier on a ClassBench filter set.
+# The main job: check every example ruleset, print it as `nft list ruleset` would, trace
+# packets through the home router, replay a recorded session through it (conntrack events and
+# table), size the classifier on a ClassBench filter set; then, as root on a kernel with
+# AF_XDP, the live lab demo (`keepstate lab demo`): the appliance forwarding real traffic in
+# network namespaces, each scenario with what was expected and what was observed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -35,3 +37,17 @@ if [ -f "$cb" ]; then
 	echo "== keepstate bench classify --classbench $cb"
 	"$ks" bench classify --classbench "$cb" --packets 100000
 fi
+
+echo
+if [ "$(id -u)" -ne 0 ]; then
+	echo "== keepstate lab demo: SKIPPED: it needs root (network namespaces, AF_XDP sockets); run scripts/demo.sh as root"
+	exit 0
+fi
+echo "== keepstate lab demo"
+status=0
+"$ks" lab demo || status=$?
+case $status in
+0) ;;
+77) echo "== keepstate lab demo: SKIPPED (the reason is above): the offline steps ran, the live demo could not" ;;
+*) exit "$status" ;;
+esac

@@ -11,10 +11,11 @@ set -euo pipefail
 # clang llvm libelf-dev zlib1g-dev libpcap-dev pkg-config m4 gcc-multilib: xsk-rs builds libxdp
 # and libbpf from source for the AF_XDP dataplane (clang compiles libxdp's BPF programs);
 # curl, python3: the live dataplane test (tests/netns_dataplane.rs) downloads from a Python
-# http.server through the firewall with curl.
+# http.server through the firewall with curl; python3-pyftpdlib: the FTP server of
+# `keepstate lab demo` (the demo finds it with Debian's python3 when python3 is another one).
 packages=(nftables iproute2 conntrack tcpdump iputils-ping ethtool
 	clang llvm libelf-dev zlib1g-dev libpcap-dev pkg-config m4 gcc-multilib make
-	curl python3)
+	curl python3 python3-pyftpdlib)
 
 missing=()
 for p in "${packages[@]}"; do

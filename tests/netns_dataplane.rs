@@ -1,7 +1,9 @@
 //! The live appliance in network namespaces (needs root): `keepstate run` on AF_XDP sockets
 //! in a firewall namespace between a LAN host and a WAN host (the topology of `keepstate lab
 //! up`, under a prefix of its own), with examples/lab.toml and examples/home-router.nft, and
-//! real tools on the hosts: ping, curl against python3's http.server, a UDP exchange.
+//! real tools on the hosts: ping, curl against python3's http.server, a UDP exchange; and the
+//! control socket's clients against the running appliance (`keepstate ct list`, `ct events`,
+//! `ct flush`, `reload`, `stats`, a user who is not root refused).
 //!
 //! Skipped with a message when not root or a tool is missing. The namespaces are deleted on
 //! Drop (also when an assertion fails) and by a watchdog if the test hangs.
@@ -14,7 +16,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use keepstate::dataplane::lab::{Lab, FW_LAN, FW_LAN6, FW_WAN, INTERNET, INTERNET6, LAN_HOST};
+use keepstate::dataplane::lab::{
+    Lab, FW_LAN, FW_LAN6, FW_WAN, INTERNET, INTERNET6, LAN_HOST, WAN_HOST,
+};
 
 /// The size of the download: large enough for thousands of frames in each direction.
 const BODY: usize = 6 * 1024 * 1024;
@@ -227,6 +231,41 @@ for i in range(5):
 sys.exit(1)
 ";
 
+/// Runs `keepstate ARGS --control SOCK` (outside the lab: the socket is a file) and returns
+/// its output, whatever its exit status.
+fn ctl(sock: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keepstate"))
+        .args(args)
+        .arg("--control")
+        .arg(sock)
+        .output()
+        .expect("keepstate client")
+}
+
+/// `ctl` that must succeed; its stdout.
+fn ctl_ok(sock: &Path, args: &[&str]) -> String {
+    let o = ctl(sock, args);
+    assert!(
+        o.status.success(),
+        "keepstate {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The client run as user nobody (uid 65534), with no groups.
+fn ctl_as_nobody(sock: &Path) -> Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_keepstate"))
+        .args(["ct", "list", "--control"])
+        .arg(sock)
+        .output()
+        .expect("setpriv")
+}
+
 fn signal(pid: u32, sig: &str) {
     let s = Command::new("kill")
         .args([sig, &pid.to_string()])
@@ -302,15 +341,53 @@ fn live_bridge_passes_arp_and_filters() {
     // masquerade to, so home-router.nft's `masquerade` would drop everything).
     let rules = dir.path().join("bridge.nft");
     std::fs::write(&rules, BRIDGE_RULES).unwrap();
+    // The control socket for the group nogroup (gid 65534), in a directory others may
+    // traverse.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = dir.path().join("control.sock");
     let cfg = format!(
         "rules = {:?}\n\n[[port]]\nname = \"lan\"\ninterface = \"ks-lan\"\n\n\
          [[port]]\nname = \"wan\"\ninterface = \"ks-wan\"\n\n\
-         [dataplane]\nmode = \"bridge\"\nworkers = 1\n",
-        rules.display().to_string()
+         [dataplane]\nmode = \"bridge\"\nworkers = 1\ncontrol = {:?}\ncontrol_group = \"nogroup\"\n",
+        rules.display().to_string(),
+        sock.display().to_string()
     );
     let cfg_path = dir.path().join("bridge.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
     let (pid, lines) = start(&mut g, &cfg_path);
+
+    eprintln!("control: root:nogroup 0660; the group is served, other users are not");
+    let meta = std::fs::metadata(&sock).expect("control socket");
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    assert_eq!((meta.uid(), meta.gid()), (0, 65534));
+    let as_user = |ids: &[&str]| {
+        Command::new("setpriv")
+            .args(ids)
+            .arg(env!("CARGO_BIN_EXE_keepstate"))
+            .args(["ct", "count", "--control"])
+            .arg(&sock)
+            .output()
+            .expect("setpriv")
+    };
+    // nobody's group, as its primary group and as a supplementary one.
+    for ids in [
+        &["--reuid=65534", "--regid=65534", "--clear-groups"][..],
+        &["--reuid=65533", "--regid=65533", "--groups=65534"][..],
+    ] {
+        let o = as_user(ids);
+        assert!(o.status.success(), "{ids:?}: {o:?}");
+        assert!(String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse::<u64>()
+            .is_ok());
+    }
+    let o = as_user(&["--reuid=65533", "--regid=65533", "--clear-groups"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("permission denied"),
+        "{o:?}"
+    );
 
     eprintln!("bridge: ARP and ping across, lan -> wan");
     ok(&lab.lan, &["ping", "-c", "3", "-W", "2", "192.168.1.20"]);
@@ -350,17 +427,81 @@ fn live_router_forwards_answers_drops_and_reloads() {
     let rules = dir.path().join("home-router.nft");
     let good = std::fs::read_to_string(root.join("examples/home-router.nft")).unwrap();
     std::fs::write(&rules, &good).unwrap();
+    let sock = dir.path().join("control.sock");
     let cfg = std::fs::read_to_string(root.join("examples/lab.toml"))
         .unwrap()
         .replace(
             "rules = \"home-router.nft\"",
             &format!("rules = {:?}", rules.display().to_string()),
+        )
+        .replace(
+            "control = \"/run/keepstate-lab.sock\"",
+            &format!("control = {:?}", sock.display().to_string()),
         );
     assert!(cfg.contains(&rules.display().to_string()));
+    assert!(cfg.contains(&sock.display().to_string()));
     let cfg_path = dir.path().join("lab.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
 
     let (pid, lines) = start(&mut g, &cfg_path);
+
+    eprintln!("control: the socket is root's alone (no control_group), and nobody is refused");
+    let meta = std::fs::metadata(&sock).expect("control socket");
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    assert_eq!(meta.uid(), 0);
+    let o = ctl_as_nobody(&sock);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("permission denied"), "{err}");
+    // With the file opened to everyone, SO_PEERCRED still keeps nobody out.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let o = ctl_as_nobody(&sock);
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("permission denied: uid 65534"), "{err}");
+    assert!(o.stdout.is_empty());
+
+    eprintln!("control: malformed requests get an answer that says what is wrong");
+    for (req, want) in [
+        (&b"halt\n"[..], "fail unknown request `halt`"),
+        (
+            &b"ct list proto=tcpp\n"[..],
+            "fail bad argument `proto=tcpp`",
+        ),
+        (&b"\xff\xfe\n"[..], "fail request is not UTF-8 text"),
+        (&[b'x'; 5000][..], "fail request longer than 4096 bytes"),
+    ] {
+        use std::io::{Read, Write};
+        let mut c = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+        c.write_all(req).unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with(want), "{answer}");
+    }
+
+    eprintln!("control: `ct events` streams conntrack -E lines");
+    let mut events = Command::new(env!("CARGO_BIN_EXE_keepstate"))
+        .args(["ct", "events", "--control"])
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ct events");
+    let event_lines = Arc::new(Lines::default());
+    {
+        let out = events.stdout.take().expect("stdout");
+        let me = event_lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                me.lines.lock().unwrap().push(line);
+                me.more.notify_all();
+            }
+        });
+    }
+    g.children.push(events);
+    std::thread::sleep(Duration::from_millis(300));
 
     eprintln!("ping: the firewall answers on its own address");
     ok(&lab.lan, &["ping", "-c", "2", "-W", "2", FW_LAN]);
@@ -372,6 +513,13 @@ fn live_router_forwards_answers_drops_and_reloads() {
     // The engine took one off the TTL on the way back (the WAN host answers with 64).
     assert!(out.contains("ttl=63"), "{out}");
     ok(&lab.lan, &["ping", "-c", "3", "-W", "2", INTERNET6]);
+    let new_icmp = format!("    [NEW] icmp     1 30 src={LAN_HOST} dst={INTERNET} type=8 code=0");
+    event_lines.wait_for(&new_icmp, 0, Duration::from_secs(5));
+    event_lines.wait_for(
+        &format!("src={INTERNET} dst={FW_WAN} type=0 code=0"),
+        0,
+        Duration::from_secs(5),
+    );
 
     eprintln!("tcp: a {BODY}-byte download, lan <- internet");
     let www = dir.path().join("www");
@@ -443,12 +591,43 @@ fn live_router_forwards_answers_drops_and_reloads() {
     );
     assert_eq!(o, "not for the internet");
 
-    eprintln!("reload: a broken rules file is refused and traffic keeps flowing");
+    eprintln!("control: `ct list` shows the port forward with its translated reply tuple");
+    let listed = ctl_ok(&sock, &["ct", "list", "-p", "tcp", "-d", FW_WAN]);
+    assert!(
+        listed.lines().any(|l| l.starts_with("tcp      6 ")
+            && l.contains(&format!("dst={FW_WAN} sport="))
+            && l.contains(&format!(
+                "dport=8080 src={LAN_HOST} dst={WAN_HOST} sport=80 dport="
+            ))),
+        "{listed}"
+    );
+
+    eprintln!("control: `stats` shows ports, the tracker and live rule counters (reset by a reload, as nft's)");
+    let stats = ctl_ok(&sock, &["stats"]);
+    assert!(stats.contains("port lan (ks-lan): rx "), "{stats}");
+    assert!(stats.contains("conntrack: "), "{stats}");
+    let drops = stats
+        .lines()
+        .find(|l| l.contains("log prefix \"forward drop: \""))
+        .expect("the forward chain's counter");
+    assert!(!drops.contains("counter packets 0 "), "{drops}");
+
+    eprintln!(
+        "reload: a broken rules file is refused (`keepstate reload`) and traffic keeps flowing"
+    );
     std::fs::write(
         &rules,
         "table inet filter {\n\tchain forward {\n\t\ttype filter hook forward priority 0;\n\t\ttcp dport @nope accept\n\t}\n}\n",
     )
     .unwrap();
+    let o = ctl(&sock, &["reload"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("@nope"), "{err}");
+    assert!(
+        err.contains("reload failed, keeping the old ruleset"),
+        "{err}"
+    );
     let from = lines.len();
     signal(pid, "-HUP");
     let at = lines.wait_for(
@@ -485,9 +664,19 @@ fn live_router_forwards_answers_drops_and_reloads() {
         .spawn()
         .expect("curl");
     std::thread::sleep(Duration::from_millis(400));
-    let from = lines.len();
-    signal(pid, "-HUP");
-    lines.wait_for("keepstate: reloaded", from, Duration::from_secs(10));
+    eprintln!("control: the download in progress is listed, masqueraded");
+    let listed = ctl_ok(&sock, &["ct", "list", "-s", LAN_HOST, "-p", "tcp"]);
+    assert!(
+        listed.lines().any(|l| l.contains(" ESTABLISHED src=")
+            && l.contains(&format!(
+                "dport=8000 src={INTERNET} dst={FW_WAN} sport=8000 "
+            ))
+            && l.contains("[ASSURED]")),
+        "{listed}"
+    );
+    let o = ctl(&sock, &["reload"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("reloaded"));
     let status = slow.wait().expect("curl");
     assert!(
         status.success(),
@@ -498,6 +687,29 @@ fn live_router_forwards_answers_drops_and_reloads() {
         "the download across the reload is damaged"
     );
     ok(&lab.lan, &["ping", "-c", "1", "-W", "2", INTERNET]);
+
+    eprintln!("control: `ct flush` empties the table");
+    assert!(
+        ctl_ok(&sock, &["ct", "count"])
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+            > 0
+    );
+    let o = ctl(&sock, &["ct", "flush"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("table has been emptied"));
+    let left = ctl(&sock, &["ct", "list", "-s", LAN_HOST]);
+    assert!(left.stdout.is_empty(), "{left:?}");
+    assert!(String::from_utf8_lossy(&left.stderr).contains(" 0 flow entries"));
+    event_lines.wait_for("[DESTROY] tcp", 0, Duration::from_secs(5));
+    // New connections are tracked again at once.
+    ok(&lab.lan, &["ping", "-c", "1", "-W", "2", INTERNET]);
+    let listed = ctl_ok(&sock, &["ct", "list", "-p", "icmp"]);
+    assert!(
+        listed.contains(&format!("src={LAN_HOST} dst={INTERNET} type=8")),
+        "{listed}"
+    );
 
     eprintln!("reject: a TCP reset and an ICMP port unreachable go back out of the ingress port");
     let anchor = "\t\t# LAN hosts may open connections to the internet.\n";
@@ -534,6 +746,7 @@ fn live_router_forwards_answers_drops_and_reloads() {
     signal(pid, "-TERM");
     let status = g.children.remove(0).wait().expect("wait");
     assert!(status.success(), "keepstate run ended with {status}");
+    assert!(!sock.exists(), "the control socket was left behind");
     let i = lines.wait_for("port lan (", from, Duration::from_secs(5));
     let all = lines.lines.lock().unwrap();
     let tx: u64 = all[i]

@@ -1,8 +1,10 @@
-//! `keepstate lab up|down`: builds or removes the namespace topology of
-//! [`crate::dataplane::lab`] and says how to use it. Wiring only.
+//! `keepstate lab up|down|demo`: builds or removes the namespace topology of
+//! [`crate::dataplane::lab`] and says how to use it, or runs [`crate::dataplane::demo`] in
+//! it. Wiring only.
 
 use std::process::ExitCode;
 
+use crate::dataplane::demo::{self, DemoError};
 use crate::dataplane::lab::Lab;
 
 pub fn up(prefix: &str, queues: u32) -> anyhow::Result<ExitCode> {
@@ -20,4 +22,28 @@ pub fn down(prefix: &str) -> anyhow::Result<ExitCode> {
     lab.down();
     println!("lab down: removed {}, {} and {}", lab.lan, lab.fw, lab.wan);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Exit status of a demo that could not run here (the automake convention for "skipped").
+const SKIPPED: u8 = 77;
+
+pub fn demo(prefix: &str, examples: &std::path::Path) -> anyhow::Result<ExitCode> {
+    match demo::run(prefix, examples) {
+        Ok(s) if s.failed == 0 => Ok(ExitCode::SUCCESS),
+        Ok(_) => Ok(ExitCode::from(1)),
+        Err(
+            e @ (DemoError::NotRoot
+            | DemoError::Missing(_)
+            | DemoError::NoStart(_)
+            | DemoError::NoExamples(_)),
+        ) => {
+            eprintln!("keepstate: lab demo skipped: {e}");
+            Ok(ExitCode::from(SKIPPED))
+        }
+        Err(DemoError::Interrupted) => {
+            eprintln!("keepstate: lab demo interrupted; the lab is removed");
+            Ok(ExitCode::from(130))
+        }
+        Err(e) => Err(e.into()),
+    }
 }

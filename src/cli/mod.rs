@@ -2,15 +2,20 @@
 
 mod bench;
 mod check;
+mod ct;
 mod lab;
+mod reload;
 pub mod replay;
 mod run;
+mod stats;
 pub mod trace;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+
+use crate::dataplane::control::proto::{parse_net, parse_proto, ListFilter};
 
 /// keepstate: a stateful edge firewall with nftables syntax and Linux conntrack semantics.
 #[derive(Parser, Debug)]
@@ -90,6 +95,23 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Ask the running appliance to reload its rules file (as SIGHUP); exit status 1 and
+    /// the diagnostics when the file is refused (the old ruleset keeps running).
+    Reload {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// The running appliance's connection table, as the conntrack tool shows it.
+    Ct {
+        #[command(subcommand)]
+        action: CtCommand,
+    },
+    /// The running appliance's counters: ports, workers, conntrack, NAT, helpers, and the
+    /// ruleset with live rule counters as `nft list ruleset` shows them.
+    Stats {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
     /// Build or remove a network-namespace lab (LAN host, firewall, WAN host) for `run`.
     Lab {
         #[command(subcommand)]
@@ -99,6 +121,65 @@ pub enum Command {
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
+    },
+}
+
+/// Which running appliance to talk to.
+#[derive(Args, Debug, Clone)]
+pub struct ControlArgs {
+    /// The control socket (default: the --config file's [dataplane] control, else
+    /// /run/keepstate.sock).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Read the control socket's path from this configuration.
+    #[arg(long, value_name = "FILE.toml", conflicts_with = "control")]
+    pub config: Option<PathBuf>,
+}
+
+impl ControlArgs {
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        ct::control_path(self.control.clone(), self.config.as_deref())
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CtCommand {
+    /// The table, exactly as `conntrack -L` prints it (the summary line on stderr).
+    List {
+        /// Only connections from this source (ORIGINAL direction); ADDR or ADDR/LEN.
+        #[arg(short = 's', long = "src", value_name = "ADDR", value_parser = parse_net)]
+        src: Option<ipnet::IpNet>,
+        /// Only connections to this destination (ORIGINAL direction); ADDR or ADDR/LEN.
+        #[arg(short = 'd', long = "dst", value_name = "ADDR", value_parser = parse_net)]
+        dst: Option<ipnet::IpNet>,
+        /// Only this protocol: tcp, udp, icmp, icmpv6, ... or a number.
+        #[arg(short = 'p', long = "proto", value_name = "PROTO", value_parser = parse_proto)]
+        proto: Option<u8>,
+        /// A JSON array, one object per connection, instead of conntrack's lines.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Events as `conntrack -E` prints them, until interrupted.
+    Events {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// The number of connections (`conntrack -C`).
+    Count {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Remove every connection (`conntrack -F`).
+    Flush {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// The helpers' expectations, as /proc/net/nf_conntrack_expect lists them.
+    Expect {
+        #[command(flatten)]
+        control: ControlArgs,
     },
 }
 
@@ -113,6 +194,19 @@ pub enum LabCommand {
         /// Receive and transmit queues per veth (at least the configuration's workers).
         #[arg(long, default_value_t = 2)]
         queues: u32,
+    },
+    /// The product, shown: bring a lab up, run the appliance with examples/home-router.nft,
+    /// drive real traffic (ping, curl, a port forward, FTP with examples/office-ftp-sip.nft),
+    /// print what was expected and observed, the box's `ct list` and `stats`, tear it down.
+    /// Exit status 0: every scenario passed; 1: one failed; 77: it could not run here (not
+    /// root, a tool missing, AF_XDP unavailable), with the reason.
+    Demo {
+        /// The namespaces' name prefix.
+        #[arg(long, default_value = "ksdemo")]
+        prefix: String,
+        /// Where the example rulesets and lab.toml are.
+        #[arg(long, default_value = "examples")]
+        examples: PathBuf,
     },
     /// Delete the lab's namespaces (and whatever runs in them).
     Down {
@@ -207,12 +301,30 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             expect,
         }),
         Command::Run { config } => run::run(&config),
+        Command::Reload { control } => reload::run(&control.path()?),
+        Command::Stats { control } => stats::run(&control.path()?),
+        Command::Ct { action } => match action {
+            CtCommand::List {
+                src,
+                dst,
+                proto,
+                json,
+                control,
+            } => ct::list(&control.path()?, ListFilter { src, dst, proto }, json),
+            CtCommand::Events { control } => ct::events(&control.path()?),
+            CtCommand::Count { control } => ct::count(&control.path()?),
+            CtCommand::Flush { control } => ct::flush(&control.path()?),
+            CtCommand::Expect { control } => ct::expect(&control.path()?),
+        },
         Command::Lab {
             action: LabCommand::Up { prefix, queues },
         } => lab::up(&prefix, queues),
         Command::Lab {
             action: LabCommand::Down { prefix },
         } => lab::down(&prefix),
+        Command::Lab {
+            action: LabCommand::Demo { prefix, examples },
+        } => lab::demo(&prefix, &examples),
         Command::Bench {
             what:
                 BenchCommand::Classify {

@@ -2,18 +2,20 @@
 //! and the rules, builds the engine, starts the dataplane's workers, and turns signals into
 //! actions: SIGHUP reloads the rules file (compiled here, off the workers' path; on an error
 //! the diagnostics are printed and the old ruleset keeps running), SIGUSR1 prints the
-//! counters, SIGTERM and SIGINT stop. Between signals it runs the tracker's expiry.
+//! counters, SIGTERM and SIGINT stop. It opens the control socket (`keepstate reload`, `ct`,
+//! `stats`), whose reload is the same as SIGHUP's. Between signals it runs the tracker's
+//! expiry and publishes DESTROY events.
 
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::config::{Config, Mode};
-use crate::dataplane;
+use crate::dataplane::{self, control};
 use crate::engine::{Compiled, Engine, Port, Routing};
 use crate::rules;
 
@@ -49,7 +51,34 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
     let mut ct = cfg.conntrack.tracker_config();
     // One statistics slot per worker (the kernel's per-CPU conntrack counters).
     ct.cpus = plan.workers();
+    // Keep destroyed connections for the DESTROY events of `keepstate ct events` (the main
+    // loop below takes them every tick).
+    ct.events = true;
     let engine = Arc::new(Engine::new(ports, routing, ct, compiled));
+
+    // One reload at a time, whether a signal or the control socket asks.
+    let reload: Arc<control::ReloadFn> = {
+        let (engine, path, lock) = (engine.clone(), rules_path.clone(), Mutex::new(()));
+        Arc::new(move || {
+            let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
+            match compile(&path) {
+                Ok(c) => {
+                    engine.reload(c);
+                    let msg = format!("reloaded {}", path.display());
+                    eprintln!("keepstate: {msg}");
+                    Ok(msg)
+                }
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    eprintln!("keepstate: reload failed, keeping the old ruleset: {e}");
+                    Err(e)
+                }
+            }
+        })
+    };
+    let control_path = &cfg.dataplane.control;
+    let bound = control::bind(control_path, cfg.dataplane.control_group.as_deref())
+        .with_context(|| format!("control socket {}", control_path.display()))?;
 
     let hup = Arc::new(AtomicBool::new(false));
     let usr1 = Arc::new(AtomicBool::new(false));
@@ -60,8 +89,22 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
         signal_hook::flag::register(s, term.clone())?;
     }
 
-    let running = dataplane::start(plan, engine.clone())?;
+    let running = match dataplane::start(plan, engine.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(control_path);
+            return Err(e.into());
+        }
+    };
     let shared = running.shared.clone();
+    let server = match control::serve(bound, shared.clone(), reload.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            running.stop();
+            let _ = std::fs::remove_file(control_path);
+            return Err(e.into());
+        }
+    };
     for w in &running.warnings {
         eprintln!("keepstate: warning: {w}");
     }
@@ -70,10 +113,11 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
         eprintln!("keepstate: worker {w}: queues {}", qs.join(" "));
     }
     eprintln!(
-        "keepstate: running ({:?} mode, {} ports, rules {}); SIGHUP reloads the rules, SIGUSR1 prints counters",
+        "keepstate: running ({:?} mode, {} ports, rules {}, control {}); SIGHUP reloads the rules, SIGUSR1 prints counters",
         cfg.dataplane.mode,
         shared.ports.len(),
-        rules_path.display()
+        rules_path.display(),
+        server.path().display()
     );
 
     let buckets = engine
@@ -86,24 +130,21 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
     while !term.load(Ordering::Relaxed) {
         std::thread::sleep(TICK);
         if hup.swap(false, Ordering::Relaxed) {
-            match compile(&rules_path) {
-                Ok(c) => {
-                    engine.reload(c);
-                    eprintln!("keepstate: reloaded {}", rules_path.display());
-                }
-                Err(e) => eprintln!("keepstate: reload failed, keeping the old ruleset: {e:#}"),
-            }
+            // Its outcome is printed by the reload itself.
+            let _ = reload();
         }
         if usr1.swap(false, Ordering::Relaxed) {
             eprint!("{}", shared.render_stats());
         }
         engine.housekeeping(shared.now(), buckets);
+        shared.publish_destroyed();
         if running.any_finished() {
             eprintln!("keepstate: a worker stopped unexpectedly; shutting down");
             failed = true;
             break;
         }
     }
+    server.stop();
     running.stop();
     eprint!("{}", shared.render_stats());
     Ok(if failed {

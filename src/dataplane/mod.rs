@@ -20,7 +20,10 @@
 //!
 //! Owns: sockets and UMEMs ([`worker`]), interface facts and socket options ([`iface`]), the
 //! neighbour cache ([`neigh`]), the link-layer bytes ([`wire`]), the lab's namespaces
-//! ([`lab`]). Must not hold policy: what passes is the engine's word alone.
+//! ([`lab`]), the control socket ([`control`]) and the lab demo ([`demo`]). Must not hold policy: what passes is the engine's word alone.
+
+pub mod control;
+pub mod demo;
 
 pub mod iface;
 pub mod lab;
@@ -30,15 +33,17 @@ mod worker;
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use ipnet::IpNet;
 
 use crate::config::{Config, Mode};
-use crate::conntrack::Timestamp;
+use crate::conntrack::show::{self, ShowOpts};
+use crate::conntrack::{Timestamp, EV_DESTROY};
 use crate::engine::Engine;
 
 pub use wire::Mac;
@@ -145,6 +150,57 @@ pub struct WorkerStats {
     pub sleeps: AtomicU64,
 }
 
+/// Lines a subscriber may have waiting before newer ones are lost.
+const EVENT_BACKLOG: usize = 8192;
+
+/// One `ct events` client: its lines, and how many it lost because it read too slowly.
+pub struct Subscription {
+    pub rx: Receiver<String>,
+    pub lost: Arc<AtomicU64>,
+}
+
+/// Where `conntrack -E` lines go: the workers publish the events their frames cause, the
+/// main thread the DESTROY events, and each `ct events` client reads its own copy. With no
+/// subscriber, publishing costs one atomic load.
+#[derive(Default)]
+pub struct EventHub {
+    subscribers: AtomicUsize,
+    subs: Mutex<Vec<(SyncSender<String>, Arc<AtomicU64>)>>,
+}
+
+impl EventHub {
+    /// Whether anyone listens (checked before an event line is even formatted).
+    pub fn active(&self) -> bool {
+        self.subscribers.load(Ordering::Relaxed) > 0
+    }
+
+    pub fn subscribe(&self) -> Subscription {
+        let (tx, rx) = std::sync::mpsc::sync_channel(EVENT_BACKLOG);
+        let lost = Arc::new(AtomicU64::new(0));
+        let mut subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
+        subs.push((tx, lost.clone()));
+        self.subscribers.store(subs.len(), Ordering::Relaxed);
+        Subscription { rx, lost }
+    }
+
+    /// Hands `lines` to every subscriber; a full subscriber loses them (and is told), a
+    /// gone one is dropped.
+    pub fn publish(&self, lines: impl IntoIterator<Item = String>) {
+        let mut subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
+        for line in lines {
+            subs.retain(|(tx, lost)| match tx.try_send(line.clone()) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) => {
+                    lost.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Err(TrySendError::Disconnected(_)) => false,
+            });
+        }
+        self.subscribers.store(subs.len(), Ordering::Relaxed);
+    }
+}
+
 /// Everything the workers share.
 pub struct Shared {
     pub engine: Arc<Engine>,
@@ -155,6 +211,8 @@ pub struct Shared {
     pub port_stats: Vec<PortStats>,
     pub worker_stats: Vec<WorkerStats>,
     pub stop: AtomicBool,
+    /// `conntrack -E` lines for the control socket's `ct events` clients.
+    pub events: EventHub,
     /// Where the monotonic clock starts (the engine's `now` is time since this).
     epoch: Instant,
 }
@@ -210,7 +268,43 @@ impl Shared {
             r(&e.dropped_table_full),
             self.engine.tracker().count()
         );
+        let t = self.engine.tracker();
+        let ct = t.stats();
+        let sum = |f: fn(&crate::conntrack::CtStats) -> u64| ct.iter().map(f).sum::<u64>();
+        let (count, max) = (t.count(), t.table().max());
+        let _ = writeln!(
+            s,
+            "conntrack: {count} of {max} entries ({:.1}% full), {} early drops, {} insert failed, {} invalid; expectations {} of {}",
+            count as f64 * 100.0 / max.max(1) as f64,
+            sum(|c| c.early_drop),
+            sum(|c| c.insert_failed),
+            sum(|c| c.invalid),
+            t.expectations().count(),
+            t.expectations().max()
+        );
+        let _ = writeln!(
+            s,
+            "nat: {} new connections could not be translated; helpers: {} segments dropped; {} TTL exceeded, {} fragments dropped",
+            r(&e.dropped_nat),
+            r(&e.dropped_helper),
+            r(&e.dropped_ttl),
+            r(&e.dropped_fragments)
+        );
         s
+    }
+
+    /// Publishes the DESTROY events of connections removed since the last call (expired,
+    /// killed, evicted). Call it regularly: the tracker keeps them until then.
+    pub fn publish_destroyed(&self) {
+        let gone = self.engine.tracker().take_destroyed();
+        if gone.is_empty() || !self.events.active() {
+            return;
+        }
+        let now = self.now();
+        self.events.publish(
+            gone.iter()
+                .map(|c| show::event_line(c, EV_DESTROY, now, ShowOpts::default())),
+        );
     }
 }
 
@@ -360,6 +454,7 @@ pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError>
         busy_poll,
         neighbours: neigh::Neighbours::default(),
         stop: AtomicBool::new(false),
+        events: EventHub::default(),
         epoch: Instant::now(),
     });
     iface::quiet_libbpf();

@@ -21,7 +21,7 @@ use super::neigh::Resolve;
 use super::wire::{self, Mac};
 use super::{iface, DataplaneError, Shared, BATCH};
 use crate::config::Mode;
-use crate::conntrack::Timestamp;
+use crate::conntrack::{show, Timestamp};
 use crate::engine::{self, Verdict};
 
 /// Ring sizes (powers of two). The fill ring is kept full; the tx ring takes what the
@@ -270,6 +270,15 @@ impl Worker {
                 .process_with(&mut frame[..], ingress, self.now, &mut self.engine_worker);
         for line in self.engine_worker.logs.drain(..) {
             eprintln!("{line}");
+        }
+        if !self.engine_worker.events.is_empty() && shared.events.active() {
+            let now = self.now;
+            shared.events.publish(
+                self.engine_worker
+                    .events
+                    .iter()
+                    .map(|(ev, c)| show::event_line(c, *ev, now, show::ShowOpts::default())),
+            );
         }
         match verdict {
             // XXX: the engine routes multicast and broadcast destinations like unicast ones

@@ -1,0 +1,912 @@
+//! `keepstate lab demo`: the product shown end to end in a throwaway lab. Brings the lab up,
+//! runs the appliance (`keepstate run`, this very binary, in the firewall's namespace) with
+//! examples/home-router.nft, drives real traffic with real tools (ping, curl, python3's
+//! http.server), prints per scenario what is expected and what was observed, shows the box's
+//! own view through the control socket (`ct list`, `stats`), then a second short run with
+//! examples/office-ftp-sip.nft for FTP through the helper and NAT. Tears everything down on
+//! every way out: success, failure, a panic, Ctrl-C.
+//!
+//! ```text
+//!  lan host 192.168.1.10 ── [lan] keepstate [wan] ── wan host 198.51.100.254
+//!   (the home server: :80)   192.168.1.1  198.51.100.1    (the internet: 203.0.113.7)
+//! ```
+//!
+//! Owns only its lab (namespaces of its prefix), its processes and its temporary directory.
+//! Verdicts come from what the tools saw, never from the engine's own word.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::control::client::{Client, End};
+use super::control::proto::{Answer, ListFilter, Request};
+use super::lab::{Lab, FW_LAN, FW_WAN, INTERNET, LAN_HOST, WAN_HOST};
+
+/// The size of the large download.
+const BIG: usize = 64 * 1024 * 1024;
+/// The LAN host's address in the office run (examples/office-ftp-sip.nft's LAN_NET).
+const OFFICE_HOST: &str = "10.10.1.10";
+const OFFICE_FW: &str = "10.10.0.1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("the demo needs root (network namespaces, AF_XDP)")]
+    NotRoot,
+    #[error("the demo needs `{0}`; scripts/setup.sh installs it")]
+    Missing(&'static str),
+    #[error("{0} not found: run the demo from the repository's root, or give --examples DIR")]
+    NoExamples(PathBuf),
+    #[error("cannot {what}: {err}")]
+    Io { what: String, err: std::io::Error },
+    #[error(transparent)]
+    Lab(#[from] super::lab::LabError),
+    #[error("the appliance did not start: {0}")]
+    NoStart(String),
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// How the demo ended.
+pub struct Summary {
+    pub passed: usize,
+    pub failed: usize,
+    pub skipped: usize,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
+    let what = what.into();
+    move |err| DemoError::Io { what, err }
+}
+
+/// `keepstate run` in the firewall's namespace, its stderr collected line by line.
+struct Appliance {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    control: PathBuf,
+}
+
+impl Appliance {
+    fn lines_with(&self, what: &str) -> Vec<String> {
+        let l = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        l.iter().filter(|x| x.contains(what)).cloned().collect()
+    }
+
+    fn wait_for(&self, what: &str, limit: Duration) -> Option<String> {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Some(l) = self.lines_with(what).pop() {
+                return Some(l);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// SIGTERM, then wait for it to print its counters and end.
+    fn stop(mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Everything the demo made: removed on drop, whatever happened.
+struct Stage {
+    lab: Lab,
+    /// The lab is this demo's (it built it): only then is it removed.
+    built: bool,
+    dir: PathBuf,
+    children: Vec<Child>,
+    box_: Option<Appliance>,
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        if let Some(a) = self.box_.take() {
+            a.stop();
+        }
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if self.built {
+            self.lab.down();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).args(args);
+    c
+}
+
+fn run_in(ns: &str, args: &[&str]) -> Output {
+    in_ns(ns, args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| Output {
+            status: ExitStatus::default(),
+            stdout: Vec::new(),
+            stderr: e.to_string().into_bytes(),
+        })
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).trim().to_string()
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// Deterministic bytes that do not compress (xorshift).
+fn blob(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Prints the scenarios and keeps the score.
+struct Show {
+    n: usize,
+    passed: usize,
+    failed: usize,
+    skipped: usize,
+    stop: Arc<AtomicBool>,
+}
+
+impl Show {
+    fn check(&self) -> Result<(), DemoError> {
+        if self.stop.load(Ordering::Relaxed) {
+            Err(DemoError::Interrupted)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn scenario(
+        &mut self,
+        title: &str,
+        expected: &str,
+        run: impl FnOnce() -> (bool, String),
+    ) -> Result<(), DemoError> {
+        self.check()?;
+        self.n += 1;
+        println!("\n[{}] {title}", self.n);
+        println!("    expected: {expected}");
+        let _ = std::io::stdout().flush();
+        let t = Instant::now();
+        let (ok, observed) = run();
+        self.check()?;
+        let mut lines = observed.lines();
+        println!("    observed: {}", lines.next().unwrap_or(""));
+        for l in lines {
+            println!("              {l}");
+        }
+        println!(
+            "    {}  ({:.1} s)",
+            if ok { "PASS" } else { "FAIL" },
+            t.elapsed().as_secs_f64()
+        );
+        if ok {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+        }
+        Ok(())
+    }
+
+    fn skip(&mut self, title: &str, why: &str) {
+        self.n += 1;
+        self.skipped += 1;
+        println!("\n[{}] {title}\n    SKIPPED: {why}", self.n);
+    }
+}
+
+/// Asks the appliance `req` over its control socket and prints the answer as the command
+/// line a person would type would print it; returns the stdout lines.
+fn ask(a: &Appliance, req: &Request, shown: &str) -> Vec<String> {
+    println!("\n$ keepstate {shown} --control {}", a.control.display());
+    let mut out = Vec::new();
+    let r = Client::connect(&a.control).and_then(|c| {
+        c.call(req, |ans| {
+            match ans {
+                Answer::Out(l) => {
+                    println!("{l}");
+                    out.push(l.clone());
+                }
+                Answer::Err(l) => println!("{l}"),
+                _ => {}
+            }
+            Ok(())
+        })
+    });
+    match r {
+        Ok(End::Ok) => {}
+        Ok(End::Failed(m)) => println!("(refused: {m})"),
+        Err(e) => println!("(no answer: {e})"),
+    }
+    out
+}
+
+/// python3's http.server (`python3 -m http.server --bind ADDR PORT --directory DIR`), less
+/// its start-up `getfqdn()`: a reverse lookup of the address, which in the lab goes to a
+/// resolver nobody answers and holds the server up for ten seconds or more.
+const HTTP_SERVER: &str = "
+import functools, http.server, socketserver, sys
+class Server(http.server.ThreadingHTTPServer):
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[3])
+Server((sys.argv[1], int(sys.argv[2])), handler).serve_forever()
+";
+
+/// `keepstate ct events` run as a person would, its lines collected.
+struct Events {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Events {
+    fn start(control: &Path) -> Option<Events> {
+        let exe = std::env::current_exe().ok()?;
+        let mut child = Command::new(exe)
+            .args(["ct", "events", "--control"])
+            .arg(control)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let out = child.stdout.take()?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                l.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        // Subscribed once the appliance has accepted it.
+        std::thread::sleep(Duration::from_millis(300));
+        Some(Events { child, lines })
+    }
+
+    /// Stops the client (as Ctrl-C would) and returns what it printed.
+    fn finish(mut self) -> Vec<String> {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(50));
+        let l = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        l.clone()
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts python3's http.server in `ns`, its log in `log`; waits until it answers.
+fn http_server(
+    st: &mut Stage,
+    ns: &str,
+    addr: &str,
+    port: u16,
+    dir: &Path,
+    log: &Path,
+) -> Result<bool, DemoError> {
+    let log = std::fs::File::create(log).map_err(io("create the server's log"))?;
+    let port_s = port.to_string();
+    let child = in_ns(ns, &["python3", "-u", "-c", HTTP_SERVER, addr, &port_s])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(io("start python3 -m http.server"))?;
+    st.children.push(child);
+    let url = format!("http://{addr}:{port}/");
+    for _ in 0..50 {
+        let o = run_in(
+            ns,
+            &["curl", "-s", "-o", "/dev/null", "--max-time", "1", &url],
+        );
+        if o.status.success() {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(false)
+}
+
+/// Starts `keepstate run --config cfg` in the firewall's namespace and waits until it runs.
+fn start_box(st: &Stage, cfg: &Path, control: &Path) -> Result<Appliance, DemoError> {
+    let exe = std::env::current_exe().map_err(io("find the keepstate binary"))?;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &st.lab.fw])
+        .arg(&exe)
+        .arg("run")
+        .arg("--config")
+        .arg(cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io("start keepstate run"))?;
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    if let Some(err) = child.stderr.take() {
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                l.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+    }
+    let a = Appliance {
+        child,
+        lines,
+        control: control.to_path_buf(),
+    };
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut a = a;
+    while Instant::now() < end {
+        if a.wait_for("keepstate: running", Duration::from_millis(100))
+            .is_some()
+        {
+            return Ok(a);
+        }
+        if let Ok(Some(status)) = a.child.try_wait() {
+            std::thread::sleep(Duration::from_millis(100));
+            let said: Vec<String> = a
+                .lines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|l| !l.starts_with("libxdp:") && !l.starts_with("libbpf:"))
+                .cloned()
+                .collect();
+            return Err(DemoError::NoStart(format!(
+                "{status}: {}",
+                said.join(" / ")
+            )));
+        }
+    }
+    a.stop();
+    Err(DemoError::NoStart(
+        "it did not say it runs within 20 s".into(),
+    ))
+}
+
+/// The configuration of examples/lab.toml with an absolute rules path and the control
+/// socket in the demo's directory.
+fn lab_config(examples: &Path, rules: &str, control: &Path) -> Result<String, DemoError> {
+    let path = examples.join("lab.toml");
+    let text = std::fs::read_to_string(&path).map_err(io(format!("read {}", path.display())))?;
+    let rules = examples.join(rules);
+    Ok(text
+        .replace(
+            "rules = \"home-router.nft\"",
+            &format!("rules = {:?}", rules.display().to_string()),
+        )
+        .replace(
+            "control = \"/run/keepstate-lab.sock\"",
+            &format!("control = {:?}", control.display().to_string()),
+        ))
+}
+
+/// Runs the whole demo; the lab is named by `prefix`.
+pub fn run(prefix: &str, examples: &Path) -> Result<Summary, DemoError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(DemoError::NotRoot);
+    }
+    for t in ["ip", "ping", "curl", "python3", "ethtool"] {
+        if !have(t) {
+            return Err(DemoError::Missing(t));
+        }
+    }
+    let examples = std::fs::canonicalize(examples)
+        .map_err(|_| DemoError::NoExamples(examples.join("home-router.nft")))?;
+    for f in ["home-router.nft", "office-ftp-sip.nft", "lab.toml"] {
+        if !examples.join(f).exists() {
+            return Err(DemoError::NoExamples(examples.join(f)));
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for s in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(s, stop.clone()).map_err(io("handle Ctrl-C"))?;
+    }
+    let lab = Lab::named(prefix)?;
+    let dir = std::env::temp_dir().join(format!("keepstate-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+    let mut st = Stage {
+        lab: lab.clone(),
+        built: false,
+        dir: dir.clone(),
+        children: Vec::new(),
+        box_: None,
+    };
+    let mut show = Show {
+        n: 0,
+        passed: 0,
+        failed: 0,
+        skipped: 0,
+        stop,
+    };
+    println!("== keepstate lab demo: a home router on AF_XDP, in network namespaces");
+    println!(
+        "   {} (LAN host {LAN_HOST}, the home server) -- {} (keepstate: lan {FW_LAN}, wan {FW_WAN}) -- {} (WAN host {WAN_HOST}; \"the internet\" {INTERNET})",
+        lab.lan, lab.fw, lab.wan
+    );
+    // A lab of the same name that is already there is someone else's: `up` refuses it, and
+    // it is left alone.
+    lab.up(2)?;
+    st.built = true;
+    home_router(&mut st, &mut show, &examples)?;
+    show.check()?;
+    office_ftp(&mut st, &mut show, &examples)?;
+    println!(
+        "\n== tearing the lab down ({}, {}, {})",
+        lab.lan, lab.fw, lab.wan
+    );
+    drop(st);
+    println!(
+        "== demo: {} passed, {} failed, {} skipped",
+        show.passed, show.failed, show.skipped
+    );
+    Ok(Summary {
+        passed: show.passed,
+        failed: show.failed,
+        skipped: show.skipped,
+    })
+}
+
+fn home_router(st: &mut Stage, show: &mut Show, examples: &Path) -> Result<(), DemoError> {
+    let lab = st.lab.clone();
+    let dir = st.dir.clone();
+    let control = dir.join("control.sock");
+    let cfg = dir.join("lab.toml");
+    std::fs::write(&cfg, lab_config(examples, "home-router.nft", &control)?)
+        .map_err(io("write the lab's configuration"))?;
+    println!(
+        "\n== run 1: keepstate run --config examples/lab.toml (rules examples/home-router.nft)"
+    );
+    let a = start_box(st, &cfg, &control)?;
+    for l in a.lines_with("keepstate: ") {
+        println!("   {l}");
+    }
+    st.box_ = Some(a);
+
+    // The internet's web server, and the home server on the LAN.
+    let www = dir.join("www");
+    let home = dir.join("home");
+    for d in [&www, &home] {
+        std::fs::create_dir_all(d).map_err(io("create the servers' directories"))?;
+    }
+    let big = blob(BIG);
+    std::fs::write(www.join("big.bin"), &big).map_err(io("write the download"))?;
+    std::fs::write(www.join("index.html"), "hello from the internet\n")
+        .map_err(io("write index.html"))?;
+    let home_page = format!("hello from the home server {LAN_HOST}\n");
+    std::fs::write(home.join("index.html"), &home_page).map_err(io("write index.html"))?;
+    let wan_log = dir.join("wan-http.log");
+    let lan_log = dir.join("lan-http.log");
+    let web_up = http_server(st, &lab.wan, INTERNET, 8000, &www, &wan_log)?;
+    let home_up = http_server(st, &lab.lan, LAN_HOST, 80, &home, &lan_log)?;
+    let a = st.box_.as_ref().ok_or(DemoError::Interrupted)?;
+
+    show.scenario(
+        &format!("ping the box itself: {LAN_HOST} -> {FW_LAN}"),
+        "answered by keepstate's own small stack (home-router.nft's input chain accepts echo-request)",
+        || {
+            let o = run_in(&lab.lan, &["ping", "-c", "3", "-i", "0.2", "-W", "2", FW_LAN]);
+            let out = text(&o.stdout);
+            let sum = out.lines().find(|l| l.contains("packets transmitted")).unwrap_or("no answer");
+            (o.status.success(), sum.to_string())
+        },
+    )?;
+
+    show.scenario(
+        &format!("ping through the box: {LAN_HOST} -> {INTERNET}"),
+        "forwarded and masqueraded; the reply comes back with TTL 63 (the box took one off)",
+        || {
+            let o = run_in(
+                &lab.lan,
+                &["ping", "-c", "3", "-i", "0.2", "-W", "2", INTERNET],
+            );
+            let out = text(&o.stdout);
+            let sum = out
+                .lines()
+                .find(|l| l.contains("packets transmitted"))
+                .unwrap_or("no answer");
+            let ttl = out.contains("ttl=63");
+            (
+                o.status.success() && ttl,
+                format!("{sum}; {}", if ttl { "ttl=63" } else { "TTL not 63" }),
+            )
+        },
+    )?;
+
+    show.scenario(
+        &format!("HTTP: curl on the LAN host -> python3's http.server on {INTERNET}:8000"),
+        &format!("200 OK, and the server sees the box's WAN address {FW_WAN} (masquerade), never {LAN_HOST}"),
+        || {
+            if !web_up {
+                return (false, "the web server did not start".into());
+            }
+            let url = format!("http://{INTERNET}:8000/index.html");
+            let o = run_in(&lab.lan, &["curl", "-sS", "--max-time", "5", "-w", " [%{http_code}]", &url]);
+            let body = text(&o.stdout).replace('\n', "");
+            std::thread::sleep(Duration::from_millis(200));
+            let log = std::fs::read_to_string(&wan_log).unwrap_or_default();
+            let seen = log.lines().rev().find(|l| l.contains("GET /index.html")).unwrap_or("").to_string();
+            let ok = o.status.success()
+                && body.ends_with("[200]")
+                && seen.starts_with(&format!("{FW_WAN} "))
+                && !log.contains(LAN_HOST);
+            (ok, format!("curl got \"{body}\"\nserver log: {seen}"))
+        },
+    )?;
+
+    show.scenario(
+        &format!(
+            "a {} MiB download through the box, checked byte for byte",
+            BIG >> 20
+        ),
+        "every byte arrives intact",
+        || {
+            let got = dir.join("got.bin");
+            let url = format!("http://{INTERNET}:8000/big.bin");
+            let t = Instant::now();
+            let o = in_ns(&lab.lan, &["curl", "-sS", "--max-time", "60", "-o"])
+                .arg(&got)
+                .arg(&url)
+                .stdin(Stdio::null())
+                .output();
+            let secs = t.elapsed().as_secs_f64();
+            let data = std::fs::read(&got).unwrap_or_default();
+            let _ = std::fs::remove_file(&got);
+            let intact = data == big;
+            let ok = o.is_ok_and(|o| o.status.success()) && intact;
+            (
+                ok,
+                format!(
+                    "{} bytes in {secs:.2} s ({:.0} MB/s), {}",
+                    data.len(),
+                    data.len() as f64 / secs / 1e6,
+                    if intact {
+                        "identical to the original"
+                    } else {
+                        "DIFFERENT from the original"
+                    }
+                ),
+            )
+        },
+    )?;
+
+    show.scenario(
+        &format!("a blocked inbound attempt: WAN host -> the home server {LAN_HOST}:80 directly"),
+        "no answer (the forward chain drops what nobody on the LAN asked for), and the box logs it",
+        || {
+            if !home_up {
+                return (false, "the home server did not start".into());
+            }
+            let url = format!("http://{LAN_HOST}/");
+            let o = run_in(&lab.wan, &["curl", "-s", "--max-time", "2", &url]);
+            let logged = a.wait_for("forward drop: IN=wan OUT=lan", Duration::from_secs(3));
+            let blocked = !o.status.success();
+            let what = match o.status.code() {
+                Some(28) => "curl timed out after 2 s (exit 28)".to_string(),
+                Some(c) => format!("curl exit {c}"),
+                None => "curl killed".to_string(),
+            };
+            let line = logged.clone().unwrap_or_else(|| "nothing logged".into());
+            let short: String = line.chars().take(150).collect();
+            (
+                blocked && logged.is_some(),
+                format!("{what}\nthe box logged: {short}"),
+            )
+        },
+    )?;
+
+    // `keepstate ct events` (this binary, a client of the control socket) watches the port
+    // forward's connection come and go.
+    let watcher = Events::start(&a.control);
+    show.scenario(
+        &format!("the port forward: WAN host -> {FW_WAN}:8080"),
+        &format!("DNAT to the home server {LAN_HOST}:80; its page comes back"),
+        || {
+            let url = format!("http://{FW_WAN}:8080/");
+            let o = run_in(&lab.wan, &["curl", "-sS", "--max-time", "5", &url]);
+            let body = String::from_utf8_lossy(&o.stdout).to_string();
+            std::thread::sleep(Duration::from_millis(200));
+            let log = std::fs::read_to_string(&lan_log).unwrap_or_default();
+            let seen = log
+                .lines()
+                .rev()
+                .find(|l| l.contains("GET / "))
+                .unwrap_or("")
+                .to_string();
+            let ok = o.status.success() && body == home_page;
+            (
+                ok,
+                format!("curl got \"{}\"\nhome server log: {seen}", body.trim()),
+            )
+        },
+    )?;
+    show.check()?;
+    if let Some(w) = watcher {
+        println!(
+            "\n$ keepstate ct events --control {}    # while the port forward ran",
+            a.control.display()
+        );
+        for l in w.finish() {
+            println!("{l}");
+        }
+    }
+
+    println!("\n== the box's own view, through its control socket");
+    ask(
+        a,
+        &Request::CtList {
+            filter: ListFilter::default(),
+            json: false,
+        },
+        "ct list",
+    );
+    ask(a, &Request::Stats, "stats");
+    println!("\n== stopping run 1");
+    if let Some(a) = st.box_.take() {
+        a.stop();
+    }
+    for mut c in st.children.drain(..) {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    Ok(())
+}
+
+/// The interpreter that has pyftpdlib, if any.
+fn pyftpdlib() -> Option<&'static str> {
+    ["python3", "/usr/bin/python3"].into_iter().find(|py| {
+        Command::new(py)
+            .args(["-c", "import pyftpdlib"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// Appended to office-ftp-sip.nft for the demo: a base chain that only counts (no verdict,
+/// policy accept, after the office's forward chain), so the listing shows how many packets
+/// the helper let in as RELATED. A drop anywhere still drops; an accept here changes nothing.
+const OFFICE_WATCH: &str = "
+table inet demo_watch {
+\tchain forward {
+\t\ttype filter hook forward priority filter + 10; policy accept;
+\t\tct state related counter comment \"data connections let in by the ftp helper\"
+\t}
+}
+";
+
+fn office_ftp(st: &mut Stage, show: &mut Show, examples: &Path) -> Result<(), DemoError> {
+    let title = "FTP through the ftp helper and NAT (examples/office-ftp-sip.nft)";
+    let Some(py) = pyftpdlib() else {
+        show.skip(
+            title,
+            "no FTP server: pyftpdlib is not installed (apt-get install python3-pyftpdlib, or pip install pyftpdlib)",
+        );
+        return Ok(());
+    };
+    let lab = st.lab.clone();
+    let dir = st.dir.clone();
+    println!("\n== run 2: the office firewall, examples/office-ftp-sip.nft (plus a chain that only counts): the ftp helper on tcp/21, SNAT to 198.51.100.10-14");
+    // The LAN host moves into the office's network; the box owns the SNAT pool's addresses.
+    for cmd in [
+        vec!["ip", "-4", "addr", "flush", "dev", "eth0"],
+        vec![
+            "ip",
+            "addr",
+            "add",
+            &format!("{OFFICE_HOST}/16"),
+            "dev",
+            "eth0",
+        ],
+        vec!["ip", "route", "add", "default", "via", OFFICE_FW],
+    ] {
+        let o = run_in(&lab.lan, &cmd);
+        if !o.status.success() {
+            return Err(DemoError::NoStart(format!(
+                "{}: {}",
+                cmd.join(" "),
+                text(&o.stderr)
+            )));
+        }
+    }
+    let control = dir.join("control2.sock");
+    let rules = dir.join("office-watched.nft");
+    std::fs::write(
+        &rules,
+        format!(
+            "include {:?}\n{OFFICE_WATCH}",
+            examples.join("office-ftp-sip.nft").display().to_string()
+        ),
+    )
+    .map_err(io("write the office ruleset"))?;
+    let pool: Vec<String> = (10..=14)
+        .map(|i| format!("\"198.51.100.{i}/24\""))
+        .collect();
+    let cfg_text = format!(
+        "rules = {:?}\n\n[[port]]\nname = \"lan\"\ninterface = \"ks-lan\"\naddresses = [\"{OFFICE_FW}/16\"]\n\n\
+         [[port]]\nname = \"wan\"\ninterface = \"ks-wan\"\naddresses = [\"{FW_WAN}/24\", {}]\n\n\
+         [[route]]\nto = \"default\"\nvia = \"{WAN_HOST}\"\n\n\
+         [dataplane]\nworkers = 2\ncontrol = {:?}\n",
+        rules.display().to_string(),
+        pool.join(", "),
+        control.display().to_string()
+    );
+    let cfg = dir.join("office.toml");
+    std::fs::write(&cfg, cfg_text).map_err(io("write the office configuration"))?;
+    // The first run showed AF_XDP works here: a second run that does not start is a failure.
+    let a = match start_box(st, &cfg, &control) {
+        Ok(a) => a,
+        Err(e) => {
+            let why = e.to_string();
+            return show.scenario(title, "the appliance starts with the office rules", || {
+                (false, why)
+            });
+        }
+    };
+    st.box_ = Some(a);
+    let ftp_dir = dir.join("ftp");
+    std::fs::create_dir_all(&ftp_dir).map_err(io("create the FTP directory"))?;
+    let report = blob(3 * 1024 * 1024);
+    std::fs::write(ftp_dir.join("report.bin"), &report).map_err(io("write the FTP file"))?;
+    let server = in_ns(
+        &lab.wan,
+        &[py, "-m", "pyftpdlib", "-i", INTERNET, "-p", "21", "-d"],
+    )
+    .arg(&ftp_dir)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .map_err(io("start pyftpdlib"))?;
+    st.children.push(server);
+    // Ready when it greets, asked from its own namespace.
+    let mut up = false;
+    for _ in 0..50 {
+        let o = run_in(
+            &lab.wan,
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "1",
+                &format!("ftp://{INTERNET}/"),
+            ],
+        );
+        if o.status.success() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let a = st.box_.as_ref().ok_or(DemoError::Interrupted)?;
+    for (mode, flag, expected) in [
+        (
+            "passive",
+            None,
+            "the data connection the server announces (EPSV) is expected by the helper, RELATED, and allowed; the file arrives intact",
+        ),
+        (
+            "active",
+            Some("-P"),
+            "the client's EPRT names its private address; the helper rewrites it to the SNAT address, the server connects back to it, and the connection is translated to the client; the file arrives intact",
+        ),
+    ] {
+        show.scenario(
+            &format!("FTP, {mode} mode: curl on the LAN host {OFFICE_HOST} -> pyftpdlib on {INTERNET}:21"),
+            expected,
+            || {
+                if !up {
+                    return (false, "the FTP server did not start".into());
+                }
+                let got = dir.join(format!("ftp-{mode}.bin"));
+                let mut args = vec!["curl", "-sS", "--max-time", "20"];
+                if let Some(f) = flag {
+                    args.extend([f, "-"]);
+                }
+                args.push("-o");
+                let url = format!("ftp://{INTERNET}/report.bin");
+                let o = in_ns(&lab.lan, &args).arg(&got).arg(&url).stdin(Stdio::null()).output();
+                let data = std::fs::read(&got).unwrap_or_default();
+                let intact = data == report;
+                let err = o.as_ref().map(|o| text(&o.stderr)).unwrap_or_default();
+                let ok = o.is_ok_and(|o| o.status.success()) && intact;
+                (
+                    ok,
+                    format!(
+                        "{} bytes, {}{}",
+                        data.len(),
+                        if intact { "identical to the server's file" } else { "NOT the server's file" },
+                        if err.is_empty() { String::new() } else { format!(" ({err})") }
+                    ),
+                )
+            },
+        )?;
+    }
+    let conns = ask(
+        a,
+        &Request::CtList {
+            filter: ListFilter {
+                proto: Some(6),
+                ..ListFilter::default()
+            },
+            json: false,
+        },
+        "ct list -p tcp",
+    );
+    show.scenario(
+        "the box's table after the two transfers",
+        "the control connections carry helper=ftp, the data connections are there, translated (SNAT pool on the way out, back to the LAN host for the active one)",
+        || {
+            let helper = conns.iter().filter(|l| l.contains("dport=21 ") && l.contains("helper=ftp")).count();
+            let data = conns.iter().filter(|l| !l.contains("dport=21 ")).count();
+            let pool = conns.iter().any(|l| l.contains(" dst=198.51.100.1") && l.contains(&format!("src={OFFICE_HOST}")));
+            (
+                helper >= 2 && data >= 2 && pool,
+                format!("{helper} control connections with helper=ftp, {data} data connections"),
+            )
+        },
+    )?;
+    let stats = ask(a, &Request::Stats, "stats");
+    show.scenario(
+        "rule counters: the data connections were let in as RELATED",
+        "the demo's counting chain (table inet demo_watch, appended to the office rules) counted RELATED packets",
+        || {
+            let line = stats
+                .iter()
+                .find(|l| l.contains("ct state related counter packets "))
+                .map(|l| l.trim().to_string())
+                .unwrap_or_else(|| "the demo_watch chain is not in the listing".into());
+            let packets: u64 = line
+                .split("counter packets ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            (packets > 0, line)
+        },
+    )?;
+    ask(a, &Request::CtExpect, "ct expect");
+    println!("\n== stopping run 2");
+    if let Some(a) = st.box_.take() {
+        a.stop();
+    }
+    Ok(())
+}

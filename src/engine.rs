@@ -387,7 +387,7 @@ pub struct Worker {
     /// frame as it leaves, in place of the one given.
     pub resized: Option<Vec<u8>>,
     /// The lines `log` statements wrote for the last frame, in the kernel's format.
-    /// XXX: logs are not rate limited yet (the dataplane issue adds the limit and the sink).
+    /// The live dataplane rate-limits what it writes of them (`dataplane::LogLimit`).
     pub logs: Vec<String>,
     /// The NAT statement the last hook's rules chose, if any.
     nat_stmt: Option<ir::Nat>,

@@ -213,8 +213,50 @@ pub struct Shared {
     pub stop: AtomicBool,
     /// `conntrack -E` lines for the control socket's `ct events` clients.
     pub events: EventHub,
+    /// The rate limit of `log` statements' lines.
+    pub log_limit: LogLimit,
     /// Where the monotonic clock starts (the engine's `now` is time since this).
     epoch: Instant,
+}
+
+/// The rate limit of the lines `log` statements write, as the kernel's `net_ratelimit`:
+/// at most [`LogLimit::BURST`] lines per [`LogLimit::INTERVAL_NS`], and, when a new interval
+/// starts, one line saying how many were suppressed. A flood of dropped packets cannot
+/// flood the log (nor slow the workers writing it).
+#[derive(Default)]
+pub struct LogLimit {
+    /// (interval start, lines written in it, lines suppressed in it).
+    state: parking_lot::Mutex<(u64, u32, u64)>,
+}
+
+impl LogLimit {
+    /// `net_ratelimit_state`: 5 s.
+    pub const INTERVAL_NS: u64 = 5_000_000_000;
+    /// `net_ratelimit_state`: 10 messages.
+    pub const BURST: u32 = 10;
+
+    /// Whether a line may be written at `now` (ns); the suppression notice to write first,
+    /// if an interval with suppressed lines just ended.
+    pub fn allow(&self, now: u64) -> (bool, Option<String>) {
+        let mut g = self.state.lock();
+        let (start, printed, suppressed) = &mut *g;
+        let mut notice = None;
+        if now.saturating_sub(*start) >= Self::INTERVAL_NS {
+            if *suppressed > 0 {
+                notice = Some(format!("keepstate: {suppressed} log lines suppressed"));
+            }
+            *start = now;
+            *printed = 0;
+            *suppressed = 0;
+        }
+        if *printed < Self::BURST {
+            *printed += 1;
+            (true, notice)
+        } else {
+            *suppressed += 1;
+            (false, notice)
+        }
+    }
 }
 
 impl Shared {
@@ -455,6 +497,7 @@ pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError>
         neighbours: neigh::Neighbours::default(),
         stop: AtomicBool::new(false),
         events: EventHub::default(),
+        log_limit: LogLimit::default(),
         epoch: Instant::now(),
     });
     iface::quiet_libbpf();
@@ -520,5 +563,22 @@ mod tests {
                 assert!(w.iter().any(|&(port, _)| port == p));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod log_limit_tests {
+    use super::LogLimit;
+
+    #[test]
+    fn ten_lines_per_five_seconds_then_a_count_of_the_rest() {
+        let l = LogLimit::default();
+        let s = 1_000_000_000;
+        let written = (0..25).filter(|i| l.allow(s + i * 1000).0).count();
+        assert_eq!(written, 10);
+        let (ok, notice) = l.allow(s + LogLimit::INTERVAL_NS + 1);
+        assert!(ok);
+        assert_eq!(notice.as_deref(), Some("keepstate: 15 log lines suppressed"));
+        assert_eq!(l.allow(s + LogLimit::INTERVAL_NS + 2).1, None);
     }
 }

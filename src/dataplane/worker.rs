@@ -269,7 +269,13 @@ impl Worker {
                 .engine
                 .process_with(&mut frame[..], ingress, self.now, &mut self.engine_worker);
         for line in self.engine_worker.logs.drain(..) {
-            eprintln!("{line}");
+            let (write, notice) = shared.log_limit.allow(self.now.0);
+            if let Some(n) = notice {
+                eprintln!("{n}");
+            }
+            if write {
+                eprintln!("{}", line.trim_end());
+            }
         }
         if !self.engine_worker.events.is_empty() && shared.events.active() {
             let now = self.now;

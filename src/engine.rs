@@ -363,6 +363,38 @@ pub struct EngineStats {
     pub dropped_helper: AtomicU64,
 }
 
+/// One worker's counters, alone on their cache lines.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct StatSlot(EngineStats);
+
+impl EngineStats {
+    /// Adds `o`'s values to this one's.
+    fn add(&self, o: &EngineStats) {
+        for (a, b) in self.fields().into_iter().zip(o.fields()) {
+            a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    fn fields(&self) -> [&AtomicU64; 13] {
+        [
+            &self.frames,
+            &self.malformed,
+            &self.not_ip,
+            &self.accepted,
+            &self.dropped_by_rules,
+            &self.rejected,
+            &self.dropped_table_full,
+            &self.dropped_insert_failed,
+            &self.dropped_no_route,
+            &self.dropped_fragments,
+            &self.dropped_nat,
+            &self.dropped_ttl,
+            &self.dropped_helper,
+        ]
+    }
+}
+
 /// A worker's reusable buffers, so the hot path allocates nothing once they have grown.
 #[derive(Debug, Default)]
 pub struct Worker {
@@ -512,20 +544,22 @@ pub struct Engine {
     tracker: Tracker,
     frags: Reassembler,
     rules: ArcSwap<Compiled>,
-    pub stats: EngineStats,
+    /// Per worker (the kernel's per-CPU counters): no cache line is written by two workers.
+    stats: Box<[StatSlot]>,
     /// Calls of [`Engine::process`], which seed their throwaway workers.
     calls: AtomicU64,
 }
 
 impl Engine {
     pub fn new(ports: Vec<Port>, routing: Routing, ct: CtConfig, rules: Compiled) -> Engine {
+        let cpus = ct.cpus;
         Engine {
             ports,
             routing,
             tracker: Tracker::new(ct),
             frags: Reassembler::default(),
             rules: ArcSwap::from_pointee(rules),
-            stats: EngineStats::default(),
+            stats: (0..cpus.max(1)).map(|_| StatSlot::default()).collect(),
             calls: AtomicU64::new(0),
         }
     }
@@ -545,6 +579,20 @@ impl Engine {
             ct,
             Compiled::new(rules)?,
         ))
+    }
+
+    /// The worker `cpu`'s counters (slots wrap, as the tracker's do).
+    fn stat(&self, cpu: usize) -> &EngineStats {
+        &self.stats[cpu % self.stats.len()].0
+    }
+
+    /// The counters, summed over the workers.
+    pub fn stats(&self) -> EngineStats {
+        let sum = EngineStats::default();
+        for s in self.stats.iter() {
+            sum.add(&s.0);
+        }
+        sum
     }
 
     pub fn ports(&self) -> &[Port] {
@@ -666,7 +714,7 @@ impl Engine {
                 }
             }
             if !matches!(ok, Some(Ok(()))) || !frags_ok {
-                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                self.stat(w.cpu).malformed.fetch_add(1, Ordering::Relaxed);
                 return (Verdict::Drop(DropReason::Malformed), out.1);
             }
         }
@@ -680,7 +728,7 @@ impl Engine {
         now: Timestamp,
         w: &mut Worker,
     ) -> (Verdict, Option<u32>) {
-        self.stats.frames.fetch_add(1, Ordering::Relaxed);
+        self.stat(w.cpu).frames.fetch_add(1, Ordering::Relaxed);
         w.matched.clear();
         w.events.clear();
         let Some(in_port) = self.ports.get(ingress) else {
@@ -692,11 +740,11 @@ impl Engine {
         let pkt = match packet::parse_ethernet(frame) {
             Frame::Ip(p) => p,
             Frame::NonIp { .. } => {
-                self.stats.not_ip.fetch_add(1, Ordering::Relaxed);
+                self.stat(w.cpu).not_ip.fetch_add(1, Ordering::Relaxed);
                 return (Verdict::NotIp, None);
             }
             Frame::Invalid(_) => {
-                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                self.stat(w.cpu).malformed.fetch_add(1, Ordering::Relaxed);
                 return (Verdict::Drop(DropReason::Malformed), None);
             }
         };
@@ -706,7 +754,9 @@ impl Engine {
                 Push::NotFragment => self.judge(&pkt, frame, ingress, in_port.packed_name, now, w),
                 Push::Held => (Verdict::Held, None),
                 Push::Dropped(_) => {
-                    self.stats.dropped_fragments.fetch_add(1, Ordering::Relaxed);
+                    self.stat(w.cpu)
+                        .dropped_fragments
+                        .fetch_add(1, Ordering::Relaxed);
                     (Verdict::Drop(DropReason::Fragment), None)
                 }
                 Push::Complete {
@@ -716,7 +766,7 @@ impl Engine {
                     let whole = match packet::parse_ip(&reassembled) {
                         Frame::Ip(p) => p,
                         _ => {
-                            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                            self.stat(w.cpu).malformed.fetch_add(1, Ordering::Relaxed);
                             return (Verdict::Drop(DropReason::Malformed), None);
                         }
                     };
@@ -768,7 +818,7 @@ impl Engine {
                 &mut limits,
                 w,
             );
-            if let Some(v) = self.refused(d) {
+            if let Some(v) = self.refused(d, w.cpu) {
                 self.answer(&v, frame, &pkt, ingress, w);
                 return (v, Some(ir::ct_state::INVALID as u32));
             }
@@ -792,13 +842,13 @@ impl Engine {
         if let Classified::Drop(r) = &ct {
             let reason = match r {
                 conntrack::DropReason::TableFull => {
-                    self.stats
+                    self.stat(w.cpu)
                         .dropped_table_full
                         .fetch_add(1, Ordering::Relaxed);
                     DropReason::TableFull
                 }
                 conntrack::DropReason::InsertFailed => {
-                    self.stats
+                    self.stat(w.cpu)
                         .dropped_insert_failed
                         .fetch_add(1, Ordering::Relaxed);
                     DropReason::InsertFailed
@@ -827,7 +877,7 @@ impl Engine {
             &mut limits,
             w,
         );
-        if let Some(v) = self.refused(d) {
+        if let Some(v) = self.refused(d, w.cpu) {
             self.answer(&v, frame, &pkt, ingress, w);
             return (v, Some(ct_bits));
         }
@@ -860,7 +910,7 @@ impl Engine {
                         Ip::V6(v) => v.hop_limit,
                     };
                     if ttl <= 1 {
-                        self.stats.dropped_ttl.fetch_add(1, Ordering::Relaxed);
+                        self.stat(w.cpu).dropped_ttl.fetch_add(1, Ordering::Relaxed);
                         w.reply = self.answer_from(ingress, frame, &pkt, Answer::TimeExceeded);
                         return (Verdict::Drop(DropReason::TtlExceeded), Some(ct_bits));
                     }
@@ -878,7 +928,9 @@ impl Engine {
                     )
                 }
                 None => {
-                    self.stats.dropped_no_route.fetch_add(1, Ordering::Relaxed);
+                    self.stat(w.cpu)
+                        .dropped_no_route
+                        .fetch_add(1, Ordering::Relaxed);
                     return (Verdict::Drop(DropReason::NoRoute), Some(ct_bits));
                 }
             }
@@ -898,7 +950,7 @@ impl Engine {
                 &mut limits,
                 w,
             );
-            if let Some(v) = self.refused(d) {
+            if let Some(v) = self.refused(d, w.cpu) {
                 self.answer(&v, frame, &pkt, ingress, w);
                 return (v, Some(ct_bits));
             }
@@ -925,7 +977,9 @@ impl Engine {
                 conntrack::helper::Help::Accept => {}
                 conntrack::helper::Help::Mangle(m) => w.edits.mangle = Some(m),
                 conntrack::helper::Help::Drop(why) => {
-                    self.stats.dropped_helper.fetch_add(1, Ordering::Relaxed);
+                    self.stat(w.cpu)
+                        .dropped_helper
+                        .fetch_add(1, Ordering::Relaxed);
                     w.logs.push(format!("{why}\n"));
                     return (Verdict::Drop(DropReason::Helper), Some(ct_bits));
                 }
@@ -958,7 +1012,7 @@ impl Engine {
                     }
                     Confirmed::Already | Confirmed::Clash(_) => {}
                     Confirmed::Failed(_) => {
-                        self.stats
+                        self.stat(w.cpu)
                             .dropped_insert_failed
                             .fetch_add(1, Ordering::Relaxed);
                         return (Verdict::Drop(DropReason::InsertFailed), Some(ct_bits));
@@ -966,7 +1020,7 @@ impl Engine {
                 }
             }
         }
-        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        self.stat(w.cpu).accepted.fetch_add(1, Ordering::Relaxed);
         (verdict, Some(ct_bits))
     }
 
@@ -1001,7 +1055,7 @@ impl Engine {
                 (None, Some(stmt)) => match self.nat_range(&stmt, at, n.v6, key) {
                     Some(r) => r,
                     None => {
-                        self.stats.dropped_nat.fetch_add(1, Ordering::Relaxed);
+                        self.stat(w.cpu).dropped_nat.fetch_add(1, Ordering::Relaxed);
                         return Err(DropReason::NatNoAddress);
                     }
                 },
@@ -1147,7 +1201,7 @@ impl Engine {
     /// Counts a NAT failure: the engine's own counter, and conntrack's `insert_failed` and
     /// `drop`, where the kernel's confirm of the clashing tuple would count it.
     fn nat_failed(&self, cpu: usize) -> DropReason {
-        self.stats.dropped_nat.fetch_add(1, Ordering::Relaxed);
+        self.stat(cpu).dropped_nat.fetch_add(1, Ordering::Relaxed);
         self.tracker.count_insert_failed(cpu);
         DropReason::NatFailed
     }
@@ -1186,15 +1240,17 @@ impl Engine {
     }
 
     /// A drop or reject from a hook, as the final verdict.
-    fn refused(&self, d: Decision) -> Option<Verdict> {
+    fn refused(&self, d: Decision, cpu: usize) -> Option<Verdict> {
         match d {
             Decision::Accept => None,
             Decision::Drop => {
-                self.stats.dropped_by_rules.fetch_add(1, Ordering::Relaxed);
+                self.stat(cpu)
+                    .dropped_by_rules
+                    .fetch_add(1, Ordering::Relaxed);
                 Some(Verdict::Drop(DropReason::Rules))
             }
             Decision::Reject(r) => {
-                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                self.stat(cpu).rejected.fetch_add(1, Ordering::Relaxed);
                 Some(Verdict::Reject(r))
             }
         }

@@ -197,7 +197,9 @@ fn malformed_frames_are_counted_and_dropped() {
         Verdict::Drop(DropReason::Malformed)
     );
     assert_eq!(
-        e.stats.malformed.load(std::sync::atomic::Ordering::Relaxed),
+        e.stats()
+            .malformed
+            .load(std::sync::atomic::Ordering::Relaxed),
         2
     );
     assert_eq!(

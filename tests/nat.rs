@@ -272,7 +272,7 @@ fn snat_to_a_range_stays_in_it_and_exhaustion_is_a_counted_drop() {
         "the dropped connection left no entry"
     );
     assert_eq!(
-        e.stats
+        e.stats()
             .dropped_nat
             .load(std::sync::atomic::Ordering::Relaxed),
         1

@@ -296,7 +296,7 @@ impl Shared {
                 r(&w.sleeps)
             );
         }
-        let e = &self.engine.stats;
+        let e = &self.engine.stats();
         let _ = writeln!(
             s,
             "engine: {} frames, {} accepted, {} dropped by rules, {} rejected, {} malformed, {} not IP, {} no route, {} table full; {} connections",
@@ -578,7 +578,10 @@ mod log_limit_tests {
         assert_eq!(written, 10);
         let (ok, notice) = l.allow(s + LogLimit::INTERVAL_NS + 1);
         assert!(ok);
-        assert_eq!(notice.as_deref(), Some("keepstate: 15 log lines suppressed"));
+        assert_eq!(
+            notice.as_deref(),
+            Some("keepstate: 15 log lines suppressed")
+        );
         assert_eq!(l.allow(s + LogLimit::INTERVAL_NS + 2).1, None);
     }
 }

@@ -30,7 +30,9 @@
 //!
 //! XXX: every base chain of a hook is evaluated as one decision tree, so a prerouting filter
 //! chain of priority above -100 sees the packet before DNAT, where the kernel shows it after.
-//! XXX: the helpers (ct helper set is recorded on the connection) come with the helpers issue.
+//!
+//! Helpers (`ct helper set`) read each accepted packet of their connections before it is
+//! confirmed (`nf_confirm`); what they rewrite (FTP and SIP through NAT) is edited last.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -287,9 +287,8 @@ impl Worker {
             );
         }
         match verdict {
-            // XXX: the engine routes multicast and broadcast destinations like unicast ones
-            // (ff02::16 by the default route); the kernel delivers them locally or drops
-            // them (RTN_MULTICAST, RTN_BROADCAST). Until it does, they stop here.
+            // A frame to a group MAC is never forwarded by a router (the engine delivers
+            // group IP destinations locally; this guards a unicast IP in a group frame).
             Verdict::Forward { .. } if router && group => self.dropped(shared, ingress, true),
             Verdict::Forward { port, next_hop } => {
                 // A helper rewrote the payload to another length (FTP, SIP through NAT):

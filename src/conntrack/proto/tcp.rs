@@ -8,8 +8,9 @@
 //! per-state timeout choice. Must not touch the table, the clock or rules: the caller passes
 //! the connection's status bits and remaining lifetime and applies the [`L4Verdict`].
 //!
-//! XXX: the NAT sequence offset (`nf_ct_seq_offset`) is taken as zero until the NAT/helper
-//! issue adds sequence adjustment.
+//! A NAT helper that resized a payload shifts the sequence numbers the peer acknowledges: the
+//! caller passes that shift (`nf_ct_seq_offset`, [`TcpCtx::receiver_offset`]) and the window
+//! checks take it off the ACK and SACK.
 
 use super::{Dir, L4Verdict};
 use crate::conntrack::{status, CtConfig, InvalidReason, Timeouts, EV_ASSURED, EV_PROTOINFO};

@@ -12,12 +12,16 @@
 //!              packets, the tracker and the classifier, in netfilter's hook order
 //!   rules      rules file -> pest -> spanned AST -> checked -> lowered IR (rules::ir)
 //!   classify   IR -> decision tree; `linear` is the obviously-right reference it is tested against
-//!   conntrack  the connection tracker (Linux semantics, sans-IO): knows packets and time, never rules
-//!   packet     frame bytes -> checked flow view (etherparse); depends on nothing of ours
+//!   conntrack  the connection tracker (Linux semantics, sans-IO): knows packets and time, never
+//!              rules; NAT bindings, expectations, the FTP and SIP helpers (with their NAT)
+//!   packet     frame bytes -> checked flow view (etherparse), NAT byte edits; depends on
+//!              nothing of ours
+//!   fuzz       the fuzz targets' bodies (cargo fuzz in fuzz/, replayed by a stable test)
 //! ```
 //!
 //! Rules flow one way: text -> AST -> IR -> classifier. Packets flow one way: bytes -> packet
-//! view -> conntrack -> classifier (per hook) -> verdict. `rules` exports the IR and the
+//! view -> conntrack -> classifier (per hook; NAT at its hooks) -> helpers -> verdict, with
+//! the frame's edits (TTL, NAT, helpers' rewrites) made once the verdict is known. `rules` exports the IR and the
 //! diagnostics; pest's `Rule` type never leaves `rules::parse`. `classify` knows the IR and a
 //! packet's fields, never the parser.
 

@@ -300,3 +300,103 @@ fn absurd_sdp_is_bounded_or_dropped() {
         assert_eq!(o.verdict, Verdict::Drop(DropReason::Helper), "{bad:?}");
     }
 }
+
+/// A hundred reloads while traffic flows on another thread: valid and invalid rules files
+/// alternating. Every invalid file is refused with its diagnostics (the old ruleset stays),
+/// every valid one swaps in atomically, and not one packet of the established connections is
+/// refused meanwhile.
+#[test]
+fn a_hundred_reloads_under_traffic_break_no_established_connection() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/home-router.nft");
+    let good = std::fs::read_to_string(&path).unwrap();
+    // The same ruleset with a counter more (so each valid reload really is a new ruleset).
+    let also_good = good.replace(
+        "iifname \"lan\" oifname \"wan\" accept",
+        "iifname \"lan\" oifname \"wan\" counter accept",
+    );
+    let bad = good.replace("policy drop;", "policy dorp;");
+    let e = Arc::new(home_router(65_536));
+    // Fifty established connections.
+    let flows: Vec<u16> = (0..50).map(|i| 41_000 + i).collect();
+    for &p in &flows {
+        e.process(
+            &tcp("lan", CLIENT, SERVER, p, 443, "S", 100, 0, b""),
+            LAN,
+            t(0),
+            0,
+        );
+        e.process(
+            &tcp("wan", SERVER, BOX_WAN, 443, p, "SA", 900, 101, b""),
+            WAN,
+            t(1),
+            0,
+        );
+        e.process(
+            &tcp("lan", CLIENT, SERVER, p, 443, "A", 101, 901, b""),
+            LAN,
+            t(2),
+            0,
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let traffic = {
+        let (e, stop, sent, flows) = (e.clone(), stop.clone(), sent.clone(), flows.clone());
+        std::thread::spawn(move || {
+            let mut w = Worker::new(1);
+            let mut refused = Vec::new();
+            let mut seq = 101u32;
+            while !stop.load(Ordering::Relaxed) {
+                for &p in &flows {
+                    let mut f = tcp("lan", CLIENT, SERVER, p, 443, "PA", seq, 901, b"data");
+                    let v = e.process_with(&mut f, LAN, t(3), &mut w).0;
+                    if !matches!(v, Verdict::Forward { .. }) {
+                        refused.push((p, v));
+                    }
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+                seq = seq.wrapping_add(4);
+            }
+            refused
+        })
+    };
+    let (mut swapped, mut refused_files) = (0, 0);
+    for i in 0..100 {
+        let text = match i % 4 {
+            0 | 2 => &bad,
+            1 => &also_good,
+            _ => &good,
+        };
+        match rules::load_str("reload.nft", text) {
+            Ok(loaded) => {
+                e.reload(keepstate::engine::Compiled::new(&loaded).unwrap());
+                swapped += 1;
+            }
+            Err(d) => {
+                assert!(
+                    d.to_string().contains("reload.nft:"),
+                    "diagnostics name the file: {d}"
+                );
+                refused_files += 1;
+            }
+        }
+        // Let some traffic through between reloads.
+        let before = sent.load(Ordering::Relaxed);
+        while sent.load(Ordering::Relaxed) < before + 50 {
+            std::thread::yield_now();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let refused = traffic.join().unwrap();
+    assert_eq!((swapped, refused_files), (50, 50));
+    assert!(
+        refused.is_empty(),
+        "packets refused during reloads: {:?}",
+        &refused[..refused.len().min(5)]
+    );
+    assert!(sent.load(Ordering::Relaxed) >= 100 * 50);
+    assert_eq!(e.tracker().count(), 50, "every connection is still there");
+}

@@ -89,7 +89,6 @@ impl fmt::Debug for HelperName {
 pub(crate) struct ConnInner {
     pub proto: ProtoState,
     pub counters: [Counter; 2],
-    pub helper: Option<HelperName>,
     /// What few connections have (the kernel's ct extensions), in one allocation.
     pub ext: Option<Box<Ext>>,
 }
@@ -98,6 +97,8 @@ pub(crate) struct ConnInner {
 /// those that use any.
 #[derive(Clone, Debug, Default)]
 pub struct Ext {
+    /// The helper attached by `ct helper set` (`IPS_HELPER` says there is one).
+    pub helper: Option<HelperName>,
     /// The helper's own state (FTP's line starts, ...).
     pub help: Option<super::helper::HelpState>,
     /// The control connection of an expected (RELATED) connection (`ct->master`).
@@ -138,7 +139,6 @@ impl Conn {
             inner: Mutex::new(ConnInner {
                 proto,
                 counters: [Counter::default(); 2],
-                helper: None,
                 ext: None,
             }),
             nat: OnceLock::new(),
@@ -219,7 +219,10 @@ impl Conn {
         }
     }
     pub fn helper(&self) -> Option<HelperName> {
-        self.inner.lock().helper
+        if self.status() & status::HELPER == 0 {
+            return None;
+        }
+        self.inner.lock().ext.as_ref()?.helper
     }
     /// The control connection this one was expected by, if it is alive.
     pub fn master(&self) -> Option<ConnRef> {
@@ -254,9 +257,9 @@ impl Conn {
         let h = g.ext.get_or_insert_default().help.get_or_insert_with(init);
         f(h)
     }
-    /// `ct helper set`: attaches a helper by name (the helpers themselves come later).
+    /// `ct helper set`: attaches a helper by name, and sets `IPS_HELPER`.
     pub fn set_helper(&self, helper: Option<HelperName>) {
-        self.inner.lock().helper = helper;
+        self.inner.lock().ext.get_or_insert_default().helper = helper;
         if helper.is_some() {
             self.set_status(status::HELPER);
         }

@@ -964,7 +964,9 @@ fn sipp() -> Result<PathBuf, String> {
         .arg("-v")
         .stdin(Stdio::null())
         .output()
-        .map_err(|_| "no sipp: sip-tester is not installed (scripts/setup.sh installs it)".to_string())?;
+        .map_err(|_| {
+            "no sipp: sip-tester is not installed (scripts/setup.sh installs it)".to_string()
+        })?;
     let v = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
     if !v.contains("PCAP") {
         return Err(format!(
@@ -974,10 +976,14 @@ fn sipp() -> Result<PathBuf, String> {
     }
     let audio = PathBuf::from(SIP_AUDIO);
     if !audio.exists() {
-        return Err(format!("{SIP_AUDIO} (sip-tester's G.711 sample) is not there"));
+        return Err(format!(
+            "{SIP_AUDIO} (sip-tester's G.711 sample) is not there"
+        ));
     }
     if !have("nft") {
-        return Err("no nft: the hosts count the RTP packets that arrive with nftables counters".into());
+        return Err(
+            "no nft: the hosts count the RTP packets that arrive with nftables counters".into(),
+        );
     }
     Ok(audio)
 }
@@ -1157,9 +1163,8 @@ fn sipp_calls(stf: &Path) -> Option<(u64, u64)> {
     Some((col("SuccessfulCall(C)")?, col("FailedCall(C)")?))
 }
 
-/// One call: the provider's sipp (UAS) on INTERNET:5060, the phone's (UAC) on the LAN host.
-/// Returns what was seen: (phone's calls, provider's calls, RTP at the provider, RTP at the
-/// phone, sipp's complaints).
+/// What one call showed: each sipp's (successful, failed) calls, the RTP packets that
+/// arrived at the provider and at the phone, and the first lines of sipp's error logs.
 struct Call {
     phone: Option<(u64, u64)>,
     provider: Option<(u64, u64)>,
@@ -1168,6 +1173,8 @@ struct Call {
     err: String,
 }
 
+/// One call: the provider's sipp (UAS) on INTERNET:5060, then the phone's (UAC) on the LAN
+/// host calling it (the UAC retransmits its INVITE should the UAS not listen yet).
 fn sip_call(st: &Stage, uac: &Path, uas: &Path, tag: &str) -> Call {
     let lab = &st.lab;
     let dir = &st.dir;
@@ -1181,22 +1188,25 @@ fn sip_call(st: &Stage, uac: &Path, uas: &Path, tag: &str) -> Call {
     let uac_log = dir.join(format!("uac-{tag}.log"));
     let pr = PROVIDER_RTP.to_string();
     let ph = PHONE_RTP.to_string();
-    let server = in_ns(
-        &lab.wan,
-        &[
-            "sipp", "-sf",
-        ],
-    )
-    .arg(uas)
-    .args(["-i", INTERNET, "-p", "5060", "-mi", INTERNET, "-mp", &pr])
-    .args(["-m", "1", "-timeout", "15s", "-nostdin", "-trace_stat", "-stf"])
-    .arg(&uas_stf)
-    .args(["-trace_err", "-error_file"])
-    .arg(&uas_log)
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn();
+    let server = in_ns(&lab.wan, &["sipp", "-sf"])
+        .arg(uas)
+        .args(["-i", INTERNET, "-p", "5060", "-mi", INTERNET, "-mp", &pr])
+        .args([
+            "-m",
+            "1",
+            "-timeout",
+            "15s",
+            "-nostdin",
+            "-trace_stat",
+            "-stf",
+        ])
+        .arg(&uas_stf)
+        .args(["-trace_err", "-error_file"])
+        .arg(&uas_log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
     let Ok(mut server) = server else {
         return Call {
             phone: None,
@@ -1209,8 +1219,25 @@ fn sip_call(st: &Stage, uac: &Path, uas: &Path, tag: &str) -> Call {
     std::thread::sleep(Duration::from_millis(500));
     let _ = in_ns(&lab.lan, &["sipp", "-sf"])
         .arg(uac)
-        .args(["-i", OFFICE_HOST, "-p", "5060", "-mi", OFFICE_HOST, "-mp", &ph])
-        .args(["-m", "1", "-timeout", "15s", "-nostdin", "-trace_stat", "-stf"])
+        .args([
+            "-i",
+            OFFICE_HOST,
+            "-p",
+            "5060",
+            "-mi",
+            OFFICE_HOST,
+            "-mp",
+            &ph,
+        ])
+        .args([
+            "-m",
+            "1",
+            "-timeout",
+            "15s",
+            "-nostdin",
+            "-trace_stat",
+            "-stf",
+        ])
         .arg(&uac_stf)
         .args(["-trace_err", "-error_file"])
         .arg(&uac_log)

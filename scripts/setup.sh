@@ -12,10 +12,12 @@ set -euo pipefail
 # and libbpf from source for the AF_XDP dataplane (clang compiles libxdp's BPF programs);
 # curl, python3: the live dataplane test (tests/netns_dataplane.rs) downloads from a Python
 # http.server through the firewall with curl; python3-pyftpdlib: the FTP server of
-# `keepstate lab demo` (the demo finds it with Debian's python3 when python3 is another one).
+# `keepstate lab demo` (the demo finds it with Debian's python3 when python3 is another one);
+# sip-tester: sipp, the phone and the provider of the demo's SIP call (it plays the G.711
+# sample the package ships as RTP).
 packages=(nftables iproute2 conntrack tcpdump iputils-ping ethtool
 	clang llvm libelf-dev zlib1g-dev libpcap-dev pkg-config m4 gcc-multilib make
-	curl python3 python3-pyftpdlib)
+	curl python3 python3-pyftpdlib sip-tester)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -3,8 +3,10 @@
 //! examples/home-router.nft, drives real traffic with real tools (ping, curl, python3's
 //! http.server), prints per scenario what is expected and what was observed, shows the box's
 //! own view through the control socket (`ct list`, `stats`), then a second short run with
-//! examples/office-ftp-sip.nft for FTP through the helper and NAT. Tears everything down on
-//! every way out: success, failure, a panic, Ctrl-C.
+//! examples/office-ftp-sip.nft for FTP (curl and pyftpdlib) and a SIP call with RTP both ways
+//! (sipp as the phone and as the provider) through the helpers and NAT, the call again
+//! without the sip helper to show its media fail. Tears everything down on every way out:
+//! success, failure, a panic, Ctrl-C.
 //!
 //! ```text
 //!  lan host 192.168.1.10 ── [lan] keepstate [wan] ── wan host 198.51.100.254
@@ -220,6 +222,20 @@ impl Show {
         self.skipped += 1;
         println!("\n[{}] {title}\n    SKIPPED: {why}", self.n);
     }
+}
+
+/// Asks the appliance `req` over its control socket; returns the stdout lines, unprinted.
+fn query(a: &Appliance, req: &Request) -> Vec<String> {
+    let mut out = Vec::new();
+    let _ = Client::connect(&a.control).and_then(|c| {
+        c.call(req, |ans| {
+            if let Answer::Out(l) = ans {
+                out.push(l.clone());
+            }
+            Ok(())
+        })
+    });
+    out
 }
 
 /// Asks the appliance `req` over its control socket and prints the answer as the command
@@ -467,7 +483,7 @@ pub fn run(prefix: &str, examples: &Path) -> Result<Summary, DemoError> {
     st.built = true;
     home_router(&mut st, &mut show, &examples)?;
     show.check()?;
-    office_ftp(&mut st, &mut show, &examples)?;
+    office(&mut st, &mut show, &examples)?;
     println!(
         "\n== tearing the lab down ({}, {}, {})",
         lab.lan, lab.fw, lab.wan
@@ -708,23 +724,31 @@ const OFFICE_WATCH: &str = "
 table inet demo_watch {
 \tchain forward {
 \t\ttype filter hook forward priority filter + 10; policy accept;
-\t\tct state related counter comment \"data connections let in by the ftp helper\"
+\t\tmeta l4proto tcp ct state related counter comment \"data connections let in by the ftp helper\"
+\t\tmeta l4proto udp ct state related counter comment \"media (RTP) let in by the sip helper\"
 \t}
 }
 ";
 
-fn office_ftp(st: &mut Stage, show: &mut Show, examples: &Path) -> Result<(), DemoError> {
+fn office(st: &mut Stage, show: &mut Show, examples: &Path) -> Result<(), DemoError> {
     let title = "FTP through the ftp helper and NAT (examples/office-ftp-sip.nft)";
-    let Some(py) = pyftpdlib() else {
+    let py = pyftpdlib();
+    let sip = sipp();
+    if py.is_none() {
         show.skip(
             title,
             "no FTP server: pyftpdlib is not installed (apt-get install python3-pyftpdlib, or pip install pyftpdlib)",
         );
+    }
+    if let Err(why) = &sip {
+        show.skip(SIP_TITLE, why);
+    }
+    if py.is_none() && sip.is_err() {
         return Ok(());
-    };
+    }
     let lab = st.lab.clone();
     let dir = st.dir.clone();
-    println!("\n== run 2: the office firewall, examples/office-ftp-sip.nft (plus a chain that only counts): the ftp helper on tcp/21, SNAT to 198.51.100.10-14");
+    println!("\n== run 2: the office firewall, examples/office-ftp-sip.nft (plus a chain that only counts): the ftp helper on tcp/21, the sip helper on udp/5060, SNAT to 198.51.100.10-14");
     // The LAN host moves into the office's network; the box owns the SNAT pool's addresses.
     for cmd in [
         vec!["ip", "-4", "addr", "flush", "dev", "eth0"],
@@ -782,6 +806,25 @@ fn office_ftp(st: &mut Stage, show: &mut Show, examples: &Path) -> Result<(), De
         }
     };
     st.box_ = Some(a);
+    if let Some(py) = py {
+        office_ftp(st, show, py)?;
+    }
+    if let Ok(audio) = sip {
+        office_sip(st, show, &rules, examples, &audio)?;
+    }
+    let a = st.box_.as_ref().ok_or(DemoError::Interrupted)?;
+    ask(a, &Request::CtExpect, "ct expect");
+    println!("\n== stopping run 2");
+    if let Some(a) = st.box_.take() {
+        a.stop();
+    }
+    Ok(())
+}
+
+/// FTP in passive and active mode through the office box (run 2), with pyftpdlib.
+fn office_ftp(st: &mut Stage, show: &mut Show, py: &str) -> Result<(), DemoError> {
+    let lab = st.lab.clone();
+    let dir = st.dir.clone();
     let ftp_dir = dir.join("ftp");
     std::fs::create_dir_all(&ftp_dir).map_err(io("create the FTP directory"))?;
     let report = blob(3 * 1024 * 1024);
@@ -891,7 +934,7 @@ fn office_ftp(st: &mut Stage, show: &mut Show, examples: &Path) -> Result<(), De
         || {
             let line = stats
                 .iter()
-                .find(|l| l.contains("ct state related counter packets "))
+                .find(|l| l.contains("meta l4proto tcp ct state related counter packets "))
                 .map(|l| l.trim().to_string())
                 .unwrap_or_else(|| "the demo_watch chain is not in the listing".into());
             let packets: u64 = line
@@ -903,10 +946,508 @@ fn office_ftp(st: &mut Stage, show: &mut Show, examples: &Path) -> Result<(), De
             (packets > 0, line)
         },
     )?;
-    ask(a, &Request::CtExpect, "ct expect");
-    println!("\n== stopping run 2");
-    if let Some(a) = st.box_.take() {
-        a.stop();
+    Ok(())
+}
+
+const SIP_TITLE: &str = "a SIP call with RTP both ways through the sip helper and NAT (sipp, examples/office-ftp-sip.nft)";
+/// The audio both sides play: a G.711 A-law stream that sip-tester ships (7 s, 30 ms a packet).
+const SIP_AUDIO: &str = "/usr/share/sip-tester/g711a.pcap";
+/// The phone's (UAC's) and the provider's (UAS's) RTP ports, as their SDP announces them.
+const PHONE_RTP: u16 = 7078;
+const PROVIDER_RTP: u16 = 6000;
+/// How long the phone keeps the call up while both sides play the audio.
+const CALL_MS: u64 = 2000;
+
+/// sipp with the RTP playback this demo uses, or why not.
+fn sipp() -> Result<PathBuf, String> {
+    let o = Command::new("sipp")
+        .arg("-v")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|_| {
+            "no sipp: sip-tester is not installed (scripts/setup.sh installs it)".to_string()
+        })?;
+    let v = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    if !v.contains("PCAP") {
+        return Err(format!(
+            "this sipp cannot play RTP (built without PCAP play): {}",
+            v.trim()
+        ));
     }
+    let audio = PathBuf::from(SIP_AUDIO);
+    if !audio.exists() {
+        return Err(format!(
+            "{SIP_AUDIO} (sip-tester's G.711 sample) is not there"
+        ));
+    }
+    if !have("nft") {
+        return Err(
+            "no nft: the hosts count the RTP packets that arrive with nftables counters".into(),
+        );
+    }
+    Ok(audio)
+}
+
+/// The phone's side (sipp's UAC): INVITE with an SDP offer (PCMA on [media_port]), ACK,
+/// plays AUDIO to the address and port the answer names while the call is up, BYE.
+const SIP_UAC: &str = r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="keepstate demo: the office phone calls the provider">
+  <send retrans="500">
+    <![CDATA[
+
+      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: phone <sip:phone@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: provider <sip:[service]@[remote_ip]:[remote_port]>
+      Call-ID: [call_id]
+      CSeq: 1 INVITE
+      Contact: sip:phone@[local_ip]:[local_port]
+      Max-Forwards: 70
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+      v=0
+      o=phone 53655765 2353687637 IN IP[local_ip_type] [local_ip]
+      s=-
+      c=IN IP[media_ip_type] [media_ip]
+      t=0 0
+      m=audio [media_port] RTP/AVP 8
+      a=rtpmap:8 PCMA/8000
+
+    ]]>
+  </send>
+  <recv response="100" optional="true"/>
+  <recv response="180" optional="true"/>
+  <recv response="200" rtd="true"/>
+  <send>
+    <![CDATA[
+
+      ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: phone <sip:phone@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: provider <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 1 ACK
+      Contact: sip:phone@[local_ip]:[local_port]
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <nop><action><exec play_pcap_audio="AUDIO"/></action></nop>
+  <pause milliseconds="CALL_MS"/>
+  <send retrans="500">
+    <![CDATA[
+
+      BYE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: phone <sip:phone@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: provider <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 2 BYE
+      Contact: sip:phone@[local_ip]:[local_port]
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <recv response="200" crlf="true"/>
+</scenario>
+"#;
+
+/// The provider's side (sipp's UAS): answers with an SDP of its own ([media_port]), plays
+/// AUDIO to the address and port the offer names once the ACK is in, until the BYE.
+const SIP_UAS: &str = r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="keepstate demo: the provider answers">
+  <recv request="INVITE" crlf="true"/>
+  <send>
+    <![CDATA[
+
+      SIP/2.0 180 Ringing
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <send retrans="500">
+    <![CDATA[
+
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+      v=0
+      o=provider 53655765 2353687637 IN IP[local_ip_type] [local_ip]
+      s=-
+      c=IN IP[media_ip_type] [media_ip]
+      t=0 0
+      m=audio [media_port] RTP/AVP 8
+      a=rtpmap:8 PCMA/8000
+
+    ]]>
+  </send>
+  <recv request="ACK" rtd="true" crlf="true"/>
+  <nop><action><exec play_pcap_audio="AUDIO"/></action></nop>
+  <recv request="BYE"/>
+  <send>
+    <![CDATA[
+
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+      Content-Length: 0
+
+    ]]>
+  </send>
+</scenario>
+"#;
+
+/// The hosts' own count of what arrives (nftables in their namespaces, input hook): RTP
+/// packets that reached the phone's and the provider's media ports.
+fn rtp_counters(ns: &str, port: u16) -> bool {
+    let rules = format!(
+        "table inet demo_rtp {{\n\tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n\t\tudp dport {port} counter\n\t}}\n}}\n"
+    );
+    let mut c = in_ns(ns, &["nft", "-f", "-"]);
+    let Ok(mut child) = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    if let Some(mut i) = child.stdin.take() {
+        let _ = i.write_all(rules.as_bytes());
+    }
+    child.wait().is_ok_and(|s| s.success())
+}
+
+/// The packets a host's counter of `rtp_counters` has seen so far.
+fn rtp_count(ns: &str, port: u16) -> u64 {
+    let o = run_in(ns, &["nft", "list", "chain", "inet", "demo_rtp", "input"]);
+    let out = text(&o.stdout);
+    let key = format!("udp dport {port} counter packets ");
+    out.lines()
+        .find_map(|l| l.split(&key).nth(1))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What one sipp said at its end: successful and failed calls (`-trace_stat` CSV, last row).
+fn sipp_calls(stf: &Path) -> Option<(u64, u64)> {
+    let csv = std::fs::read_to_string(stf).ok()?;
+    let mut lines = csv.lines().filter(|l| !l.trim().is_empty());
+    let head: Vec<&str> = lines.next()?.split(';').collect();
+    let last: Vec<&str> = lines.last()?.split(';').collect();
+    let col = |name: &str| -> Option<u64> {
+        let i = head.iter().position(|h| *h == name)?;
+        last.get(i)?.trim().parse().ok()
+    };
+    Some((col("SuccessfulCall(C)")?, col("FailedCall(C)")?))
+}
+
+/// What one call showed: each sipp's (successful, failed) calls, the RTP packets that
+/// arrived at the provider and at the phone, and the first lines of sipp's error logs.
+struct Call {
+    phone: Option<(u64, u64)>,
+    provider: Option<(u64, u64)>,
+    at_provider: u64,
+    at_phone: u64,
+    err: String,
+}
+
+/// One call: the provider's sipp (UAS) on INTERNET:5060, then the phone's (UAC) on the LAN
+/// host calling it (the UAC retransmits its INVITE should the UAS not listen yet).
+fn sip_call(st: &Stage, uac: &Path, uas: &Path, tag: &str) -> Call {
+    let lab = &st.lab;
+    let dir = &st.dir;
+    let (p0, h0) = (
+        rtp_count(&lab.wan, PROVIDER_RTP),
+        rtp_count(&lab.lan, PHONE_RTP),
+    );
+    let uas_stf = dir.join(format!("uas-{tag}.csv"));
+    let uac_stf = dir.join(format!("uac-{tag}.csv"));
+    let uas_log = dir.join(format!("uas-{tag}.log"));
+    let uac_log = dir.join(format!("uac-{tag}.log"));
+    let pr = PROVIDER_RTP.to_string();
+    let ph = PHONE_RTP.to_string();
+    let server = in_ns(&lab.wan, &["sipp", "-sf"])
+        .arg(uas)
+        .args(["-i", INTERNET, "-p", "5060", "-mi", INTERNET, "-mp", &pr])
+        .args([
+            "-m",
+            "1",
+            "-timeout",
+            "15s",
+            "-nostdin",
+            "-trace_stat",
+            "-stf",
+        ])
+        .arg(&uas_stf)
+        .args(["-trace_err", "-error_file"])
+        .arg(&uas_log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut server) = server else {
+        return Call {
+            phone: None,
+            provider: None,
+            at_provider: 0,
+            at_phone: 0,
+            err: "the UAS did not start".into(),
+        };
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = in_ns(&lab.lan, &["sipp", "-sf"])
+        .arg(uac)
+        .args([
+            "-i",
+            OFFICE_HOST,
+            "-p",
+            "5060",
+            "-mi",
+            OFFICE_HOST,
+            "-mp",
+            &ph,
+        ])
+        .args([
+            "-m",
+            "1",
+            "-timeout",
+            "15s",
+            "-nostdin",
+            "-trace_stat",
+            "-stf",
+        ])
+        .arg(&uac_stf)
+        .args(["-trace_err", "-error_file"])
+        .arg(&uac_log)
+        .arg(format!("{INTERNET}:5060"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    // The provider ends with the call (-m 1); one that still waits is stopped.
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end && matches!(server.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let err = [&uac_log, &uas_log]
+        .iter()
+        .filter_map(|l| std::fs::read_to_string(l).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter(|l| !l.trim().is_empty() && !l.starts_with("sipp:"))
+                .map(|l| l.trim().to_string())
+                .collect::<Vec<_>>()
+        })
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" / ");
+    Call {
+        phone: sipp_calls(&uac_stf),
+        provider: sipp_calls(&uas_stf),
+        at_provider: rtp_count(&lab.wan, PROVIDER_RTP).saturating_sub(p0),
+        at_phone: rtp_count(&lab.lan, PHONE_RTP).saturating_sub(h0),
+        err,
+    }
+}
+
+fn calls(c: Option<(u64, u64)>) -> String {
+    match c {
+        Some((ok, failed)) => format!("{ok} successful call, {failed} failed"),
+        None => "no statistics (sipp did not finish)".into(),
+    }
+}
+
+/// The office phone calls the provider through the box (run 2), with the sip helper and,
+/// for contrast, without it.
+fn office_sip(
+    st: &mut Stage,
+    show: &mut Show,
+    rules: &Path,
+    examples: &Path,
+    audio: &Path,
+) -> Result<(), DemoError> {
+    let lab = st.lab.clone();
+    let dir = st.dir.clone();
+    let audio = audio.display().to_string();
+    let uac = dir.join("sip-uac.xml");
+    let uas = dir.join("sip-uas.xml");
+    for (path, xml) in [(&uac, SIP_UAC), (&uas, SIP_UAS)] {
+        let xml = xml
+            .replace("AUDIO", &audio)
+            .replace("CALL_MS", &CALL_MS.to_string());
+        std::fs::write(path, xml).map_err(io("write the sipp scenarios"))?;
+    }
+    let counting = rtp_counters(&lab.wan, PROVIDER_RTP) && rtp_counters(&lab.lan, PHONE_RTP);
+    let st_ = &*st;
+    show.scenario(
+        &format!("a SIP call: sipp as the phone (UAC) on {OFFICE_HOST} -> sipp as the provider (UAS) on {INTERNET}:5060, both playing G.711 audio"),
+        &format!(
+            "the call completes (1 successful call on each side); the sip helper rewrites the phone's SDP (c={OFFICE_HOST}, m={PHONE_RTP}) to the SNAT address and expects the media: RTP arrives at the provider's {INTERNET}:{PROVIDER_RTP} and at the phone's {OFFICE_HOST}:{PHONE_RTP} (counted by nftables counters in the hosts' own namespaces)"
+        ),
+        || {
+            let call = sip_call(st_, &uac, &uas, "helper");
+            let ok = counting
+                && call.phone == Some((1, 0))
+                && call.provider == Some((1, 0))
+                && call.at_provider > 0
+                && call.at_phone > 0;
+            let mut s = format!(
+                "phone (UAC): {}; provider (UAS): {}\nRTP arrived: {} packets at the provider, {} at the phone (each side played {:.1} s of 30 ms packets)",
+                calls(call.phone),
+                calls(call.provider),
+                call.at_provider,
+                call.at_phone,
+                CALL_MS as f64 / 1000.0,
+            );
+            if !counting {
+                s.push_str("\nthe hosts' nftables counters could not be set up");
+            }
+            if !call.err.is_empty() {
+                s.push_str(&format!("\nsipp: {}", call.err));
+            }
+            (ok, s)
+        },
+    )?;
+    let a = st.box_.as_ref().ok_or(DemoError::Interrupted)?;
+    let conns = ask(
+        a,
+        &Request::CtList {
+            filter: ListFilter {
+                proto: Some(17),
+                ..ListFilter::default()
+            },
+            json: false,
+        },
+        "ct list -p udp",
+    );
+    let stats = query(a, &Request::Stats);
+    show.scenario(
+        "the box's view of the call",
+        &format!(
+            "the SIP connection carries helper=sip; the RTP connection between {OFFICE_HOST}:{PHONE_RTP} and {INTERNET}:{PROVIDER_RTP} is there, translated to the SNAT pool; the counting chain (`keepstate stats`) counted the packet that opened it as RELATED (`ct list`, like `conntrack -L`, does not print that)"
+        ),
+        || {
+            let sig = conns
+                .iter()
+                .find(|l| l.contains("dport=5060 ") && l.contains("helper=sip"));
+            let rtp = conns.iter().find(|l| {
+                !l.contains("port=5060 ")
+                    && l.contains(&format!("={OFFICE_HOST} "))
+                    && l.contains(&format!("port={PROVIDER_RTP} "))
+                    && l.contains("=198.51.100.1")
+            });
+            let line = stats
+                .iter()
+                .find(|l| l.contains("meta l4proto udp ct state related counter packets "))
+                .map(|l| l.trim().to_string())
+                .unwrap_or_else(|| "the demo_watch chain is not in the listing".into());
+            let related: u64 = line
+                .split("counter packets ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let cut = |l: Option<&String>| {
+                l.map(|l| l.chars().take(200).collect::<String>())
+                    .unwrap_or_else(|| "none".into())
+            };
+            (
+                sig.is_some() && rtp.is_some() && related > 0,
+                format!(
+                    "signalling: {}\nmedia: {}\nRELATED: {line}",
+                    cut(sig),
+                    cut(rtp)
+                ),
+            )
+        },
+    )?;
+
+    // The same call with the helper taken out of the rules.
+    let office = examples.join("office-ftp-sip.nft");
+    let original = std::fs::read_to_string(&office).map_err(io("read the office rules"))?;
+    let bare: String = original
+        .lines()
+        .filter(|l| !l.contains("ct helper set \"sip-5060\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let bare_path = dir.join("office-no-sip-helper.nft");
+    std::fs::write(&bare_path, bare).map_err(io("write the rules without the sip helper"))?;
+    let watched = std::fs::read_to_string(rules).map_err(io("read the office ruleset"))?;
+    let office_s = office.display().to_string();
+    std::fs::write(
+        rules,
+        watched.replace(
+            &format!("{office_s:?}"),
+            &format!("{:?}", bare_path.display().to_string()),
+        ),
+    )
+    .map_err(io("write the office ruleset"))?;
+    println!(
+        "\n== the same call without the sip helper: the rules again less `udp dport 5060 ct helper set \"sip-5060\"`, reloaded; the table flushed, so no connection keeps the helper it had"
+    );
+    ask(a, &Request::Reload, "reload");
+    ask(a, &Request::CtFlush, "ct flush");
+    let st_ = &*st;
+    show.scenario(
+        "the same SIP call without the sip helper",
+        &format!(
+            "the signalling still gets through (the provider answers where the INVITE came from), but the media does not: the phone's SDP still names {OFFICE_HOST}, which the provider cannot reach, and the phone's RTP to {INTERNET}:{PROVIDER_RTP} is nobody's expectation, so the forward chain drops it: no RTP arrives on either side"
+        ),
+        || {
+            let call = sip_call(st_, &uac, &uas, "bare");
+            let dropped = a
+                .wait_for(&format!("DPT={PROVIDER_RTP} "), Duration::from_secs(1))
+                .filter(|l| l.contains("office forward drop:"));
+            let ok = call.at_provider == 0 && call.at_phone == 0;
+            let mut s = format!(
+                "phone (UAC): {}; provider (UAS): {}\nRTP arrived: {} packets at the provider, {} at the phone",
+                calls(call.phone),
+                calls(call.provider),
+                call.at_provider,
+                call.at_phone,
+            );
+            if let Some(l) = &dropped {
+                // The line less its MAC, TOS, TTL, ID and length fields.
+                let short: Vec<&str> = l
+                    .split(' ')
+                    .filter(|w| {
+                        (!w.contains('=') && *w != "DF")
+                            || ["IN=", "OUT=", "SRC=", "DST=", "PROTO=", "SPT=", "DPT="]
+                                .iter()
+                                .any(|k| w.starts_with(k))
+                    })
+                    .collect();
+                s.push_str(&format!("\nthe box logged: {}", short.join(" ")));
+            }
+            (ok, s)
+        },
+    )?;
+    std::fs::write(rules, watched).map_err(io("write the office ruleset"))?;
+    println!("\n== the original rules back");
+    ask(a, &Request::Reload, "reload");
     Ok(())
 }

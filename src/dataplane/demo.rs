@@ -1155,7 +1155,7 @@ fn sipp_calls(stf: &Path) -> Option<(u64, u64)> {
     let csv = std::fs::read_to_string(stf).ok()?;
     let mut lines = csv.lines().filter(|l| !l.trim().is_empty());
     let head: Vec<&str> = lines.next()?.split(';').collect();
-    let last: Vec<&str> = lines.last()?.split(';').collect();
+    let last: Vec<&str> = lines.next_back()?.split(';').collect();
     let col = |name: &str| -> Option<u64> {
         let i = head.iter().position(|h| *h == name)?;
         last.get(i)?.trim().parse().ok()

@@ -482,15 +482,6 @@ impl Edits {
     }
 }
 
-/// Later edits of a field win: the manip of a later hook works from the earlier one's result.
-fn merge(into: &mut Rewrite, rw: Rewrite) {
-    into.src = rw.src.or(into.src);
-    into.dst = rw.dst.or(into.dst);
-    into.sport = rw.sport.or(into.sport);
-    into.dport = rw.dport.or(into.dport);
-    into.icmp_id = rw.icmp_id.or(into.icmp_id);
-}
-
 /// Makes the edits on one IP packet (`ip`, laid out as `l`).
 fn apply_edits(ip: &mut [u8], l: &Layout, e: &Edits) -> Result<(), rewrite::RewriteError> {
     match (&e.inner, &e.fast) {
@@ -899,7 +890,7 @@ impl Engine {
         // Routing. Multicast and broadcast destinations are the box's own (RTN_MULTICAST,
         // RTN_BROADCAST are delivered locally, never forwarded).
         let dst = w.edits.rw.dst.unwrap_or(pkt.ip.dst());
-        let local = self.ports.iter().any(|p| p.addresses.contains(&dst)) || is_group(dst);
+        let local = self.ports.iter().any(|p| p.addresses.contains(&dst)) || packet::is_group(dst);
         let (hooks, verdict): (&[Hook], Verdict) = if local {
             (&[Hook::Input], Verdict::Local)
         } else {
@@ -1098,7 +1089,7 @@ impl Engine {
                 if at.manip == Manip::Dst {
                     let fast = b.rewrite[dir.index()].0;
                     let rw = *fast.rewrite();
-                    merge(&mut w.edits.rw, rw);
+                    w.edits.rw.merge(rw);
                     w.edits.fast = Some(fast);
                     set_key_addrs(key, &Rewrite { src: None, ..rw });
                     if let Some(p) = rw.dport {
@@ -1114,12 +1105,15 @@ impl Engine {
         }
         if n.icmp_error {
             if let Some((outer, inner)) = ctnat::icmp_error(orig, &n.reply, st, dir, at.manip) {
-                merge(&mut w.edits.rw, outer);
-                merge(w.edits.inner.get_or_insert_with(Rewrite::default), inner);
+                w.edits.rw.merge(outer);
+                w.edits
+                    .inner
+                    .get_or_insert_with(Rewrite::default)
+                    .merge(inner);
                 set_key_addrs(key, &outer);
             }
         } else if let Some(rw) = ctnat::packet(orig, &n.reply, st, dir, at.manip) {
-            merge(&mut w.edits.rw, rw);
+            w.edits.rw.merge(rw);
             set_key_addrs(key, &rw);
             if let Some(p) = rw.sport {
                 key.set(Field::Sport, u128::from(p));
@@ -1419,14 +1413,6 @@ struct NatHook {
     manip: Manip,
     ingress: usize,
     egress: Option<(usize, IpAddr)>,
-}
-
-/// A multicast or limited-broadcast destination.
-fn is_group(a: IpAddr) -> bool {
-    match a {
-        IpAddr::V4(a) => a.is_multicast() || a.is_broadcast(),
-        IpAddr::V6(a) => a.is_multicast(),
-    }
 }
 
 /// What NAT's tuple choice asks of the table.

@@ -100,6 +100,11 @@ impl Expectation {
             && self.policy.class == o.policy.class
     }
 
+    /// Not expired, and its master still there.
+    fn live(&self, now: u64) -> bool {
+        self.expires > now && self.master_alive().is_some()
+    }
+
     fn master_alive(&self) -> Option<ConnRef> {
         self.master.upgrade().filter(|m| !m.is_dying())
     }
@@ -138,6 +143,20 @@ fn key_of(t: &Tuple) -> Key {
 struct Inner {
     by_dst: HashMap<Key, Vec<Expectation>>,
     next_id: u64,
+}
+
+impl Inner {
+    /// Keeps the expectations `keep` says yes to; returns how many went.
+    fn keep(&mut self, keep: impl Fn(&Expectation) -> bool) -> usize {
+        let mut removed = 0;
+        for v in self.by_dst.values_mut() {
+            let before = v.len();
+            v.retain(&keep);
+            removed += before - v.len();
+        }
+        self.by_dst.retain(|_, v| !v.is_empty());
+        removed
+    }
 }
 
 /// Statistics as `conntrack -S` names them.
@@ -191,14 +210,8 @@ impl Expectations {
     /// its class when its master has reached the class's `max_expected`.
     pub fn add(&self, mut e: Expectation, now: u64) -> Result<(), ExpectError> {
         let mut g = self.inner.lock();
-        let mut removed = 0u64;
         // Expired expectations and those of dead masters go first.
-        for v in g.by_dst.values_mut() {
-            let before = v.len();
-            v.retain(|x| x.expires > now && x.master_alive().is_some());
-            removed += (before - v.len()) as u64;
-        }
-        g.by_dst.retain(|_, v| !v.is_empty());
+        let mut removed = g.keep(|x| x.live(now)) as u64;
         let key = key_of(&e.tuple);
         let mut replaced = false;
         if let Some(v) = g.by_dst.get_mut(&key) {
@@ -277,7 +290,7 @@ impl Expectations {
         let v = g.by_dst.get_mut(&key_of(t))?;
         let mut removed = 0;
         let before = v.len();
-        v.retain(|x| x.expires > now && x.master_alive().is_some());
+        v.retain(|x| x.live(now));
         removed += before - v.len();
         let found = v
             .iter()
@@ -307,15 +320,7 @@ impl Expectations {
             return;
         }
         let ptr = Arc::as_ptr(master);
-        let mut g = self.inner.lock();
-        let mut removed = 0;
-        for v in g.by_dst.values_mut() {
-            let before = v.len();
-            v.retain(|x| x.master.as_ptr() != ptr);
-            removed += before - v.len();
-        }
-        g.by_dst.retain(|_, v| !v.is_empty());
-        drop(g);
+        let removed = self.inner.lock().keep(|x| x.master.as_ptr() != ptr);
         self.sub(removed as u64);
     }
 
@@ -323,15 +328,10 @@ impl Expectations {
     /// on a new INVITE or a BYE).
     pub fn remove_class(&self, master: &ConnRef, class: u8) {
         let ptr = Arc::as_ptr(master);
-        let mut g = self.inner.lock();
-        let mut removed = 0;
-        for v in g.by_dst.values_mut() {
-            let before = v.len();
-            v.retain(|x| !(x.master.as_ptr() == ptr && x.policy.class == class));
-            removed += before - v.len();
-        }
-        g.by_dst.retain(|_, v| !v.is_empty());
-        drop(g);
+        let removed = self
+            .inner
+            .lock()
+            .keep(|x| !(x.master.as_ptr() == ptr && x.policy.class == class));
         self.sub(removed as u64);
     }
 
@@ -352,15 +352,7 @@ impl Expectations {
         if self.count() == 0 {
             return 0;
         }
-        let mut g = self.inner.lock();
-        let mut removed = 0;
-        for v in g.by_dst.values_mut() {
-            let before = v.len();
-            v.retain(|x| x.expires > now && x.master_alive().is_some());
-            removed += before - v.len();
-        }
-        g.by_dst.retain(|_, v| !v.is_empty());
-        drop(g);
+        let removed = self.inner.lock().keep(|x| x.live(now));
         self.sub(removed as u64);
         removed
     }
@@ -372,7 +364,7 @@ impl Expectations {
             .by_dst
             .values()
             .flatten()
-            .filter(|x| x.expires > now && x.master_alive().is_some())
+            .filter(|x| x.live(now))
             .cloned()
             .collect();
         v.sort_by_key(|x| x.id);

@@ -907,26 +907,14 @@ impl Tracker {
             return Help::Accept;
         }
         let dir = t.info.dir();
-        match h.as_str() {
-            "ftp" => {
-                let L4::Tcp(th) = p.l4 else {
-                    return Help::Accept;
-                };
-                let verdict = t.conn.with_help(
-                    || HelpState::Ftp(ftp::FtpState::default()),
-                    |s| match s {
-                        HelpState::Ftp(f) => ftp::help(&t.conn, dir, f, p, &self.expect, now.0),
-                        HelpState::Sip(_) => Help::Accept,
-                    },
-                );
-                // A rewrite that changes the payload's length moves every later sequence
-                // number of this direction (nf_nat_mangle_tcp_packet -> nf_ct_seqadj_set).
-                if let Help::Mangle(m) = &verdict {
-                    let delta = m.text.len() as i64 - m.len as i64;
-                    t.conn.seqadj_set(dir, th.seq, delta as i32);
-                }
-                verdict
-            }
+        let verdict = match h.as_str() {
+            "ftp" if matches!(p.l4, L4::Tcp(_)) => t.conn.with_help(
+                || HelpState::Ftp(ftp::FtpState::default()),
+                |s| match s {
+                    HelpState::Ftp(f) => ftp::help(&t.conn, dir, f, p, &self.expect, now.0),
+                    HelpState::Sip(_) => Help::Accept,
+                },
+            ),
             "sip" if udp || matches!(p.l4, L4::Tcp(_)) => {
                 let (verdict, refresh) = t.conn.with_help(
                     || HelpState::Sip(sip::SipState::default()),
@@ -935,11 +923,6 @@ impl Tracker {
                         HelpState::Ftp(_) => (Help::Accept, false),
                     },
                 );
-                // Over TCP a resized message moves the stream (the seq_adjust hook).
-                if let (Help::Mangle(m), L4::Tcp(th)) = (&verdict, &p.l4) {
-                    let delta = m.text.len() as i64 - m.len as i64;
-                    t.conn.seqadj_set(dir, th.seq, delta as i32);
-                }
                 // sip_help_udp: every SIP message keeps the signalling connection alive.
                 if refresh && udp {
                     let until = now.0 + u64::from(sip::SIP_TIMEOUT) * NS;
@@ -948,7 +931,14 @@ impl Tracker {
                 verdict
             }
             _ => Help::Accept,
+        };
+        // A TCP payload rewritten to another length moves every later sequence number of this
+        // direction (nf_nat_mangle_tcp_packet / the seq_adjust hook -> nf_ct_seqadj_set).
+        if let (Help::Mangle(m), L4::Tcp(th)) = (&verdict, &p.l4) {
+            let delta = m.text.len() as i64 - m.len as i64;
+            t.conn.seqadj_set(dir, th.seq, delta as i32);
         }
+        verdict
     }
 
     /// Removes a connection (`conntrack -D`, or a reset sent by the box).

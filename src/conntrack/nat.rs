@@ -133,11 +133,7 @@ pub fn binding(orig: &Tuple, reply: Tuple, st: u32) -> NatBinding {
         let mut rw = Rewrite::default();
         for manip in [Manip::Dst, Manip::Src] {
             if let Some(m) = packet(orig, &reply, st, dir, manip) {
-                rw.src = m.src.or(rw.src);
-                rw.dst = m.dst.or(rw.dst);
-                rw.sport = m.sport.or(rw.sport);
-                rw.dport = m.dport.or(rw.dport);
-                rw.icmp_id = m.icmp_id.or(rw.icmp_id);
+                rw.merge(m);
             }
         }
         let t = match dir {

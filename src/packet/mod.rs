@@ -423,6 +423,15 @@ pub fn icmp_is_err(icmp_type: u8) -> bool {
     matches!(icmp_type, 3 | 4 | 5 | 11 | 12)
 }
 
+/// A multicast or limited-broadcast address: never forwarded, never answered with an ICMP
+/// error or a reset (`icmp_send`, `nf_send_reset` stay silent).
+pub fn is_group(a: std::net::IpAddr) -> bool {
+    match a {
+        std::net::IpAddr::V4(a) => a.is_multicast() || a.is_broadcast(),
+        std::net::IpAddr::V6(a) => a.is_multicast(),
+    }
+}
+
 /// ICMPv6 errors are the types below 128 (RFC 4443 section 2.1).
 pub fn icmpv6_is_err(icmp_type: u8) -> bool {
     icmp_type < 128

@@ -66,7 +66,7 @@ pub fn answer(
     let (src_mac, dst_mac) = macs(frame)?;
     let to = pkt.ip.src();
     let refused_dst = pkt.ip.dst();
-    if is_group(refused_dst) {
+    if super::is_group(refused_dst) {
         return None;
     }
     let from = from
@@ -146,14 +146,6 @@ fn macs(frame: &[u8]) -> Option<([u8; 6], [u8; 6])> {
     let dst: [u8; 6] = frame.get(0..6)?.try_into().ok()?;
     let src: [u8; 6] = frame.get(6..12)?.try_into().ok()?;
     Some((src, dst))
-}
-
-/// Broadcast or multicast: `icmp_send` and `nf_send_reset` stay silent.
-fn is_group(a: IpAddr) -> bool {
-    match a {
-        IpAddr::V4(a) => a.is_multicast() || a.is_broadcast(),
-        IpAddr::V6(a) => a.is_multicast(),
-    }
 }
 
 #[cfg(test)]

@@ -27,6 +27,18 @@ pub struct Rewrite {
     pub icmp_id: Option<u16>,
 }
 
+impl Rewrite {
+    /// Adds a later edit: its fields win over this one's (the manip of a later hook works
+    /// from the earlier one's result).
+    pub fn merge(&mut self, later: Rewrite) {
+        self.src = later.src.or(self.src);
+        self.dst = later.dst.or(self.dst);
+        self.sport = later.sport.or(self.sport);
+        self.dport = later.dport.or(self.dport);
+        self.icmp_id = later.icmp_id.or(self.icmp_id);
+    }
+}
+
 #[derive(thiserror::Error, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RewriteError {
     #[error("the new address is of the other IP family")]

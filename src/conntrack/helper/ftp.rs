@@ -132,8 +132,6 @@ pub fn help(
     } else {
         // From the peer (the other direction's source) to the sender as the peer sees it.
         let mut t = seen;
-        t.src = seen.src;
-        t.dst = seen.dst;
         t.proto = 6;
         t.src_id = 0;
         t.dst_id = m.port;

@@ -191,7 +191,8 @@ impl CbRule {
             && p.proto & self.proto.1 == self.proto.0 & self.proto.1
     }
 
-    fn text(&self) -> String {
+    /// The rule in nftables syntax, as in the module comment (also what `nft -f` takes).
+    pub fn text(&self) -> String {
         let mut t = Vec::new();
         let ip = |(a, l): (u32, u8)| format!("{}/{}", std::net::Ipv4Addr::from(a), l);
         if self.src.1 > 0 {

@@ -117,7 +117,8 @@ pub enum Command {
         #[command(subcommand)]
         action: LabCommand,
     },
-    /// Measure a ruleset's decision tree against the rule-by-rule reference.
+    /// Measure: the decision tree against the rule-by-rule reference, or the whole box
+    /// against the kernel's own firewall on veth pairs.
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
@@ -236,6 +237,12 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 100_000)]
         packets: usize,
     },
+    /// keepstate against the kernel's firewall (nftables + conntrack) side by side on veth
+    /// pairs in namespaces, modes alternated in one run (root; see the README).
+    Veth(bench::VethArgs),
+    /// The bench's AF_XDP traffic generator (started by `bench veth` in the LAN namespace).
+    #[command(hide = true)]
+    Gen(bench::GenArgs),
 }
 
 const TRACE_HELP: &str = "\
@@ -339,5 +346,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             trace.as_deref(),
             packets,
         ),
+        Command::Bench {
+            what: BenchCommand::Veth(args),
+        } => bench::veth(&args),
+        Command::Bench {
+            what: BenchCommand::Gen(args),
+        } => bench::gen(&args),
     }
 }

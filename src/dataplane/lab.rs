@@ -49,6 +49,8 @@ pub struct Lab {
     pub lan: String,
     pub fw: String,
     pub wan: String,
+    /// The firewall's two veths, towards `lan` and towards `wan`.
+    pub links: [String; 2],
 }
 
 impl Lab {
@@ -65,7 +67,15 @@ impl Lab {
             lan: format!("{prefix}-lan"),
             fw: format!("{prefix}-fw"),
             wan: format!("{prefix}-wan"),
+            links: ["ks-lan".into(), "ks-wan".into()],
         })
+    }
+
+    /// The same lab with the firewall's veths named `lan` and `wan` (as a kernel firewall
+    /// running the same rules file needs them, since `iifname` names interfaces).
+    pub fn with_links(mut self, lan: &str, wan: &str) -> Lab {
+        self.links = [lan.into(), wan.into()];
+        self
     }
 
     fn all(&self) -> [&str; 3] {
@@ -102,7 +112,7 @@ impl Lab {
             )?;
         }
         let q = queues.to_string();
-        for (link, host) in [("ks-lan", &self.lan), ("ks-wan", &self.wan)] {
+        for (link, host) in [(&self.links[0], &self.lan), (&self.links[1], &self.wan)] {
             ip(&[
                 "-n",
                 &self.fw,

@@ -22,8 +22,10 @@
 //! neighbour cache ([`neigh`]), the link-layer bytes ([`wire`]), the lab's namespaces
 //! ([`lab`]), the control socket ([`control`]) and the lab demo ([`demo`]). Must not hold policy: what passes is the engine's word alone.
 
+pub mod bench;
 pub mod control;
 pub mod demo;
+pub mod gen;
 
 pub mod iface;
 pub mod lab;

@@ -1,0 +1,1029 @@
+//! `keepstate bench veth`: keepstate against the kernel's own firewall on the same box, side
+//! by side, in one run.
+//!
+//! ```text
+//!  PREFIX-lan: generator ──veth── PREFIX-fw: lan [firewall] wan ──veth── PREFIX-wan: sink
+//!  (keepstate bench gen, AF_XDP       kernel (ip_forward, nft)          (counts at eth0,
+//!   transmit, pinned to one core)     or keepstate run, on the other     drops udp/9)
+//! ```
+//!
+//! Modes, alternated round by round so that the machine's drift hits them all alike:
+//! - `a` kernel forwarding, no rules (no conntrack either);
+//! - `b` the kernel with the rules file loaded by `nft -f` (conntrack, NAT);
+//! - `c` keepstate, 1 worker, the same rules file;
+//! - `d` keepstate, 2 workers;
+//! - `e` keepstate, 1 worker, a ruleset that only says `notrack`: the AF_XDP ceiling.
+//!
+//! The same core budget: the generator runs on one core, the firewall on the other. The
+//! kernel's forwarding is moved there with RPS on the firewall's veths (without it the
+//! kernel would forward on the generator's core, inside its send calls); keepstate's worker
+//! is pinned there. Mode `d` uses both cores.
+//!
+//! Per window: packets delivered at the sink's veth, packets the generator's veth sent, CPU
+//! time of all cores from /proc/stat, the generator's own CPU time from /proc/PID/stat
+//! (shown apart), keepstate's process CPU time, and the round-trip times of pings sent
+//! through the firewall during the window (latency under load). What the kernel does for
+//! the first hop in softirq context on the generator's core is in "all cores", not in the
+//! generator's share: compare the "firewall" column (all cores minus the generator) and say
+//! so when reading it.
+//!
+//! Owns the bench's namespaces (removed on drop) and the processes it starts; touches
+//! nothing outside them except reading /proc/stat and, with `--ct-max`, the global
+//! `nf_conntrack_max` (restored at the end).
+
+use std::fmt::Write as _;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::gen::{Traffic, PORTS};
+use super::lab::{self, Lab};
+use super::wire::Mac;
+use crate::classify::classbench;
+
+/// One way of forwarding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    KernelBare,
+    KernelNft,
+    Keepstate1,
+    Keepstate2,
+    Ceiling,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 5] = [
+        Mode::KernelBare,
+        Mode::KernelNft,
+        Mode::Keepstate1,
+        Mode::Keepstate2,
+        Mode::Ceiling,
+    ];
+
+    pub fn key(self) -> char {
+        match self {
+            Mode::KernelBare => 'a',
+            Mode::KernelNft => 'b',
+            Mode::Keepstate1 => 'c',
+            Mode::Keepstate2 => 'd',
+            Mode::Ceiling => 'e',
+        }
+    }
+
+    pub fn from_key(k: char) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.key() == k)
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Mode::KernelBare => "kernel, no rules",
+            Mode::KernelNft => "kernel, nft rules + conntrack",
+            Mode::Keepstate1 => "keepstate, 1 worker",
+            Mode::Keepstate2 => "keepstate, 2 workers",
+            Mode::Ceiling => "keepstate, notrack (ceiling)",
+        }
+    }
+
+    fn is_kernel(self) -> bool {
+        matches!(self, Mode::KernelBare | Mode::KernelNft)
+    }
+}
+
+/// What `keepstate bench veth` was asked.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub prefix: String,
+    /// The rules file of modes b, c and d.
+    pub rules: PathBuf,
+    /// Instead of `rules`: a ClassBench filter set, put into the forward chain of a small
+    /// edge ruleset (see [`classbench_ruleset`]).
+    pub classbench: Option<PathBuf>,
+    pub traffic: Traffic,
+    /// One mix per entry: the number of distinct flows.
+    pub flows: Vec<u32>,
+    pub modes: Vec<Mode>,
+    pub rounds: usize,
+    pub window: Duration,
+    /// Extra warm-up before each window (the generator runs; the table fills).
+    pub warmup: Duration,
+    pub busy_poll: bool,
+    /// `nf_conntrack_max` for the kernel and `max` for keepstate.
+    pub ct_max: Option<u32>,
+    /// The core of the generator; the firewall gets the other one.
+    pub gen_cpu: usize,
+    pub exe: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("the veth bench needs root (network namespaces, AF_XDP, nft)")]
+    NotRoot,
+    #[error("the veth bench needs two cores; this machine has {0}")]
+    Cores(usize),
+    #[error(transparent)]
+    Lab(#[from] lab::LabError),
+    #[error("`{command}` failed: {reason}")]
+    Command { command: String, reason: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+fn cmd_err(command: &str, reason: impl ToString) -> BenchError {
+    BenchError::Command {
+        command: command.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// One window of one mode.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub mode: Mode,
+    pub secs: f64,
+    pub sent: u64,
+    pub delivered: u64,
+    /// CPU seconds in the window: all cores, the generator, the keepstate process.
+    pub cpu_all: f64,
+    pub cpu_gen: f64,
+    pub cpu_ks: f64,
+    /// CPU seconds of the machine's other processes (see [`cpu_others`]).
+    pub cpu_other: f64,
+    /// Round-trip times in milliseconds, and pings lost.
+    pub rtts: Vec<f64>,
+    pub lost: u32,
+}
+
+impl Sample {
+    pub fn pps(&self) -> f64 {
+        self.delivered as f64 / self.secs
+    }
+    fn per_pkt_ns(&self, cpu: f64) -> f64 {
+        if self.delivered == 0 {
+            f64::NAN
+        } else {
+            cpu * 1e9 / self.delivered as f64
+        }
+    }
+    /// CPU per delivered packet of everything but the generator process and the machine's
+    /// other processes: the firewall, the kernel's veth work, the sink.
+    pub fn firewall_ns(&self) -> f64 {
+        self.per_pkt_ns((self.cpu_all - self.cpu_gen - self.cpu_other).max(0.0))
+    }
+}
+
+/// The results of one mix.
+#[derive(Clone, Debug)]
+pub struct MixResult {
+    pub flows: u32,
+    pub samples: Vec<Sample>,
+}
+
+impl MixResult {
+    fn of(&self, m: Mode) -> Vec<&Sample> {
+        self.samples.iter().filter(|s| s.mode == m).collect()
+    }
+    fn median(&self, m: Mode, f: impl Fn(&Sample) -> f64) -> Option<f64> {
+        let mut v: Vec<f64> = self
+            .of(m)
+            .into_iter()
+            .map(f)
+            .filter(|x| x.is_finite())
+            .collect();
+        median(&mut v)
+    }
+    pub fn median_pps(&self, m: Mode) -> Option<f64> {
+        self.median(m, Sample::pps)
+    }
+    pub fn median_fw_ns(&self, m: Mode) -> Option<f64> {
+        self.median(m, Sample::firewall_ns)
+    }
+}
+
+fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn percentile(v: &mut [f64], p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() - 1) as f64 * p).round() as usize;
+    Some(v[i])
+}
+
+/// The bench's namespaces, removed on drop; and `nf_conntrack_max` restored.
+struct Topology {
+    lab: Lab,
+    dir: tempfile::TempDir,
+    saved_ct_max: Option<String>,
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        self.lab.down();
+        if let Some(v) = &self.saved_ct_max {
+            let _ = std::fs::write("/proc/sys/net/netfilter/nf_conntrack_max", v);
+        }
+    }
+}
+
+fn run_ok(prog: &str, args: &[&str]) -> Result<String, BenchError> {
+    let command = format!("{prog} {}", args.join(" "));
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .map_err(|e| cmd_err(&command, e))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(cmd_err(
+            &command,
+            String::from_utf8_lossy(&out.stderr).trim(),
+        ))
+    }
+}
+
+fn ns_ok(ns: &str, cmd: &str) -> Result<String, BenchError> {
+    let mut args = vec!["netns", "exec", ns];
+    args.extend(cmd.split_whitespace());
+    run_ok("ip", &args)
+}
+
+/// `nft -f FILE` in `ns`.
+fn nft_file(ns: &str, file: &Path) -> Result<(), BenchError> {
+    run_ok(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "nft",
+            "-f",
+            &file.display().to_string(),
+        ],
+    )
+    .map(|_| ())
+}
+
+fn link_json(ns: &str, dev: &str) -> Result<serde_json::Value, BenchError> {
+    let out = run_ok("ip", &["-n", ns, "-s", "-j", "link", "show", dev])?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| cmd_err("ip -s -j link show", e))?;
+    v.get(0)
+        .cloned()
+        .ok_or_else(|| cmd_err("ip -s -j link show", format!("no {dev} in {ns}")))
+}
+
+fn mac_of(ns: &str, dev: &str) -> Result<Mac, BenchError> {
+    let v = link_json(ns, dev)?;
+    let s = v["address"].as_str().unwrap_or_default();
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(cmd_err(
+            "ip link show",
+            format!("odd address `{s}` of {dev}"),
+        ));
+    }
+    for (o, p) in mac.iter_mut().zip(parts) {
+        *o = u8::from_str_radix(p, 16).map_err(|e| cmd_err("ip link show", e))?;
+    }
+    Ok(mac)
+}
+
+fn link_packets(ns: &str, dev: &str, dir: &str) -> Result<u64, BenchError> {
+    let v = link_json(ns, dev)?;
+    v["stats64"][dir]["packets"]
+        .as_u64()
+        .ok_or_else(|| cmd_err("ip -s -j link show", "no packet counter"))
+}
+
+/// Busy CPU seconds of all cores so far (/proc/stat: everything but idle and iowait).
+fn cpu_busy() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/stat") else {
+        return f64::NAN;
+    };
+    let Some(line) = s.lines().next() else {
+        return f64::NAN;
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is inside user).
+    let busy: u64 = v
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+        .map(|(_, x)| x)
+        .sum();
+    busy as f64 / clk_tck()
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime + stime of a process (all its threads), in seconds; 0 when it is gone.
+fn cpu_of(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The command name is in parentheses and may hold blanks: count from the last `)`.
+    let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5); `rest` starts at field 3.
+    let t = |i: usize| {
+        f.get(i - 3)
+            .and_then(|x| x.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (t(14) + t(15)) as f64 / clk_tck()
+}
+
+/// CPU seconds of every process but `ours` and the kernel's threads (whose softirq work is
+/// the firewall's): utime + stime + the reaped children's, so that a compiler that ran and
+/// ended inside the window is still seen through its parent. An estimate of the machine's
+/// other load, subtracted from the firewall's share and shown.
+fn cpu_others(ours: &[u32]) -> f64 {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let mut ticks = 0u64;
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if ours.contains(&pid) {
+            continue;
+        }
+        let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = s.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        // `f[0]` is field 4 of stat(5): flags is field 9, utime..cstime are 14..17.
+        let at = |n: usize| f.get(n - 4).copied().unwrap_or(0);
+        if at(9) & PF_KTHREAD != 0 {
+            continue;
+        }
+        ticks += at(14) + at(15) + at(16) + at(17);
+    }
+    ticks as f64 / clk_tck()
+}
+
+/// A child process, killed and reaped on drop.
+struct Proc(Child);
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+    fn stop(&mut self) {
+        // SAFETY: signals our own child, which has not been reaped yet.
+        unsafe {
+            libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// The keepstate configuration of the bench's firewall.
+fn ks_config(rules: &Path, workers: usize, busy_poll: bool, control: &Path, max: u32) -> String {
+    format!(
+        "rules = {rules:?}\n\
+         [[port]]\nname = \"lan\"\ninterface = \"lan\"\naddresses = [\"{}/24\"]\n\
+         [[port]]\nname = \"wan\"\ninterface = \"wan\"\naddresses = [\"{}/24\"]\n\
+         [[route]]\nto = \"default\"\nvia = \"{}\"\n\
+         [dataplane]\nmode = \"router\"\nworkers = {workers}\nbusy_poll = {busy_poll}\n\
+         control = {control:?}\n\
+         [conntrack]\nmax = {max}\n",
+        lab::FW_LAN,
+        lab::FW_WAN,
+        lab::WAN_HOST,
+        rules = rules.display().to_string(),
+        control = control.display().to_string(),
+    )
+}
+
+/// The ruleset of mode e: nothing is tracked, nothing filtered, nothing translated.
+const CEILING_RULES: &str = "\
+table ip raw {
+\tchain prerouting {
+\t\ttype filter hook prerouting priority raw; policy accept;
+\t\tnotrack
+\t}
+}
+";
+
+/// A small edge ruleset whose forward chain holds a ClassBench filter set between the
+/// conntrack fast path and the LAN-to-WAN accept; LAN traffic leaving by `wan` is
+/// masqueraded. Every new flow is looked up against all of it.
+pub fn classbench_ruleset(rules: &[classbench::CbRule]) -> String {
+    let mut s = String::from(
+        "flush ruleset\ntable inet filter {\n\tchain forward {\n\
+         \t\ttype filter hook forward priority 0; policy drop;\n\
+         \t\tct state vmap { established : accept, related : accept, invalid : drop }\n",
+    );
+    for r in rules {
+        let _ = writeln!(s, "\t\t{}", r.text());
+    }
+    s.push_str(
+        "\t\tiifname \"lan\" oifname \"wan\" accept\n\t}\n}\n\
+         table ip nat {\n\tchain postrouting {\n\
+         \t\ttype nat hook postrouting priority 100; policy accept;\n\
+         \t\toifname \"wan\" masquerade\n\t}\n}\n",
+    );
+    s
+}
+
+struct Bench<'a> {
+    opts: &'a Options,
+    top: Topology,
+    rules: PathBuf,
+    ceiling: PathBuf,
+    src_mac: Mac,
+    dst_mac: Mac,
+    fw_cpu: usize,
+}
+
+/// Runs the whole bench; progress and the tables go to `out`.
+pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Vec<MixResult>, BenchError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(BenchError::NotRoot);
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 {
+        return Err(BenchError::Cores(cores));
+    }
+    let lab = Lab::named(&opts.prefix)?.with_links("lan", "wan");
+    let dir = tempfile::tempdir().map_err(|e| cmd_err("mktemp -d", e))?;
+    lab.up(2)?;
+    let mut top = Topology {
+        lab,
+        dir,
+        saved_ct_max: None,
+    };
+    if let Some(max) = opts.ct_max {
+        let p = "/proc/sys/net/netfilter/nf_conntrack_max";
+        top.saved_ct_max = std::fs::read_to_string(p).ok();
+        std::fs::write(p, max.to_string()).map_err(|e| cmd_err("write nf_conntrack_max", e))?;
+    }
+    let rules = match &opts.classbench {
+        Some(cb) => {
+            let set = classbench::load(cb).map_err(|e| BenchError::Other(e.to_string()))?;
+            let path = top.dir.path().join("classbench.nft");
+            std::fs::write(&path, classbench_ruleset(&set))
+                .map_err(|e| cmd_err("write classbench.nft", e))?;
+            report_classbench_hits(&set, opts, out);
+            path
+        }
+        None => std::fs::canonicalize(&opts.rules)
+            .map_err(|e| cmd_err(&format!("find {}", opts.rules.display()), e))?,
+    };
+    let ceiling = top.dir.path().join("ceiling.nft");
+    std::fs::write(&ceiling, CEILING_RULES).map_err(|e| cmd_err("write ceiling.nft", e))?;
+    // The sink drops the bench's datagrams before its own stack would answer them.
+    let sink = top.dir.path().join("sink.nft");
+    std::fs::write(
+        &sink,
+        "table ip sink {\n\tchain pre {\n\t\ttype filter hook prerouting priority -300; policy accept;\n\t\tudp dport 9 drop\n\t}\n}\n",
+    )
+    .map_err(|e| cmd_err("write sink.nft", e))?;
+    nft_file(&top.lab.wan, &sink)?;
+    let src_mac = mac_of(&top.lab.lan, "eth0")?;
+    let dst_mac = mac_of(&top.lab.fw, "lan")?;
+    let bench = Bench {
+        opts,
+        rules,
+        ceiling,
+        src_mac,
+        dst_mac,
+        fw_cpu: if opts.gen_cpu == 0 { 1 } else { 0 },
+        top,
+    };
+    let mut results = Vec::new();
+    for &flows in &opts.flows {
+        let _ = writeln!(
+            out,
+            "\n== {} from {} flows, {} s windows after {} s warm-up, {} rounds; generator on cpu {}, firewall on cpu {}",
+            match opts.traffic {
+                Traffic::Udp => "64-byte UDP",
+                Traffic::Syn => "TCP SYNs (connection churn)",
+            },
+            flows,
+            opts.window.as_secs_f64(),
+            bench.warmup(flows).as_secs_f64(),
+            opts.rounds,
+            opts.gen_cpu,
+            bench.fw_cpu,
+        );
+        let mut samples = Vec::new();
+        for round in 0..opts.rounds {
+            for &mode in &opts.modes {
+                let s = bench.window(mode, flows)?;
+                let _ = writeln!(
+                    out,
+                    "round {} {} {:<32} {:>9.0} pps delivered ({:>9.0} sent)  {:>6.0} ns/pkt firewall  {:>6.0} generator",
+                    round + 1,
+                    mode.key(),
+                    mode.title(),
+                    s.pps(),
+                    s.sent as f64 / s.secs,
+                    s.firewall_ns(),
+                    s.per_pkt_ns(s.cpu_gen),
+                );
+                samples.push(s);
+            }
+        }
+        let r = MixResult { flows, samples };
+        let _ = out.write_all(report(&r, opts).as_bytes());
+        results.push(r);
+    }
+    if results.len() > 1 {
+        let _ = out.write_all(scale_report(&results).as_bytes());
+    }
+    Ok(results)
+}
+
+/// How many of the bench's flows a ClassBench rule matches (the rest run the whole set).
+fn report_classbench_hits(set: &[classbench::CbRule], opts: &Options, out: &mut dyn Write) {
+    let flows = opts.flows.iter().copied().max().unwrap_or(1).clamp(1, 4096);
+    let src = u32::from(
+        lab::LAN_HOST
+            .parse::<Ipv4Addr>()
+            .unwrap_or(Ipv4Addr::UNSPECIFIED),
+    );
+    let dst = u32::from(
+        lab::INTERNET
+            .parse::<Ipv4Addr>()
+            .unwrap_or(Ipv4Addr::UNSPECIFIED),
+    );
+    let (proto, dport) = match opts.traffic {
+        Traffic::Udp => (17, 9),
+        Traffic::Syn => (6, 80),
+    };
+    let mut hit = 0;
+    let mut first = u32::MAX;
+    for i in 0..flows {
+        let p = classbench::CbPacket {
+            src: src + i / PORTS,
+            dst,
+            sport: 1024 + (i % PORTS) as u16,
+            dport,
+            proto,
+        };
+        if let Some(n) = set.iter().position(|r| r.matches(&p)) {
+            hit += 1;
+            first = first.min(n as u32 + 1);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "ClassBench: {} rules in the forward chain; {hit} of the first {flows} bench flows match one{}",
+        set.len(),
+        if hit > 0 {
+            format!(" (the earliest is rule {first}); the others pass all of them")
+        } else {
+            ": every packet of a new flow passes all of them".into()
+        }
+    );
+}
+
+impl Bench<'_> {
+    fn warmup(&self, flows: u32) -> Duration {
+        // The table must hold every flow before the window opens: at ~250k new flows/s.
+        self.opts.warmup + Duration::from_secs_f64(flows as f64 / 250_000.0)
+    }
+
+    fn setup_kernel(&self, mode: Mode) -> Result<(), BenchError> {
+        let fw = &self.top.lab.fw;
+        ns_ok(fw, &format!("ip addr add {}/24 dev lan", lab::FW_LAN))?;
+        ns_ok(fw, &format!("ip addr add {}/24 dev wan", lab::FW_WAN))?;
+        ns_ok(fw, &format!("ip route add default via {}", lab::WAN_HOST))?;
+        ns_ok(fw, "sysctl -qw net.ipv4.ip_forward=1")?;
+        self.rps(1 << self.fw_cpu)?;
+        if mode == Mode::KernelNft {
+            nft_file(fw, &self.rules)?;
+        }
+        Ok(())
+    }
+
+    fn teardown_kernel(&self) -> Result<(), BenchError> {
+        let fw = &self.top.lab.fw;
+        ns_ok(fw, "nft flush ruleset")?;
+        // Tables gone, conntrack may still hold entries: flush them (none is fine too).
+        let _ = ns_ok(fw, "conntrack -F");
+        ns_ok(fw, "sysctl -qw net.ipv4.ip_forward=0")?;
+        ns_ok(fw, "ip addr flush dev lan")?;
+        ns_ok(fw, "ip addr flush dev wan")?;
+        ns_ok(fw, "ip neigh flush all")?;
+        self.rps(0)
+    }
+
+    /// RPS on every receive queue of the firewall's veths: `mask` of cores, 0 for none.
+    fn rps(&self, mask: u32) -> Result<(), BenchError> {
+        let script = format!(
+            "for f in /sys/class/net/lan/queues/rx-*/rps_cpus /sys/class/net/wan/queues/rx-*/rps_cpus; do echo {mask:x} > $f; done"
+        );
+        run_ok(
+            "ip",
+            &["netns", "exec", &self.top.lab.fw, "sh", "-c", &script],
+        )
+        .map(|_| ())
+    }
+
+    fn start_keepstate(&self, mode: Mode) -> Result<Proc, BenchError> {
+        let (rules, workers) = match mode {
+            Mode::Keepstate2 => (&self.rules, 2),
+            Mode::Ceiling => (&self.ceiling, 1),
+            _ => (&self.rules, 1),
+        };
+        let control = self.top.dir.path().join("ks.sock");
+        let cfg = self.top.dir.path().join("ks.toml");
+        let max = self.opts.ct_max.unwrap_or(262_144);
+        std::fs::write(
+            &cfg,
+            ks_config(rules, workers, self.opts.busy_poll, &control, max),
+        )
+        .map_err(|e| cmd_err("write ks.toml", e))?;
+        let cpus = if workers == 1 {
+            self.fw_cpu.to_string()
+        } else {
+            "0,1".to_string()
+        };
+        let log = std::fs::File::create(self.top.dir.path().join("ks.log"))
+            .map_err(|e| cmd_err("create ks.log", e))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.top.lab.fw, "taskset", "-c", &cpus])
+            .arg(&self.opts.exe)
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| cmd_err("keepstate run", e))?;
+        let mut p = Proc(child);
+        let end = Instant::now() + Duration::from_secs(20);
+        let log = self.top.dir.path().join("ks.log");
+        while Instant::now() < end {
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            if said.contains("keepstate: running") {
+                return Ok(p);
+            }
+            if let Ok(Some(st)) = p.0.try_wait() {
+                return Err(cmd_err("keepstate run", format!("{st}: {}", said.trim())));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p.stop();
+        Err(cmd_err("keepstate run", "did not say it runs within 20 s"))
+    }
+
+    /// Pings through the firewall until one comes back (ARP on every hop resolved).
+    fn path_ready(&self) -> Result<(), BenchError> {
+        for _ in 0..20 {
+            let ok = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &self.top.lab.lan,
+                    "ping",
+                    "-c",
+                    "1",
+                    "-W",
+                    "1",
+                    "-q",
+                    lab::INTERNET,
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return Ok(());
+            }
+        }
+        Err(BenchError::Other(format!(
+            "no ping from {} reaches {} through the firewall",
+            lab::LAN_HOST,
+            lab::INTERNET
+        )))
+    }
+
+    fn start_gen(&self, flows: u32, secs: f64) -> Result<Proc, BenchError> {
+        let mac = |m: Mac| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        let (traffic, dport) = match self.opts.traffic {
+            Traffic::Udp => ("udp", "9"),
+            Traffic::Syn => ("syn", "80"),
+        };
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.top.lab.lan, "taskset", "-c"])
+            .arg(self.opts.gen_cpu.to_string())
+            .arg(&self.opts.exe)
+            .args(["bench", "gen", "--interface", "eth0", "--src-mac"])
+            .arg(mac(self.src_mac))
+            .arg("--dst-mac")
+            .arg(mac(self.dst_mac))
+            .args([
+                "--src",
+                lab::LAN_HOST,
+                "--dst",
+                lab::INTERNET,
+                "--dport",
+                dport,
+            ])
+            .args(["--traffic", traffic, "--flows"])
+            .arg(flows.to_string())
+            .arg("--seconds")
+            .arg(format!("{secs:.3}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| cmd_err("keepstate bench gen", e))?;
+        Ok(Proc(child))
+    }
+
+    /// One mode's window: set up, warm up, measure, tear down.
+    fn window(&self, mode: Mode, flows: u32) -> Result<Sample, BenchError> {
+        let mut ks = None;
+        if mode.is_kernel() {
+            self.setup_kernel(mode)?;
+        } else {
+            ks = Some(self.start_keepstate(mode)?);
+        }
+        let r = self.measure(mode, flows, ks.as_ref().map(Proc::pid));
+        if let Some(mut p) = ks {
+            p.stop();
+        }
+        if mode.is_kernel() {
+            self.teardown_kernel()?;
+        }
+        r
+    }
+
+    fn measure(&self, mode: Mode, flows: u32, ks: Option<u32>) -> Result<Sample, BenchError> {
+        self.path_ready()?;
+        let (lan, wan) = (&self.top.lab.lan, &self.top.lab.wan);
+        let warm = self.warmup(flows);
+        let secs = self.opts.window.as_secs_f64();
+        let mut gen = self.start_gen(flows, warm.as_secs_f64() + secs + 0.5)?;
+        std::thread::sleep(warm);
+        if let Ok(Some(st)) = gen.0.try_wait() {
+            let mut e = String::new();
+            if let Some(mut s) = gen.0.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut s, &mut e);
+            }
+            return Err(cmd_err(
+                "keepstate bench gen",
+                format!("{st}: {}", e.trim()),
+            ));
+        }
+        let interval = "0.005";
+        let count = ((secs / 0.005) as u32).max(1).to_string();
+        let ping = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                lan,
+                "ping",
+                "-n",
+                "-i",
+                interval,
+                "-W",
+                "1",
+                "-c",
+                &count,
+                lab::INTERNET,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| cmd_err("ping", e))?;
+        let ping = Proc(ping);
+        let t0 = Instant::now();
+        let (sent0, got0) = (
+            link_packets(lan, "eth0", "tx")?,
+            link_packets(wan, "eth0", "rx")?,
+        );
+        let ours = [gen.pid(), ks.unwrap_or(0), ping.pid(), std::process::id()];
+        let (all0, gen0, ks0) = (cpu_busy(), cpu_of(gen.pid()), ks.map_or(0.0, cpu_of));
+        let other0 = cpu_others(&ours);
+        std::thread::sleep(self.opts.window);
+        let (all1, gen1, ks1) = (cpu_busy(), cpu_of(gen.pid()), ks.map_or(0.0, cpu_of));
+        let other1 = cpu_others(&ours);
+        let (sent1, got1) = (
+            link_packets(lan, "eth0", "tx")?,
+            link_packets(wan, "eth0", "rx")?,
+        );
+        let elapsed = t0.elapsed().as_secs_f64();
+        let (rtts, lost) = ping_results(ping, count.parse().unwrap_or(0));
+        let _ = gen.0.wait();
+        Ok(Sample {
+            mode,
+            secs: elapsed,
+            sent: sent1.saturating_sub(sent0),
+            delivered: got1.saturating_sub(got0),
+            cpu_all: all1 - all0,
+            cpu_gen: gen1 - gen0,
+            cpu_ks: ks1 - ks0,
+            cpu_other: (other1 - other0).max(0.0),
+            rtts,
+            lost,
+        })
+    }
+}
+
+/// The RTTs ping printed (ms) and how many of `count` never came back.
+fn ping_results(mut p: Proc, count: u32) -> (Vec<f64>, u32) {
+    let mut text = String::new();
+    if let Some(mut s) = p.0.stdout.take() {
+        // ping ends by itself after `count` sends and a last -W wait.
+        let _ = std::io::Read::read_to_string(&mut s, &mut text);
+    }
+    let _ = p.0.wait();
+    let rtts: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect();
+    let lost = count.saturating_sub(rtts.len() as u32);
+    (rtts, lost)
+}
+
+fn fmt_opt(v: Option<f64>, prec: usize) -> String {
+    v.map_or("-".into(), |x| format!("{x:.prec$}"))
+}
+
+/// The table of one mix and its ratios against the targets of issue 8.
+pub fn report(r: &MixResult, opts: &Options) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n{:<33} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7}",
+        "mode (medians; pps min..max)",
+        "pps",
+        "min",
+        "max",
+        "loss",
+        "fw ns/pkt",
+        "gen ns",
+        "ks ns",
+        "rtt p50",
+        "p99 ms",
+        "others"
+    );
+    for &m in &opts.modes {
+        let v = r.of(m);
+        if v.is_empty() {
+            continue;
+        }
+        let pps: Vec<f64> = v.iter().map(|x| x.pps()).collect();
+        let min = pps.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = pps.iter().copied().fold(0.0, f64::max);
+        let loss = r.median(m, |x| {
+            if x.sent == 0 {
+                f64::NAN
+            } else {
+                1.0 - x.delivered as f64 / x.sent as f64
+            }
+        });
+        let mut rtts: Vec<f64> = v.iter().flat_map(|x| x.rtts.iter().copied()).collect();
+        let lost: u32 = v.iter().map(|x| x.lost).sum();
+        let _ = writeln!(
+            s,
+            "{} {:<31} {:>9.0} {:>9.0} {:>9.0} {:>7.1}% {:>9} {:>9} {:>9} {:>9} {:>8} {:>6.0}%{}",
+            m.key(),
+            m.title(),
+            r.median_pps(m).unwrap_or(f64::NAN),
+            min,
+            max,
+            loss.unwrap_or(f64::NAN) * 100.0,
+            fmt_opt(r.median_fw_ns(m), 0),
+            fmt_opt(r.median(m, |x| x.per_pkt_ns(x.cpu_gen)), 0),
+            if m.is_kernel() {
+                "-".into()
+            } else {
+                fmt_opt(r.median(m, |x| x.per_pkt_ns(x.cpu_ks)), 0)
+            },
+            fmt_opt(percentile(&mut rtts.clone(), 0.5), 3),
+            fmt_opt(percentile(&mut rtts, 0.99), 3),
+            r.median(m, |x| x.cpu_other / x.secs / 2.0 * 100.0)
+                .unwrap_or(f64::NAN),
+            if lost > 0 {
+                format!("  ({lost} pings lost)")
+            } else {
+                String::new()
+            }
+        );
+    }
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let (b, c, d, e) = (
+        Mode::KernelNft,
+        Mode::Keepstate1,
+        Mode::Keepstate2,
+        Mode::Ceiling,
+    );
+    let lines = [
+        (
+            "CPU per packet, keepstate 1 worker / kernel with rules (c/b, target <= 0.67)",
+            ratio(r.median_fw_ns(c), r.median_fw_ns(b)),
+        ),
+        (
+            "packets per second, keepstate 1 worker / kernel with rules (c/b, target >= 1)",
+            ratio(r.median_pps(c), r.median_pps(b)),
+        ),
+        (
+            "CPU per packet, rules + tracking / ceiling (c/e, target <= 1.10)",
+            ratio(r.median_fw_ns(c), r.median_fw_ns(e)),
+        ),
+        (
+            "packets per second, 2 workers / 1 worker (d/c, target >= 1.6 where the generator allows)",
+            ratio(r.median_pps(d), r.median_pps(c)),
+        ),
+    ];
+    for (what, v) in lines {
+        if let Some(v) = v {
+            let _ = writeln!(s, "  {what}: {v:.2}");
+        }
+    }
+    s
+}
+
+/// Many flows against few: what a big table costs (target: at most 30 % of the rate).
+fn scale_report(results: &[MixResult]) -> String {
+    let mut s = String::new();
+    let (Some(few), Some(many)) = (
+        results.iter().min_by_key(|r| r.flows),
+        results.iter().max_by_key(|r| r.flows),
+    ) else {
+        return s;
+    };
+    let _ = writeln!(
+        s,
+        "\n{} flows against {} flows (packets per second, target >= 0.70 for keepstate):",
+        many.flows, few.flows
+    );
+    for m in Mode::ALL {
+        if let (Some(a), Some(b)) = (many.median_pps(m), few.median_pps(m)) {
+            let _ = writeln!(s, "  {} {:<31} {:.2}", m.key(), m.title(), a / b);
+        }
+    }
+    s
+}

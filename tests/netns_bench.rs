@@ -1,0 +1,116 @@
+//! `keepstate bench veth` runs end to end (needs root): every mode forwards the generator's
+//! traffic, the report has its table and ratios, and the bench leaves no namespace behind.
+//! This proves the harness works, not any speed: the figures come from running the bench
+//! itself on a quiet machine (README, Performance).
+//!
+//! Skipped with a message when not root. Run it alone with:
+//! `cargo test --test netns_bench -- --nocapture` (as root).
+
+use std::process::Command;
+
+fn can_run() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let tools = ["ip", "nft", "ping", "taskset", "conntrack"]
+        .iter()
+        .all(|t| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {t}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    if !root || !tools {
+        eprintln!(
+            "SKIPPED: needs root, ip, nft, ping, taskset and conntrack (scripts/setup.sh installs \
+             them); run as root: cargo test --test netns_bench"
+        );
+    }
+    root && tools
+}
+
+fn bench(args: &[&str]) -> String {
+    let prefix = format!("kt{}{}", args.len(), std::process::id() % 100_000);
+    let out = Command::new(env!("CARGO_BIN_EXE_keepstate"))
+        .args([
+            "bench",
+            "veth",
+            "--prefix",
+            &prefix,
+            "--rounds",
+            "1",
+            "--seconds",
+            "0.5",
+            "--warmup",
+            "0.2",
+        ])
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run keepstate bench veth");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {err}\n{text}");
+    let left = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    assert!(
+        !String::from_utf8_lossy(&left.stdout).contains(&prefix),
+        "the bench left its namespaces behind"
+    );
+    text
+}
+
+/// The delivered packets per second of `mode` in the report's table.
+fn pps(report: &str, mode: char) -> f64 {
+    let line = report
+        .lines()
+        .find(|l| l.starts_with(&format!("{mode} ")) && !l.contains("round"))
+        .unwrap_or_else(|| panic!("no table line for mode {mode} in\n{report}"));
+    // The mode's key and title take the first 33 columns.
+    line.get(33..)
+        .unwrap_or_default()
+        .split_whitespace()
+        .find_map(|w| w.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no figure in `{line}`"))
+}
+
+#[test]
+fn every_mode_forwards_udp() {
+    if !can_run() {
+        return;
+    }
+    let r = bench(&["--flows", "16", "--modes", "abcde"]);
+    println!("{r}");
+    for m in ['a', 'b', 'c', 'd', 'e'] {
+        assert!(
+            pps(&r, m) > 1000.0,
+            "mode {m} forwarded almost nothing:\n{r}"
+        );
+    }
+    assert!(
+        r.contains("CPU per packet, keepstate 1 worker / kernel with rules (c/b"),
+        "{r}"
+    );
+    assert!(r.contains("2 workers / 1 worker (d/c"), "{r}");
+}
+
+#[test]
+fn syn_churn_and_classbench_rules() {
+    if !can_run() {
+        return;
+    }
+    let cb = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/classbench/acl1_1k");
+    let mut args = vec!["--traffic", "syn", "--flows", "60000", "--modes", "bc"];
+    if std::path::Path::new(cb).exists() {
+        args.extend(["--classbench", cb]);
+    }
+    let r = bench(&args);
+    println!("{r}");
+    for m in ['b', 'c'] {
+        assert!(
+            pps(&r, m) > 1000.0,
+            "mode {m} forwarded almost nothing:\n{r}"
+        );
+    }
+}

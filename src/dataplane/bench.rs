@@ -148,6 +148,9 @@ pub struct Sample {
     pub cpu_all: f64,
     pub cpu_gen: f64,
     pub cpu_ks: f64,
+    /// Connections in the firewall's table when the window closed (`conntrack -C`,
+    /// `keepstate ct count`); `None` for modes that track nothing.
+    pub table: Option<u64>,
     /// CPU seconds of the machine's other processes (see [`cpu_others`]).
     pub cpu_other: f64,
     /// Round-trip times in milliseconds, and pings lost.
@@ -536,6 +539,8 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Vec<MixResult>, BenchE
     )
     .map_err(|e| cmd_err("write sink.nft", e))?;
     nft_file(&top.lab.wan, &sink)?;
+    // The generator's destinations: the lab's internet address and those after it.
+    ns_ok(&top.lab.wan, "ip route add local 203.0.113.0/24 dev lo")?;
     let src_mac = mac_of(&top.lab.lan, "eth0")?;
     let dst_mac = mac_of(&top.lab.fw, "lan")?;
     let bench = Bench {
@@ -612,8 +617,8 @@ fn report_classbench_hits(set: &[classbench::CbRule], opts: &Options, out: &mut 
     let mut first = u32::MAX;
     for i in 0..flows {
         let p = classbench::CbPacket {
-            src: src + i / PORTS,
-            dst,
+            src,
+            dst: dst + i / PORTS,
             sport: 1024 + (i % PORTS) as u16,
             dport,
             proto,
@@ -725,6 +730,21 @@ impl Bench<'_> {
         }
         p.stop();
         Err(cmd_err("keepstate run", "did not say it runs within 20 s"))
+    }
+
+    /// The firewall's connection count now.
+    fn table_count(&self, mode: Mode) -> Option<u64> {
+        let out = match mode {
+            Mode::KernelBare | Mode::Ceiling => return None,
+            Mode::KernelNft => ns_ok(&self.top.lab.fw, "conntrack -C").ok()?,
+            _ => {
+                let control = self.top.dir.path().join("ks.sock");
+                let exe = self.opts.exe.display().to_string();
+                let control = control.display().to_string();
+                run_ok(&exe, &["ct", "count", "--control", &control]).ok()?
+            }
+        };
+        out.trim().parse().ok()
     }
 
     /// Pings through the firewall until one comes back (ARP on every hop resolved).
@@ -870,6 +890,7 @@ impl Bench<'_> {
             link_packets(wan, "eth0", "rx")?,
         );
         let elapsed = t0.elapsed().as_secs_f64();
+        let table = self.table_count(mode);
         let (rtts, lost) = ping_results(ping, count.parse().unwrap_or(0));
         let _ = gen.0.wait();
         Ok(Sample {
@@ -881,6 +902,7 @@ impl Bench<'_> {
             cpu_gen: gen1 - gen0,
             cpu_ks: ks1 - ks0,
             cpu_other: (other1 - other0).max(0.0),
+            table,
             rtts,
             lost,
         })
@@ -913,7 +935,7 @@ pub fn report(r: &MixResult, opts: &Options) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "\n{:<33} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7}",
+        "\n{:<33} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7} {:>8}",
         "mode (medians; pps min..max)",
         "pps",
         "min",
@@ -924,7 +946,8 @@ pub fn report(r: &MixResult, opts: &Options) -> String {
         "ks ns",
         "rtt p50",
         "p99 ms",
-        "others"
+        "others",
+        "table"
     );
     for &m in &opts.modes {
         let v = r.of(m);
@@ -945,7 +968,7 @@ pub fn report(r: &MixResult, opts: &Options) -> String {
         let lost: u32 = v.iter().map(|x| x.lost).sum();
         let _ = writeln!(
             s,
-            "{} {:<31} {:>9.0} {:>9.0} {:>9.0} {:>7.1}% {:>9} {:>9} {:>9} {:>9} {:>8} {:>6.0}%{}",
+            "{} {:<31} {:>9.0} {:>9.0} {:>9.0} {:>7.1}% {:>9} {:>9} {:>9} {:>9} {:>8} {:>6.0}% {:>8}{}",
             m.key(),
             m.title(),
             r.median_pps(m).unwrap_or(f64::NAN),
@@ -963,6 +986,7 @@ pub fn report(r: &MixResult, opts: &Options) -> String {
             fmt_opt(percentile(&mut rtts, 0.99), 3),
             r.median(m, |x| x.cpu_other / x.secs / 2.0 * 100.0)
                 .unwrap_or(f64::NAN),
+            fmt_opt(r.median(m, |x| x.table.map_or(f64::NAN, |t| t as f64)), 0),
             if lost > 0 {
                 format!("  ({lost} pings lost)")
             } else {

@@ -39,9 +39,10 @@ pub struct GenSpec {
     pub queue: u32,
     pub src_mac: Mac,
     pub dst_mac: Mac,
-    /// The first source address; flow `i` uses `src + i / PORTS` and port
-    /// `1024 + i % PORTS`.
     pub src: Ipv4Addr,
+    /// The first destination address: flow `i` goes from source port `1024 + i % PORTS`
+    /// to `dst + i / PORTS` (so that many flows through one masquerading address never
+    /// run out of ports: each destination has a port space of its own).
     pub dst: Ipv4Addr,
     pub dport: u16,
     /// Distinct flows, sent in turn.
@@ -84,7 +85,7 @@ pub struct Template {
     /// Offsets of the L4 checksum and the source port in the frame.
     l4_csum: usize,
     traffic: Traffic,
-    src: u32,
+    dst: u32,
 }
 
 const IP: usize = 14;
@@ -141,7 +142,7 @@ impl Template {
             frame: f,
             l4_csum,
             traffic: spec.traffic,
-            src: u32::from(spec.src),
+            dst: u32::from(spec.dst),
         }
     }
 
@@ -150,13 +151,13 @@ impl Template {
         let out = &mut out[..FRAME_LEN];
         out.copy_from_slice(&self.frame);
         let port = 1024 + (i % PORTS) as u16;
-        let addr = self.src.wrapping_add(i / PORTS);
+        let addr = self.dst.wrapping_add(i / PORTS);
         // Differences from the template, as one's complement words (RFC 1624, eqn. 3).
         let d_addr =
-            word_delta(self.src >> 16, addr >> 16) + word_delta(self.src & 0xffff, addr & 0xffff);
+            word_delta(self.dst >> 16, addr >> 16) + word_delta(self.dst & 0xffff, addr & 0xffff);
         let d_port = word_delta(1024, port as u32);
         out[SPORT..SPORT + 2].copy_from_slice(&port.to_be_bytes());
-        out[IP + 12..IP + 16].copy_from_slice(&addr.to_be_bytes());
+        out[IP + 16..IP + 20].copy_from_slice(&addr.to_be_bytes());
         patch(out, IP + 10, d_addr);
         let c = patch(out, self.l4_csum, d_addr + d_port);
         if c == 0 && self.traffic == Traffic::Udp {
@@ -315,8 +316,9 @@ mod tests {
                 };
                 let h = ip.header().to_header();
                 assert_eq!(h.header_checksum, h.calc_header_checksum(), "flow {i}");
-                let want_src = Ipv4Addr::new(192, 168, 1, 10 + (i / PORTS) as u8);
-                assert_eq!(Ipv4Addr::from(h.source), want_src);
+                let want_dst = Ipv4Addr::new(203, 0, 113, 7 + (i / PORTS) as u8);
+                assert_eq!(Ipv4Addr::from(h.destination), want_dst);
+                assert_eq!(Ipv4Addr::from(h.source), Ipv4Addr::new(192, 168, 1, 10));
                 match p.transport {
                     Some(etherparse::TransportSlice::Udp(u)) => {
                         assert_eq!(u.source_port(), 1024 + (i % PORTS) as u16);

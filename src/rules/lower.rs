@@ -63,6 +63,16 @@ pub fn lower(m: &Model) -> ir::Ruleset {
                     l3proto: h.l3proto,
                 })
                 .collect(),
+            flowtables: t
+                .flowtables
+                .iter()
+                .map(|f| ir::Flowtable {
+                    name: f.name.clone(),
+                    priority: f.priority,
+                    devices: f.devices.clone(),
+                    counter: f.counter,
+                })
+                .collect(),
         });
     }
     ir::Ruleset { tables }
@@ -430,6 +440,7 @@ impl Lower<'_> {
             MStmt::CtMarkSet(m) => Stmt::CtMarkSet(*m),
             MStmt::MetaMarkSet(m) => Stmt::MetaMarkSet(*m),
             MStmt::Notrack => Stmt::Notrack,
+            MStmt::FlowAdd(f) => Stmt::FlowAdd(f.clone()),
         }
     }
 }

@@ -234,7 +234,7 @@ impl<'a> Flattener<'a> {
                 | Stmt::Log { .. }
                 | Stmt::CtHelperSet(_)
                 | Stmt::Notrack
-                | Stmt::FlowAdd(_) => {
+                | Stmt::FlowAdd { .. } => {
                     ops.push(FlatOp::Record(s16));
                     continue;
                 }

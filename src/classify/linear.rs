@@ -66,7 +66,7 @@ impl Linear {
                     | Stmt::Log { .. }
                     | Stmt::CtHelperSet(_)
                     | Stmt::Notrack
-                    | Stmt::FlowAdd(_) => {
+                    | Stmt::FlowAdd { .. } => {
                         out.actions.push(here);
                         continue;
                     }

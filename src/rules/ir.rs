@@ -618,9 +618,12 @@ pub enum Stmt {
     /// `ct helper set "NAME"`: the name of a [`CtHelper`] of the same table.
     CtHelperSet(String),
     Notrack,
-    /// `flow add @NAME`: offload the packet's connection to a [`Flowtable`] of the same table
-    /// (forward hook only).
-    FlowAdd(String),
+    /// `flow add @NAME`: offload the packet's connection to a [`Flowtable`] of the rule's table
+    /// (forward hook only): the table's index in the ruleset and the flowtable's name.
+    FlowAdd {
+        table: usize,
+        flowtable: String,
+    },
     Nat(Nat),
     /// Terminal: sends an ICMP error or TCP reset and drops the packet.
     Reject(Reject),

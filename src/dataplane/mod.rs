@@ -25,6 +25,7 @@
 pub mod control;
 pub mod demo;
 
+pub mod fastpath;
 pub mod iface;
 pub mod lab;
 pub mod neigh;
@@ -309,6 +310,12 @@ impl Shared {
             r(&e.dropped_no_route),
             r(&e.dropped_table_full),
             self.engine.tracker().count()
+        );
+        let _ = writeln!(
+            s,
+            "flowtable: {} offloaded connections, {} packets forwarded by the engine's flowtable path",
+            self.engine.flows().flows().len(),
+            r(&e.flowtable_forwarded)
         );
         let t = self.engine.tracker();
         let ct = t.stats();

@@ -45,6 +45,7 @@ use crate::classify::{
     action_stmt, BuildError, Classifier, Decision, Evaluation, LimitSpec, Limiter, PacketKey, Tree,
 };
 use crate::config::{Config, RouteEntry};
+use crate::conntrack::flowtable::{FlowDir, FlowEvent, FlowRef, Flows, StateCheck};
 use crate::conntrack::nat::{self as ctnat, Manip};
 use crate::conntrack::{
     self, Classified, Confirmed, CtConfig, HelperName, PktCtx, Timestamp, Tracker,
@@ -167,6 +168,21 @@ pub struct Compiled {
     /// `NF_IP_PRI_CONNTRACK`, -200: the `raw` chains where `notrack` lives), per family;
     /// `None` when there are none.
     raw: Option<[Tree; 2]>,
+    /// Every flowtable of the ruleset.
+    pub flowtables: Vec<FlowtableSpec>,
+}
+
+/// A flowtable as the engine uses it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowtableSpec {
+    /// `family table name`: what a flow remembers its flowtable by across reloads.
+    pub key: String,
+    /// The table's index in the ruleset (`Stmt::FlowAdd`'s).
+    pub table: usize,
+    pub name: String,
+    pub counter: bool,
+    /// Port names.
+    pub devices: Vec<String>,
 }
 
 /// `NF_IP_PRI_CONNTRACK`: base chains below it run before conntrack has seen the packet.
@@ -236,7 +252,22 @@ impl Compiled {
             let view = main.view_for(nf, false);
             ALL_HOOKS.map(|h| accepts_established(&view, h))
         });
+        let flowtables = rs
+            .tables
+            .iter()
+            .enumerate()
+            .flat_map(|(ti, t)| {
+                t.flowtables.iter().map(move |f| FlowtableSpec {
+                    key: format!("{} {} {}", ir::Family::name(t.family), t.name, f.name),
+                    table: ti,
+                    name: f.name.clone(),
+                    counter: f.counter,
+                    devices: f.devices.clone(),
+                })
+            })
+            .collect();
         Ok(Compiled {
+            flowtables,
             ruleset: rs,
             trees,
             listing: loaded.listing(),
@@ -363,6 +394,8 @@ pub struct EngineStats {
     /// Refused by a connection's helper (a partial FTP command, no room for an
     /// expectation).
     pub dropped_helper: AtomicU64,
+    /// Forwarded by a flowtable at ingress, without conntrack or rules.
+    pub flowtable_forwarded: AtomicU64,
 }
 
 /// One worker's counters, alone on their cache lines.
@@ -378,7 +411,7 @@ impl EngineStats {
         }
     }
 
-    fn fields(&self) -> [&AtomicU64; 13] {
+    fn fields(&self) -> [&AtomicU64; 14] {
         [
             &self.frames,
             &self.malformed,
@@ -393,6 +426,7 @@ impl EngineStats {
             &self.dropped_nat,
             &self.dropped_ttl,
             &self.dropped_helper,
+            &self.flowtable_forwarded,
         ]
     }
 }
@@ -420,6 +454,12 @@ pub struct Worker {
     /// When a helper changed the length of the last frame's payload (FTP through NAT): the
     /// frame as it leaves, in place of the one given.
     pub resized: Option<Vec<u8>>,
+    /// Flowtable changes the last frame caused: its connection offloaded (`flow add`), or a
+    /// flow torn down (a SYN on a closing flow). The dataplane mirrors them in its fast path;
+    /// [`Engine::flow_gc`] reports the others.
+    pub flow_events: Vec<FlowEvent>,
+    /// The flowtable a `flow add` of the forward hook named: table index and name.
+    flow_add: Option<(usize, String)>,
     /// The lines `log` statements wrote for the last frame, in the kernel's format.
     /// The live dataplane rate-limits what it writes of them (`dataplane::LogLimit`).
     pub logs: Vec<String>,
@@ -541,11 +581,31 @@ pub struct Engine {
     stats: Box<[StatSlot]>,
     /// Calls of [`Engine::process`], which seed their throwaway workers.
     calls: AtomicU64,
+    /// The offloaded connections of every flowtable.
+    flows: Flows,
+    /// Per port: the index in [`Compiled::flowtables`] of the flowtable that lists it.
+    flow_ports: ArcSwap<Vec<Option<usize>>>,
+}
+
+/// Per port, the first flowtable listing it (by port name).
+fn flow_ports(ports: &[Port], rules: &Compiled) -> Vec<Option<usize>> {
+    // XXX: a port listed by two flowtables is looked up in the first only; the kernel runs
+    // both ingress hooks in priority order.
+    ports
+        .iter()
+        .map(|p| {
+            rules
+                .flowtables
+                .iter()
+                .position(|f| f.devices.contains(&p.name))
+        })
+        .collect()
 }
 
 impl Engine {
     pub fn new(ports: Vec<Port>, routing: Routing, ct: CtConfig, rules: Compiled) -> Engine {
         let cpus = ct.cpus;
+        let fp = flow_ports(&ports, &rules);
         Engine {
             ports,
             routing,
@@ -554,6 +614,8 @@ impl Engine {
             rules: ArcSwap::from_pointee(rules),
             stats: (0..cpus.max(1)).map(|_| StatSlot::default()).collect(),
             calls: AtomicU64::new(0),
+            flows: Flows::default(),
+            flow_ports: ArcSwap::from_pointee(fp),
         }
     }
 
@@ -606,9 +668,61 @@ impl Engine {
     }
 
     /// Swaps in a new ruleset atomically; packets in flight finish with the old one.
-    /// Connections are kept.
+    /// Connections are kept; so are flows whose flowtable (by family, table and name) still
+    /// exists and still lists their ports. The others stop being forwarded at once, and the
+    /// next [`Engine::flow_gc`] tears them down (the kernel frees a deleted flowtable's
+    /// flows) and reports them.
     pub fn reload(&self, rules: Compiled) {
+        self.flow_ports
+            .store(Arc::new(flow_ports(&self.ports, &rules)));
         self.rules.store(Arc::new(rules));
+    }
+
+    /// Whether `flow` still belongs to the ruleset in force: its flowtable lists both its
+    /// ingress ports.
+    fn flow_current(&self, flow: &conntrack::flowtable::Flow) -> bool {
+        let fp = self.flow_ports.load();
+        let rules = self.rules.load();
+        flow.dirs.iter().all(|d| {
+            fp.get(d.iif)
+                .copied()
+                .flatten()
+                .and_then(|i| rules.flowtables.get(i))
+                .is_some_and(|f| f.key == flow.flowtable)
+        })
+    }
+
+    /// The flowtables' offloaded connections.
+    pub fn flows(&self) -> &Flows {
+        &self.flows
+    }
+
+    /// The flowtable gc (`nf_flow_offload_gc_step`; the kernel runs it every second): tears
+    /// down expired flows, keeps offloaded connections alive, and returns every flow that went
+    /// back to the slow path without a packet saying so (expiry, reload), for the dataplane to
+    /// remove.
+    pub fn flow_gc(&self, now: Timestamp) -> Vec<FlowRef> {
+        let t = &self.tracker.config().timeouts;
+        self.flows.teardown_unless(|f| self.flow_current(f), t, now);
+        self.flows.gc(t, now)
+    }
+
+    /// What a dataplane fast path forwarded for `flow` in direction `dir` since it last said:
+    /// `packets` and `bytes` (IP lengths) count on the connection if the flowtable counts,
+    /// and a packet at `last_seen` refreshes the flow as one the engine forwarded would.
+    pub fn flow_account(
+        &self,
+        flow: &FlowRef,
+        dir: conntrack::Dir,
+        packets: u64,
+        bytes: u64,
+        last_seen: Timestamp,
+    ) {
+        if packets == 0 {
+            return;
+        }
+        flow.account(dir, packets, bytes);
+        flow.refresh(last_seen);
     }
 
     /// Runs the tracker's and the reassembler's incremental expiry: call it now and then (a
@@ -730,6 +844,8 @@ impl Engine {
         w.released.clear();
         w.reply = None;
         w.logs.clear();
+        w.flow_events.clear();
+        w.flow_add = None;
         let pkt = match packet::parse_ethernet(frame) {
             Frame::Ip(p) => p,
             Frame::NonIp { .. } => {
@@ -741,6 +857,9 @@ impl Engine {
                 return (Verdict::Drop(DropReason::Malformed), None);
             }
         };
+        if let Some(v) = self.flowtable_forward(&pkt, ingress, now, w) {
+            return (v, None);
+        }
         if pkt.ip.frag().is_some() {
             // nf_defrag: judge the whole datagram, then forward its original fragments.
             return match self.frags.push_ctx(ingress as u32, &pkt, frame, now.0) {
@@ -946,6 +1065,11 @@ impl Engine {
             if let Some(v) = self.refused(d, w.cpu) {
                 self.answer(&v, frame, &pkt, ingress, w);
                 return (v, Some(ct_bits));
+            }
+            // nft_flow_offload_eval ran in the forward chain: the connection's flow is made
+            // there, before postrouting.
+            if let (Hook::Forward, Some(ft), Some((port, nh))) = (h, w.flow_add.take(), egress) {
+                self.offload(&compiled, &ct, &pkt, ft, (ingress, port, nh), now, w);
             }
         }
         // NAT at POSTROUTING (or INPUT): the source.
@@ -1314,6 +1438,9 @@ impl Engine {
                     ));
                 }
                 Some(Stmt::Nat(n)) => w.nat_stmt = Some(n.clone()),
+                Some(Stmt::FlowAdd { table, flowtable }) if hook == Hook::Forward => {
+                    w.flow_add = Some((*table, flowtable.clone()))
+                }
                 Some(Stmt::CtHelperSet(name)) => {
                     // nft_ct_helper_obj_eval: only a connection not confirmed yet, of the
                     // object's protocol, without a helper, gets one.
@@ -1346,6 +1473,143 @@ impl Engine {
             }
         }
         ev.verdict
+    }
+
+    /// The flowtable's ingress hook (`nf_flow_offload_ip_hook`, `nf_flow_offload_ipv6_hook`):
+    /// a TCP or UDP packet of an offloaded connection, on a port of its flowtable, is
+    /// forwarded here with its NAT, TTL and counters, and never meets conntrack or a chain.
+    /// `None`: the slow path.
+    fn flowtable_forward(
+        &self,
+        pkt: &Packet<'_>,
+        ingress: usize,
+        now: Timestamp,
+        w: &mut Worker,
+    ) -> Option<Verdict> {
+        if self.flows.is_empty() || self.flow_ports.load().get(ingress)?.is_none() {
+            return None;
+        }
+        // nf_flow_tuple_ip: no fragment, no IPv4 options, TTL left to decrement.
+        // XXX: VLAN-tagged frames take the slow path (the kernel's tuple holds the tag).
+        let ttl = match pkt.ip {
+            Ip::V4(v) if v.header_len != 20 || pkt.ip.frag().is_some() => return None,
+            Ip::V4(v) => v.ttl,
+            Ip::V6(v) => v.hop_limit,
+        };
+        if ttl <= 1 || pkt.vlan.is_some() || !matches!(pkt.l4, L4::Tcp(_) | L4::Udp(_)) {
+            return None;
+        }
+        let tuple = Tuple::from_packet(pkt).ok()?;
+        let (flow, dir) = self.flows.lookup(ingress, &tuple)?;
+        if !self.flow_current(&flow) {
+            return None;
+        }
+        if let L4::Tcp(t) = &pkt.l4 {
+            use packet::tcp_flags::{FIN, RST, SYN};
+            let check = self.flows.state_check(
+                &flow,
+                t.flags & SYN != 0,
+                t.flags & (FIN | RST) != 0,
+                &self.tracker.config().timeouts,
+                now,
+            );
+            if check == StateCheck::TornDown {
+                w.flow_events.push(FlowEvent::TornDown(flow));
+                return None;
+            }
+        }
+        flow.refresh(now);
+        let conn = &flow.conn;
+        if conn.status() & (conntrack::status::SRC_NAT | conntrack::status::DST_NAT) != 0 {
+            if let Some(b) = conn.nat() {
+                let fast = b.rewrite[dir.index()].0;
+                w.edits.rw = *fast.rewrite();
+                w.edits.fast = Some(fast);
+            }
+        }
+        w.edits.ttl = true;
+        w.edits.at = Some((pkt.l3_offset, pkt.ip_bytes.len(), Layout::of(pkt)));
+        flow.account(dir, 1, pkt.ip_bytes.len() as u64);
+        let out = flow.dirs[dir.index()];
+        self.stat(w.cpu)
+            .flowtable_forwarded
+            .fetch_add(1, Ordering::Relaxed);
+        Some(Verdict::Forward {
+            port: out.oif,
+            next_hop: out.next_hop,
+        })
+    }
+
+    /// `nft_flow_offload_eval`: offloads the packet's connection to the flowtable `ft`
+    /// (table index, name) if it qualifies: confirmed; TCP ESTABLISHED and ASSURED with no
+    /// FIN or RST on this packet, or UDP; no helper, no sequence adjustment, no NAT clash; not
+    /// offloaded already; no IPv4 options; a route back for the other direction.
+    /// `(ingress, egress, next hop)` are this packet's.
+    #[allow(clippy::too_many_arguments)]
+    fn offload(
+        &self,
+        compiled: &Compiled,
+        ct: &Classified,
+        pkt: &Packet<'_>,
+        ft: (usize, String),
+        (ingress, egress, next_hop): (usize, usize, IpAddr),
+        now: Timestamp,
+        w: &mut Worker,
+    ) {
+        use conntrack::status::{HELPER, NAT_CLASH, SEQ_ADJUST};
+        let Classified::Tracked(t) = ct else { return };
+        let conn = &t.conn;
+        if !conn.is_confirmed() || conn.status() & (HELPER | SEQ_ADJUST | NAT_CLASH) != 0 {
+            return;
+        }
+        match (&pkt.l4, pkt.ip) {
+            (_, Ip::V4(v)) if v.header_len != 20 => return,
+            (L4::Tcp(th), _) => {
+                use packet::tcp_flags::{FIN, RST};
+                // nf_conntrack_tcp_established: ESTABLISHED and ASSURED.
+                if th.flags & (FIN | RST) != 0
+                    || conn.tcp_state() != Some(conntrack::TcpState::Established)
+                    || !conn.is_assured()
+                {
+                    return;
+                }
+            }
+            (L4::Udp(_), _) => {}
+            _ => return,
+        }
+        let Some(spec) = compiled
+            .flowtables
+            .iter()
+            .find(|f| f.table == ft.0 && f.name == ft.1)
+        else {
+            return;
+        };
+        // nft_flow_route: this direction leaves by the packet's route; the other goes back
+        // towards this direction's source.
+        let dir = t.info.dir();
+        let back_to = conn.tuple(dir).src_ip();
+        let Some((back_port, back_hop)) = self.route(egress, back_to) else {
+            return;
+        };
+        let this = FlowDir {
+            tuple: conn.tuple(dir),
+            iif: ingress,
+            oif: egress,
+            next_hop,
+        };
+        let other = FlowDir {
+            tuple: conn.tuple(dir.other()),
+            iif: egress,
+            oif: back_port,
+            next_hop: back_hop,
+        };
+        let dirs = match dir {
+            conntrack::Dir::Original => [this, other],
+            conntrack::Dir::Reply => [other, this],
+        };
+        if let Some(flow) = self.flows.offload(conn, &spec.key, spec.counter, dirs, now) {
+            w.flow_events.push(FlowEvent::Offloaded(flow));
+        }
     }
 
     /// The port a packet leaves by and its next hop.

@@ -364,6 +364,7 @@ fn lower(tables: &[TableSpec]) -> Ruleset {
             name: format!("t{ti}"),
             chains,
             ct_helpers: Vec::new(),
+            flowtables: Vec::new(),
         });
     }
     out
@@ -477,6 +478,7 @@ fn ruleset(chains: Vec<Chain>) -> Arc<Ruleset> {
             name: "t".into(),
             chains,
             ct_helpers: Vec::new(),
+            flowtables: Vec::new(),
         }],
     };
     let mut id = 0;

@@ -288,6 +288,7 @@ pub fn to_ruleset(file: &str, rules: &[CbRule]) -> Ruleset {
                 rules: out,
             }],
             ct_helpers: Vec::new(),
+            flowtables: Vec::new(),
         }],
     }
 }

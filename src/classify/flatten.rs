@@ -230,7 +230,11 @@ impl<'a> Flattener<'a> {
         for si in from..rule.stmts.len() {
             let s16 = si as u16;
             let verdict = match &rule.stmts[si] {
-                Stmt::Counter { .. } | Stmt::Log { .. } | Stmt::CtHelperSet(_) | Stmt::Notrack => {
+                Stmt::Counter { .. }
+                | Stmt::Log { .. }
+                | Stmt::CtHelperSet(_)
+                | Stmt::Notrack
+                | Stmt::FlowAdd { .. } => {
                     ops.push(FlatOp::Record(s16));
                     continue;
                 }

@@ -65,7 +65,8 @@ impl Linear {
                     Stmt::Counter { .. }
                     | Stmt::Log { .. }
                     | Stmt::CtHelperSet(_)
-                    | Stmt::Notrack => {
+                    | Stmt::Notrack
+                    | Stmt::FlowAdd { .. } => {
                         out.actions.push(here);
                         continue;
                     }

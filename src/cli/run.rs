@@ -137,6 +137,8 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
             eprint!("{}", shared.render_stats());
         }
         engine.housekeeping(shared.now(), buckets);
+        // The flowtable gc (the kernel's runs every second; a tick is cheaper than a flow).
+        engine.flow_gc(shared.now());
         shared.publish_destroyed();
         if running.any_finished() {
             eprintln!("keepstate: a worker stopped unexpectedly; shutting down");

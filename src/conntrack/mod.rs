@@ -25,6 +25,7 @@
 
 pub mod conn;
 pub mod expect;
+pub mod flowtable;
 pub mod helper;
 pub mod nat;
 pub mod proto;

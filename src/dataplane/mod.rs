@@ -27,6 +27,7 @@ pub mod control;
 pub mod demo;
 pub mod gen;
 
+pub mod fastpath;
 pub mod iface;
 pub mod lab;
 pub mod neigh;
@@ -311,6 +312,12 @@ impl Shared {
             r(&e.dropped_no_route),
             r(&e.dropped_table_full),
             self.engine.tracker().count()
+        );
+        let _ = writeln!(
+            s,
+            "flowtable: {} offloaded connections, {} packets forwarded by the engine's flowtable path",
+            self.engine.flows().flows().len(),
+            r(&e.flowtable_forwarded)
         );
         let t = self.engine.tracker();
         let ct = t.stats();

@@ -71,6 +71,11 @@ pub enum Command {
         table: Name,
         helper: HelperDecl,
     },
+    AddFlowtable {
+        family: Option<Spanned<FamilyKw>>,
+        table: Name,
+        flowtable: FlowtableDecl,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -78,6 +83,7 @@ pub enum TableItem {
     Chain(ChainDecl),
     Set(SetDecl),
     CtHelper(HelperDecl),
+    Flowtable(FlowtableDecl),
 }
 
 #[derive(Clone, Debug)]
@@ -129,6 +135,18 @@ pub struct HelperDecl {
     pub helper_type: Option<Name>,
     pub protocol: Option<Name>,
     pub l3proto: Option<Name>,
+}
+
+/// `flowtable NAME { hook ingress priority N; devices = { ... }; counter }`.
+#[derive(Clone, Debug)]
+pub struct FlowtableDecl {
+    pub name: Name,
+    /// The hook's name (`ingress`) and priority.
+    pub hook: Option<(Name, Spanned<Priority>)>,
+    /// `devices = { ... }` or `devices = $var`, unresolved.
+    pub devices: Option<Spanned<Expr>>,
+    pub counter: bool,
+    pub flags: Vec<Name>,
 }
 
 #[derive(Clone, Debug)]
@@ -244,6 +262,8 @@ pub enum StmtAst {
     CtMarkSet(Spanned<MarkSrc>),
     MetaMarkSet(Spanned<MarkSrc>),
     Notrack,
+    /// `flow add @NAME`: the flowtable's name.
+    FlowAdd(Name),
 }
 
 #[derive(Clone, Debug)]

@@ -38,6 +38,7 @@ struct TableB {
     name: String,
     sets: Vec<SetDecl>,
     helpers: Vec<HelperDecl>,
+    flowtables: Vec<FlowtableDecl>,
     chains: Vec<ChainB>,
 }
 
@@ -64,6 +65,7 @@ struct RuleCx<'t> {
     chains: &'t HashMap<String, bool>,
     sets: &'t HashMap<String, MSet>,
     helpers: &'t HashSet<String>,
+    flowtables: &'t HashSet<String>,
 }
 
 impl<'a> Checker<'a> {
@@ -107,6 +109,7 @@ impl<'a> Checker<'a> {
                 name: name.node.clone(),
                 sets: Vec::new(),
                 helpers: Vec::new(),
+                flowtables: Vec::new(),
                 chains: Vec::new(),
             });
             return Some(self.tables.len() - 1);
@@ -243,6 +246,18 @@ impl<'a> Checker<'a> {
                     self.table_item(t, TableItem::CtHelper(helper));
                 }
             }
+            Command::AddFlowtable {
+                family,
+                table,
+                flowtable,
+            } => {
+                let Some(fam) = self.family(&family) else {
+                    return;
+                };
+                if let Some(t) = self.table_index(fam, &table, false) {
+                    self.table_item(t, TableItem::Flowtable(flowtable));
+                }
+            }
         }
     }
 
@@ -311,6 +326,33 @@ impl<'a> Checker<'a> {
                     self.err(span, format!("ct helper `{name}` is declared twice"));
                 } else {
                     table.helpers.push(h);
+                }
+            }
+            TableItem::Flowtable(mut f) => {
+                f.devices = f.devices.map(|d| self.subst(d));
+                let table = &mut self.tables[t];
+                // Declaring a flowtable again adds its devices (nft_flowtable_update).
+                match table
+                    .flowtables
+                    .iter_mut()
+                    .find(|x| x.name.node == f.name.node)
+                {
+                    Some(old) => {
+                        if f.hook.is_some() {
+                            old.hook = f.hook;
+                        }
+                        old.counter |= f.counter;
+                        old.flags.extend(f.flags);
+                        if let Some(new) = f.devices {
+                            old.devices = Some(match old.devices.take() {
+                                Some(prev) => {
+                                    Spanned::new(Expr::Set(vec![prev, new.clone()]), new.span)
+                                }
+                                None => new,
+                            });
+                        }
+                    }
+                    None => table.flowtables.push(f),
                 }
             }
         }
@@ -459,6 +501,15 @@ impl<'a> Checker<'a> {
         let set_map: HashMap<String, MSet> =
             sets.iter().map(|s| (s.name.clone(), s.clone())).collect();
         let helper_names: HashSet<String> = helpers.iter().map(|h| h.name.clone()).collect();
+        let mut flowtables = Vec::new();
+        for f in &t.flowtables {
+            if let Some(mf) = self.flowtable(f) {
+                flowtables.push(mf);
+            }
+        }
+        // A rule naming a flowtable that failed its checks reports only the flowtable's error.
+        let flowtable_names: HashSet<String> =
+            t.flowtables.iter().map(|f| f.name.node.clone()).collect();
         let chain_kinds: HashMap<String, bool> = t
             .chains
             .iter()
@@ -505,6 +556,7 @@ impl<'a> Checker<'a> {
                 chains: &chain_kinds,
                 sets: &set_map,
                 helpers: &helper_names,
+                flowtables: &flowtable_names,
             };
             let mut rules = Vec::new();
             for r in &c.rules {
@@ -525,6 +577,7 @@ impl<'a> Checker<'a> {
             name: t.name,
             sets,
             helpers,
+            flowtables,
             chains,
         }
     }
@@ -632,24 +685,7 @@ impl<'a> Checker<'a> {
                 "`device` applies only to netdev and flowtable hooks",
             );
         }
-        let resolved = match &h.priority.node {
-            Priority::Var(v) => match self.defines.get(v).map(|d| d.node.clone()) {
-                Some(Expr::Number(n)) => Priority::Number(n.min(i32::MAX as u128) as i32),
-                Some(Expr::Word(w)) => Priority::Named(w, 0),
-                Some(_) => {
-                    self.err(
-                        h.priority.span,
-                        format!("variable `${v}` does not hold a priority"),
-                    );
-                    return None;
-                }
-                None => {
-                    self.err(h.priority.span, format!("undefined variable `${v}`"));
-                    return None;
-                }
-            },
-            other => other.clone(),
-        };
+        let resolved = self.resolve_priority(&h.priority)?;
         let priority = match &resolved {
             Priority::Var(_) => 0,
             Priority::Number(n) => *n,
@@ -685,6 +721,101 @@ impl<'a> Checker<'a> {
             priority,
             policy,
             device: None,
+        })
+    }
+
+    /// A priority with its `$variable` substituted.
+    fn resolve_priority(&mut self, p: &Spanned<Priority>) -> Option<Priority> {
+        let Priority::Var(v) = &p.node else {
+            return Some(p.node.clone());
+        };
+        match self.defines.get(v).map(|d| d.node.clone()) {
+            Some(Expr::Number(n)) => Some(Priority::Number(n.min(i32::MAX as u128) as i32)),
+            Some(Expr::Word(w)) => Some(Priority::Named(w, 0)),
+            Some(_) => {
+                self.err(p.span, format!("variable `${v}` does not hold a priority"));
+                None
+            }
+            None => {
+                self.err(p.span, format!("undefined variable `${v}`"));
+                None
+            }
+        }
+    }
+
+    /// A flowtable object (`nf_tables_newflowtable`): hook ingress at a netdev priority, each
+    /// device once.
+    fn flowtable(&mut self, f: &FlowtableDecl) -> Option<MFlowtable> {
+        let name = &f.name.node;
+        let Some((hook, prio)) = &f.hook else {
+            self.err(
+                f.name.span,
+                format!("flowtable `{name}` needs `hook ingress priority N`"),
+            );
+            return None;
+        };
+        if hook.node != "ingress" {
+            self.err(
+                hook.span,
+                format!(
+                    "unknown flowtable hook `{}` (flowtables hook ingress)",
+                    hook.node
+                ),
+            );
+            return None;
+        }
+        let resolved = self.resolve_priority(prio)?;
+        // The netdev family knows one priority name: filter (nft's std_prio_family_hook_compat).
+        let priority = match resolved {
+            Priority::Number(n) => n,
+            Priority::Named(n, off) if n == "filter" => off,
+            Priority::Named(n, _) => {
+                self.err(
+                    prio.span,
+                    format!("`{n}` is not a valid flowtable priority (use a number or filter)"),
+                );
+                return None;
+            }
+            Priority::Var(_) => 0,
+        };
+        let mut counter = f.counter;
+        for fl in &f.flags {
+            match fl.node.as_str() {
+                "offload" => self.err(
+                    fl.span,
+                    "flags offload asks for hardware offload, which keepstate does not have (its fast path is XDP; drop the flag)",
+                ),
+                "counter" => counter = true,
+                other => self.err(
+                    fl.span,
+                    format!("unknown flowtable flag `{other}` (expected offload)"),
+                ),
+            }
+        }
+        let mut devices: Vec<String> = Vec::new();
+        if let Some(d) = &f.devices {
+            let mut names = Vec::new();
+            flowtable_devices(d, &mut names);
+            for (dev, span) in names {
+                match dev {
+                    None => self.err(span, "a flowtable device is an interface name"),
+                    Some(dev) if dev.is_empty() || dev.len() > 15 => self.err(
+                        span,
+                        format!("`{dev}` is not an interface name (1 to 15 characters)"),
+                    ),
+                    Some(dev) if devices.contains(&dev) => self.err(
+                        span,
+                        format!("device `{dev}` is listed twice in flowtable `{name}`"),
+                    ),
+                    Some(dev) => devices.push(dev),
+                }
+            }
+        }
+        Some(MFlowtable {
+            name: name.clone(),
+            priority,
+            devices,
+            counter,
         })
     }
 
@@ -1692,6 +1823,24 @@ impl<'a> Checker<'a> {
             StmtAst::CtMarkSet(m) => MStmt::CtMarkSet(self.mark_value(m)?),
             StmtAst::MetaMarkSet(m) => MStmt::MetaMarkSet(self.mark_value(m)?),
             StmtAst::Notrack => MStmt::Notrack,
+            StmtAst::FlowAdd(name) => {
+                if !rcx.flowtables.contains(&name.node) {
+                    self.err(
+                        name.span,
+                        format!(
+                            "unknown flowtable `@{0}` (declare `flowtable {0} {{ hook ingress priority 0; devices = {{ ... }} }}` in this table)",
+                            name.node
+                        ),
+                    );
+                    return None;
+                }
+                // nft_flow_offload_validate: the forward hook only.
+                if rcx.hook.is_some_and(|h| h != Hook::Forward) {
+                    self.err(span, "flow add is only valid in the forward hook");
+                    return None;
+                }
+                MStmt::FlowAdd(name.node.clone())
+            }
         })
     }
 
@@ -2253,6 +2402,20 @@ pub fn sel_type(s: Sel) -> DType {
 }
 
 /// nft's standard priority names for ip, ip6 and inet (`std_prios` in nftables' rule.c).
+/// The names in a flowtable's `devices = ...`, with their spans (`None` for a value that is
+/// not a name).
+fn flowtable_devices(e: &Spanned<Expr>, out: &mut Vec<(Option<String>, Span)>) {
+    match &e.node {
+        Expr::Set(items) | Expr::List(items) => {
+            for i in items {
+                flowtable_devices(i, out);
+            }
+        }
+        Expr::Word(w) | Expr::Str(w) => out.push((Some(w.clone()), e.span)),
+        _ => out.push((None, e.span)),
+    }
+}
+
 pub fn std_priority(_family: Family, hook: Hook, name: &str) -> Option<i32> {
     Some(match name {
         "raw" => -300,

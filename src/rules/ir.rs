@@ -166,6 +166,21 @@ pub struct Table {
     /// Regular and base chains; `Verdict::Jump(i)` indexes this vector.
     pub chains: Vec<Chain>,
     pub ct_helpers: Vec<CtHelper>,
+    pub flowtables: Vec<Flowtable>,
+}
+
+/// A `flowtable NAME { hook ingress priority N; devices = { ... }; [counter] }` object: the
+/// ports whose ingress it watches for offloaded connections.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flowtable {
+    pub name: String,
+    pub priority: i32,
+    /// Port names; a name that is no port of the box hooks nothing (as the kernel's
+    /// name-based hooks wait for the device).
+    pub devices: Vec<String>,
+    /// `counter` (`NF_FLOWTABLE_COUNTER`): packets forwarded by the flowtable still count on
+    /// their connection.
+    pub counter: bool,
 }
 
 /// A `ct helper NAME { type "ftp" protocol tcp; l3proto inet; }` object.
@@ -603,6 +618,12 @@ pub enum Stmt {
     /// `ct helper set "NAME"`: the name of a [`CtHelper`] of the same table.
     CtHelperSet(String),
     Notrack,
+    /// `flow add @NAME`: offload the packet's connection to a [`Flowtable`] of the rule's table
+    /// (forward hook only): the table's index in the ruleset and the flowtable's name.
+    FlowAdd {
+        table: usize,
+        flowtable: String,
+    },
     Nat(Nat),
     /// Terminal: sends an ICMP error or TCP reset and drops the packet.
     Reject(Reject),

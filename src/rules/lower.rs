@@ -27,6 +27,7 @@ pub fn lower(m: &Model) -> ir::Ruleset {
         let sets: HashMap<&str, &MSet> = t.sets.iter().map(|s| (s.name.as_str(), s)).collect();
         let mut cache: HashMap<String, LoweredSet> = HashMap::new();
         let cx = Lower {
+            table: tables.len(),
             family: t.family,
             chains: &chain_index,
             sets: &sets,
@@ -63,6 +64,16 @@ pub fn lower(m: &Model) -> ir::Ruleset {
                     l3proto: h.l3proto,
                 })
                 .collect(),
+            flowtables: t
+                .flowtables
+                .iter()
+                .map(|f| ir::Flowtable {
+                    name: f.name.clone(),
+                    priority: f.priority,
+                    devices: f.devices.clone(),
+                    counter: f.counter,
+                })
+                .collect(),
         });
     }
     ir::Ruleset { tables }
@@ -76,6 +87,8 @@ enum LoweredSet {
 }
 
 struct Lower<'a> {
+    /// The table's index in the ruleset.
+    table: usize,
     family: ir::Family,
     chains: &'a HashMap<&'a str, usize>,
     sets: &'a HashMap<&'a str, &'a MSet>,
@@ -430,6 +443,10 @@ impl Lower<'_> {
             MStmt::CtMarkSet(m) => Stmt::CtMarkSet(*m),
             MStmt::MetaMarkSet(m) => Stmt::MetaMarkSet(*m),
             MStmt::Notrack => Stmt::Notrack,
+            MStmt::FlowAdd(f) => Stmt::FlowAdd {
+                table: self.table,
+                flowtable: f.clone(),
+            },
         }
     }
 }

@@ -22,7 +22,20 @@ pub struct MTable {
     pub name: String,
     pub sets: Vec<MSet>,
     pub helpers: Vec<MHelper>,
+    pub flowtables: Vec<MFlowtable>,
     pub chains: Vec<MChain>,
+}
+
+/// A `flowtable` object: the devices whose ingress it hooks, and whether it counts packets
+/// on the connections it forwards (`counter`, `NF_FLOWTABLE_COUNTER`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MFlowtable {
+    pub name: String,
+    /// The ingress hook's priority.
+    pub priority: i32,
+    /// In the order written (nft keeps it).
+    pub devices: Vec<String>,
+    pub counter: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -225,6 +238,8 @@ pub enum MStmt {
     CtMarkSet(MarkValue),
     MetaMarkSet(MarkValue),
     Notrack,
+    /// `flow add @NAME`: a flowtable of the same table.
+    FlowAdd(String),
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -229,15 +229,21 @@ fn describe(r: Rule) -> Option<&'static str> {
         Rule::add_table | Rule::add_chain | Rule::add_rule | Rule::add_set => {
             "a command (table, define, include, flush ruleset, add ...)"
         }
-        Rule::add_element | Rule::add_ct_helper => {
+        Rule::add_element | Rule::add_ct_helper | Rule::add_flowtable => {
             "a command (table, define, include, flush ruleset, add ...)"
         }
         Rule::family => "a family (ip, ip6, inet)",
         Rule::ident | Rule::type_name => "a name",
         Rule::table_body | Rule::chain_body | Rule::set_body | Rule::helper_body => "`{`",
         Rule::chain_block | Rule::set_block | Rule::map_block | Rule::ct_helper_block => {
-            "chain, set, map or ct helper"
+            "chain, set, map, ct helper or flowtable"
         }
+        Rule::flowtable_block => "chain, set, map, ct helper or flowtable",
+        Rule::flowtable_body => "`{`",
+        Rule::ft_hook | Rule::ft_devices | Rule::ft_counter | Rule::ft_flags => {
+            "hook, devices, counter or flags"
+        }
+        Rule::flow_add => "a statement",
         Rule::hook_spec | Rule::policy_spec | Rule::chain_comment => "a rule",
         Rule::rule | Rule::relation | Rule::selectors | Rule::selector => "a rule",
         Rule::verdict | Rule::reject | Rule::counter | Rule::log | Rule::limit => "a statement",
@@ -427,6 +433,17 @@ impl Cx {
                     helper,
                 }
             }
+            Rule::add_flowtable => {
+                let family = self.opt_family(&mut it);
+                let table = self.name(it.next().expect("table name"));
+                let name = self.name(it.next().expect("flowtable name"));
+                let flowtable = self.flowtable_body(name, it.next().expect("flowtable body"));
+                Command::AddFlowtable {
+                    family,
+                    table,
+                    flowtable,
+                }
+            }
             other => unreachable!("grammar yields no command {other:?}"),
         }
     }
@@ -452,6 +469,10 @@ impl Cx {
                     Rule::ct_helper_block => {
                         let name = self.name(it.next().expect("helper name"));
                         TableItem::CtHelper(self.helper_body(name, it.next().expect("body")))
+                    }
+                    Rule::flowtable_block => {
+                        let name = self.name(it.next().expect("flowtable name"));
+                        TableItem::Flowtable(self.flowtable_body(name, it.next().expect("body")))
                     }
                     other => unreachable!("grammar yields no table item {other:?}"),
                 }
@@ -590,6 +611,32 @@ impl Cx {
             }
         }
         h
+    }
+
+    fn flowtable_body(&self, name: Name, body: Pair<Rule>) -> FlowtableDecl {
+        let mut ft = FlowtableDecl {
+            name,
+            hook: None,
+            devices: None,
+            counter: false,
+            flags: Vec::new(),
+        };
+        for item in body.kids() {
+            match item.as_rule() {
+                Rule::ft_hook => {
+                    let mut it = item.kids();
+                    let hook = self.name(it.next().expect("hook"));
+                    ft.hook = Some((hook, self.priority(it.next().expect("priority"))));
+                }
+                Rule::ft_devices => {
+                    ft.devices = Some(self.expr_any(item.kids().next().expect("devices")))
+                }
+                Rule::ft_counter => ft.counter = true,
+                Rule::ft_flags => ft.flags = item.kids().map(|p| self.name(p)).collect(),
+                other => unreachable!("grammar yields no flowtable item {other:?}"),
+            }
+        }
+        ft
     }
 
     fn rule(&self, pair: Pair<Rule>) -> RuleAst {
@@ -1003,6 +1050,17 @@ impl Cx {
                 }
             }
             Rule::notrack => StmtAst::Notrack,
+            Rule::flow_add => {
+                let r = p
+                    .kids()
+                    .find(|k| k.as_rule() == Rule::set_ref)
+                    .expect("flowtable reference");
+                let span = self.span(&r);
+                StmtAst::FlowAdd(Spanned::new(
+                    r.as_str().trim_start_matches('@').into(),
+                    span,
+                ))
+            }
             other => unreachable!("grammar yields no statement {other:?}"),
         }
     }

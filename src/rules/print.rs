@@ -22,8 +22,8 @@ pub fn print_model(m: &Model) -> String {
 
 fn print_table(out: &mut String, t: &MTable) {
     let _ = writeln!(out, "table {} {} {{", Family::name(t.family), t.name);
-    // nft lists objects (ct helpers) first, then sets and maps, then chains, each block
-    // separated by a blank line.
+    // nft lists objects (ct helpers) first, then sets and maps, then flowtables, then chains,
+    // each block separated by a blank line.
     let mut blocks: Vec<String> = Vec::new();
     for h in &t.helpers {
         let l3 = h.l3proto.unwrap_or(t.family);
@@ -39,11 +39,61 @@ fn print_table(out: &mut String, t: &MTable) {
     for s in &t.sets {
         blocks.push(print_set(s));
     }
+    for f in &t.flowtables {
+        blocks.push(print_flowtable(f));
+    }
     for c in &t.chains {
         blocks.push(print_chain(c));
     }
     out.push_str(&blocks.join("\n"));
     out.push_str("}\n");
+}
+
+/// nft 1.0.6's `flowtable_print_declaration`: no `;`, device names unquoted and in the order
+/// given, the priority in the netdev family's names (only `filter`).
+fn print_flowtable(f: &MFlowtable) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "\tflowtable {} {{", f.name);
+    let _ = writeln!(
+        out,
+        "\t\thook ingress priority {}",
+        netdev_priority_str(f.priority)
+    );
+    if !f.devices.is_empty() {
+        let _ = writeln!(out, "\t\tdevices = {{ {} }}", f.devices.join(", "));
+    }
+    if f.counter {
+        out.push_str("\t\tcounter\n");
+    }
+    out.push_str("\t}\n");
+    out
+}
+
+/// nft's `prio2str` for the netdev family: the first standard priority within 10 decides,
+/// and only `filter` may be named there.
+fn netdev_priority_str(prio: i32) -> String {
+    for (name, base) in [
+        ("raw", -300),
+        ("mangle", -150),
+        ("dstnat", -100),
+        ("filter", 0),
+    ]
+    .into_iter()
+    .chain([("security", 50), ("srcnat", 100)])
+    {
+        let off = prio - base;
+        if (-10..=10).contains(&off) {
+            if name != "filter" {
+                break;
+            }
+            return match off {
+                0 => name.to_string(),
+                o if o > 0 => format!("{name} + {o}"),
+                o => format!("{name} - {}", -o),
+            };
+        }
+    }
+    prio.to_string()
 }
 
 fn print_set(s: &MSet) -> String {
@@ -588,6 +638,7 @@ fn stmt_str(s: &MStmt) -> String {
         MStmt::CtMarkSet(m) => format!("ct mark set {}", mark_str(m)),
         MStmt::MetaMarkSet(m) => format!("meta mark set {}", mark_str(m)),
         MStmt::Notrack => "notrack".into(),
+        MStmt::FlowAdd(f) => format!("flow add @{f}"),
     }
 }
 

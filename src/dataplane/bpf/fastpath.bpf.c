@@ -1,0 +1,267 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+//
+// keepstate's XDP fast path: what the kernel's software flowtable does at ingress
+// (nf_flow_offload_ip_hook), for the connections the engine offloaded (`flow add`).
+//
+// A frame whose (ingress ifindex, tuple) is in `flows` and that is TCP or UDP, not a
+// fragment, without IPv4 options, TTL/hop limit above 1, and without FIN, RST or SYN, gets
+// its MACs, NAT rewrite (incremental checksums, RFC 1624) and TTL decrement here, counts on
+// its entry, and is redirected to the egress port through `tx_ports`. Every other frame goes
+// to the AF_XDP socket of its receive queue (`xsks`), where the engine decides it: FIN, RST
+// and SYN too, so the engine keeps the flow's CLOSING state and teardown as the kernel's.
+//
+// The engine's workers fill `flows` (both directions of an offloaded connection) and empty it
+// on teardown; the main loop reads the counters and last-seen times to refresh the flows.
+// The layouts of `struct flow_key` and `struct flow_value` are mirrored in
+// src/dataplane/fastpath.rs: change both together.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+
+// The few libbpf conventions this file needs, written out (no libbpf headers at build time).
+#define SEC(name) __attribute__((section(name), used))
+#define __uint(name, val) int (*name)[val]
+#define __type(name, val) typeof(val) *name
+#undef __always_inline
+#define __always_inline inline __attribute__((always_inline))
+
+static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)BPF_FUNC_map_lookup_elem;
+static long (*bpf_redirect_map)(void *map, __u64 key, __u64 flags) = (void *)BPF_FUNC_redirect_map;
+static __u64 (*bpf_ktime_get_ns)(void) = (void *)BPF_FUNC_ktime_get_ns;
+
+#define bswap16(x) __builtin_bswap16(x)
+#define htons(x) ((__u16)bswap16((__u16)(x)))
+
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1fff
+
+struct flow_key {
+	__u32 ifindex;
+	__u8 l3; // 4 or 6
+	__u8 proto; // IPPROTO_TCP or IPPROTO_UDP
+	__u16 pad;
+	__u8 src[16]; // IPv4 in the first 4 bytes, the rest zero
+	__u8 dst[16];
+	__u16 sport; // network order
+	__u16 dport;
+};
+
+// NAT edits, as CompiledRewrite's: a field is rewritten when its flag is set.
+#define NAT_SRC 0x1
+#define NAT_DST 0x2
+#define NAT_SPORT 0x4
+#define NAT_DPORT 0x8
+
+struct flow_value {
+	__u32 tx_port; // key in tx_ports (the egress ifindex)
+	__u8 dmac[6];
+	__u8 smac[6];
+	__u8 nat; // NAT_* bits
+	__u8 pad[3];
+	__u8 src[16]; // new addresses and ports (network order)
+	__u8 dst[16];
+	__u16 sport;
+	__u16 dport;
+	__u64 packets; // atomics: the main loop reads and never writes them
+	__u64 bytes; // IP lengths
+	__u64 last_seen; // bpf_ktime_get_ns (CLOCK_MONOTONIC)
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct flow_value);
+} flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_DEVMAP);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+} tx_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_XSKMAP);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__type(value, __u32);
+} xsks SEC(".maps");
+
+// RFC 1624: HC' = ~(~HC + ~m + m'), 16 bits at a time.
+static __always_inline __u16 csum_fold(__u32 s)
+{
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)s;
+}
+
+static __always_inline void csum_replace(__u16 *sum, const __u16 *old, const __u16 *new, int words)
+{
+	__u32 s = (__u16)~*sum;
+	for (int i = 0; i < words; i++) {
+		s += (__u16)~old[i];
+		s += new[i];
+	}
+	*sum = ~csum_fold(s);
+}
+
+static __always_inline int to_xsk(struct xdp_md *ctx)
+{
+	return bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
+}
+
+SEC("xdp")
+int keepstate_fastpath(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct flow_key key = {};
+	__u16 *l4_sum = 0;
+	__u16 *ports;
+	__u32 ip_len;
+
+	if ((void *)(eth + 1) > end)
+		return to_xsk(ctx);
+	key.ifindex = ctx->ingress_ifindex;
+	void *l3 = eth + 1;
+	void *l4;
+	struct iphdr *ip4 = 0;
+	struct ipv6hdr *ip6 = 0;
+
+	if (eth->h_proto == htons(ETH_P_IP)) {
+		ip4 = l3;
+		if ((void *)(ip4 + 1) > end || ip4->ihl != 5 || ip4->ttl <= 1)
+			return to_xsk(ctx);
+		if (ip4->frag_off & htons(IP_MF | IP_OFFSET))
+			return to_xsk(ctx);
+		key.l3 = 4;
+		key.proto = ip4->protocol;
+		__builtin_memcpy(key.src, &ip4->saddr, 4);
+		__builtin_memcpy(key.dst, &ip4->daddr, 4);
+		l4 = ip4 + 1;
+		ip_len = bswap16(ip4->tot_len);
+	} else if (eth->h_proto == htons(ETH_P_IPV6)) {
+		ip6 = l3;
+		if ((void *)(ip6 + 1) > end || ip6->hop_limit <= 1)
+			return to_xsk(ctx);
+		key.l3 = 6;
+		key.proto = ip6->nexthdr;
+		__builtin_memcpy(key.src, &ip6->saddr, 16);
+		__builtin_memcpy(key.dst, &ip6->daddr, 16);
+		l4 = ip6 + 1;
+		ip_len = bswap16(ip6->payload_len) + sizeof(*ip6);
+	} else {
+		return to_xsk(ctx);
+	}
+
+	if (key.proto == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+		if ((void *)(th + 1) > end)
+			return to_xsk(ctx);
+		// The engine keeps the flow's state: CLOSING on FIN/RST, teardown on a SYN.
+		if (th->fin || th->rst || th->syn)
+			return to_xsk(ctx);
+		l4_sum = &th->check;
+		ports = (__u16 *)th;
+	} else if (key.proto == IPPROTO_UDP) {
+		struct udphdr *uh = l4;
+		if ((void *)(uh + 1) > end)
+			return to_xsk(ctx);
+		// A zero UDP checksum over IPv4 means none, and stays none.
+		if (uh->check || key.l3 == 6)
+			l4_sum = &uh->check;
+		ports = (__u16 *)uh;
+	} else {
+		return to_xsk(ctx);
+	}
+	key.sport = ports[0];
+	key.dport = ports[1];
+
+	struct flow_value *v = bpf_map_lookup_elem(&flows, &key);
+	if (!v)
+		return to_xsk(ctx);
+
+	// NAT: addresses (the IPv4 header sum and the pseudo-header's part of the L4 sum), ports.
+	if (key.l3 == 4) {
+		struct iphdr *h = l3;
+		if ((void *)(h + 1) > end)
+			return XDP_DROP;
+		if (v->nat & NAT_SRC) {
+			csum_replace(&h->check, (__u16 *)&h->saddr, (__u16 *)v->src, 2);
+			if (l4_sum)
+				csum_replace(l4_sum, (__u16 *)&h->saddr, (__u16 *)v->src, 2);
+			__builtin_memcpy(&h->saddr, v->src, 4);
+		}
+		if (v->nat & NAT_DST) {
+			csum_replace(&h->check, (__u16 *)&h->daddr, (__u16 *)v->dst, 2);
+			if (l4_sum)
+				csum_replace(l4_sum, (__u16 *)&h->daddr, (__u16 *)v->dst, 2);
+			__builtin_memcpy(&h->daddr, v->dst, 4);
+		}
+	} else {
+		struct ipv6hdr *h = l3;
+		if ((void *)(h + 1) > end)
+			return XDP_DROP;
+		if (v->nat & NAT_SRC) {
+			if (l4_sum)
+				csum_replace(l4_sum, (__u16 *)&h->saddr, (__u16 *)v->src, 8);
+			__builtin_memcpy(&h->saddr, v->src, 16);
+		}
+		if (v->nat & NAT_DST) {
+			if (l4_sum)
+				csum_replace(l4_sum, (__u16 *)&h->daddr, (__u16 *)v->dst, 8);
+			__builtin_memcpy(&h->daddr, v->dst, 16);
+		}
+	}
+	if (v->nat & NAT_SPORT) {
+		if (l4_sum)
+			csum_replace(l4_sum, &ports[0], &v->sport, 1);
+		ports[0] = v->sport;
+	}
+	if (v->nat & NAT_DPORT) {
+		if (l4_sum)
+			csum_replace(l4_sum, &ports[1], &v->dport, 1);
+		ports[1] = v->dport;
+	}
+	if (l4_sum && key.proto == IPPROTO_UDP && *l4_sum == 0)
+		*l4_sum = 0xffff; // CSUM_MANGLED_0
+
+	// ip_decrease_ttl: the TTL is the high byte of its 16-bit word with the protocol.
+	if (key.l3 == 4) {
+		struct iphdr *h = l3;
+		if ((void *)(h + 1) > end)
+			return XDP_DROP;
+		__u16 old = *(__u16 *)&h->ttl;
+		h->ttl--;
+		csum_replace(&h->check, &old, (__u16 *)&h->ttl, 1);
+	} else {
+		struct ipv6hdr *h = l3;
+		if ((void *)(h + 1) > end)
+			return XDP_DROP;
+		h->hop_limit--;
+	}
+
+	__builtin_memcpy(eth->h_dest, v->dmac, 6);
+	__builtin_memcpy(eth->h_source, v->smac, 6);
+	__sync_fetch_and_add(&v->packets, 1);
+	__sync_fetch_and_add(&v->bytes, ip_len);
+	v->last_seen = bpf_ktime_get_ns();
+	return bpf_redirect_map(&tx_ports, v->tx_port, 0);
+}
+
+// A pass-through program for the peers of redirected-to veths: veth delivers an
+// XDP_REDIRECTed frame only to a peer that runs XDP.
+SEC("xdp")
+int keepstate_pass(struct xdp_md *ctx)
+{
+	return XDP_PASS;
+}
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -80,9 +80,9 @@ fn every_mode_forwards_udp() {
     if !can_run() {
         return;
     }
-    let r = bench(&["--flows", "16", "--modes", "abcde"]);
+    let r = bench(&["--flows", "16", "--modes", "abcdef"]);
     println!("{r}");
-    for m in ['a', 'b', 'c', 'd', 'e'] {
+    for m in ['a', 'b', 'c', 'd', 'e', 'f'] {
         assert!(
             pps(&r, m) > 1000.0,
             "mode {m} forwarded almost nothing:\n{r}"

@@ -49,6 +49,9 @@ pub struct VethArgs {
     /// the forward chain of a small edge ruleset.
     #[arg(long)]
     classbench: Option<PathBuf>,
+    /// The rules file of mode f: the same policy with a flowtable.
+    #[arg(long, default_value = "examples/lab-flowtable.nft")]
+    flowtable_rules: PathBuf,
     /// `udp`: 64-byte datagrams; `syn`: a TCP SYN per frame, each a new connection.
     #[arg(long, default_value = "udp", value_parser = ["udp", "syn"])]
     traffic: String,
@@ -56,8 +59,9 @@ pub struct VethArgs {
     #[arg(long, value_delimiter = ',', default_value = "16,100000")]
     flows: Vec<u32>,
     /// Modes, in the order each round runs them: a kernel without rules, b kernel with the
-    /// rules and conntrack, c keepstate 1 worker, d keepstate 2 workers, e keepstate ceiling.
-    #[arg(long, default_value = "abcde")]
+    /// rules and conntrack, c keepstate 1 worker, d keepstate 2 workers, e keepstate ceiling,
+    /// f keepstate 1 worker with the flowtable rules.
+    #[arg(long, default_value = "abcdef")]
     modes: String,
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -87,13 +91,14 @@ pub fn veth(a: &VethArgs) -> anyhow::Result<ExitCode> {
         .modes
         .chars()
         .map(|c| {
-            Mode::from_key(c).with_context(|| format!("unknown mode `{c}` (modes are a to e)"))
+            Mode::from_key(c).with_context(|| format!("unknown mode `{c}` (modes are a to f)"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let opts = vb::Options {
         prefix: a.prefix.clone(),
         rules: a.rules.clone(),
         classbench: a.classbench.clone(),
+        flowtable_rules: a.flowtable_rules.clone(),
         traffic: if a.traffic == "syn" {
             gen::Traffic::Syn
         } else {

@@ -12,7 +12,10 @@
 //! - `b` the kernel with the rules file loaded by `nft -f` (conntrack, NAT);
 //! - `c` keepstate, 1 worker, the same rules file;
 //! - `d` keepstate, 2 workers;
-//! - `e` keepstate, 1 worker, a ruleset that only says `notrack`: the AF_XDP ceiling.
+//! - `e` keepstate, 1 worker, a ruleset that only says `notrack`: the AF_XDP ceiling;
+//! - `f` keepstate, 1 worker, the flowtable rules file (by default examples/lab-flowtable.nft:
+//!   the same policy with `flow add @fastpath`): offloaded flows skip every chain, and with
+//!   the XDP fast path they never reach the worker.
 //!
 //! The same core budget: the generator runs on one core, the firewall on the other. The
 //! kernel's forwarding is moved there with RPS on the firewall's veths (without it the
@@ -51,15 +54,17 @@ pub enum Mode {
     Keepstate1,
     Keepstate2,
     Ceiling,
+    Flowtable,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::KernelBare,
         Mode::KernelNft,
         Mode::Keepstate1,
         Mode::Keepstate2,
         Mode::Ceiling,
+        Mode::Flowtable,
     ];
 
     pub fn key(self) -> char {
@@ -69,6 +74,7 @@ impl Mode {
             Mode::Keepstate1 => 'c',
             Mode::Keepstate2 => 'd',
             Mode::Ceiling => 'e',
+            Mode::Flowtable => 'f',
         }
     }
 
@@ -83,6 +89,7 @@ impl Mode {
             Mode::Keepstate1 => "keepstate, 1 worker",
             Mode::Keepstate2 => "keepstate, 2 workers",
             Mode::Ceiling => "keepstate, notrack (ceiling)",
+            Mode::Flowtable => "keepstate, 1 worker, flowtable",
         }
     }
 
@@ -100,6 +107,8 @@ pub struct Options {
     /// Instead of `rules`: a ClassBench filter set, put into the forward chain of a small
     /// edge ruleset (see [`classbench_ruleset`]).
     pub classbench: Option<PathBuf>,
+    /// The rules file of mode f.
+    pub flowtable_rules: PathBuf,
     pub traffic: Traffic,
     /// One mix per entry: the number of distinct flows.
     pub flows: Vec<u32>,
@@ -489,6 +498,7 @@ struct Bench<'a> {
     top: Topology,
     rules: PathBuf,
     ceiling: PathBuf,
+    flowtable: PathBuf,
     src_mac: Mac,
     dst_mac: Mac,
     fw_cpu: usize,
@@ -543,10 +553,13 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Vec<MixResult>, BenchE
     ns_ok(&top.lab.wan, "ip route add local 203.0.113.0/24 dev lo")?;
     let src_mac = mac_of(&top.lab.lan, "eth0")?;
     let dst_mac = mac_of(&top.lab.fw, "lan")?;
+    let flowtable = std::fs::canonicalize(&opts.flowtable_rules)
+        .map_err(|e| cmd_err(&format!("find {}", opts.flowtable_rules.display()), e))?;
     let bench = Bench {
         opts,
         rules,
         ceiling,
+        flowtable,
         src_mac,
         dst_mac,
         fw_cpu: if opts.gen_cpu == 0 { 1 } else { 0 },
@@ -687,6 +700,7 @@ impl Bench<'_> {
         let (rules, workers) = match mode {
             Mode::Keepstate2 => (&self.rules, 2),
             Mode::Ceiling => (&self.ceiling, 1),
+            Mode::Flowtable => (&self.flowtable, 1),
             _ => (&self.rules, 1),
         };
         let control = self.top.dir.path().join("ks.sock");
@@ -998,11 +1012,12 @@ pub fn report(r: &MixResult, opts: &Options) -> String {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
     };
-    let (b, c, d, e) = (
+    let (b, c, d, e, f) = (
         Mode::KernelNft,
         Mode::Keepstate1,
         Mode::Keepstate2,
         Mode::Ceiling,
+        Mode::Flowtable,
     );
     let lines = [
         (
@@ -1020,6 +1035,14 @@ pub fn report(r: &MixResult, opts: &Options) -> String {
         (
             "packets per second, 2 workers / 1 worker (d/c, target >= 1.6 where the generator allows)",
             ratio(r.median_pps(d), r.median_pps(c)),
+        ),
+        (
+            "CPU per packet, keepstate with a flowtable / kernel with rules (f/b, target <= 0.67)",
+            ratio(r.median_fw_ns(f), r.median_fw_ns(b)),
+        ),
+        (
+            "packets per second, keepstate with a flowtable / kernel with rules (f/b, target >= 1)",
+            ratio(r.median_pps(f), r.median_pps(b)),
         ),
     ];
     for (what, v) in lines {

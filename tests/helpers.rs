@@ -670,3 +670,82 @@ fn a_sip_call_through_masquerade_is_rewritten_and_its_media_flows_both_ways() {
     let (_, src, _, sport, _) = udp_left(&o);
     assert_eq!((src, sport), (BOX_WAN.into(), 40001));
 }
+
+/// An OPTIONS from `phone` through masquerade with the top Via `via`, and the provider's
+/// 200 OK back with the Via `back(translated source port)`: the Via lines as they left the
+/// box each way, and the translated port.
+fn via_round_trip(
+    e: &Engine,
+    phone: [u8; 4],
+    via: &str,
+    back: impl Fn(u16) -> String,
+) -> (String, String, u16) {
+    let msg = |start: &str, via: &str| {
+        format!("{start}\r\nVia: SIP/2.0/UDP {via}\r\nFrom: <sip:alice@example.org>;tag=1\r\nTo: <sip:bob@example.org>\r\nCall-ID: 1@x\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+    };
+    let via_of = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("Via: "))
+            .unwrap_or("")
+            .to_string()
+    };
+    let out = msg("OPTIONS sip:bob@203.0.113.50 SIP/2.0", via);
+    let o = e.process(&sip(phone, PROVIDER, LAN, &out), LAN, t(0), 0);
+    assert!(forwarded(&o), "{:?}", o.verdict);
+    let (sent, src, _, sport, _) = udp_left(&o);
+    assert_eq!(src, std::net::IpAddr::from(BOX_WAN));
+    let answer = msg("SIP/2.0 200 OK", &back(sport));
+    let back = common::capture::udp("wan", PROVIDER, BOX_WAN, 5060, sport, answer.as_bytes());
+    let o = e.process(&back, WAN, t(1), 0);
+    assert!(forwarded(&o), "{:?}", o.verdict);
+    let (got, _, dst, _, dport) = udp_left(&o);
+    assert_eq!((dst, dport), (std::net::IpAddr::from(phone), 5060));
+    (via_of(&sent), via_of(&got), sport)
+}
+
+/// nf_nat_sip's top Via parameters: `received=` and `rport=` in an answer name the
+/// translated address and port, and become the phone's own; `maddr=` naming the phone in
+/// its request becomes the public address; anything naming neither, or in a Via that is not
+/// the connection's, is left alone.
+#[test]
+fn sip_via_received_rport_and_maddr() {
+    let e = sip_gateway_with(true);
+    // The first phone keeps its port through masquerade: received= becomes the phone's
+    // address, rport= already says 5060. A second phone on the same port gets another one:
+    // rport= is rewritten too (and the parameter's name is read in any case).
+    for (host, received, kept) in [(5, "received", true), (6, "RECEIVED", false)] {
+        let phone = [192, 168, 1, host];
+        let ip = std::net::IpAddr::from(phone);
+        let (sent, got, port) =
+            via_round_trip(&e, phone, &format!("{ip}:5060;rport;branch=b"), |p| {
+                format!("198.51.100.1:{p};{received}=198.51.100.1;rport={p};branch=b")
+            });
+        assert_eq!(port == 5060, kept);
+        assert_eq!(
+            sent,
+            format!("Via: SIP/2.0/UDP 198.51.100.1:{port};rport;branch=b")
+        );
+        assert_eq!(
+            got,
+            format!("Via: SIP/2.0/UDP {ip}:5060;{received}={ip};rport=5060;branch=b")
+        );
+    }
+    // maddr= naming the phone becomes the public address; a received= in the request names
+    // the phone, not the receiver the kernel asks for, so it stays. The answer's top Via is a
+    // proxy's: nothing in it is touched, its received= naming the public address included.
+    let proxy = "203.0.113.9:5060;received=198.51.100.1;rport=5060;branch=b9";
+    let (sent, got, _) = via_round_trip(
+        &e,
+        [192, 168, 1, 5],
+        "192.168.1.5:5060;maddr=192.168.1.5;received=192.168.1.5;branch=b3",
+        |p| format!("{proxy}, SIP/2.0/UDP 198.51.100.1:{p};branch=b3"),
+    );
+    assert_eq!(
+        sent,
+        "Via: SIP/2.0/UDP 198.51.100.1:5060;maddr=198.51.100.1;received=192.168.1.5;branch=b3"
+    );
+    assert!(
+        got.starts_with(&format!("Via: SIP/2.0/UDP {proxy}, ")),
+        "{got}"
+    );
+}

@@ -391,12 +391,17 @@ fn udp(addr: &str, port: u16) -> UdpSocket {
     u
 }
 
-/// The answer to `req`: its Via, From, To (tagged), Call-ID and CSeq, then `extra`.
-fn answer(req: &str, extra: &[String], body: &str) -> Vec<u8> {
-    let mut h: Vec<String> = ["Via", "From"]
-        .iter()
-        .map(|n| format!("{n}: {}", header(req, n)))
-        .collect();
+/// The answer to `req`, which came from `from`: its Via (a bare `rport` filled in as RFC 3581
+/// asks, with `received=`), From, To (tagged), Call-ID and CSeq, then `extra`.
+fn answer(req: &str, from: SocketAddr, extra: &[String], body: &str) -> Vec<u8> {
+    let via = header(req, "Via").replace(
+        ";rport;",
+        &format!(";received={};rport={};", from.ip(), from.port()),
+    );
+    let mut h = vec![
+        format!("Via: {via}"),
+        format!("From: {}", header(req, "From")),
+    ];
     h.push(format!("To: {};tag=far", header(req, "To")));
     h.extend(
         ["Call-ID", "CSeq"]
@@ -414,8 +419,14 @@ fn phone() {
     let rtcp = udp(HOST, PHONE_RTP + 1);
     let far = (SERVER, 5060);
     let common = |method: &str, seq: u32, branch: &str, call: &str, to: &str| {
+        // The phone asks for rport (RFC 3581); its INVITE names itself in maddr= too.
+        let maddr = if method == "INVITE" {
+            format!(";maddr={HOST}")
+        } else {
+            String::new()
+        };
         vec![
-            format!("Via: SIP/2.0/UDP {HOST}:5060;branch=z9hG4bK-{branch}"),
+            format!("Via: SIP/2.0/UDP {HOST}:5060{maddr};rport;branch=z9hG4bK-{branch}"),
             "Max-Forwards: 70".to_string(),
             format!("From: <sip:alice@{HOST}>;tag=ph1"),
             format!("To: <sip:{to}>"),
@@ -436,7 +447,7 @@ fn phone() {
         from,
         SocketAddr::new(SERVER.parse().unwrap(), REGISTRAR_OUT)
     );
-    sig.send_to(&answer(&req, &[], ""), from).unwrap();
+    sig.send_to(&answer(&req, from, &[], ""), from).unwrap();
     // The call.
     let invite = common("INVITE", 1, "i1", "call1", &format!("bob@{SERVER}"));
     let body = sdp("alice", HOST, PHONE_RTP);
@@ -487,7 +498,12 @@ fn far_end(ready: std::sync::mpsc::Sender<()>) {
     let (reg, from) = recv_starting(&sig, "REGISTER ");
     let contact = header(&reg, "Contact").to_string();
     sig.send_to(
-        &answer(&reg, &[format!("Contact: {contact};expires=3600")], ""),
+        &answer(
+            &reg,
+            from,
+            &[format!("Contact: {contact};expires=3600")],
+            "",
+        ),
         from,
     )
     .unwrap();
@@ -509,7 +525,7 @@ fn far_end(ready: std::sync::mpsc::Sender<()>) {
     let to_phone = media_of(&invite);
     let contact = format!("Contact: <sip:bob@{SERVER}:5060>");
     sig.send_to(
-        &answer(&invite, &[contact], &sdp("bob", SERVER, FAR_RTP)),
+        &answer(&invite, from, &[contact], &sdp("bob", SERVER, FAR_RTP)),
         from,
     )
     .unwrap();
@@ -526,7 +542,7 @@ fn far_end(ready: std::sync::mpsc::Sender<()>) {
         rtcp.send_to(&[0x81, 201, 0, i], from).unwrap();
     }
     let (bye, from) = recv_starting(&sig, "BYE ");
-    sig.send_to(&answer(&bye, &[], ""), from).unwrap();
+    sig.send_to(&answer(&bye, from, &[], ""), from).unwrap();
 }
 
 // The test.
@@ -756,6 +772,16 @@ fn kernel_and_keepstate_helpers_agree() {
             "the phone's own Via back",
             &lan_text,
             "Via: SIP/2.0/UDP 10.77.1.100:5060",
+        ),
+        (
+            "the INVITE's maddr= rewritten",
+            &wan_text,
+            "Via: SIP/2.0/UDP 10.77.2.1:5060;maddr=10.77.2.1;rport;",
+        ),
+        (
+            "received= back as the phone's own",
+            &lan_text,
+            ";received=10.77.1.100;rport=5060;",
         ),
     ] {
         assert!(

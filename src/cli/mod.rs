@@ -197,7 +197,8 @@ pub enum LabCommand {
         queues: u32,
     },
     /// The product, shown: bring a lab up, run the appliance with examples/home-router.nft,
-    /// drive real traffic (ping, curl, a port forward, FTP with examples/office-ftp-sip.nft),
+    /// drive real traffic (ping, curl, a port forward; with examples/office-ftp-sip.nft FTP
+    /// out and through a port forward, and a SIP call, each also without its helper),
     /// print what was expected and observed, the box's `ct list` and `stats`, tear it down.
     /// Exit status 0: every scenario passed; 1: one failed; 77: it could not run here (not
     /// root, a tool missing, AF_XDP unavailable), with the reason.

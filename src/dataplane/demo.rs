@@ -3,9 +3,11 @@
 //! examples/home-router.nft, drives real traffic with real tools (ping, curl, python3's
 //! http.server), prints per scenario what is expected and what was observed, shows the box's
 //! own view through the control socket (`ct list`, `stats`), then a second short run with
-//! examples/office-ftp-sip.nft for FTP (curl and pyftpdlib) and a SIP call with RTP both ways
-//! (sipp as the phone and as the provider) through the helpers and NAT, the call again
-//! without the sip helper to show its media fail. Tears everything down on every way out:
+//! examples/office-ftp-sip.nft for FTP (curl and pyftpdlib: the office's clients through the
+//! SNAT pool, and the office's own server behind the port forward, with its helper and,
+//! reloaded without it, failing) and a SIP call with RTP both ways (sipp as the phone and as
+//! the provider) through the helpers and NAT, the call again without the sip helper to show
+//! its media fail. Tears everything down on every way out:
 //! success, failure, a panic, Ctrl-C.
 //!
 //! ```text
@@ -32,6 +34,9 @@ const BIG: usize = 64 * 1024 * 1024;
 /// The LAN host's address in the office run (examples/office-ftp-sip.nft's LAN_NET).
 const OFFICE_HOST: &str = "10.10.1.10";
 const OFFICE_FW: &str = "10.10.0.1";
+/// The office's own FTP server, which the port forward publishes on the box's WAN address
+/// (examples/office-ftp-sip.nft's FTP_SERVER): a second address of the LAN host.
+const FTP_SERVER: &str = "10.10.5.21";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -262,6 +267,20 @@ fn ask(a: &Appliance, req: &Request, shown: &str) -> Vec<String> {
         Err(e) => println!("(no answer: {e})"),
     }
     out
+}
+
+/// `keepstate ct list -p tcp` (6) or `-p udp` (17), printed; the lines.
+fn ct_list(a: &Appliance, proto: u8) -> Vec<String> {
+    let name = if proto == 6 { "tcp" } else { "udp" };
+    let filter = ListFilter {
+        proto: Some(proto),
+        ..ListFilter::default()
+    };
+    let req = Request::CtList {
+        filter,
+        json: false,
+    };
+    ask(a, &req, &format!("ct list -p {name}"))
 }
 
 /// python3's http.server (`python3 -m http.server --bind ADDR PORT --directory DIR`), less
@@ -749,17 +768,13 @@ fn office(st: &mut Stage, show: &mut Show, examples: &Path) -> Result<(), DemoEr
     let lab = st.lab.clone();
     let dir = st.dir.clone();
     println!("\n== run 2: the office firewall, examples/office-ftp-sip.nft (plus a chain that only counts): the ftp helper on tcp/21, the sip helper on udp/5060, SNAT to 198.51.100.10-14");
-    // The LAN host moves into the office's network; the box owns the SNAT pool's addresses.
+    // The LAN host moves into the office's network, and is the office's FTP server too (a
+    // second address); the box owns the SNAT pool's addresses.
+    let (host, server) = (format!("{OFFICE_HOST}/16"), format!("{FTP_SERVER}/16"));
     for cmd in [
         vec!["ip", "-4", "addr", "flush", "dev", "eth0"],
-        vec![
-            "ip",
-            "addr",
-            "add",
-            &format!("{OFFICE_HOST}/16"),
-            "dev",
-            "eth0",
-        ],
+        vec!["ip", "addr", "add", &host, "dev", "eth0"],
+        vec!["ip", "addr", "add", &server, "dev", "eth0"],
         vec!["ip", "route", "add", "default", "via", OFFICE_FW],
     ] {
         let o = run_in(&lab.lan, &cmd);
@@ -808,6 +823,7 @@ fn office(st: &mut Stage, show: &mut Show, examples: &Path) -> Result<(), DemoEr
     st.box_ = Some(a);
     if let Some(py) = py {
         office_ftp(st, show, py)?;
+        office_ftp_forward(st, show, py, &rules, examples)?;
     }
     if let Ok(audio) = sip {
         office_sip(st, show, &rules, examples, &audio)?;
@@ -829,46 +845,17 @@ fn office_ftp(st: &mut Stage, show: &mut Show, py: &str) -> Result<(), DemoError
     std::fs::create_dir_all(&ftp_dir).map_err(io("create the FTP directory"))?;
     let report = blob(3 * 1024 * 1024);
     std::fs::write(ftp_dir.join("report.bin"), &report).map_err(io("write the FTP file"))?;
-    let server = in_ns(
-        &lab.wan,
-        &[py, "-m", "pyftpdlib", "-i", INTERNET, "-p", "21", "-d"],
-    )
-    .arg(&ftp_dir)
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .map_err(io("start pyftpdlib"))?;
-    st.children.push(server);
-    // Ready when it greets, asked from its own namespace.
-    let mut up = false;
-    for _ in 0..50 {
-        let o = run_in(
-            &lab.wan,
-            &[
-                "curl",
-                "-s",
-                "--max-time",
-                "1",
-                &format!("ftp://{INTERNET}/"),
-            ],
-        );
-        if o.status.success() {
-            up = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let up = ftp_server(st, py, &lab.wan, INTERNET, &ftp_dir)?;
     let a = st.box_.as_ref().ok_or(DemoError::Interrupted)?;
-    for (mode, flag, expected) in [
+    for (mode, active, expected) in [
         (
             "passive",
-            None,
+            false,
             "the data connection the server announces (EPSV) is expected by the helper, RELATED, and allowed; the file arrives intact",
         ),
         (
             "active",
-            Some("-P"),
+            true,
             "the client's EPRT names its private address; the helper rewrites it to the SNAT address, the server connects back to it, and the connection is translated to the client; the file arrives intact",
         ),
     ] {
@@ -880,40 +867,12 @@ fn office_ftp(st: &mut Stage, show: &mut Show, py: &str) -> Result<(), DemoError
                     return (false, "the FTP server did not start".into());
                 }
                 let got = dir.join(format!("ftp-{mode}.bin"));
-                let mut args = vec!["curl", "-sS", "--max-time", "20"];
-                if let Some(f) = flag {
-                    args.extend([f, "-"]);
-                }
-                args.push("-o");
                 let url = format!("ftp://{INTERNET}/report.bin");
-                let o = in_ns(&lab.lan, &args).arg(&got).arg(&url).stdin(Stdio::null()).output();
-                let data = std::fs::read(&got).unwrap_or_default();
-                let intact = data == report;
-                let err = o.as_ref().map(|o| text(&o.stderr)).unwrap_or_default();
-                let ok = o.is_ok_and(|o| o.status.success()) && intact;
-                (
-                    ok,
-                    format!(
-                        "{} bytes, {}{}",
-                        data.len(),
-                        if intact { "identical to the server's file" } else { "NOT the server's file" },
-                        if err.is_empty() { String::new() } else { format!(" ({err})") }
-                    ),
-                )
+                ftp_get(&lab.lan, &url, active, 20, &got).intact(&report)
             },
         )?;
     }
-    let conns = ask(
-        a,
-        &Request::CtList {
-            filter: ListFilter {
-                proto: Some(6),
-                ..ListFilter::default()
-            },
-            json: false,
-        },
-        "ct list -p tcp",
-    );
+    let conns = ct_list(a, 6);
     show.scenario(
         "the box's table after the two transfers",
         "the control connections carry helper=ftp, the data connections are there, translated (SNAT pool on the way out, back to the LAN host for the active one)",
@@ -932,21 +891,232 @@ fn office_ftp(st: &mut Stage, show: &mut Show, py: &str) -> Result<(), DemoError
         "rule counters: the data connections were let in as RELATED",
         "the demo's counting chain (table inet demo_watch, appended to the office rules) counted RELATED packets",
         || {
-            let line = stats
-                .iter()
-                .find(|l| l.contains("meta l4proto tcp ct state related counter packets "))
-                .map(|l| l.trim().to_string())
-                .unwrap_or_else(|| "the demo_watch chain is not in the listing".into());
-            let packets: u64 = line
-                .split("counter packets ")
-                .nth(1)
-                .and_then(|r| r.split(' ').next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
+            let (packets, line) = rule_counter(&stats, "meta l4proto tcp ct state related")
+                .unwrap_or((0, "the demo_watch chain is not in the listing".into()));
             (packets > 0, line)
         },
     )?;
     Ok(())
+}
+
+/// Starts pyftpdlib in `ns` on `addr`:21, serving `dir`; true once it greets (asked from
+/// its own namespace).
+fn ftp_server(
+    st: &mut Stage,
+    py: &str,
+    ns: &str,
+    addr: &str,
+    dir: &Path,
+) -> Result<bool, DemoError> {
+    let server = in_ns(ns, &[py, "-m", "pyftpdlib", "-i", addr, "-p", "21", "-d"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(io("start pyftpdlib"))?;
+    st.children.push(server);
+    let url = format!("ftp://{addr}/");
+    for _ in 0..50 {
+        if run_in(ns, &["curl", "-s", "--max-time", "1", &url])
+            .status
+            .success()
+        {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(false)
+}
+
+/// What one curl transfer did: its exit code, the bytes that arrived, what it complained.
+struct Fetch {
+    code: Option<i32>,
+    data: Vec<u8>,
+    err: String,
+}
+
+/// curl in `ns` fetches `url` within `secs` seconds, in passive mode (EPSV) or in active
+/// mode (`-P -`: EPRT with the control connection's own address).
+fn ftp_get(ns: &str, url: &str, active: bool, secs: u32, scratch: &Path) -> Fetch {
+    let secs = secs.to_string();
+    let mut args = vec!["curl", "-sS", "--max-time", &secs];
+    if active {
+        args.extend(["-P", "-"]);
+    }
+    args.push("-o");
+    let o = in_ns(ns, &args)
+        .arg(scratch)
+        .arg(url)
+        .stdin(Stdio::null())
+        .output();
+    let data = std::fs::read(scratch).unwrap_or_default();
+    let _ = std::fs::remove_file(scratch);
+    Fetch {
+        code: o.as_ref().ok().and_then(|o| o.status.code()),
+        err: o.as_ref().map(|o| text(&o.stderr)).unwrap_or_default(),
+        data,
+    }
+}
+
+impl Fetch {
+    /// Whether curl succeeded with exactly `want`, and the observation's words.
+    fn intact(&self, want: &[u8]) -> (bool, String) {
+        let intact = self.data == want;
+        let said = format!(
+            "{} bytes, {}{}",
+            self.data.len(),
+            if intact {
+                "identical to the server's file"
+            } else {
+                "NOT the server's file"
+            },
+            if self.err.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", self.err)
+            }
+        );
+        (self.code == Some(0) && intact, said)
+    }
+}
+
+/// FTP to the office's own server behind the port forward (run 2): curl on the WAN host asks
+/// the box's WAN address, the port forward takes the control connection to pyftpdlib on
+/// the LAN, and the ftp helper (set on tcp/21 after the DNAT) handles the data connections
+/// of both modes; then the same transfers with the helper's rule reloaded away, which fail,
+/// the box logging and counting the data connection it drops.
+fn office_ftp_forward(
+    st: &mut Stage,
+    show: &mut Show,
+    py: &str,
+    rules: &Path,
+    examples: &Path,
+) -> Result<(), DemoError> {
+    let lab = st.lab.clone();
+    let dir = st.dir.clone();
+    let srv_dir = dir.join("ftp-office");
+    std::fs::create_dir_all(&srv_dir).map_err(io("create the FTP directory"))?;
+    let file = blob(5 * 1024 * 1024);
+    std::fs::write(srv_dir.join("plans.bin"), &file).map_err(io("write the FTP file"))?;
+    let up = ftp_server(st, py, &lab.lan, FTP_SERVER, &srv_dir)?;
+    let url = format!("ftp://{FW_WAN}/plans.bin");
+    let scratch = dir.join("ftp-forward.bin");
+    let a = st.box_.as_ref().ok_or(DemoError::Interrupted)?;
+    let title = |mode: &str| {
+        format!(
+            "FTP through the port forward, {mode} mode: curl on the WAN host {WAN_HOST} -> {FW_WAN}:21, DNAT to pyftpdlib on {FTP_SERVER}:21"
+        )
+    };
+    for (mode, active, expected) in [
+        (
+            "passive",
+            false,
+            format!("the server's EPSV answer names a port of its own; the helper (set on the forwarded control connection) expects the client's data connection to {FW_WAN} on that port and translates it to the server; the file ({} MiB) arrives intact", file.len() >> 20),
+        ),
+        (
+            "active",
+            true,
+            format!("the client's EPRT names its own address {WAN_HOST}; the helper expects the server's connection back to it, which leaves translated to {FW_WAN} (the address the client called); the file arrives intact"),
+        ),
+    ] {
+        show.scenario(&title(mode), &expected, || {
+            if !up {
+                return (false, "the FTP server did not start".into());
+            }
+            ftp_get(&lab.wan, &url, active, 20, &scratch).intact(&file)
+        })?;
+    }
+    let conns = ct_list(a, 6);
+    show.scenario(
+        "the box's table after the forwarded transfers",
+        &format!("the control connection from {WAN_HOST} to {FW_WAN}:21 is translated to {FTP_SERVER} and carries helper=ftp; the passive data connection is translated the same way, the active one (from {FTP_SERVER} to {WAN_HOST}) to come from {FW_WAN}"),
+        || {
+            let called = format!("src={WAN_HOST} dst={FW_WAN} ");
+            let control = conns.iter().any(|l| {
+                l.contains(&called)
+                    && l.contains("dport=21 ")
+                    && l.contains(&format!("src={FTP_SERVER} "))
+                    && l.contains("helper=ftp")
+            });
+            let passive = conns.iter().any(|l| {
+                l.contains(&called)
+                    && !l.contains("dport=21 ")
+                    && l.contains(&format!("src={FTP_SERVER} dst={WAN_HOST} "))
+            });
+            let active = conns.iter().any(|l| {
+                l.contains(&format!("src={FTP_SERVER} dst={WAN_HOST} "))
+                    && l.contains(&format!("src={WAN_HOST} dst={FW_WAN} "))
+                    && !l.contains("port=21 ")
+            });
+            let yes = |b: bool| if b { "there" } else { "MISSING" };
+            (
+                control && passive && active,
+                format!(
+                    "control connection with helper=ftp: {}; passive data connection: {}; active data connection: {}",
+                    yes(control),
+                    yes(passive),
+                    yes(active)
+                ),
+            )
+        },
+    )?;
+
+    println!(
+        "\n== the same transfers without the ftp helper: the rules again less `tcp dport 21 ct helper set \"ftp-standard\"`, reloaded; the table flushed"
+    );
+    let watched = reload_without(a, rules, examples, &dir, "ct helper set \"ftp-standard\"")?;
+    for (mode, active, expected, prefix, drop) in [
+        (
+            "passive",
+            false,
+            format!("the control connection is forwarded as before, but nobody reads the server's EPSV answer: the client's data connection to {FW_WAN} is nobody's expectation and no port forward's, so it is for the box itself, whose input chain counts, logs and drops it; curl gives up (3 s limit)"),
+            "office input drop: ",
+            format!("SRC={WAN_HOST} DST={FW_WAN} "),
+        ),
+        (
+            "active",
+            true,
+            format!("the server's connection back to {WAN_HOST} is nobody's expectation: a new connection from the LAN on a port the office does not allow out, which the forward chain counts, logs and drops; curl gives up (3 s limit)"),
+            "office forward drop: ",
+            format!("SRC={FTP_SERVER} DST={WAN_HOST} "),
+        ),
+    ] {
+        show.scenario(&format!("{} without the ftp helper", title(mode)), &expected, || {
+            let counted = |s: &[String]| rule_counter(s, prefix);
+            let before = counted(&query(a, &Request::Stats)).map_or(0, |c| c.0);
+            let seen = a.lines_with(prefix).len();
+            let f = ftp_get(&lab.wan, &url, active, 3, &scratch);
+            std::thread::sleep(Duration::from_millis(200));
+            let logged: Vec<String> = a
+                .lines_with(prefix)
+                .into_iter()
+                .skip(seen)
+                .filter(|l| l.contains(&drop) && l.contains("PROTO=TCP"))
+                .collect();
+            let (after, line) = counted(&query(a, &Request::Stats))
+                .unwrap_or((0, format!("no counted rule with `{prefix}` in the listing")));
+            let failed = f.code != Some(0) && f.data != file;
+            let mut said = match f.code {
+                Some(0) => "curl succeeded".to_string(),
+                Some(28) => "curl timed out (exit 28)".to_string(),
+                Some(c) => format!("curl failed, exit {c} ({})", f.err),
+                None => "curl killed".to_string(),
+            };
+            said.push_str(&format!(", {} bytes arrived", f.data.len()));
+            match logged.first() {
+                Some(l) => said.push_str(&format!(
+                    "\nthe box logged ({} lines): {}",
+                    logged.len(),
+                    log_fields(l)
+                )),
+                None => said.push_str("\nthe box logged nothing for it"),
+            }
+            said.push_str(&format!("\nthe rule counted {} packets more: {line}", after.saturating_sub(before)));
+            (failed && !logged.is_empty() && after > before, said)
+        })?;
+    }
+    reload_original(a, rules, watched)
 }
 
 const SIP_TITLE: &str = "a SIP call with RTP both ways through the sip helper and NAT (sipp, examples/office-ftp-sip.nft)";
@@ -1333,17 +1503,7 @@ fn office_sip(
         },
     )?;
     let a = st.box_.as_ref().ok_or(DemoError::Interrupted)?;
-    let conns = ask(
-        a,
-        &Request::CtList {
-            filter: ListFilter {
-                proto: Some(17),
-                ..ListFilter::default()
-            },
-            json: false,
-        },
-        "ct list -p udp",
-    );
+    let conns = ct_list(a, 17);
     let stats = query(a, &Request::Stats);
     show.scenario(
         "the box's view of the call",
@@ -1360,17 +1520,8 @@ fn office_sip(
                     && l.contains(&format!("port={PROVIDER_RTP} "))
                     && l.contains("=198.51.100.1")
             });
-            let line = stats
-                .iter()
-                .find(|l| l.contains("meta l4proto udp ct state related counter packets "))
-                .map(|l| l.trim().to_string())
-                .unwrap_or_else(|| "the demo_watch chain is not in the listing".into());
-            let related: u64 = line
-                .split("counter packets ")
-                .nth(1)
-                .and_then(|r| r.split(' ').next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
+            let (related, line) = rule_counter(&stats, "meta l4proto udp ct state related")
+                .unwrap_or((0, "the demo_watch chain is not in the listing".into()));
             let cut = |l: Option<&String>| {
                 l.map(|l| l.chars().take(200).collect::<String>())
                     .unwrap_or_else(|| "none".into())
@@ -1387,30 +1538,10 @@ fn office_sip(
     )?;
 
     // The same call with the helper taken out of the rules.
-    let office = examples.join("office-ftp-sip.nft");
-    let original = std::fs::read_to_string(&office).map_err(io("read the office rules"))?;
-    let bare: String = original
-        .lines()
-        .filter(|l| !l.contains("ct helper set \"sip-5060\""))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let bare_path = dir.join("office-no-sip-helper.nft");
-    std::fs::write(&bare_path, bare).map_err(io("write the rules without the sip helper"))?;
-    let watched = std::fs::read_to_string(rules).map_err(io("read the office ruleset"))?;
-    let office_s = office.display().to_string();
-    std::fs::write(
-        rules,
-        watched.replace(
-            &format!("{office_s:?}"),
-            &format!("{:?}", bare_path.display().to_string()),
-        ),
-    )
-    .map_err(io("write the office ruleset"))?;
     println!(
         "\n== the same call without the sip helper: the rules again less `udp dport 5060 ct helper set \"sip-5060\"`, reloaded; the table flushed, so no connection keeps the helper it had"
     );
-    ask(a, &Request::Reload, "reload");
-    ask(a, &Request::CtFlush, "ct flush");
+    let watched = reload_without(a, rules, examples, &dir, "ct helper set \"sip-5060\"")?;
     let st_ = &*st;
     show.scenario(
         "the same SIP call without the sip helper",
@@ -1431,23 +1562,83 @@ fn office_sip(
                 call.at_phone,
             );
             if let Some(l) = &dropped {
-                // The line less its MAC, TOS, TTL, ID and length fields.
-                let short: Vec<&str> = l
-                    .split(' ')
-                    .filter(|w| {
-                        (!w.contains('=') && *w != "DF")
-                            || ["IN=", "OUT=", "SRC=", "DST=", "PROTO=", "SPT=", "DPT="]
-                                .iter()
-                                .any(|k| w.starts_with(k))
-                    })
-                    .collect();
-                s.push_str(&format!("\nthe box logged: {}", short.join(" ")));
+                s.push_str(&format!("\nthe box logged: {}", log_fields(l)));
             }
             (ok, s)
         },
     )?;
+    reload_original(a, rules, watched)
+}
+
+/// Reloads the office rules less the lines that contain `rule` (the watched rules file
+/// includes a copy of examples/office-ftp-sip.nft without them, written to `dir`), then
+/// flushes the table, so that no connection keeps a helper it had. Returns the watched
+/// file as it was, for [`reload_original`].
+fn reload_without(
+    a: &Appliance,
+    rules: &Path,
+    examples: &Path,
+    dir: &Path,
+    rule: &str,
+) -> Result<String, DemoError> {
+    let office = examples.join("office-ftp-sip.nft");
+    let original = std::fs::read_to_string(&office).map_err(io("read the office rules"))?;
+    let bare: String = original
+        .lines()
+        .filter(|l| !l.contains(rule))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let bare_path = dir.join("office-less-a-helper.nft");
+    std::fs::write(&bare_path, bare).map_err(io("write the rules without the helper"))?;
+    let watched = std::fs::read_to_string(rules).map_err(io("read the office ruleset"))?;
+    let office_s = office.display().to_string();
+    std::fs::write(
+        rules,
+        watched.replace(
+            &format!("{office_s:?}"),
+            &format!("{:?}", bare_path.display().to_string()),
+        ),
+    )
+    .map_err(io("write the office ruleset"))?;
+    ask(a, &Request::Reload, "reload");
+    ask(a, &Request::CtFlush, "ct flush");
+    Ok(watched)
+}
+
+/// Puts the watched rules file of [`reload_without`] back and reloads it.
+fn reload_original(a: &Appliance, rules: &Path, watched: String) -> Result<(), DemoError> {
     std::fs::write(rules, watched).map_err(io("write the office ruleset"))?;
     println!("\n== the original rules back");
     ask(a, &Request::Reload, "reload");
     Ok(())
+}
+
+/// A log line less its MAC, TOS, TTL, ID and length fields.
+fn log_fields(l: &str) -> String {
+    let short: Vec<&str> = l
+        .split(' ')
+        .filter(|w| {
+            (!w.contains('=') && *w != "DF")
+                || ["IN=", "OUT=", "SRC=", "DST=", "PROTO=", "SPT=", "DPT="]
+                    .iter()
+                    .any(|k| w.starts_with(k))
+        })
+        .collect();
+    short.join(" ")
+}
+
+/// The packets a rule of `keepstate stats`'s listing has counted (the first rule line that
+/// contains `what` and a counter), with the line.
+fn rule_counter(stats: &[String], what: &str) -> Option<(u64, String)> {
+    let line = stats
+        .iter()
+        .find(|l| l.contains(what) && l.contains("counter packets "))?;
+    let packets = line
+        .split("counter packets ")
+        .nth(1)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()?;
+    Some((packets, line.trim().to_string()))
 }

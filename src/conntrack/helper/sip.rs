@@ -11,7 +11,7 @@
 //!
 //! On a translated control connection it is `nf_nat_sip` too: the addresses and ports of
 //! the Request-URI, the top Via, Contact, From and To are mapped between the two sides
-//! (`map_addr`), the SDP's `o=` and `c=` addresses and `m=` ports become the ones the peer can
+//! (`map_addr`), the top Via's `maddr=`, `received=` and `rport=` follow, the SDP's `o=` and `c=` addresses and `m=` ports become the ones the peer can
 //! reach (a free RTP/RTCP pair is searched, `nf_nat_sdp_media`), `Content-Length` follows, and
 //! the media connections are translated back to what was announced (`nf_nat_sip_expected`).
 //! The caller makes the payload edit ([`Help::Mangle`]).
@@ -193,21 +193,25 @@ fn map_addr(conn: &ConnRef, dir: Dir, a: IpAddr, port: u16) -> Option<(IpAddr, u
     (new != (a, port)).then_some(new)
 }
 
-/// `host[:port]` within a header value (after `sip:` and any `user@` for a URI, after the
-/// transport for a Via): its byte range in the value, the address and the port.
-fn host_port_in(value: &[u8], via: bool) -> Option<(Range<usize>, IpAddr, u16)> {
+/// `host[:port]` of a URI within a header value (after `sip:` and any `user@`): its byte
+/// range in the value, the address and the port (`ct_sip_parse_header_uri`).
+fn host_port_in(value: &[u8]) -> Option<(Range<usize>, IpAddr, u16)> {
     let text = std::str::from_utf8(value).ok()?;
-    let stops = [';', '>', ',', ' ', '\r', '?'];
-    let start = if via {
-        let t = text.find("SIP/2.0/")?;
-        t + 8 + text[t + 8..].find(' ')? + 1
-    } else {
-        let i = text.find("sip:")? + 4;
-        let end = text[i..].find(stops).map_or(text.len(), |e| i + e);
-        text[i..end].rfind('@').map_or(i, |at| i + at + 1)
-    };
-    let rest = &text[start..];
-    let len = rest.find(stops).unwrap_or(rest.len());
+    let i = text.find("sip:")? + 4;
+    let end = text[i..].find(URI_STOPS).map_or(text.len(), |e| i + e);
+    let start = text[i..end].rfind('@').map_or(i, |at| i + at + 1);
+    host_port_at(text, start)
+}
+
+/// Where a URI's or a Via's `host[:port]` ends.
+const URI_STOPS: [char; 6] = [';', '>', ',', ' ', '\r', '?'];
+
+/// `host[:port]` from `start` in `text` (an IPv6 host in brackets): its range, the address
+/// and the port, 5060 when absent. A port outside 1024..65535 makes it unusable, as in the
+/// kernel's `ct_sip_parse_header_uri` and `ct_sip_parse_request`.
+fn host_port_at(text: &str, start: usize) -> Option<(Range<usize>, IpAddr, u16)> {
+    let rest = text.get(start..)?;
+    let len = rest.find(URI_STOPS).unwrap_or(rest.len());
     let hp = &rest[..len];
     let (host, port) = if let Some(v6) = hp.strip_prefix('[') {
         let (h, after) = v6.split_once(']')?;
@@ -220,38 +224,156 @@ fn host_port_in(value: &[u8], via: bool) -> Option<(Range<usize>, IpAddr, u16)> 
     };
     let addr: IpAddr = host.parse().ok()?;
     let port = match port {
-        Some(p) => p.parse().ok()?,
+        Some(p) => {
+            let p: u32 = p.parse().ok()?;
+            u16::try_from(p).ok().filter(|p| *p >= 1024)?
+        }
         None => 5060,
     };
     Some((start..start + len, addr, port))
 }
 
-/// `nf_nat_sip`'s header part: the Request-URI, the top Via, every Contact, From and To.
+/// `nf_nat_sip`'s header part: the Request-URI, the top Via and its parameters, every
+/// Contact, From and To.
 fn headers(conn: &ConnRef, dir: Dir, data: &[u8], msg: &Message, cx: &mut Nat) {
-    let mut fields: Vec<(Range<usize>, bool)> = Vec::new();
+    let mut fields: Vec<Range<usize>> = Vec::new();
     if let Start::Request { uri, .. } = &msg.start {
-        fields.push((uri.clone(), false));
+        fields.push(uri.clone());
     }
-    let mut via_done = false;
     for (name, r) in &msg.headers {
-        match name.as_str() {
-            "via" if !via_done => {
-                via_done = true;
-                fields.push((r.clone(), true));
-            }
-            "contact" | "from" | "to" => fields.push((r.clone(), false)),
-            _ => {}
+        if matches!(name.as_str(), "contact" | "from" | "to") {
+            fields.push(r.clone());
         }
     }
-    for (r, via) in fields {
+    for r in fields {
         let Some(value) = data.get(r.clone()) else {
             continue;
         };
-        if let Some((hp, a, port)) = host_port_in(value, via) {
+        if let Some((hp, a, port)) = host_port_in(value) {
             if let Some((na, np)) = map_addr(conn, dir, a, port) {
                 cx.edit(r.start + hp.start..r.start + hp.end, host_port_text(na, np));
             }
         }
+    }
+    via(conn, dir, data, msg, cx);
+}
+
+/// `nf_nat_sip`'s top Via. The kernel takes the first Via header in which the connection's
+/// transport (`UDP ` or `TCP `, any case) is followed by an address, and only when that
+/// `host:port` is this connection's: a request's sender, or the receiver of a response
+/// (which carries the Via its request had, as the peer saw it). Then `host:port` is mapped
+/// as any other (`map_addr`), and among its parameters, up to the first comma:
+///
+/// * `maddr=` (where to send the reply) naming the sender becomes the sender's address as
+///   the receiver sees it;
+/// * `received=` (RFC 3261 18.2.1: where the server got the request from) naming the
+///   receiver, i.e. the translated address in a response on its way back, becomes the
+///   address the receiver really has (the client's own), and `rport=` (RFC 3581) its port
+///   likewise.
+///
+/// Each is left alone when it already says what it would become.
+fn via(conn: &ConnRef, dir: Dir, data: &[u8], msg: &Message, cx: &mut Nat) {
+    let own = conn.tuple(dir);
+    let seen = conn.tuple(dir.other());
+    let transport = if own.proto == 6 { "tcp " } else { "udp " };
+    let Some((r, text, hp, addr, port)) = msg
+        .headers
+        .iter()
+        .filter(|(name, _)| name == "via")
+        .find_map(|(_, r)| {
+            let text = std::str::from_utf8(data.get(r.clone())?).ok()?;
+            let at = text.to_ascii_lowercase().find(transport)? + transport.len();
+            let (hp, addr, port) = host_port_at(text, at)?;
+            Some((r.clone(), text, hp, addr, port))
+        })
+    else {
+        return;
+    };
+    let request = matches!(msg.start, Start::Request { .. });
+    let this = if request {
+        (own.src_ip(), own.src_id)
+    } else {
+        (own.dst_ip(), own.dst_id)
+    };
+    if (addr, port) != this {
+        return;
+    }
+    if let Some((na, np)) = map_addr(conn, dir, addr, port) {
+        cx.edit(r.start + hp.start..r.start + hp.end, host_port_text(na, np));
+    }
+    // ct_sip_parse_address_param / ct_sip_parse_numerical_param: from the end of host:port
+    // to the first comma (the next Via value).
+    let end = text[hp.end..].find(',').map_or(text.len(), |c| hp.end + c);
+    let params = &text[hp.end..end];
+    let at = |p: Range<usize>| r.start + hp.end + p.start..r.start + hp.end + p.end;
+    if let Some((p, a)) = address_param(params, "maddr=", true) {
+        if a == own.src_ip() && a != seen.dst_ip() {
+            cx.edit(at(p), addr_text(seen.dst_ip(), true).into_bytes());
+        }
+    }
+    if let Some((p, a)) = address_param(params, "received=", false) {
+        if a == own.dst_ip() && a != seen.src_ip() {
+            cx.edit(at(p), addr_text(seen.src_ip(), false).into_bytes());
+        }
+    }
+    if let Some((p, n)) = numerical_param(params, "rport=") {
+        // The kernel compares htons(n): the number's low 16 bits.
+        let n = n as u16;
+        if n == own.dst_id && n != seen.src_id {
+            cx.edit(at(p), seen.src_id.to_string().into_bytes());
+        }
+    }
+}
+
+/// Where `name` (case-insensitive, as `ct_sip_header_search`) starts its value in `params`.
+fn param_value(params: &str, name: &str) -> Option<usize> {
+    Some(params.to_ascii_lowercase().find(name)? + name.len())
+}
+
+/// `ct_sip_parse_address_param`: the address after `name`, its range in `params` (brackets
+/// included). An IPv6 address must be in brackets when `delim` (maddr), may be otherwise.
+fn address_param(params: &str, name: &str, delim: bool) -> Option<(Range<usize>, IpAddr)> {
+    let start = param_value(params, name)?;
+    let rest = &params[start..];
+    let v4_len = rest
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(rest.len());
+    if let Ok(a) = rest[..v4_len].parse::<std::net::Ipv4Addr>() {
+        return Some((start..start + v4_len, IpAddr::V4(a)));
+    }
+    let bracket = rest.starts_with('[');
+    if delim && !bracket {
+        return None;
+    }
+    let inner = &rest[usize::from(bracket)..];
+    let len = inner
+        .find(|c: char| !c.is_ascii_hexdigit() && c != ':' && c != '.')
+        .unwrap_or(inner.len());
+    let a: std::net::Ipv6Addr = inner[..len].parse().ok()?;
+    let closed = inner[len..].starts_with(']');
+    if delim && !closed {
+        return None;
+    }
+    let total = usize::from(bracket) + len + usize::from(closed);
+    Some((start..start + total, IpAddr::V6(a)))
+}
+
+/// `ct_sip_parse_numerical_param`: the decimal number after `name` and its range.
+fn numerical_param(params: &str, name: &str) -> Option<(Range<usize>, u32)> {
+    let start = param_value(params, name)?;
+    let rest = &params[start..];
+    let len = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let n = rest[..len].parse().ok()?;
+    Some((start..start + len, n))
+}
+
+/// `sip_sprintf_addr`: an address as SIP writes it, an IPv6 one in brackets when `delim`.
+fn addr_text(a: IpAddr, delim: bool) -> String {
+    match a {
+        IpAddr::V6(a) if delim => format!("[{a}]"),
+        a => a.to_string(),
     }
 }
 
@@ -925,6 +1047,48 @@ mod tests {
         assert_eq!(a.addr, "10.0.0.2".parse::<IpAddr>().unwrap());
         assert_eq!(&body[a.port_at.clone()], b"49170");
         assert_eq!(&body[a.addr_at.clone()], b"10.0.0.2");
+    }
+
+    #[test]
+    fn via_parameters_as_the_kernel_reads_them() {
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        let p = ";MAddr=[2001:db8::1];received=2001:db8::2;rport=5062;x=1";
+        let range = |what: &str| {
+            let at = p.find(what).unwrap();
+            at..at + what.len()
+        };
+        // maddr= wants its IPv6 address in brackets, and the range covers them.
+        assert_eq!(
+            address_param(p, "maddr=", true),
+            Some((range("[2001:db8::1]"), a("2001:db8::1")))
+        );
+        assert_eq!(
+            address_param(p, "received=", false),
+            Some((range("2001:db8::2"), a("2001:db8::2")))
+        );
+        assert_eq!(address_param(";maddr=2001:db8::1", "maddr=", true), None);
+        assert_eq!(
+            address_param(";received=10.0.0.2;rport", "received=", false),
+            Some((10..18, a("10.0.0.2")))
+        );
+        assert_eq!(numerical_param(p, "rport="), Some((range("5062"), 5062)));
+        // A bare rport (the client's request for one) has no value.
+        assert_eq!(numerical_param(";rport;branch=z9", "rport="), None);
+        assert_eq!(address_param(";received=", "received=", false), None);
+        assert_eq!(address_param(";received=x", "received=", false), None);
+        assert_eq!(
+            addr_text(a("2001:db8::1"), true),
+            "[2001:db8::1]".to_string()
+        );
+        assert_eq!(addr_text(a("10.0.0.1"), true), "10.0.0.1".to_string());
+        // host:port with a port below 1024 or above 65535 is unusable.
+        assert!(host_port_at("10.0.0.2:5060;x", 0).is_some());
+        assert_eq!(host_port_at("10.0.0.2:80", 0), None);
+        assert_eq!(host_port_at("10.0.0.2:70000", 0), None);
+        assert_eq!(
+            host_port_at("[2001:db8::1]:5070>", 0),
+            Some((0..18, a("2001:db8::1"), 5070))
+        );
     }
 
     #[test]

@@ -86,12 +86,22 @@ struct {
 	__type(value, __u32);
 } tx_ports SEC(".maps");
 
+// The AF_XDP sockets of every port: the socket of queue q on ifindex i is in slot
+// xsk_base[i] + q (one XSKMAP for all ports, since an XSK takes only frames of the
+// device it is bound to).
 struct {
 	__uint(type, BPF_MAP_TYPE_XSKMAP);
-	__uint(max_entries, 64);
+	__uint(max_entries, 1024);
 	__type(key, __u32);
 	__type(value, __u32);
 } xsks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+} xsk_base SEC(".maps");
 
 // RFC 1624: HC' = ~(~HC + ~m + m'), 16 bits at a time.
 static __always_inline __u16 csum_fold(__u32 s)
@@ -113,7 +123,12 @@ static __always_inline void csum_replace(__u16 *sum, const __u16 *old, const __u
 
 static __always_inline int to_xsk(struct xdp_md *ctx)
 {
-	return bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
+	__u32 ifindex = ctx->ingress_ifindex;
+	__u32 *base = bpf_map_lookup_elem(&xsk_base, &ifindex);
+
+	if (!base)
+		return XDP_PASS;
+	return bpf_redirect_map(&xsks, *base + ctx->rx_queue_index, XDP_PASS);
 }
 
 SEC("xdp")

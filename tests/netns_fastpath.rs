@@ -1,10 +1,13 @@
 //! The XDP fast path in the live appliance (needs root): `keepstate run` with
 //! examples/lab-flowtable.toml and .nft in a lab of its own. A multi-MiB download through
 //! masquerade arrives intact, its connection is offloaded (`ct list` says [OFFLOAD]) and
-//! most of its packets were forwarded by XDP, not the workers; a UDP exchange is offloaded
-//! too. After the download the flow stays, as kernel 6.18's flowtable keeps a flow whose FIN
-//! went by (CLOSING) until it idles out; a reload without the flowtable tears both flows
-//! down, their XDP entries go, and the closed TCP connection is back with conntrack in CLOSE.
+//! most of its packets were forwarded by XDP, not the workers; a UDP exchange and an IPv6
+//! download are offloaded too. After the download the flow stays, as kernel 6.18's flowtable
+//! keeps a flow whose FIN went by (CLOSING) until it idles out; a reload without the flowtable
+//! tears every flow down, the XDP map is emptied, and the closed TCP connections are back
+//! with conntrack in CLOSE.
+//! A run killed with SIGKILL leaves its program attached; the next start replaces it and
+//! forwards through XDP again; SIGTERM detaches it.
 //!
 //! Skipped with a message when not root or a tool is missing. The namespaces are deleted on
 //! Drop and by a watchdog if the test hangs.
@@ -18,7 +21,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use keepstate::dataplane::lab::INTERNET;
+use keepstate::dataplane::lab::{INTERNET, INTERNET6};
 use live::*;
 
 /// The download: thousands of full-size frames.
@@ -185,21 +188,34 @@ fn offloaded_flows_are_forwarded_by_xdp() {
         after - packets
     );
 
+    eprintln!("IPv6: the same download, no NAT");
+    http_server(&mut g, &wan, INTERNET6, 8006, &www);
+    let url6 = format!("http://[{INTERNET6}]:8006/blob");
+    download(&lan, &url6, &dir.path().join("got6"), &want);
+    std::thread::sleep(READ);
+    let ct = ctl_ok(&sock, &["ct", "list"]);
+    let tcp6 = conn(&ct, "tcp", 8006, "no connection of the IPv6 download");
+    assert!(tcp6.contains("[OFFLOAD]"), "not offloaded: {tcp6}");
+    let stats = ctl_ok(&sock, &["stats"]);
+    let (entries, v6, _) = xdp(&stats);
+    assert_eq!(entries, 6, "three flows:\n{stats}");
+    assert!(v6 - after > 5_000, "few IPv6 packets through XDP:\n{stats}");
+
     eprintln!("after the download: the flow stays (a FIN only marks it closing)");
     let tcp = conn(&ct, "tcp", 8000, "the closed download's connection is gone");
     assert!(tcp.contains("[OFFLOAD]"), "torn down early: {tcp}");
 
-    eprintln!("reload without the flowtable: both flows torn down, their entries gone");
+    eprintln!("reload without the flowtable: every flow torn down, the map emptied");
     let plain: String = rules_text
         .lines()
         .filter(|l| !l.contains("flow add @fastpath"))
         .collect::<Vec<_>>()
         .join("\n");
-    let start = plain
+    let from = plain
         .find("\tflowtable fastpath {")
         .expect("flowtable block");
-    let end = start + plain[start..].find("\t}\n").expect("its end") + 3;
-    let plain = format!("{}{}", &plain[..start], &plain[end..]);
+    let to = from + plain[from..].find("\t}\n").expect("its end") + 3;
+    let plain = format!("{}{}", &plain[..from], &plain[to..]);
     std::fs::write(&rules, plain).unwrap();
     ctl_ok(&sock, &["reload"]);
     std::thread::sleep(READ);
@@ -212,9 +228,33 @@ fn offloaded_flows_are_forwarded_by_xdp() {
     // flow_offload_fixup_ct: a flow that saw a FIN comes back in CLOSE, 10 s.
     assert!(tcp.contains(" CLOSE "), "not back in CLOSE: {tcp}");
 
+    eprintln!("a crash leaves the program attached; the next start replaces it");
+    signal(pid, "-KILL");
+    let _ = g.children.remove(0).wait();
+    let links = ok(&fw, &["ip", "link", "show"]);
+    assert!(
+        links.contains("prog/xdp"),
+        "nothing left attached:\n{links}"
+    );
+    std::fs::write(&rules, &rules_text).unwrap();
+    let _ = std::fs::remove_file(&sock);
+    let (pid, lines) = start(&mut g, &cfg_path);
+    assert!(
+        !lines.contains("fast path is off"),
+        "the fast path did not load after a crash"
+    );
+    download(&lan, &url, &dir.path().join("got2"), &want);
+    std::thread::sleep(READ);
+    let stats = ctl_ok(&sock, &["stats"]);
+    assert!(
+        xdp(&stats).1 > 5_000,
+        "the download after the restart went around XDP:\n{stats}"
+    );
+
     eprintln!("stop: the program is detached");
     signal(pid, "-TERM");
-    let status = g.children.remove(0).wait().expect("wait");
+    let at = g.children.iter().position(|c| c.id() == pid).unwrap();
+    let status = g.children.remove(at).wait().expect("wait");
     assert!(status.success(), "keepstate run ended with {status}");
     let links = ok(&fw, &["ip", "link", "show"]);
     assert!(!links.contains("prog/xdp"), "left attached:\n{links}");

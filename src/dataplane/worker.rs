@@ -436,10 +436,7 @@ impl Worker {
 
     /// `hop`'s MAC on `port` if known; if nobody asked lately, asks.
     fn neighbour(&mut self, shared: &Shared, port: usize, hop: IpAddr) -> Option<Mac> {
-        if let Some(&mac) = self.neigh_cache.get(&(port, hop)) {
-            return Some(mac);
-        }
-        match shared.neighbours.resolve(port, hop, self.now.0) {
+        match self.resolve(shared, port, hop) {
             Resolve::Known(mac) => Some(mac),
             Resolve::Ask => {
                 self.solicit(shared, port, hop);
@@ -472,18 +469,8 @@ impl Worker {
         if shared.mode == Mode::Bridge {
             return Action::Send(port);
         }
-        let generation = shared.neighbours.generation();
-        if generation != self.neigh_gen || self.neigh_cache.len() > MAX_CACHED_NEIGHBOURS {
-            self.neigh_cache.clear();
-            self.neigh_gen = generation;
-        }
-        if let Some(&mac) = self.neigh_cache.get(&(port, hop)) {
-            wire::set_macs(frame, mac, shared.ports[port].mac);
-            return Action::Send(port);
-        }
-        match shared.neighbours.resolve(port, hop, self.now.0) {
+        match self.resolve(shared, port, hop) {
             Resolve::Known(mac) => {
-                self.neigh_cache.insert((port, hop), mac);
                 wire::set_macs(frame, mac, shared.ports[port].mac);
                 Action::Send(port)
             }
@@ -507,6 +494,24 @@ impl Worker {
             }
             Resolve::Failed => self.dropped(shared, port, true),
         }
+    }
+
+    /// `hop`'s MAC on `port` from this worker's copy of the neighbour table, or the shared
+    /// table's word on it.
+    fn resolve(&mut self, shared: &Shared, port: usize, hop: IpAddr) -> Resolve {
+        let generation = shared.neighbours.generation();
+        if generation != self.neigh_gen || self.neigh_cache.len() > MAX_CACHED_NEIGHBOURS {
+            self.neigh_cache.clear();
+            self.neigh_gen = generation;
+        }
+        if let Some(&mac) = self.neigh_cache.get(&(port, hop)) {
+            return Resolve::Known(mac);
+        }
+        let r = shared.neighbours.resolve(port, hop, self.now.0);
+        if let Resolve::Known(mac) = r {
+            self.neigh_cache.insert((port, hop), mac);
+        }
+        r
     }
 
     /// Sends what waited for a neighbour that is now known; asks again, or drops, for the

@@ -2,7 +2,7 @@
 //! examples/lab-flowtable.toml and .nft in a lab of its own. A multi-MiB download through
 //! masquerade arrives intact, its connection is offloaded (`ct list` says [OFFLOAD]) and
 //! most of its packets were forwarded by XDP, not the workers; a UDP exchange and an IPv6
-//! download are offloaded too. After the download the flow stays, as kernel 6.18's flowtable
+//! download are offloaded too; a next hop's new MAC reaches the entries. After the download the flow stays, as kernel 6.18's flowtable
 //! keeps a flow whose FIN went by (CLOSING) until it idles out; a reload without the flowtable
 //! tears every flow down, the XDP map is emptied, and the closed TCP connections are back
 //! with conntrack in CLOSE.
@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use keepstate::dataplane::lab::{INTERNET, INTERNET6};
+use keepstate::dataplane::lab::{FW_WAN, INTERNET, INTERNET6};
 use live::*;
 
 /// The download: thousands of full-size frames.
@@ -83,20 +83,22 @@ import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(1)
 s.bind(('0.0.0.0', 40404))
-got = 0
+got = lost = 0
 for i in range(int(sys.argv[3])):
     s.sendto(b'datagram %d' % i, (sys.argv[1], int(sys.argv[2])))
     try:
         if s.recv(2048) == b'datagram %d' % i:
             got += 1
     except socket.timeout:
-        pass
+        lost += 1
+        if lost == 3:
+            break
 print(got)
 ";
 
 #[test]
 fn offloaded_flows_are_forwarded_by_xdp() {
-    if !can_run("netns_fastpath", &["curl", "python3", "ethtool"]) {
+    if !can_run("netns_fastpath", &["curl", "python3", "ethtool", "ping"]) {
         return;
     }
     let t0 = Instant::now();
@@ -200,6 +202,28 @@ fn offloaded_flows_are_forwarded_by_xdp() {
     let (entries, v6, _) = xdp(&stats);
     assert_eq!(entries, 6, "three flows:\n{stats}");
     assert!(v6 - after > 5_000, "few IPv6 packets through XDP:\n{stats}");
+
+    eprintln!("the WAN host's MAC changes: the UDP flow's entry follows it");
+    ok(
+        &wan,
+        &[
+            "ip",
+            "link",
+            "set",
+            "dev",
+            "eth0",
+            "address",
+            "02:00:00:00:be:ef",
+        ],
+    );
+    ok(&wan, &["ip", "neigh", "flush", "dev", "eth0"]);
+    // Its ARP question for the firewall tells the firewall the new MAC.
+    ok(&wan, &["ping", "-c", "1", "-W", "2", FW_WAN]);
+    std::thread::sleep(READ);
+    let echoed = ok(&lan, &["python3", "-c", UDP_CLIENT, INTERNET, "9000", &n]);
+    assert_eq!(echoed.trim(), n, "datagrams echoed after the MAC changed");
+    let stats = ctl_ok(&sock, &["stats"]);
+    assert_eq!(xdp(&stats).0, 6, "the same three flows:\n{stats}");
 
     eprintln!("after the download: the flow stays (a FIN only marks it closing)");
     let tcp = conn(&ct, "tcp", 8000, "the closed download's connection is gone");

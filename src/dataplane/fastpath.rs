@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
+use super::neigh::Neighbours;
 use super::Mac;
 use crate::conntrack::flowtable::{FlowDir, FlowRef};
 use crate::conntrack::tuple::{Tuple, L3};
@@ -213,6 +214,8 @@ pub struct FastPath {
     attached: Mutex<Vec<u32>>,
     /// Per entry: the counters as last read (the program's are cumulative).
     read: Mutex<HashMap<FlowKey, (u64, u64)>>,
+    /// The neighbour table's generation the entries' MACs were last checked against.
+    neigh_gen: AtomicU64,
     pub stats: FastPathStats,
 }
 
@@ -251,6 +254,7 @@ impl FastPath {
             interfaces: interfaces.to_vec(),
             attached: Mutex::new(Vec::new()),
             read: Mutex::new(HashMap::new()),
+            neigh_gen: AtomicU64::new(0),
             stats: FastPathStats::default(),
         };
         // SAFETY: `obj` is a live object from open_mem (closed by Drop from here on).
@@ -378,10 +382,14 @@ impl FastPath {
         }
     }
 
-    /// Once a second: every entry's counters into its flow, and entries no live flow owns
-    /// (torn down, a reload removed its flowtable, an install that raced a teardown) removed.
-    pub fn sync(&self, engine: &Engine, now: Timestamp) {
+    /// Once a second: every entry's counters into its flow, entries no live flow owns (torn
+    /// down, a reload removed its flowtable, an install that raced a teardown) removed, and,
+    /// when a neighbour's MAC changed, the entries towards it rewritten (the kernel's
+    /// flowtable follows the neighbour cache the same way, through `neigh_xmit`).
+    pub fn sync(&self, engine: &Engine, now: Timestamp, neighbours: &Neighbours) {
         let mono = monotonic_ns();
+        let generation = neighbours.generation();
+        let recheck = self.neigh_gen.swap(generation, Ordering::Relaxed) != generation;
         // Keys first, flows second: an entry is installed only after its flow is in the
         // engine's table, so every key listed here belongs to a flow listed below unless
         // that flow is gone.
@@ -399,6 +407,9 @@ impl FastPath {
             match live.get(key) {
                 Some((flow, dir)) => {
                     self.account(engine, key, flow, *dir, now, mono);
+                    if recheck {
+                        self.follow_neighbour(key, &flow.dirs[dir.index()], neighbours);
+                    }
                     left += 1;
                 }
                 None => {
@@ -410,6 +421,20 @@ impl FastPath {
         let present: HashSet<_> = keys.iter().collect();
         self.read.lock().retain(|k, _| present.contains(k));
         self.stats.entries.store(left, Ordering::Relaxed);
+    }
+
+    /// Rewrites the next hop's MAC of one entry if the neighbour table has another now. The
+    /// counters are written back as read: packets forwarded in between are not counted.
+    fn follow_neighbour(&self, key: &FlowKey, d: &FlowDir, neighbours: &Neighbours) {
+        let Some(mac) = neighbours.get(d.oif, d.next_hop) else {
+            return;
+        };
+        if let Some(mut v) = lookup(self.flows_fd, key) {
+            if v.dmac != mac {
+                v.dmac = mac;
+                let _ = update(self.flows_fd, key, &v);
+            }
+        }
     }
 
     /// Reads one entry and gives its flow what it forwarded since the last reading.

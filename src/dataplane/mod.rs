@@ -373,7 +373,7 @@ impl Shared {
     pub fn flow_gc(&self, read: bool) {
         let now = self.now();
         if let (Some(fp), true) = (&self.fastpath, read) {
-            fp.sync(&self.engine, now);
+            fp.sync(&self.engine, now, &self.neighbours);
         }
         let gone = self.engine.flow_gc(now);
         if let Some(fp) = &self.fastpath {

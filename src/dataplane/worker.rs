@@ -401,7 +401,7 @@ impl Worker {
     /// Installs both directions of `flow` in the fast path; false if a next hop's MAC is
     /// not known yet (asked for here, so a later try finds it).
     /// XXX: a bridge's flows stay with the workers (the fast path would need the hosts'
-    /// MACs as the frames carry them); so do entries whose neighbour's MAC changes later.
+    /// MACs as the frames carry them).
     fn install(&mut self, shared: &Shared, flow: &FlowRef) -> bool {
         let Some(fp) = &shared.fastpath else {
             return true;

@@ -7,7 +7,8 @@
 //! tears every flow down, the XDP map is emptied, and the closed TCP connections are back
 //! with conntrack in CLOSE.
 //! A run killed with SIGKILL leaves its program attached; the next start replaces it and
-//! forwards through XDP again; SIGTERM detaches it.
+//! forwards through XDP again; SIGTERM detaches it. In bridge mode, a download's flow is
+//! forwarded by XDP with the frames' own MACs.
 //!
 //! Skipped with a message when not root or a tool is missing. The namespaces are deleted on
 //! Drop and by a watchdog if the test hangs.
@@ -283,4 +284,71 @@ fn offloaded_flows_are_forwarded_by_xdp() {
     let links = ok(&fw, &["ip", "link", "show"]);
     assert!(!links.contains("prog/xdp"), "left attached:\n{links}");
     eprintln!("done in {:?}", t0.elapsed());
+}
+
+const BRIDGE_RULES: &str = "table inet filter {
+\tflowtable ft {
+\t\thook ingress priority 0; devices = { lan, wan }; counter
+\t}
+\tchain forward {
+\t\ttype filter hook forward priority filter; policy drop;
+\t\tmeta l4proto { tcp, udp } flow add @ft
+\t\tct state vmap { established : accept, related : accept, invalid : drop }
+\t\tiifname \"lan\" oifname \"wan\" accept
+\t}
+}
+";
+
+#[test]
+fn bridged_flows_are_forwarded_by_xdp_with_their_own_macs() {
+    if !can_run("netns_fastpath", &["curl", "python3", "ethtool"]) {
+        return;
+    }
+    let mut g = lab("y", 2, Duration::from_secs(60));
+    let (lan, wan) = (g.lab.lan.clone(), g.lab.wan.clone());
+    // One subnet across the bridge: the WAN host becomes 192.168.1.20.
+    ok(&wan, &["ip", "-4", "addr", "flush", "dev", "eth0"]);
+    ok(
+        &wan,
+        &["ip", "addr", "add", "192.168.1.20/24", "dev", "eth0"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("bridge.nft");
+    std::fs::write(&rules, BRIDGE_RULES).unwrap();
+    let sock = dir.path().join("control.sock");
+    let cfg = format!(
+        "rules = {:?}\n\n[[port]]\nname = \"lan\"\ninterface = \"ks-lan\"\n\n\
+         [[port]]\nname = \"wan\"\ninterface = \"ks-wan\"\n\n\
+         [dataplane]\nmode = \"bridge\"\nworkers = 2\ncontrol = {:?}\n",
+        rules.display().to_string(),
+        sock.display().to_string()
+    );
+    let cfg_path = dir.path().join("bridge.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let (pid, _lines) = start(&mut g, &cfg_path);
+
+    eprintln!("bridge: {BODY} bytes across");
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    let want = body(BODY);
+    std::fs::write(www.join("blob"), &want).unwrap();
+    http_server(&mut g, &wan, "192.168.1.20", 8000, &www);
+    download(
+        &lan,
+        "http://192.168.1.20:8000/blob",
+        &dir.path().join("got"),
+        &want,
+    );
+    std::thread::sleep(READ);
+    let ct = ctl_ok(&sock, &["ct", "list"]);
+    let tcp = conn(&ct, "tcp", 8000, "no connection of the download");
+    assert!(tcp.contains("[OFFLOAD]"), "not offloaded: {tcp}");
+    let stats = ctl_ok(&sock, &["stats"]);
+    let (entries, packets, _) = xdp(&stats);
+    assert_eq!(entries, 2, "both directions of the flow:\n{stats}");
+    assert!(
+        packets > 5_000 && packets > 20 * worker_rx(&stats),
+        "the download went around XDP:\n{stats}"
+    );
+    signal(pid, "-TERM");
 }

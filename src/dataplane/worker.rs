@@ -17,6 +17,7 @@ use std::sync::Arc;
 use xsk_rs::config::{BindFlags, FrameSize, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
+use super::fastpath::FastPath;
 use super::neigh::Resolve;
 use super::wire::{self, Mac};
 use super::{iface, DataplaneError, Shared, BATCH};
@@ -297,7 +298,7 @@ impl Worker {
             }
         }
         if !self.engine_worker.flow_events.is_empty() {
-            self.mirror_flow_events(shared);
+            self.mirror_flow_events(shared, frame, ingress);
         }
         if !self.engine_worker.events.is_empty() && shared.events.active() {
             let now = self.now;
@@ -370,8 +371,9 @@ impl Worker {
     }
 
     /// Mirrors the engine's flowtable changes into the XDP fast path: an offloaded flow is
-    /// installed (or waits for its neighbours), a torn-down one removed.
-    fn mirror_flow_events(&mut self, shared: &Shared) {
+    /// installed (or waits for its neighbours), a torn-down one removed. `frame` arrived on
+    /// `ingress` and caused them.
+    fn mirror_flow_events(&mut self, shared: &Shared, frame: &[u8], ingress: usize) {
         let Some(fp) = &shared.fastpath else {
             self.engine_worker.flow_events.clear();
             return;
@@ -379,6 +381,9 @@ impl Worker {
         let events = std::mem::take(&mut self.engine_worker.flow_events);
         for ev in &events {
             match ev {
+                FlowEvent::Offloaded(flow) if shared.mode == Mode::Bridge => {
+                    install_bridged(fp, flow, frame, ingress);
+                }
                 FlowEvent::Offloaded(flow) => {
                     if !self.install(shared, flow) && self.waiting.len() < MAX_WAITING_FLOWS {
                         fp.stats.waiting.fetch_add(1, Ordering::Relaxed);
@@ -398,15 +403,13 @@ impl Worker {
         self.engine_worker.flow_events = events;
     }
 
-    /// Installs both directions of `flow` in the fast path; false if a next hop's MAC is
-    /// not known yet (asked for here, so a later try finds it).
-    /// XXX: a bridge's flows stay with the workers (the fast path would need the hosts'
-    /// MACs as the frames carry them).
+    /// Installs both directions of a routed `flow` in the fast path; false if a next hop's
+    /// MAC is not known yet (asked for here, so a later try finds it).
     fn install(&mut self, shared: &Shared, flow: &FlowRef) -> bool {
         let Some(fp) = &shared.fastpath else {
             return true;
         };
-        if shared.mode == Mode::Bridge || flow.is_torn_down() {
+        if flow.is_torn_down() {
             return true;
         }
         let mut macs = [([0u8; 6], [0u8; 6]); 2];
@@ -743,6 +746,20 @@ impl Worker {
             }
         }
     }
+}
+
+/// Installs both directions of a bridged `flow`: a bridge leaves the MACs as they are, so
+/// the direction `frame` (arriving on `ingress`) took keeps its own and the other direction
+/// has them swapped.
+fn install_bridged(fp: &FastPath, flow: &FlowRef, frame: &[u8], ingress: usize) {
+    let (Some(src), Some(dst)) = (wire::src_mac(frame), wire::dst_mac(frame)) else {
+        return;
+    };
+    // (destination, source) per direction.
+    let mut macs = [(src, dst); 2];
+    let this = usize::from(flow.dirs[0].iif != ingress);
+    macs[this] = (dst, src);
+    fp.install(flow, macs);
 }
 
 impl std::fmt::Debug for Worker {

@@ -77,7 +77,8 @@ pub struct FlowValue {
 }
 
 /// Slots of `xsks` per port: a port's socket of queue q is in slot `port * MAX_QUEUES + q`
-/// (`xsk_base` holds each port's first slot, by ifindex).
+/// (`xsk_base` holds each port's first slot, by ifindex). The program passes frames of
+/// higher queues to the kernel: change both together.
 pub const MAX_QUEUES: u32 = 64;
 /// `xsks`' size in the program: ports times [`MAX_QUEUES`].
 const MAX_PORTS: usize = 16;
@@ -229,10 +230,11 @@ fn name(s: &str) -> CString {
 }
 
 impl FastPath {
-    /// Loads the program and its maps for these port interfaces (in the engine's port order)
-    /// and fills `tx_ports` and `xsk_base`. Attaches nothing yet.
-    pub fn load(interfaces: &[String]) -> Result<FastPath, FastPathError> {
-        if interfaces.len() > MAX_PORTS {
+    /// Loads the program and its maps for these port interfaces (in the engine's port order),
+    /// whose sockets will serve up to `queues` queues each, and fills `tx_ports` and
+    /// `xsk_base`. Attaches nothing yet.
+    pub fn load(interfaces: &[String], queues: u32) -> Result<FastPath, FastPathError> {
+        if interfaces.len() > MAX_PORTS || queues > MAX_QUEUES {
             return Err(FastPathError::TooBig);
         }
         let ifindexes = interfaces

@@ -542,7 +542,8 @@ pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError>
     // The fast path goes on before any socket opens: until a socket is in `xsks`, its
     // queue's frames go to the kernel (XDP_PASS), as before any program ran.
     let interfaces: Vec<String> = ports.iter().map(|p| p.interface.clone()).collect();
-    let loaded = fastpath::FastPath::load(&interfaces).and_then(|fp| {
+    let most = ports.iter().map(|p| p.queues).max().unwrap_or(0);
+    let loaded = fastpath::FastPath::load(&interfaces, most).and_then(|fp| {
         fp.attach()?;
         Ok(fp)
     });

@@ -126,7 +126,8 @@ static __always_inline int to_xsk(struct xdp_md *ctx)
 	__u32 ifindex = ctx->ingress_ifindex;
 	__u32 *base = bpf_map_lookup_elem(&xsk_base, &ifindex);
 
-	if (!base)
+	// A queue beyond a port's slots would land in the next port's (MAX_QUEUES in fastpath.rs).
+	if (!base || ctx->rx_queue_index >= 64)
 		return XDP_PASS;
 	return bpf_redirect_map(&xsks, *base + ctx->rx_queue_index, XDP_PASS);
 }

@@ -7,7 +7,9 @@
 //! tears every flow down, the XDP map is emptied, and the closed TCP connections are back
 //! with conntrack in CLOSE.
 //! A run killed with SIGKILL leaves its program attached; the next start replaces it and
-//! forwards through XDP again; SIGTERM detaches it. In bridge mode, a download's flow is
+//! forwards through XDP again; when a host's veth stops running XDP (so redirects into it are
+//! lost), the download still completes: the port leaves the fast path's egress (its XDP
+//! features lose NDO_XMIT) and the workers forward its flows. SIGTERM detaches the program. In bridge mode, a download's flow is
 //! forwarded by XDP with the frames' own MACs.
 //!
 //! Skipped with a message when not root or a tool is missing. The namespaces are deleted on
@@ -274,6 +276,16 @@ fn offloaded_flows_are_forwarded_by_xdp() {
     assert!(
         xdp(&stats).1 > 5_000,
         "the download after the restart went around XDP:\n{stats}"
+    );
+
+    eprintln!("the LAN host stops running XDP: redirects into its veth are lost, so the workers take them over");
+    ok(&lan, &["ip", "link", "set", "dev", "eth0", "xdpdrv", "off"]);
+    lines.wait_for("ks-lan takes no redirected frames", 0, READ);
+    download(&lan, &url, &dir.path().join("got3"), &want);
+    let stats = ctl_ok(&sock, &["stats"]);
+    assert!(
+        stats.contains("1 ports taking no redirects"),
+        "ks-lan not taken out:\n{stats}"
     );
 
     eprintln!("stop: the program is detached");

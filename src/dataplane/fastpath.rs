@@ -137,6 +137,7 @@ extern "C" {
     fn bpf_object__find_map_fd_by_name(obj: *const BpfObject, name: *const c_char) -> c_int;
     fn bpf_xdp_attach(ifindex: c_int, prog_fd: c_int, flags: u32, opts: *const c_void) -> c_int;
     fn bpf_xdp_detach(ifindex: c_int, flags: u32, opts: *const c_void) -> c_int;
+    fn bpf_xdp_query(ifindex: c_int, flags: c_int, opts: *mut XdpQueryOpts) -> c_int;
     fn bpf_map_update_elem(
         fd: c_int,
         key: *const c_void,
@@ -177,6 +178,38 @@ pub fn detach_any(ifindex: u32) {
     }
 }
 
+/// `struct bpf_xdp_query_opts` (libbpf 1.4).
+#[repr(C)]
+#[derive(Default)]
+struct XdpQueryOpts {
+    sz: usize,
+    prog_id: u32,
+    drv_prog_id: u32,
+    hw_prog_id: u32,
+    skb_prog_id: u32,
+    attach_mode: u8,
+    feature_flags: u64,
+    xdp_zc_max_segs: u32,
+    /// The tail padding, spelt out: libbpf refuses an opts struct with non-zero bytes past
+    /// the fields it knows.
+    tail: u32,
+}
+
+/// `NETDEV_XDP_ACT_NDO_XMIT` (linux/netdev.h): the device takes redirected frames.
+const NETDEV_XDP_ACT_NDO_XMIT: u64 = 1 << 2;
+
+/// Whether the device takes frames redirected by a native XDP program. A kernel that
+/// reports no XDP features at all (before 6.3) is taken at its word that it does.
+fn takes_redirects(ifindex: u32) -> bool {
+    let mut opts = XdpQueryOpts {
+        sz: std::mem::size_of::<XdpQueryOpts>(),
+        ..XdpQueryOpts::default()
+    };
+    // SAFETY: `opts` is a libbpf opts struct of the size it says, exclusively borrowed.
+    let r = unsafe { bpf_xdp_query(ifindex as c_int, 0, &mut opts) };
+    r < 0 || opts.feature_flags == 0 || opts.feature_flags & NETDEV_XDP_ACT_NDO_XMIT != 0
+}
+
 /// CLOCK_MONOTONIC, as `bpf_ktime_get_ns` reads it.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -201,6 +234,8 @@ pub struct FastPathStats {
     pub waiting: AtomicU64,
     /// Map writes the kernel refused (a full map).
     pub failed: AtomicU64,
+    /// Ports that take no redirected frames at the moment.
+    pub egress_off: AtomicU64,
 }
 
 /// The loaded program and its maps.
@@ -209,6 +244,7 @@ pub struct FastPath {
     prog_fd: c_int,
     flows_fd: c_int,
     xsks_fd: c_int,
+    tx_ok_fd: c_int,
     /// Per port (as the engine numbers them).
     ifindexes: Vec<u32>,
     interfaces: Vec<String>,
@@ -217,6 +253,10 @@ pub struct FastPath {
     read: Mutex<HashMap<FlowKey, (u64, u64)>>,
     /// The neighbour table's generation the entries' MACs were last checked against.
     neigh_gen: AtomicU64,
+    /// Per port: whether redirects to it are off (it would drop them).
+    egress: Mutex<Vec<bool>>,
+    /// Whether every port runs the program in generic mode.
+    generic: std::sync::atomic::AtomicBool,
     pub stats: FastPathStats,
 }
 
@@ -252,11 +292,14 @@ impl FastPath {
             prog_fd: -1,
             flows_fd: -1,
             xsks_fd: -1,
+            tx_ok_fd: -1,
             ifindexes,
             interfaces: interfaces.to_vec(),
             attached: Mutex::new(Vec::new()),
             read: Mutex::new(HashMap::new()),
             neigh_gen: AtomicU64::new(0),
+            egress: Mutex::new(Vec::new()),
+            generic: std::sync::atomic::AtomicBool::new(false),
             stats: FastPathStats::default(),
         };
         // SAFETY: `obj` is a live object from open_mem (closed by Drop from here on).
@@ -283,11 +326,16 @@ impl FastPath {
         };
         fp.flows_fd = map("flows")?;
         fp.xsks_fd = map("xsks")?;
+        fp.tx_ok_fd = map("tx_ok")?;
         let tx_ports = map("tx_ports")?;
         let xsk_base = map("xsk_base")?;
         for (port, &i) in fp.ifindexes.iter().enumerate() {
             update(tx_ports, &i, &i).map_err(|reason| FastPathError::Map {
                 map: "tx_ports",
+                reason,
+            })?;
+            update(fp.tx_ok_fd, &i, &1u32).map_err(|reason| FastPathError::Map {
+                map: "tx_ok",
                 reason,
             })?;
             let base = port as u32 * MAX_QUEUES;
@@ -296,19 +344,36 @@ impl FastPath {
                 reason,
             })?;
         }
+        *fp.egress.lock() = vec![false; fp.interfaces.len()];
+        fp.refresh_egress();
         Ok(fp)
     }
 
     /// Attaches the program to every port, replacing what runs there (a program a crashed
-    /// run left behind included).
+    /// run left behind included): in the driver if it takes it, else generic.
     pub fn attach(&self) -> Result<(), FastPathError> {
+        let mut generic = 0;
         for (&i, interface) in self.ifindexes.iter().zip(&self.interfaces) {
             // A generic-mode program blocks a native one: remove it first.
             // SAFETY: a netlink request with a NULL opts.
             unsafe { bpf_xdp_detach(i as c_int, XDP_FLAGS_SKB_MODE, std::ptr::null()) };
             // Flags 0: no XDP_FLAGS_UPDATE_IF_NOEXIST, so a program already there is replaced.
             // SAFETY: as above; `prog_fd` is our loaded program.
-            let r = unsafe { bpf_xdp_attach(i as c_int, self.prog_fd, 0, std::ptr::null()) };
+            let mut r = unsafe { bpf_xdp_attach(i as c_int, self.prog_fd, 0, std::ptr::null()) };
+            if r < 0 {
+                // The driver refused (veth: a peer MTU above a page): generic XDP takes it,
+                // slower but the same program.
+                // SAFETY: as above.
+                r = unsafe {
+                    bpf_xdp_attach(
+                        i as c_int,
+                        self.prog_fd,
+                        XDP_FLAGS_SKB_MODE,
+                        std::ptr::null(),
+                    )
+                };
+                generic += usize::from(r == 0);
+            }
             if r < 0 {
                 return Err(FastPathError::Attach {
                     interface: interface.clone(),
@@ -317,14 +382,16 @@ impl FastPath {
             }
             self.attached.lock().push(i);
         }
+        self.generic
+            .store(generic == self.ifindexes.len(), Ordering::Relaxed);
+        self.refresh_egress();
         Ok(())
     }
 
     /// Removes the program from the interfaces it was attached to.
     pub fn detach(&self) {
         for i in self.attached.lock().drain(..) {
-            // SAFETY: a netlink request with a NULL opts.
-            unsafe { bpf_xdp_detach(i as c_int, 0, std::ptr::null()) };
+            detach_any(i);
         }
     }
 
@@ -423,6 +490,44 @@ impl FastPath {
         let present: HashSet<_> = keys.iter().collect();
         self.read.lock().retain(|k, _| present.contains(k));
         self.stats.entries.store(left, Ordering::Relaxed);
+        self.refresh_egress();
+    }
+
+    /// Keeps `tx_ok` to the ports that take redirected frames: a driver without
+    /// `ndo_xdp_xmit` (a veth whose peer runs no XDP program, which veth reports by leaving
+    /// NETDEV_XDP_ACT_NDO_XMIT out of its XDP features) would drop them, so flows leaving by
+    /// such a port go to the workers until it takes them. Generic XDP on every port
+    /// redirects through the stack and needs nothing of the egress port. Says what changed.
+    pub fn refresh_egress(&self) {
+        let generic = self.generic.load(Ordering::Relaxed);
+        let mut off = self.egress.lock();
+        for (port, was_off) in off.iter_mut().enumerate() {
+            let (Some(&i), Some(interface)) = (self.ifindexes.get(port), self.interfaces.get(port))
+            else {
+                continue;
+            };
+            let now_off = !generic && !takes_redirects(i);
+            if now_off == *was_off {
+                continue;
+            }
+            *was_off = now_off;
+            if now_off {
+                delete_u32(self.tx_ok_fd, i);
+                eprintln!(
+                    "keepstate: warning: {interface} takes no redirected frames (a veth whose \
+                     peer runs no XDP program?); offloaded flows leaving by it are forwarded by \
+                     the workers until it does"
+                );
+            } else {
+                let _ = update(self.tx_ok_fd, &i, &1u32);
+                eprintln!(
+                    "keepstate: {interface} takes redirected frames again: the fast path \
+                     forwards to it"
+                );
+            }
+        }
+        let n = off.iter().filter(|o| **o).count() as u64;
+        self.stats.egress_off.store(n, Ordering::Relaxed);
     }
 
     /// Rewrites the next hop's MAC of one entry if the neighbour table has another now. The
@@ -495,6 +600,11 @@ fn update<K, V>(fd: c_int, key: &K, value: &V) -> std::io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+fn delete_u32(fd: c_int, key: u32) {
+    // SAFETY: as in `update`.
+    unsafe { bpf_map_delete_elem(fd, (&key as *const u32).cast()) };
 }
 
 fn delete(fd: c_int, key: &FlowKey) {
@@ -593,6 +703,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<FlowKey>(), 44);
         assert_eq!(std::mem::size_of::<FlowValue>(), 80);
         assert_eq!(&OBJECT[..4], b"\x7fELF");
+        // libbpf 1.4's `struct bpf_xdp_query_opts`, with its `size_t :0` tail.
+        assert_eq!(std::mem::size_of::<XdpQueryOpts>(), 48);
+        assert_eq!(std::mem::offset_of!(XdpQueryOpts, feature_flags), 32);
     }
 
     #[test]

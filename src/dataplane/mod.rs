@@ -328,13 +328,14 @@ impl Shared {
                 let st = &fp.stats;
                 let _ = writeln!(
                     s,
-                    "xdp fast path: {} entries, {} packets {} bytes forwarded by XDP; {} flows installed, {} waiting for a neighbour, {} refused by the map",
+                    "xdp fast path: {} entries, {} packets {} bytes forwarded by XDP; {} flows installed, {} waiting for a neighbour, {} refused by the map; {} ports taking no redirects",
                     r(&st.entries),
                     r(&st.packets),
                     r(&st.bytes),
                     r(&st.installed),
                     r(&st.waiting),
-                    r(&st.failed)
+                    r(&st.failed),
+                    r(&st.egress_off)
                 );
             }
             None => {

@@ -103,6 +103,16 @@ struct {
 	__type(value, __u32);
 } xsk_base SEC(".maps");
 
+// The egress ports a redirect reaches (by ifindex). The dataplane leaves out a port that
+// takes no redirected frames (a veth whose peer runs no XDP program): its flows' packets go
+// to the sockets instead, and the workers forward them.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+} tx_ok SEC(".maps");
+
 // RFC 1624: HC' = ~(~HC + ~m + m'), 16 bits at a time.
 static __always_inline __u16 csum_fold(__u32 s)
 {
@@ -201,7 +211,7 @@ int keepstate_fastpath(struct xdp_md *ctx)
 	key.dport = ports[1];
 
 	struct flow_value *v = bpf_map_lookup_elem(&flows, &key);
-	if (!v)
+	if (!v || !bpf_map_lookup_elem(&tx_ok, &v->tx_port))
 		return to_xsk(ctx);
 
 	// NAT: addresses (the IPv4 header sum and the pseudo-header's part of the L4 sum), ports.

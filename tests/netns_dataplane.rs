@@ -10,188 +10,25 @@
 //!
 //! Run it alone with: `cargo test --test netns_dataplane -- --nocapture` (as root).
 
+#[path = "common/live.rs"]
+mod live;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keepstate::dataplane::lab::{
-    Lab, FW_LAN, FW_LAN6, FW_WAN, INTERNET, INTERNET6, LAN_HOST, WAN_HOST,
-};
+use keepstate::dataplane::lab::{FW_LAN, FW_LAN6, FW_WAN, INTERNET, INTERNET6, LAN_HOST, WAN_HOST};
+use live::*;
+
+/// How long the lab may live before the watchdog deletes it.
+const LIMIT: Duration = Duration::from_secs(150);
+/// What the tests run in the namespaces.
+const TOOLS: &[&str] = &["ping", "curl", "python3", "ethtool"];
 
 /// The size of the download: large enough for thousands of frames in each direction.
 const BODY: usize = 6 * 1024 * 1024;
-
-fn can_run() -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    let tools = ["ping", "curl", "python3", "ethtool"]
-        .iter()
-        .all(|t| Command::new(t).arg("-V").output().is_ok());
-    let netns = root && Command::new("ip").args(["netns", "list"]).output().is_ok();
-    if !root || !tools || !netns {
-        eprintln!(
-            "SKIPPED: needs root, ip netns, ping, curl, python3 and ethtool (scripts/setup.sh \
-             installs them); run as root: cargo test --test netns_dataplane"
-        );
-        return false;
-    }
-    true
-}
-
-/// The lab and every process started in it: killed and deleted on Drop.
-struct Guard {
-    lab: Lab,
-    children: Vec<Child>,
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.lab.down();
-    }
-}
-
-fn in_ns(ns: &str, cmd: &[&str]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]).args(cmd);
-    c
-}
-
-fn output(ns: &str, cmd: &[&str]) -> Output {
-    in_ns(ns, cmd).output().expect("ip netns exec")
-}
-
-/// Runs `cmd` in `ns` and requires success.
-fn ok(ns: &str, cmd: &[&str]) -> String {
-    let o = output(ns, cmd);
-    assert!(
-        o.status.success(),
-        "`{}` in {ns} failed: {}{}",
-        cmd.join(" "),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// The lines keepstate writes to stderr, as they come.
-#[derive(Default)]
-struct Lines {
-    lines: Mutex<Vec<String>>,
-    more: Condvar,
-}
-
-impl Lines {
-    fn collect(self: &Arc<Self>, child: &mut Child) {
-        let err = child.stderr.take().expect("stderr");
-        let me = self.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("  keepstate| {line}");
-                me.lines.lock().unwrap().push(line);
-                me.more.notify_all();
-            }
-        });
-    }
-
-    /// Waits for a line containing `what` after the first `from` lines; its index.
-    fn wait_for(&self, what: &str, from: usize, limit: Duration) -> usize {
-        let end = Instant::now() + limit;
-        let mut lines = self.lines.lock().unwrap();
-        loop {
-            if let Some(i) = lines.iter().skip(from).position(|l| l.contains(what)) {
-                return from + i;
-            }
-            let left = end.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "keepstate did not say `{what}` within {limit:?}"
-            );
-            lines = self.more.wait_timeout(lines, left).unwrap().0;
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.lines.lock().unwrap().len()
-    }
-}
-
-/// Deterministic bytes that compress badly (xorshift).
-fn body() -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..BODY)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Starts `python3 -m http.server` in `ns` on `addr:port` serving `dir`; returns when it
-/// answers (asked from inside its own namespace, so the firewall is not involved).
-fn http_server(g: &mut Guard, ns: &str, addr: &str, port: u16, dir: &Path) {
-    let child = in_ns(ns, &["python3", "-m", "http.server", &port.to_string()])
-        .args(["--bind", addr, "--directory"])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("http.server");
-    g.children.push(child);
-    let host = if addr.contains(':') {
-        format!("[{addr}]")
-    } else {
-        addr.to_string()
-    };
-    let url = format!("http://{host}:{port}/");
-    for _ in 0..100 {
-        if output(
-            ns,
-            &["curl", "-s", "-o", "/dev/null", "--max-time", "1", &url],
-        )
-        .status
-        .success()
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("http.server in {ns} did not start");
-}
-
-/// Downloads `url` from `ns` into `to` and requires it to equal `want`.
-fn download(ns: &str, url: &str, to: &Path, want: &[u8]) {
-    let t = Instant::now();
-    ok(
-        ns,
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "30",
-            "-o",
-            to.to_str().unwrap(),
-            url,
-        ],
-    );
-    let got = std::fs::read(to).expect("downloaded file");
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "download of {url} has the wrong length"
-    );
-    assert!(got == want, "download of {url} is damaged");
-    eprintln!("  {} bytes intact in {:?}", got.len(), t.elapsed());
-}
 
 const UDP_SERVER: &str = "
 import socket, sys
@@ -231,30 +68,6 @@ for i in range(5):
 sys.exit(1)
 ";
 
-/// Runs `keepstate ARGS --control SOCK` (outside the lab: the socket is a file) and returns
-/// its output, whatever its exit status.
-fn ctl(sock: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_keepstate"))
-        .args(args)
-        .arg("--control")
-        .arg(sock)
-        .output()
-        .expect("keepstate client")
-}
-
-/// `ctl` that must succeed; its stdout.
-fn ctl_ok(sock: &Path, args: &[&str]) -> String {
-    let o = ctl(sock, args);
-    assert!(
-        o.status.success(),
-        "keepstate {} failed: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// The client run as user nobody (uid 65534), with no groups.
 fn ctl_as_nobody(sock: &Path) -> Output {
     Command::new("setpriv")
@@ -264,53 +77,6 @@ fn ctl_as_nobody(sock: &Path) -> Output {
         .arg(sock)
         .output()
         .expect("setpriv")
-}
-
-fn signal(pid: u32, sig: &str) {
-    let s = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(s.success(), "kill {sig} {pid}");
-}
-
-/// Builds a lab under `letter` and this process's id, with `queues` queues per veth, and a
-/// watchdog that deletes it if the test hangs.
-fn lab(letter: char, queues: u32) -> Guard {
-    let lab = Lab::named(&format!("k{letter}{}", std::process::id() % 1_000_000)).unwrap();
-    let dog = lab.clone();
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(150));
-        eprintln!("netns_dataplane: timed out; deleting the lab");
-        dog.down();
-        std::process::exit(101);
-    });
-    let g = Guard {
-        lab,
-        children: Vec::new(),
-    };
-    g.lab.up(queues).expect("lab up");
-    g
-}
-
-/// Starts the built `keepstate run --config cfg` in the lab's firewall namespace; returns
-/// once it runs, with its pid and its stderr lines.
-fn start(g: &mut Guard, cfg: &Path) -> (u32, Arc<Lines>) {
-    let mut fw = in_ns(
-        &g.lab.fw,
-        &[env!("CARGO_BIN_EXE_keepstate"), "run", "--config"],
-    )
-    .arg(cfg)
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("keepstate run");
-    let pid = fw.id();
-    let lines = Arc::new(Lines::default());
-    lines.collect(&mut fw);
-    g.children.push(fw);
-    lines.wait_for("keepstate: running", 0, Duration::from_secs(20));
-    (pid, lines)
 }
 
 const BRIDGE_RULES: &str = "table inet filter {
@@ -325,10 +91,10 @@ const BRIDGE_RULES: &str = "table inet filter {
 
 #[test]
 fn live_bridge_passes_arp_and_filters() {
-    if !can_run() {
+    if !can_run("netns_dataplane", TOOLS) {
         return;
     }
-    let mut g = lab('b', 1);
+    let mut g = lab("b", 1, LIMIT);
     let lab = &g.lab.clone();
     // One subnet across the bridge: the WAN host becomes 192.168.1.20.
     ok(&lab.wan, &["ip", "-4", "addr", "flush", "dev", "eth0"]);
@@ -394,7 +160,7 @@ fn live_bridge_passes_arp_and_filters() {
     eprintln!("bridge: a download across");
     let www = dir.path().join("www");
     std::fs::create_dir(&www).unwrap();
-    let want = body();
+    let want = body(BODY);
     std::fs::write(www.join("blob"), &want).unwrap();
     http_server(&mut g, &lab.wan, "192.168.1.20", 8000, &www);
     let got = dir.path().join("got");
@@ -415,10 +181,10 @@ fn live_bridge_passes_arp_and_filters() {
 
 #[test]
 fn live_router_forwards_answers_drops_and_reloads() {
-    if !can_run() {
+    if !can_run("netns_dataplane", TOOLS) {
         return;
     }
-    let mut g = lab('r', 2);
+    let mut g = lab("r", 2, LIMIT);
     let lab = &g.lab.clone();
 
     // The lab's configuration and rules, copied so the rules file can be broken later.
@@ -524,7 +290,7 @@ fn live_router_forwards_answers_drops_and_reloads() {
     eprintln!("tcp: a {BODY}-byte download, lan <- internet");
     let www = dir.path().join("www");
     std::fs::create_dir(&www).unwrap();
-    let want = body();
+    let want = body(BODY);
     std::fs::write(www.join("blob"), &want).unwrap();
     http_server(&mut g, &lab.wan, INTERNET, 8000, &www);
     let url = format!("http://{INTERNET}:8000/blob");

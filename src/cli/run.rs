@@ -23,6 +23,9 @@ use crate::rules;
 const TICK: Duration = Duration::from_millis(50);
 /// A full pass of the tracker's expiry takes about this many ticks (2 s).
 const TICKS_PER_GC_PASS: usize = 40;
+/// The XDP fast path's counters are read every this many ticks (1 s, as the kernel's
+/// flowtable gc runs).
+const TICKS_PER_FASTPATH_READ: usize = 20;
 
 fn compile(path: &Path) -> anyhow::Result<Compiled> {
     let loaded = rules::load_file(path).map_err(|d| anyhow::anyhow!("{}:\n{d}", path.display()))?;
@@ -127,6 +130,7 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
         .div_ceil(TICKS_PER_GC_PASS)
         .max(1);
     let mut failed = false;
+    let mut tick = 0usize;
     while !term.load(Ordering::Relaxed) {
         std::thread::sleep(TICK);
         if hup.swap(false, Ordering::Relaxed) {
@@ -137,8 +141,10 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
             eprint!("{}", shared.render_stats());
         }
         engine.housekeeping(shared.now(), buckets);
-        // The flowtable gc (the kernel's runs every second; a tick is cheaper than a flow).
-        engine.flow_gc(shared.now());
+        // The flowtable gc (the kernel's runs every second; a tick is cheaper than a flow),
+        // and once a second the XDP fast path's counters read back into the flows.
+        tick += 1;
+        shared.flow_gc(tick % TICKS_PER_FASTPATH_READ == 0);
         shared.publish_destroyed();
         if running.any_finished() {
             eprintln!("keepstate: a worker stopped unexpectedly; shutting down");

@@ -1,18 +1,37 @@
-//! The XDP fast path's object and the layouts of its maps (src/dataplane/bpf/fastpath.bpf.c,
-//! compiled by build.rs): what the workers write into `flows` for each direction of an
-//! offloaded connection, and what the main loop reads back.
+//! The XDP fast path: the object (src/dataplane/bpf/fastpath.bpf.c, compiled by build.rs),
+//! the layouts of its maps, and its life in the kernel: loaded with libbpf, attached to every
+//! port's interface in place of libxdp's default program, its `flows` map kept in step with
+//! the engine's flowtables.
 //!
-//! XXX: not loaded yet. Still to do (issue 8): load the object with libbpf in place of
-//! libxdp's default program (sockets opened with the program load inhibited, their fds in
-//! `xsks`), fill `tx_ports`, mirror the engine's `FlowEvent`s into `flows`, read `packets`,
-//! `bytes` and `last_seen` into `Engine::flow_account`, and attach `keepstate_pass` to the
-//! lab hosts' veths (veth delivers redirected frames only to a peer running XDP).
+//! Who writes what: the workers install both directions of a flow when the engine offloads
+//! it (they know the neighbours' MACs) and remove them when a packet tears it down; the main
+//! loop reads the counters back into [`Engine::flow_account`] once a second and removes the
+//! flows the flowtable gc or a reload tore down, and any entry no live flow owns. The program
+//! only adds to the counters; nobody else writes them.
+//!
+//! Owns the BPF object, its maps and the XDP attachments; decides nothing about flows (that
+//! is the engine's flowtable, [`crate::conntrack::flowtable`]).
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use super::neigh::Neighbours;
+use super::Mac;
+use crate::conntrack::flowtable::{FlowDir, FlowRef};
+use crate::conntrack::tuple::{Tuple, L3};
+use crate::conntrack::{status, Dir, Timestamp};
+use crate::engine::Engine;
+use crate::packet::rewrite::Rewrite;
 
 /// The compiled BPF object (ELF).
 pub static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fastpath.bpf.o"));
 
 /// `struct flow_key`: the ingress ifindex and the tuple as the packet arrives.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[repr(C)]
 pub struct FlowKey {
     pub ifindex: u32,
@@ -57,6 +76,623 @@ pub struct FlowValue {
     pub last_seen: u64,
 }
 
+/// Slots of `xsks` per port: a port's socket of queue q is in slot `port * MAX_QUEUES + q`
+/// (`xsk_base` holds each port's first slot, by ifindex). The program passes frames of
+/// higher queues to the kernel: change both together.
+pub const MAX_QUEUES: u32 = 64;
+/// `xsks`' size in the program: ports times [`MAX_QUEUES`].
+const MAX_PORTS: usize = 16;
+
+/// `XDP_FLAGS_SKB_MODE` (linux/if_link.h).
+const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+/// `BPF_ANY`.
+const BPF_ANY: u64 = 0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FastPathError {
+    #[error("libbpf cannot open the fast path's object: {0}")]
+    Open(std::io::Error),
+    #[error("the kernel refused the fast path's program or maps: {0} (this needs root, or CAP_BPF and CAP_NET_ADMIN)")]
+    Load(std::io::Error),
+    #[error("the fast path's object has no `{0}`")]
+    Missing(&'static str),
+    #[error("the fast path serves at most {MAX_PORTS} ports with {MAX_QUEUES} queues each")]
+    TooBig,
+    #[error("interface `{interface}` cannot be used: {reason}")]
+    Interface { interface: String, reason: String },
+    #[error("cannot write the fast path's `{map}` map: {reason}")]
+    Map {
+        map: &'static str,
+        reason: std::io::Error,
+    },
+    #[error("cannot attach the fast path to `{interface}`: {reason}")]
+    Attach {
+        interface: String,
+        reason: std::io::Error,
+    },
+}
+
+/// Opaque libbpf types.
+#[repr(C)]
+struct BpfObject {
+    _private: [u8; 0],
+}
+#[repr(C)]
+struct BpfProgram {
+    _private: [u8; 0],
+}
+
+// libbpf 1.4 (linked into libxdp-sys): pointers come back NULL with errno set, ints as
+// -errno.
+extern "C" {
+    fn bpf_object__open_mem(buf: *const c_void, size: usize, opts: *const c_void)
+        -> *mut BpfObject;
+    fn bpf_object__load(obj: *mut BpfObject) -> c_int;
+    fn bpf_object__close(obj: *mut BpfObject);
+    fn bpf_object__find_program_by_name(
+        obj: *const BpfObject,
+        name: *const c_char,
+    ) -> *mut BpfProgram;
+    fn bpf_program__fd(prog: *const BpfProgram) -> c_int;
+    fn bpf_object__find_map_fd_by_name(obj: *const BpfObject, name: *const c_char) -> c_int;
+    fn bpf_xdp_attach(ifindex: c_int, prog_fd: c_int, flags: u32, opts: *const c_void) -> c_int;
+    fn bpf_xdp_detach(ifindex: c_int, flags: u32, opts: *const c_void) -> c_int;
+    fn bpf_xdp_query(ifindex: c_int, flags: c_int, opts: *mut XdpQueryOpts) -> c_int;
+    fn bpf_map_update_elem(
+        fd: c_int,
+        key: *const c_void,
+        value: *const c_void,
+        flags: u64,
+    ) -> c_int;
+    fn bpf_map_delete_elem(fd: c_int, key: *const c_void) -> c_int;
+    fn bpf_map_lookup_elem(fd: c_int, key: *const c_void, value: *mut c_void) -> c_int;
+    fn bpf_map_get_next_key(fd: c_int, key: *const c_void, next: *mut c_void) -> c_int;
+}
+
+fn errno(r: c_int) -> std::io::Error {
+    std::io::Error::from_raw_os_error(r.checked_neg().unwrap_or(libc::EINVAL))
+}
+
+/// A port's ifindex (`if_nametoindex`).
+pub fn ifindex(interface: &str) -> Result<u32, FastPathError> {
+    let bad = |reason: String| FastPathError::Interface {
+        interface: interface.to_string(),
+        reason,
+    };
+    let name = CString::new(interface).map_err(|e| bad(e.to_string()))?;
+    // SAFETY: a NUL-terminated name that outlives the call.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(bad(std::io::Error::last_os_error().to_string())),
+        i => Ok(i),
+    }
+}
+
+/// Removes whatever XDP program `ifindex` runs, in either mode (a fast path or a libxdp
+/// program a crashed run left behind). Errors are ignored: nothing attached is fine.
+pub fn detach_any(ifindex: u32) {
+    for flags in [0, XDP_FLAGS_SKB_MODE] {
+        // SAFETY: plain netlink requests, no pointers but a NULL opts.
+        unsafe {
+            bpf_xdp_detach(ifindex as c_int, flags, std::ptr::null());
+        }
+    }
+}
+
+/// `struct bpf_xdp_query_opts` (libbpf 1.4).
+#[repr(C)]
+#[derive(Default)]
+struct XdpQueryOpts {
+    sz: usize,
+    prog_id: u32,
+    drv_prog_id: u32,
+    hw_prog_id: u32,
+    skb_prog_id: u32,
+    attach_mode: u8,
+    feature_flags: u64,
+    xdp_zc_max_segs: u32,
+    /// The tail padding, spelt out: libbpf refuses an opts struct with non-zero bytes past
+    /// the fields it knows.
+    tail: u32,
+}
+
+/// `NETDEV_XDP_ACT_NDO_XMIT` (linux/netdev.h): the device takes redirected frames.
+const NETDEV_XDP_ACT_NDO_XMIT: u64 = 1 << 2;
+
+/// Whether the device takes frames redirected by a native XDP program. A kernel that
+/// reports no XDP features at all (before 6.3) is taken at its word that it does.
+fn takes_redirects(ifindex: u32) -> bool {
+    let mut opts = XdpQueryOpts {
+        sz: std::mem::size_of::<XdpQueryOpts>(),
+        ..XdpQueryOpts::default()
+    };
+    // SAFETY: `opts` is a libbpf opts struct of the size it says, exclusively borrowed.
+    let r = unsafe { bpf_xdp_query(ifindex as c_int, 0, &mut opts) };
+    r < 0 || opts.feature_flags == 0 || opts.feature_flags & NETDEV_XDP_ACT_NDO_XMIT != 0
+}
+
+/// CLOCK_MONOTONIC, as `bpf_ktime_get_ns` reads it.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// What the fast path has done, for `keepstate stats`.
+#[derive(Debug, Default)]
+pub struct FastPathStats {
+    /// Entries in `flows` at the last reading (two per flow).
+    pub entries: AtomicU64,
+    /// Packets and bytes (IP lengths) XDP forwarded, as read back so far.
+    pub packets: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Flows installed, and offloaded flows not installed (yet) for want of a neighbour.
+    pub installed: AtomicU64,
+    pub waiting: AtomicU64,
+    /// Map writes the kernel refused (a full map).
+    pub failed: AtomicU64,
+    /// Ports that take no redirected frames at the moment.
+    pub egress_off: AtomicU64,
+}
+
+/// The loaded program and its maps.
+pub struct FastPath {
+    obj: *mut BpfObject,
+    prog_fd: c_int,
+    flows_fd: c_int,
+    xsks_fd: c_int,
+    tx_ok_fd: c_int,
+    /// Per port (as the engine numbers them).
+    ifindexes: Vec<u32>,
+    interfaces: Vec<String>,
+    attached: Mutex<Vec<u32>>,
+    /// Per entry: the counters as last read (the program's are cumulative).
+    read: Mutex<HashMap<FlowKey, (u64, u64)>>,
+    /// The neighbour table's generation the entries' MACs were last checked against.
+    neigh_gen: AtomicU64,
+    /// Per port: whether redirects to it are off (it would drop them).
+    egress: Mutex<Vec<bool>>,
+    /// Whether every port runs the program in generic mode.
+    generic: std::sync::atomic::AtomicBool,
+    pub stats: FastPathStats,
+}
+
+// SAFETY: the object pointer is only used by `Drop` (bpf_object__close); everything else is a
+// file descriptor, which the kernel lets any thread use.
+unsafe impl Send for FastPath {}
+unsafe impl Sync for FastPath {}
+
+fn name(s: &str) -> CString {
+    CString::new(s).unwrap_or_default()
+}
+
+impl FastPath {
+    /// Loads the program and its maps for these port interfaces (in the engine's port order),
+    /// whose sockets will serve up to `queues` queues each, and fills `tx_ports` and
+    /// `xsk_base`. Attaches nothing yet.
+    pub fn load(interfaces: &[String], queues: u32) -> Result<FastPath, FastPathError> {
+        if interfaces.len() > MAX_PORTS || queues > MAX_QUEUES {
+            return Err(FastPathError::TooBig);
+        }
+        let ifindexes = interfaces
+            .iter()
+            .map(|i| ifindex(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        // SAFETY: OBJECT is a static ELF image; libbpf copies what it keeps.
+        let obj =
+            unsafe { bpf_object__open_mem(OBJECT.as_ptr().cast(), OBJECT.len(), std::ptr::null()) };
+        if obj.is_null() {
+            return Err(FastPathError::Open(std::io::Error::last_os_error()));
+        }
+        let mut fp = FastPath {
+            obj,
+            prog_fd: -1,
+            flows_fd: -1,
+            xsks_fd: -1,
+            tx_ok_fd: -1,
+            ifindexes,
+            interfaces: interfaces.to_vec(),
+            attached: Mutex::new(Vec::new()),
+            read: Mutex::new(HashMap::new()),
+            neigh_gen: AtomicU64::new(0),
+            egress: Mutex::new(Vec::new()),
+            generic: std::sync::atomic::AtomicBool::new(false),
+            stats: FastPathStats::default(),
+        };
+        // SAFETY: `obj` is a live object from open_mem (closed by Drop from here on).
+        let r = unsafe { bpf_object__load(obj) };
+        if r < 0 {
+            return Err(FastPathError::Load(errno(r)));
+        }
+        // SAFETY: `obj` is loaded; the names are NUL-terminated and outlive the calls.
+        let prog =
+            unsafe { bpf_object__find_program_by_name(obj, name("keepstate_fastpath").as_ptr()) };
+        if prog.is_null() {
+            return Err(FastPathError::Missing("keepstate_fastpath"));
+        }
+        // SAFETY: as above.
+        fp.prog_fd = unsafe { bpf_program__fd(prog) };
+        let map = |n: &'static str| {
+            // SAFETY: as above.
+            let fd = unsafe { bpf_object__find_map_fd_by_name(obj, name(n).as_ptr()) };
+            if fd < 0 {
+                Err(FastPathError::Missing(n))
+            } else {
+                Ok(fd)
+            }
+        };
+        fp.flows_fd = map("flows")?;
+        fp.xsks_fd = map("xsks")?;
+        fp.tx_ok_fd = map("tx_ok")?;
+        let tx_ports = map("tx_ports")?;
+        let xsk_base = map("xsk_base")?;
+        for (port, &i) in fp.ifindexes.iter().enumerate() {
+            update(tx_ports, &i, &i).map_err(|reason| FastPathError::Map {
+                map: "tx_ports",
+                reason,
+            })?;
+            update(fp.tx_ok_fd, &i, &1u32).map_err(|reason| FastPathError::Map {
+                map: "tx_ok",
+                reason,
+            })?;
+            let base = port as u32 * MAX_QUEUES;
+            update(xsk_base, &i, &base).map_err(|reason| FastPathError::Map {
+                map: "xsk_base",
+                reason,
+            })?;
+        }
+        *fp.egress.lock() = vec![false; fp.interfaces.len()];
+        fp.refresh_egress();
+        Ok(fp)
+    }
+
+    /// Attaches the program to every port, replacing what runs there (a program a crashed
+    /// run left behind included): in the driver if it takes it, else generic.
+    pub fn attach(&self) -> Result<(), FastPathError> {
+        let mut generic = 0;
+        for (&i, interface) in self.ifindexes.iter().zip(&self.interfaces) {
+            // A generic-mode program blocks a native one: remove it first.
+            // SAFETY: a netlink request with a NULL opts.
+            unsafe { bpf_xdp_detach(i as c_int, XDP_FLAGS_SKB_MODE, std::ptr::null()) };
+            // Flags 0: no XDP_FLAGS_UPDATE_IF_NOEXIST, so a program already there is replaced.
+            // SAFETY: as above; `prog_fd` is our loaded program.
+            let mut r = unsafe { bpf_xdp_attach(i as c_int, self.prog_fd, 0, std::ptr::null()) };
+            if r < 0 {
+                // The driver refused (veth: a peer MTU above a page): generic XDP takes it,
+                // slower but the same program.
+                // SAFETY: as above.
+                r = unsafe {
+                    bpf_xdp_attach(
+                        i as c_int,
+                        self.prog_fd,
+                        XDP_FLAGS_SKB_MODE,
+                        std::ptr::null(),
+                    )
+                };
+                generic += usize::from(r == 0);
+            }
+            if r < 0 {
+                return Err(FastPathError::Attach {
+                    interface: interface.clone(),
+                    reason: errno(r),
+                });
+            }
+            self.attached.lock().push(i);
+        }
+        self.generic
+            .store(generic == self.ifindexes.len(), Ordering::Relaxed);
+        self.refresh_egress();
+        Ok(())
+    }
+
+    /// Removes the program from the interfaces it was attached to.
+    pub fn detach(&self) {
+        for i in self.attached.lock().drain(..) {
+            detach_any(i);
+        }
+    }
+
+    /// Puts the AF_XDP socket `fd` of `port`'s queue `queue` into `xsks`.
+    pub fn add_socket(&self, port: usize, queue: u32, fd: RawFd) -> Result<(), FastPathError> {
+        if queue >= MAX_QUEUES {
+            return Err(FastPathError::TooBig);
+        }
+        let slot = port as u32 * MAX_QUEUES + queue;
+        let fd = fd as u32;
+        update(self.xsks_fd, &slot, &fd).map_err(|reason| FastPathError::Map {
+            map: "xsks",
+            reason,
+        })
+    }
+
+    /// The entry key of a flow direction.
+    pub fn key(&self, d: &FlowDir) -> Option<FlowKey> {
+        Some(key_of(*self.ifindexes.get(d.iif)?, &d.tuple))
+    }
+
+    /// Installs both directions of `flow`; `macs` are each direction's next hop's MAC and
+    /// its egress port's own. False if the map refused one (it is full).
+    pub fn install(&self, flow: &FlowRef, macs: [(Mac, Mac); 2]) -> bool {
+        let mut ok = true;
+        for (i, dir) in [Dir::Original, Dir::Reply].into_iter().enumerate() {
+            let d = &flow.dirs[i];
+            let (Some(key), Some(&tx)) = (self.key(d), self.ifindexes.get(d.oif)) else {
+                return false;
+            };
+            let value = value_of(tx, macs[i], nat_of(flow, dir).as_ref());
+            self.read.lock().insert(key, (0, 0));
+            if update(self.flows_fd, &key, &value).is_err() {
+                ok = false;
+            }
+        }
+        let counter = if ok {
+            &self.stats.installed
+        } else {
+            &self.stats.failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        ok
+    }
+
+    /// Removes both directions of `flow`, accounting what they forwarded since the last
+    /// reading first.
+    pub fn retire(&self, engine: &Engine, flow: &FlowRef, now: Timestamp) {
+        let mono = monotonic_ns();
+        for (i, dir) in [Dir::Original, Dir::Reply].into_iter().enumerate() {
+            let Some(key) = self.key(&flow.dirs[i]) else {
+                continue;
+            };
+            self.account(engine, &key, flow, dir, now, mono);
+            delete(self.flows_fd, &key);
+            self.read.lock().remove(&key);
+        }
+    }
+
+    /// Once a second: every entry's counters into its flow, entries no live flow owns (torn
+    /// down, a reload removed its flowtable, an install that raced a teardown) removed, and,
+    /// when a neighbour's MAC changed, the entries towards it rewritten (the kernel's
+    /// flowtable follows the neighbour cache the same way, through `neigh_xmit`).
+    pub fn sync(&self, engine: &Engine, now: Timestamp, neighbours: &Neighbours) {
+        let mono = monotonic_ns();
+        let generation = neighbours.generation();
+        let recheck = self.neigh_gen.swap(generation, Ordering::Relaxed) != generation;
+        // Keys first, flows second: an entry is installed only after its flow is in the
+        // engine's table, so every key listed here belongs to a flow listed below unless
+        // that flow is gone.
+        let keys = keys(self.flows_fd);
+        let mut live = HashMap::new();
+        for flow in engine.flows().flows() {
+            for (i, dir) in [Dir::Original, Dir::Reply].into_iter().enumerate() {
+                if let Some(k) = self.key(&flow.dirs[i]) {
+                    live.insert(k, (flow.clone(), dir));
+                }
+            }
+        }
+        let mut left = 0;
+        for key in &keys {
+            match live.get(key) {
+                Some((flow, dir)) => {
+                    self.account(engine, key, flow, *dir, now, mono);
+                    if recheck {
+                        self.follow_neighbour(key, &flow.dirs[dir.index()], neighbours);
+                    }
+                    left += 1;
+                }
+                None => {
+                    delete(self.flows_fd, key);
+                    self.read.lock().remove(key);
+                }
+            }
+        }
+        let present: HashSet<_> = keys.iter().collect();
+        self.read.lock().retain(|k, _| present.contains(k));
+        self.stats.entries.store(left, Ordering::Relaxed);
+        self.refresh_egress();
+    }
+
+    /// Keeps `tx_ok` to the ports that take redirected frames: a driver without
+    /// `ndo_xdp_xmit` (a veth whose peer runs no XDP program, which veth reports by leaving
+    /// NETDEV_XDP_ACT_NDO_XMIT out of its XDP features) would drop them, so flows leaving by
+    /// such a port go to the workers until it takes them. Generic XDP on every port
+    /// redirects through the stack and needs nothing of the egress port. Says what changed.
+    pub fn refresh_egress(&self) {
+        let generic = self.generic.load(Ordering::Relaxed);
+        let mut off = self.egress.lock();
+        for (port, was_off) in off.iter_mut().enumerate() {
+            let (Some(&i), Some(interface)) = (self.ifindexes.get(port), self.interfaces.get(port))
+            else {
+                continue;
+            };
+            let now_off = !generic && !takes_redirects(i);
+            if now_off == *was_off {
+                continue;
+            }
+            *was_off = now_off;
+            if now_off {
+                delete_u32(self.tx_ok_fd, i);
+                eprintln!(
+                    "keepstate: warning: {interface} takes no redirected frames (a veth whose \
+                     peer runs no XDP program?); offloaded flows leaving by it are forwarded by \
+                     the workers until it does"
+                );
+            } else {
+                let _ = update(self.tx_ok_fd, &i, &1u32);
+                eprintln!(
+                    "keepstate: {interface} takes redirected frames again: the fast path \
+                     forwards to it"
+                );
+            }
+        }
+        let n = off.iter().filter(|o| **o).count() as u64;
+        self.stats.egress_off.store(n, Ordering::Relaxed);
+    }
+
+    /// Rewrites the next hop's MAC of one entry if the neighbour table has another now. The
+    /// counters are written back as read: packets forwarded in between are not counted.
+    fn follow_neighbour(&self, key: &FlowKey, d: &FlowDir, neighbours: &Neighbours) {
+        let Some(mac) = neighbours.get(d.oif, d.next_hop) else {
+            return;
+        };
+        if let Some(mut v) = lookup(self.flows_fd, key) {
+            if v.dmac != mac {
+                v.dmac = mac;
+                let _ = update(self.flows_fd, key, &v);
+            }
+        }
+    }
+
+    /// Reads one entry and gives its flow what it forwarded since the last reading.
+    fn account(
+        &self,
+        engine: &Engine,
+        key: &FlowKey,
+        flow: &FlowRef,
+        dir: Dir,
+        now: Timestamp,
+        mono: u64,
+    ) {
+        let Some(v) = lookup(self.flows_fd, key) else {
+            return;
+        };
+        let (packets, bytes) = {
+            let mut read = self.read.lock();
+            let last = read.entry(*key).or_insert((0, 0));
+            // Counters below the last reading: the entry was installed afresh.
+            let before = if v.packets < last.0 { (0, 0) } else { *last };
+            *last = (v.packets, v.bytes);
+            (v.packets - before.0, v.bytes.saturating_sub(before.1))
+        };
+        if packets == 0 {
+            return;
+        }
+        self.stats.packets.fetch_add(packets, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+        // The program's clock is CLOCK_MONOTONIC; the engine's starts at its own epoch.
+        let seen = Timestamp(now.0.saturating_sub(mono.saturating_sub(v.last_seen)));
+        engine.flow_account(flow, dir, packets, bytes, seen);
+    }
+}
+
+impl Drop for FastPath {
+    fn drop(&mut self) {
+        self.detach();
+        // SAFETY: the object from open_mem, closed once; its fds close with it.
+        unsafe { bpf_object__close(self.obj) };
+    }
+}
+
+fn update<K, V>(fd: c_int, key: &K, value: &V) -> std::io::Result<()> {
+    // SAFETY: key and value are plain data of the map's sizes (checked by the layout test
+    // and the kernel), borrowed across the call.
+    let r = unsafe {
+        bpf_map_update_elem(
+            fd,
+            (key as *const K).cast(),
+            (value as *const V).cast(),
+            BPF_ANY,
+        )
+    };
+    if r < 0 {
+        Err(errno(r))
+    } else {
+        Ok(())
+    }
+}
+
+fn delete_u32(fd: c_int, key: u32) {
+    // SAFETY: as in `update`.
+    unsafe { bpf_map_delete_elem(fd, (&key as *const u32).cast()) };
+}
+
+fn delete(fd: c_int, key: &FlowKey) {
+    // SAFETY: as in `update`.
+    unsafe { bpf_map_delete_elem(fd, (key as *const FlowKey).cast()) };
+}
+
+fn lookup(fd: c_int, key: &FlowKey) -> Option<FlowValue> {
+    let mut v = FlowValue::default();
+    // SAFETY: as in `update`; the kernel writes one value of the map's size into `v`.
+    let r = unsafe {
+        bpf_map_lookup_elem(
+            fd,
+            (key as *const FlowKey).cast(),
+            (&mut v as *mut FlowValue).cast(),
+        )
+    };
+    (r == 0).then_some(v)
+}
+
+fn keys(fd: c_int) -> Vec<FlowKey> {
+    let mut out = Vec::new();
+    let mut next = FlowKey::default();
+    let mut prev: *const c_void = std::ptr::null();
+    loop {
+        // SAFETY: `prev` is NULL (the first key) or points at the last key read, which lives
+        // in `out`'s last element until the next push; `next` receives one key.
+        let r = unsafe { bpf_map_get_next_key(fd, prev, (&mut next as *mut FlowKey).cast()) };
+        if r < 0 || out.len() > 1 << 20 {
+            return out;
+        }
+        out.push(next);
+        prev = (out.last().unwrap_or(&next) as *const FlowKey).cast();
+    }
+}
+
+/// The key of a tuple arriving on `ifindex`.
+pub fn key_of(ifindex: u32, t: &Tuple) -> FlowKey {
+    FlowKey {
+        ifindex,
+        l3: if t.l3 == L3::V4 { 4 } else { 6 },
+        proto: t.proto,
+        pad: 0,
+        src: t.src.0,
+        dst: t.dst.0,
+        sport: t.src_id.to_be(),
+        dport: t.dst_id.to_be(),
+    }
+}
+
+/// The value of a direction leaving by `tx_port` with `(next hop MAC, our MAC)` and NAT `rw`.
+pub fn value_of(tx_port: u32, (dmac, smac): (Mac, Mac), rw: Option<&Rewrite>) -> FlowValue {
+    let mut v = FlowValue {
+        tx_port,
+        dmac,
+        smac,
+        ..FlowValue::default()
+    };
+    let Some(rw) = rw else { return v };
+    let addr = |a: std::net::IpAddr| crate::conntrack::tuple::Addr::from_ip(a).0;
+    if let Some(a) = rw.src {
+        v.nat |= nat::SRC;
+        v.src = addr(a);
+    }
+    if let Some(a) = rw.dst {
+        v.nat |= nat::DST;
+        v.dst = addr(a);
+    }
+    if let Some(p) = rw.sport {
+        v.nat |= nat::SPORT;
+        v.sport = p.to_be();
+    }
+    if let Some(p) = rw.dport {
+        v.nat |= nat::DPORT;
+        v.dport = p.to_be();
+    }
+    v
+}
+
+/// The NAT rewrite of `dir`, as the engine's flowtable path takes it.
+fn nat_of(flow: &FlowRef, dir: Dir) -> Option<Rewrite> {
+    let conn = &flow.conn;
+    if conn.status() & (status::SRC_NAT | status::DST_NAT) == 0 {
+        return None;
+    }
+    conn.nat().map(|b| *b.rewrite[dir.index()].0.rewrite())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +703,35 @@ mod tests {
         assert_eq!(std::mem::size_of::<FlowKey>(), 44);
         assert_eq!(std::mem::size_of::<FlowValue>(), 80);
         assert_eq!(&OBJECT[..4], b"\x7fELF");
+        // libbpf 1.4's `struct bpf_xdp_query_opts`, with its `size_t :0` tail.
+        assert_eq!(std::mem::size_of::<XdpQueryOpts>(), 48);
+        assert_eq!(std::mem::offset_of!(XdpQueryOpts, feature_flags), 32);
+    }
+
+    #[test]
+    fn keys_and_values_carry_network_order() {
+        use std::net::{IpAddr, Ipv4Addr};
+        let t = Tuple {
+            src: crate::conntrack::tuple::Addr::from_v4(Ipv4Addr::new(192, 168, 1, 10)),
+            dst: crate::conntrack::tuple::Addr::from_v4(Ipv4Addr::new(203, 0, 113, 7)),
+            src_id: 40000,
+            dst_id: 80,
+            proto: 6,
+            l3: L3::V4,
+        };
+        let k = key_of(7, &t);
+        assert_eq!((k.ifindex, k.l3, k.proto), (7, 4, 6));
+        assert_eq!(&k.src[..4], &[192, 168, 1, 10]);
+        assert_eq!(k.dport.to_ne_bytes(), [0, 80]);
+        let rw = Rewrite {
+            src: Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1))),
+            sport: Some(0x1234),
+            ..Rewrite::default()
+        };
+        let v = value_of(3, ([1; 6], [2; 6]), Some(&rw));
+        assert_eq!(v.nat, nat::SRC | nat::SPORT);
+        assert_eq!(&v.src[..4], &[198, 51, 100, 1]);
+        assert_eq!(v.sport.to_ne_bytes(), [0x12, 0x34]);
+        assert_eq!((v.tx_port, v.dmac, v.smac), (3, [1; 6], [2; 6]));
     }
 }

@@ -14,6 +14,9 @@
 //! off`): veth otherwise hands on TCP and UDP with only the pseudo-header sum, which
 //! conntrack with `checksum = true` calls INVALID. The hosts' IPv6 addresses skip duplicate
 //! address detection (`nodad`), so they work at once; the firewall's kernel has IPv6 off.
+//! The hosts' veths run the fast path object's pass-through program (`keepstate_pass`, loaded
+//! by `ip link set ... xdpdrv`): veth delivers a frame the firewall's XDP program redirected
+//! into it only when its peer runs XDP.
 //!
 //! Owns only namespaces and links it creates; `down` deletes exactly the namespaces of its
 //! prefix.
@@ -112,6 +115,20 @@ impl Lab {
             )?;
         }
         let q = queues.to_string();
+        // `ip` loads the object from a file; it is gone once the programs are attached.
+        let file = tempfile::Builder::new()
+            .prefix("keepstate-fastpath")
+            .suffix(".o")
+            .tempfile()
+            .map_err(|e| LabError::Command {
+                command: "write the fast path's object to a temporary file".into(),
+                reason: e.to_string(),
+            })?;
+        std::fs::write(file.path(), super::fastpath::OBJECT).map_err(|e| LabError::Command {
+            command: format!("write {}", file.path().display()),
+            reason: e.to_string(),
+        })?;
+        let obj = file.path().display().to_string();
         for (link, host) in [(&self.links[0], &self.lan), (&self.links[1], &self.wan)] {
             ip(&[
                 "-n",
@@ -138,6 +155,10 @@ impl Lab {
             sh(&self.fw, &format!("ip link set {link} up"))?;
             sh(host, "ip link set eth0 up")?;
             sh(host, "ethtool -K eth0 tx off")?;
+            sh(
+                host,
+                &format!("ip link set dev eth0 xdpdrv object {obj} program keepstate_pass"),
+            )?;
         }
         sh(&self.lan, &format!("ip addr add {LAN_HOST}/24 dev eth0"))?;
         sh(&self.lan, &format!("ip route add default via {FW_LAN}"))?;

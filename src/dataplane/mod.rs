@@ -2,7 +2,8 @@
 //! The only home of unsafe code, threads and syscalls in keepstate.
 //!
 //! ```text
-//!  port interface, rx queue q ──XDP (libxdp's redirect program)──> AF_XDP socket (copy mode)
+//!  port interface, rx queue q ──XDP (the fast path, [`fastpath`])──> AF_XDP socket (copy mode)
+//!    an offloaded flow's packets: MACs, NAT, TTL and out of the egress port in XDP itself
 //!    worker w owns queue q of every port where q % workers == w, and one UMEM for them all:
 //!    rx ring ─> frame ─> engine.process_with(frame, port, now) ─> verdict
 //!       Forward: L2 rewrite (MACs from the neighbour cache) ─> tx ring of the egress port
@@ -218,6 +219,9 @@ pub struct Shared {
     pub events: EventHub,
     /// The rate limit of `log` statements' lines.
     pub log_limit: LogLimit,
+    /// The XDP fast path, when it loaded (else libxdp's default program runs and the
+    /// workers forward offloaded flows themselves).
+    pub fastpath: Option<fastpath::FastPath>,
     /// Where the monotonic clock starts (the engine's `now` is time since this).
     epoch: Instant,
 }
@@ -319,6 +323,25 @@ impl Shared {
             self.engine.flows().flows().len(),
             r(&e.flowtable_forwarded)
         );
+        match &self.fastpath {
+            Some(fp) => {
+                let st = &fp.stats;
+                let _ = writeln!(
+                    s,
+                    "xdp fast path: {} entries, {} packets {} bytes forwarded by XDP; {} flows installed, {} waiting for a neighbour, {} refused by the map; {} ports taking no redirects",
+                    r(&st.entries),
+                    r(&st.packets),
+                    r(&st.bytes),
+                    r(&st.installed),
+                    r(&st.waiting),
+                    r(&st.failed),
+                    r(&st.egress_off)
+                );
+            }
+            None => {
+                let _ = writeln!(s, "xdp fast path: not loaded (libxdp's default program)");
+            }
+        }
         let t = self.engine.tracker();
         let ct = t.stats();
         let sum = |f: fn(&crate::conntrack::CtStats) -> u64| ct.iter().map(f).sum::<u64>();
@@ -342,6 +365,23 @@ impl Shared {
             r(&e.dropped_fragments)
         );
         s
+    }
+
+    /// The flowtable gc (`Engine::flow_gc`), with the fast path kept in step: with `read`,
+    /// the XDP counters go into their flows first (so the gc sees the packets XDP
+    /// forwarded), and entries no live flow owns are removed; the entries of the flows the
+    /// gc tore down are removed in any case.
+    pub fn flow_gc(&self, read: bool) {
+        let now = self.now();
+        if let (Some(fp), true) = (&self.fastpath, read) {
+            fp.sync(&self.engine, now, &self.neighbours);
+        }
+        let gone = self.engine.flow_gc(now);
+        if let Some(fp) = &self.fastpath {
+            for f in &gone {
+                fp.retire(&self.engine, f, now);
+            }
+        }
     }
 
     /// Publishes the DESTROY events of connections removed since the last call (expired,
@@ -371,11 +411,14 @@ pub struct Running {
 
 impl Running {
     /// Asks the workers to stop and waits for them; their sockets close (and libxdp detaches
-    /// its XDP program) as they end.
+    /// its XDP program) as they end, and the fast path is detached.
     pub fn stop(self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         for t in self.threads {
             let _ = t.join();
+        }
+        if let Some(fp) = &self.shared.fastpath {
+            fp.detach();
         }
     }
 
@@ -492,10 +535,34 @@ pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError>
         workers,
         cores,
         queues: plan,
-        warnings,
+        mut warnings,
         mode,
         busy_poll,
     } = plan;
+    iface::quiet_libbpf();
+    // The fast path goes on before any socket opens: until a socket is in `xsks`, its
+    // queue's frames go to the kernel (XDP_PASS), as before any program ran.
+    let interfaces: Vec<String> = ports.iter().map(|p| p.interface.clone()).collect();
+    let most = ports.iter().map(|p| p.queues).max().unwrap_or(0);
+    let loaded = fastpath::FastPath::load(&interfaces, most).and_then(|fp| {
+        fp.attach()?;
+        Ok(fp)
+    });
+    let fastpath = match loaded {
+        Ok(fp) => Some(fp),
+        Err(e) => {
+            // What a failed attach left behind, and a crashed run's program, would stop
+            // libxdp from loading its own.
+            for i in interfaces.iter().filter_map(|i| fastpath::ifindex(i).ok()) {
+                fastpath::detach_any(i);
+            }
+            warnings.push(format!(
+                "the XDP fast path is off ({e}); libxdp's default program runs, and offloaded \
+                 flows are forwarded by the workers"
+            ));
+            None
+        }
+    };
     let shared = Arc::new(Shared {
         engine,
         port_stats: ports.iter().map(|_| PortStats::default()).collect(),
@@ -507,9 +574,9 @@ pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError>
         stop: AtomicBool::new(false),
         events: EventHub::default(),
         log_limit: LogLimit::default(),
+        fastpath,
         epoch: Instant::now(),
     });
-    iface::quiet_libbpf();
     // Open every socket before any worker runs, so a bad port fails the start as a whole.
     let mut built = Vec::new();
     for (w, queues) in plan.iter().enumerate() {

@@ -14,13 +14,15 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use xsk_rs::config::{BindFlags, FrameSize, QueueSize, SocketConfig, UmemConfig};
+use xsk_rs::config::{BindFlags, FrameSize, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
+use super::fastpath::FastPath;
 use super::neigh::Resolve;
 use super::wire::{self, Mac};
 use super::{iface, DataplaneError, Shared, BATCH};
 use crate::config::Mode;
+use crate::conntrack::flowtable::{FlowEvent, FlowRef};
 use crate::conntrack::{show, Timestamp};
 use crate::engine::{self, Verdict};
 
@@ -36,6 +38,9 @@ const MAX_HELD: usize = 256;
 const MAX_CACHED_NEIGHBOURS: usize = 4096;
 /// How long an idle worker sleeps in poll(2) before it looks at the stop flag again.
 const IDLE_POLL_MS: i32 = 100;
+/// Offloaded flows waiting for a neighbour before the fast path can take them; beyond it
+/// they stay with the workers.
+const MAX_WAITING_FLOWS: usize = 1024;
 
 struct Sock {
     port: usize,
@@ -81,6 +86,8 @@ pub(super) struct Worker {
     engine_worker: engine::Worker,
     /// A buffer for the frames the box writes itself (ARP, ND), reused.
     scratch: Vec<u8>,
+    /// Offloaded flows not in the XDP fast path yet: a next hop's MAC is still unknown.
+    waiting: Vec<FlowRef>,
     now: Timestamp,
 }
 
@@ -108,11 +115,16 @@ impl Worker {
         let frames = NonZeroU32::new(frames).ok_or_else(|| umem_err("no frames".into()))?;
         let (umem, mut free) =
             Umem::new(umem_cfg, frames, false).map_err(|e| umem_err(e.to_string()))?;
-        let sock_cfg = SocketConfig::builder()
+        let mut sock_cfg = SocketConfig::builder();
+        sock_cfg
             .rx_queue_size(ring)
             .tx_queue_size(ring)
-            .bind_flags(BindFlags::XDP_COPY | BindFlags::XDP_USE_NEED_WAKEUP)
-            .build();
+            .bind_flags(BindFlags::XDP_COPY | BindFlags::XDP_USE_NEED_WAKEUP);
+        if shared.fastpath.is_some() {
+            // Our program runs on the interface; the socket goes into its `xsks` below.
+            sock_cfg.libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD);
+        }
+        let sock_cfg = sock_cfg.build();
         let mut socks = Vec::new();
         for &(port, queue) in queues {
             let p = &shared.ports[port];
@@ -135,6 +147,10 @@ impl Worker {
             if shared.busy_poll {
                 iface::busy_poll(rx.fd().as_raw_fd(), BATCH)
                     .map_err(|e| sock_err(format!("busy polling: {e}")))?;
+            }
+            if let Some(fp) = &shared.fastpath {
+                fp.add_socket(port, queue, rx.fd().as_raw_fd())
+                    .map_err(|e| sock_err(e.to_string()))?;
             }
             let take = free.len().min(RING as usize);
             let start = free.len() - take;
@@ -172,6 +188,7 @@ impl Worker {
             neigh_gen: u64::MAX,
             engine_worker: engine::Worker::new(index),
             scratch: Vec::with_capacity(128),
+            waiting: Vec::new(),
             now: Timestamp(0),
         })
     }
@@ -226,6 +243,9 @@ impl Worker {
                 self.release_held(shared);
                 self.flush(shared);
             }
+            if !self.waiting.is_empty() {
+                self.install_waiting(shared);
+            }
             self.complete();
             self.refill();
             let sending = self.socks.iter().any(|s| s.in_flight > 0);
@@ -276,6 +296,9 @@ impl Worker {
             if write {
                 eprintln!("{}", line.trim_end());
             }
+        }
+        if !self.engine_worker.flow_events.is_empty() {
+            self.mirror_flow_events(shared, frame, ingress);
         }
         if !self.engine_worker.events.is_empty() && shared.events.active() {
             let now = self.now;
@@ -347,6 +370,85 @@ impl Worker {
         }
     }
 
+    /// Mirrors the engine's flowtable changes into the XDP fast path: an offloaded flow is
+    /// installed (or waits for its neighbours), a torn-down one removed. `frame` arrived on
+    /// `ingress` and caused them.
+    fn mirror_flow_events(&mut self, shared: &Shared, frame: &[u8], ingress: usize) {
+        let Some(fp) = &shared.fastpath else {
+            self.engine_worker.flow_events.clear();
+            return;
+        };
+        let events = std::mem::take(&mut self.engine_worker.flow_events);
+        for ev in &events {
+            match ev {
+                FlowEvent::Offloaded(flow) if shared.mode == Mode::Bridge => {
+                    install_bridged(fp, flow, frame, ingress);
+                }
+                FlowEvent::Offloaded(flow) => {
+                    if !self.install(shared, flow) && self.waiting.len() < MAX_WAITING_FLOWS {
+                        fp.stats.waiting.fetch_add(1, Ordering::Relaxed);
+                        self.waiting.push(flow.clone());
+                    }
+                }
+                FlowEvent::TornDown(flow) => {
+                    if let Some(i) = self.waiting.iter().position(|f| Arc::ptr_eq(f, flow)) {
+                        self.waiting.swap_remove(i);
+                        fp.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    fp.retire(&shared.engine, flow, self.now);
+                }
+            }
+        }
+        // Give the buffer back (the engine clears it before each frame).
+        self.engine_worker.flow_events = events;
+    }
+
+    /// Installs both directions of a routed `flow` in the fast path; false if a next hop's
+    /// MAC is not known yet (asked for here, so a later try finds it).
+    fn install(&mut self, shared: &Shared, flow: &FlowRef) -> bool {
+        let Some(fp) = &shared.fastpath else {
+            return true;
+        };
+        if flow.is_torn_down() {
+            return true;
+        }
+        let mut macs = [([0u8; 6], [0u8; 6]); 2];
+        for (m, d) in macs.iter_mut().zip(&flow.dirs) {
+            match self.neighbour(shared, d.oif, d.next_hop) {
+                Some(mac) => *m = (mac, shared.ports[d.oif].mac),
+                None => return false,
+            }
+        }
+        fp.install(flow, macs);
+        true
+    }
+
+    /// Tries the waiting flows again.
+    fn install_waiting(&mut self, shared: &Shared) {
+        let waiting = std::mem::take(&mut self.waiting);
+        for flow in waiting {
+            if flow.is_torn_down() || self.install(shared, &flow) {
+                if let Some(fp) = &shared.fastpath {
+                    fp.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                }
+            } else {
+                self.waiting.push(flow);
+            }
+        }
+    }
+
+    /// `hop`'s MAC on `port` if known; if nobody asked lately, asks.
+    fn neighbour(&mut self, shared: &Shared, port: usize, hop: IpAddr) -> Option<Mac> {
+        match self.resolve(shared, port, hop) {
+            Resolve::Known(mac) => Some(mac),
+            Resolve::Ask => {
+                self.solicit(shared, port, hop);
+                None
+            }
+            Resolve::Wait | Resolve::Failed => None,
+        }
+    }
+
     fn dropped(&self, shared: &Shared, port: usize, count: bool) -> Action {
         if count {
             shared.port_stats[port]
@@ -370,18 +472,8 @@ impl Worker {
         if shared.mode == Mode::Bridge {
             return Action::Send(port);
         }
-        let generation = shared.neighbours.generation();
-        if generation != self.neigh_gen || self.neigh_cache.len() > MAX_CACHED_NEIGHBOURS {
-            self.neigh_cache.clear();
-            self.neigh_gen = generation;
-        }
-        if let Some(&mac) = self.neigh_cache.get(&(port, hop)) {
-            wire::set_macs(frame, mac, shared.ports[port].mac);
-            return Action::Send(port);
-        }
-        match shared.neighbours.resolve(port, hop, self.now.0) {
+        match self.resolve(shared, port, hop) {
             Resolve::Known(mac) => {
-                self.neigh_cache.insert((port, hop), mac);
                 wire::set_macs(frame, mac, shared.ports[port].mac);
                 Action::Send(port)
             }
@@ -405,6 +497,24 @@ impl Worker {
             }
             Resolve::Failed => self.dropped(shared, port, true),
         }
+    }
+
+    /// `hop`'s MAC on `port` from this worker's copy of the neighbour table, or the shared
+    /// table's word on it.
+    fn resolve(&mut self, shared: &Shared, port: usize, hop: IpAddr) -> Resolve {
+        let generation = shared.neighbours.generation();
+        if generation != self.neigh_gen || self.neigh_cache.len() > MAX_CACHED_NEIGHBOURS {
+            self.neigh_cache.clear();
+            self.neigh_gen = generation;
+        }
+        if let Some(&mac) = self.neigh_cache.get(&(port, hop)) {
+            return Resolve::Known(mac);
+        }
+        let r = shared.neighbours.resolve(port, hop, self.now.0);
+        if let Resolve::Known(mac) = r {
+            self.neigh_cache.insert((port, hop), mac);
+        }
+        r
     }
 
     /// Sends what waited for a neighbour that is now known; asks again, or drops, for the
@@ -636,6 +746,20 @@ impl Worker {
             }
         }
     }
+}
+
+/// Installs both directions of a bridged `flow`: a bridge leaves the MACs as they are, so
+/// the direction `frame` (arriving on `ingress`) took keeps its own and the other direction
+/// has them swapped.
+fn install_bridged(fp: &FastPath, flow: &FlowRef, frame: &[u8], ingress: usize) {
+    let (Some(src), Some(dst)) = (wire::src_mac(frame), wire::dst_mac(frame)) else {
+        return;
+    };
+    // (destination, source) per direction.
+    let mut macs = [(src, dst); 2];
+    let this = usize::from(flow.dirs[0].iif != ingress);
+    macs[this] = (dst, src);
+    fp.install(flow, macs);
 }
 
 impl std::fmt::Debug for Worker {

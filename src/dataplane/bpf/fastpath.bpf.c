@@ -86,12 +86,32 @@ struct {
 	__type(value, __u32);
 } tx_ports SEC(".maps");
 
+// The AF_XDP sockets of every port: the socket of queue q on ifindex i is in slot
+// xsk_base[i] + q (one XSKMAP for all ports, since an XSK takes only frames of the
+// device it is bound to).
 struct {
 	__uint(type, BPF_MAP_TYPE_XSKMAP);
-	__uint(max_entries, 64);
+	__uint(max_entries, 1024);
 	__type(key, __u32);
 	__type(value, __u32);
 } xsks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+} xsk_base SEC(".maps");
+
+// The egress ports a redirect reaches (by ifindex). The dataplane leaves out a port that
+// takes no redirected frames (a veth whose peer runs no XDP program): its flows' packets go
+// to the sockets instead, and the workers forward them.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+} tx_ok SEC(".maps");
 
 // RFC 1624: HC' = ~(~HC + ~m + m'), 16 bits at a time.
 static __always_inline __u16 csum_fold(__u32 s)
@@ -113,7 +133,13 @@ static __always_inline void csum_replace(__u16 *sum, const __u16 *old, const __u
 
 static __always_inline int to_xsk(struct xdp_md *ctx)
 {
-	return bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
+	__u32 ifindex = ctx->ingress_ifindex;
+	__u32 *base = bpf_map_lookup_elem(&xsk_base, &ifindex);
+
+	// A queue beyond a port's slots would land in the next port's (MAX_QUEUES in fastpath.rs).
+	if (!base || ctx->rx_queue_index >= 64)
+		return XDP_PASS;
+	return bpf_redirect_map(&xsks, *base + ctx->rx_queue_index, XDP_PASS);
 }
 
 SEC("xdp")
@@ -185,7 +211,7 @@ int keepstate_fastpath(struct xdp_md *ctx)
 	key.dport = ports[1];
 
 	struct flow_value *v = bpf_map_lookup_elem(&flows, &key);
-	if (!v)
+	if (!v || !bpf_map_lookup_elem(&tx_ok, &v->tx_port))
 		return to_xsk(ctx);
 
 	// NAT: addresses (the IPv4 header sum and the pseudo-header's part of the L4 sum), ports.

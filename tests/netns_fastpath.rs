@@ -1,0 +1,366 @@
+//! The XDP fast path in the live appliance (needs root): `keepstate run` with
+//! examples/lab-flowtable.toml and .nft in a lab of its own. A multi-MiB download through
+//! masquerade arrives intact, its connection is offloaded (`ct list` says [OFFLOAD]) and
+//! most of its packets were forwarded by XDP, not the workers; a UDP exchange and an IPv6
+//! download are offloaded too; a next hop's new MAC reaches the entries. After the download the flow stays, as kernel 6.18's flowtable
+//! keeps a flow whose FIN went by (CLOSING) until it idles out; a reload without the flowtable
+//! tears every flow down, the XDP map is emptied, and the closed TCP connections are back
+//! with conntrack in CLOSE.
+//! A run killed with SIGKILL leaves its program attached; the next start replaces it and
+//! forwards through XDP again; when a host's veth stops running XDP (so redirects into it are
+//! lost), the download still completes: the port leaves the fast path's egress (its XDP
+//! features lose NDO_XMIT) and the workers forward its flows. SIGTERM detaches the program. In bridge mode, a download's flow is
+//! forwarded by XDP with the frames' own MACs.
+//!
+//! Skipped with a message when not root or a tool is missing. The namespaces are deleted on
+//! Drop and by a watchdog if the test hangs.
+//!
+//! Run it alone with: `cargo test --test netns_fastpath -- --nocapture` (as root).
+
+#[path = "common/live.rs"]
+mod live;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use keepstate::dataplane::lab::{FW_WAN, INTERNET, INTERNET6};
+use live::*;
+
+/// The download: thousands of full-size frames.
+const BODY: usize = 8 * 1024 * 1024;
+/// UDP datagrams echoed.
+const DATAGRAMS: usize = 100;
+/// Longer than the main loop's reading of the XDP counters (1 s).
+const READ: Duration = Duration::from_millis(1300);
+
+/// The fast path's line of `keepstate stats`: (entries, packets, bytes).
+fn xdp(stats: &str) -> (u64, u64, u64) {
+    let line = stats
+        .lines()
+        .find(|l| l.starts_with("xdp fast path: "))
+        .unwrap_or_else(|| panic!("no fast path line in the stats:\n{stats}"));
+    let n: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(n.len() >= 3, "{line}");
+    (n[0], n[1], n[2])
+}
+
+/// The `ct list` line of the `proto` connection to `dport`; `what` says which when missing.
+fn conn<'a>(ct: &'a str, proto: &str, dport: u16, what: &str) -> &'a str {
+    let port = format!(" dport={dport} ");
+    ct.lines()
+        .find(|l| l.starts_with(proto) && l.contains(&port))
+        .unwrap_or_else(|| panic!("{what}:\n{ct}"))
+}
+
+/// Frames the workers received, all ports together.
+fn worker_rx(stats: &str) -> u64 {
+    stats
+        .lines()
+        .filter(|l| l.starts_with("port "))
+        .filter_map(|l| {
+            l.split(": rx ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+const UDP_SERVER: &str = "
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(data, peer)
+";
+
+const UDP_CLIENT: &str = "
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1)
+s.bind(('0.0.0.0', 40404))
+got = lost = 0
+for i in range(int(sys.argv[3])):
+    s.sendto(b'datagram %d' % i, (sys.argv[1], int(sys.argv[2])))
+    try:
+        if s.recv(2048) == b'datagram %d' % i:
+            got += 1
+    except socket.timeout:
+        lost += 1
+        if lost == 3:
+            break
+print(got)
+";
+
+#[test]
+fn offloaded_flows_are_forwarded_by_xdp() {
+    if !can_run("netns_fastpath", &["curl", "python3", "ethtool", "ping"]) {
+        return;
+    }
+    let t0 = Instant::now();
+    let mut g = lab("x", 2, Duration::from_secs(60));
+    let (lan, fw, wan) = (g.lab.lan.clone(), g.lab.fw.clone(), g.lab.wan.clone());
+
+    let dir = tempfile::tempdir().unwrap();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let rules_text = std::fs::read_to_string(examples.join("lab-flowtable.nft")).unwrap();
+    let rules = dir.path().join("lab-flowtable.nft");
+    std::fs::write(&rules, &rules_text).unwrap();
+    let sock = dir.path().join("control.sock");
+    let cfg = std::fs::read_to_string(examples.join("lab-flowtable.toml"))
+        .unwrap()
+        .replace(
+            "rules = \"lab-flowtable.nft\"",
+            &format!("rules = {:?}", rules.display().to_string()),
+        )
+        .replace(
+            "control = \"/run/keepstate-lab.sock\"",
+            &format!("control = {:?}", sock.display().to_string()),
+        );
+    let cfg_path = dir.path().join("lab-flowtable.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+
+    let (pid, lines) = start(&mut g, &cfg_path);
+    assert!(
+        !lines.contains("fast path is off"),
+        "the fast path did not load"
+    );
+    let before = ctl_ok(&sock, &["stats"]);
+    assert_eq!(xdp(&before).0, 0, "entries before any flow");
+
+    eprintln!("TCP: {BODY} bytes lan -> wan through masquerade");
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    let want = body(BODY);
+    std::fs::write(www.join("blob"), &want).unwrap();
+    http_server(&mut g, &wan, INTERNET, 8000, &www);
+    let url = format!("http://{INTERNET}:8000/blob");
+    download(&lan, &url, &dir.path().join("got"), &want);
+
+    std::thread::sleep(READ);
+    let ct = ctl_ok(&sock, &["ct", "list"]);
+    eprintln!("{ct}");
+    let tcp = conn(&ct, "tcp", 8000, "no connection of the download");
+    assert!(tcp.contains("[OFFLOAD]"), "not offloaded: {tcp}");
+    assert!(tcp.contains("dst=198.51.100.1"), "not masqueraded: {tcp}");
+    let stats = ctl_ok(&sock, &["stats"]);
+    let (entries, packets, xdp_bytes) = xdp(&stats);
+    let slow = worker_rx(&stats);
+    eprintln!(
+        "  XDP: {entries} entries, {packets} packets {xdp_bytes} bytes; workers: {slow} frames"
+    );
+    assert_eq!(entries, 2, "both directions of the flow:\n{stats}");
+    // About 5,800 full frames one way and an ACK for every one or two the other.
+    assert!(packets > 5_000, "few packets went through XDP:\n{stats}");
+    assert!(
+        xdp_bytes >= BODY as u64,
+        "fewer bytes than the body:\n{stats}"
+    );
+    assert!(
+        packets > 20 * slow,
+        "the workers saw too much of the download:\n{stats}"
+    );
+
+    eprintln!("UDP: {DATAGRAMS} datagrams echoed");
+    let udp_server = in_ns(&wan, &["python3", "-c", UDP_SERVER, INTERNET, "9000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("udp server");
+    g.children.push(udp_server);
+    std::thread::sleep(Duration::from_millis(300));
+    let n = DATAGRAMS.to_string();
+    let echoed = ok(&lan, &["python3", "-c", UDP_CLIENT, INTERNET, "9000", &n]);
+    assert_eq!(echoed.trim(), n, "datagrams echoed");
+    std::thread::sleep(READ);
+    let ct = ctl_ok(&sock, &["ct", "list"]);
+    let udp = conn(&ct, "udp", 9000, "no UDP connection");
+    assert!(udp.contains("[OFFLOAD]"), "UDP not offloaded: {udp}");
+    let stats = ctl_ok(&sock, &["stats"]);
+    let (entries, after, _) = xdp(&stats);
+    assert_eq!(entries, 4, "two flows, two directions each:\n{stats}");
+    // The first datagram and its answer make the connection; the rest go through XDP.
+    assert!(
+        after - packets >= 2 * DATAGRAMS as u64 - 4,
+        "UDP through XDP: {}\n{stats}",
+        after - packets
+    );
+
+    eprintln!("IPv6: the same download, no NAT");
+    http_server(&mut g, &wan, INTERNET6, 8006, &www);
+    let url6 = format!("http://[{INTERNET6}]:8006/blob");
+    download(&lan, &url6, &dir.path().join("got6"), &want);
+    std::thread::sleep(READ);
+    let ct = ctl_ok(&sock, &["ct", "list"]);
+    let tcp6 = conn(&ct, "tcp", 8006, "no connection of the IPv6 download");
+    assert!(tcp6.contains("[OFFLOAD]"), "not offloaded: {tcp6}");
+    let stats = ctl_ok(&sock, &["stats"]);
+    let (entries, v6, _) = xdp(&stats);
+    assert_eq!(entries, 6, "three flows:\n{stats}");
+    assert!(v6 - after > 5_000, "few IPv6 packets through XDP:\n{stats}");
+
+    eprintln!("the WAN host's MAC changes: the UDP flow's entry follows it");
+    ok(
+        &wan,
+        &[
+            "ip",
+            "link",
+            "set",
+            "dev",
+            "eth0",
+            "address",
+            "02:00:00:00:be:ef",
+        ],
+    );
+    ok(&wan, &["ip", "neigh", "flush", "dev", "eth0"]);
+    // Its ARP question for the firewall tells the firewall the new MAC.
+    ok(&wan, &["ping", "-c", "1", "-W", "2", FW_WAN]);
+    std::thread::sleep(READ);
+    let echoed = ok(&lan, &["python3", "-c", UDP_CLIENT, INTERNET, "9000", &n]);
+    assert_eq!(echoed.trim(), n, "datagrams echoed after the MAC changed");
+    let stats = ctl_ok(&sock, &["stats"]);
+    assert_eq!(xdp(&stats).0, 6, "the same three flows:\n{stats}");
+
+    eprintln!("after the download: the flow stays (a FIN only marks it closing)");
+    let tcp = conn(&ct, "tcp", 8000, "the closed download's connection is gone");
+    assert!(tcp.contains("[OFFLOAD]"), "torn down early: {tcp}");
+
+    eprintln!("reload without the flowtable: every flow torn down, the map emptied");
+    let plain: String = rules_text
+        .lines()
+        .filter(|l| !l.contains("flow add @fastpath"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let from = plain
+        .find("\tflowtable fastpath {")
+        .expect("flowtable block");
+    let to = from + plain[from..].find("\t}\n").expect("its end") + 3;
+    let plain = format!("{}{}", &plain[..from], &plain[to..]);
+    std::fs::write(&rules, plain).unwrap();
+    ctl_ok(&sock, &["reload"]);
+    std::thread::sleep(READ);
+    let stats = ctl_ok(&sock, &["stats"]);
+    assert_eq!(xdp(&stats).0, 0, "entries left after the reload:\n{stats}");
+    let ct = ctl_ok(&sock, &["ct", "list"]);
+    eprintln!("{ct}");
+    assert!(!ct.contains("[OFFLOAD]"), "still offloaded:\n{ct}");
+    let tcp = conn(&ct, "tcp", 8000, "the download's connection is gone");
+    // flow_offload_fixup_ct: a flow that saw a FIN comes back in CLOSE, 10 s.
+    assert!(tcp.contains(" CLOSE "), "not back in CLOSE: {tcp}");
+
+    eprintln!("a crash leaves the program attached; the next start replaces it");
+    signal(pid, "-KILL");
+    let _ = g.children.remove(0).wait();
+    let links = ok(&fw, &["ip", "link", "show"]);
+    assert!(
+        links.contains("prog/xdp"),
+        "nothing left attached:\n{links}"
+    );
+    std::fs::write(&rules, &rules_text).unwrap();
+    let _ = std::fs::remove_file(&sock);
+    let (pid, lines) = start(&mut g, &cfg_path);
+    assert!(
+        !lines.contains("fast path is off"),
+        "the fast path did not load after a crash"
+    );
+    download(&lan, &url, &dir.path().join("got2"), &want);
+    std::thread::sleep(READ);
+    let stats = ctl_ok(&sock, &["stats"]);
+    assert!(
+        xdp(&stats).1 > 5_000,
+        "the download after the restart went around XDP:\n{stats}"
+    );
+
+    eprintln!("the LAN host stops running XDP: redirects into its veth are lost, so the workers take them over");
+    ok(&lan, &["ip", "link", "set", "dev", "eth0", "xdpdrv", "off"]);
+    lines.wait_for("ks-lan takes no redirected frames", 0, READ);
+    download(&lan, &url, &dir.path().join("got3"), &want);
+    let stats = ctl_ok(&sock, &["stats"]);
+    assert!(
+        stats.contains("1 ports taking no redirects"),
+        "ks-lan not taken out:\n{stats}"
+    );
+
+    eprintln!("stop: the program is detached");
+    signal(pid, "-TERM");
+    let at = g.children.iter().position(|c| c.id() == pid).unwrap();
+    let status = g.children.remove(at).wait().expect("wait");
+    assert!(status.success(), "keepstate run ended with {status}");
+    let links = ok(&fw, &["ip", "link", "show"]);
+    assert!(!links.contains("prog/xdp"), "left attached:\n{links}");
+    eprintln!("done in {:?}", t0.elapsed());
+}
+
+const BRIDGE_RULES: &str = "table inet filter {
+\tflowtable ft {
+\t\thook ingress priority 0; devices = { lan, wan }; counter
+\t}
+\tchain forward {
+\t\ttype filter hook forward priority filter; policy drop;
+\t\tmeta l4proto { tcp, udp } flow add @ft
+\t\tct state vmap { established : accept, related : accept, invalid : drop }
+\t\tiifname \"lan\" oifname \"wan\" accept
+\t}
+}
+";
+
+#[test]
+fn bridged_flows_are_forwarded_by_xdp_with_their_own_macs() {
+    if !can_run("netns_fastpath", &["curl", "python3", "ethtool"]) {
+        return;
+    }
+    let mut g = lab("y", 2, Duration::from_secs(60));
+    let (lan, wan) = (g.lab.lan.clone(), g.lab.wan.clone());
+    // One subnet across the bridge: the WAN host becomes 192.168.1.20.
+    ok(&wan, &["ip", "-4", "addr", "flush", "dev", "eth0"]);
+    ok(
+        &wan,
+        &["ip", "addr", "add", "192.168.1.20/24", "dev", "eth0"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("bridge.nft");
+    std::fs::write(&rules, BRIDGE_RULES).unwrap();
+    let sock = dir.path().join("control.sock");
+    let cfg = format!(
+        "rules = {:?}\n\n[[port]]\nname = \"lan\"\ninterface = \"ks-lan\"\n\n\
+         [[port]]\nname = \"wan\"\ninterface = \"ks-wan\"\n\n\
+         [dataplane]\nmode = \"bridge\"\nworkers = 2\ncontrol = {:?}\n",
+        rules.display().to_string(),
+        sock.display().to_string()
+    );
+    let cfg_path = dir.path().join("bridge.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let (pid, _lines) = start(&mut g, &cfg_path);
+
+    eprintln!("bridge: {BODY} bytes across");
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    let want = body(BODY);
+    std::fs::write(www.join("blob"), &want).unwrap();
+    http_server(&mut g, &wan, "192.168.1.20", 8000, &www);
+    download(
+        &lan,
+        "http://192.168.1.20:8000/blob",
+        &dir.path().join("got"),
+        &want,
+    );
+    std::thread::sleep(READ);
+    let ct = ctl_ok(&sock, &["ct", "list"]);
+    let tcp = conn(&ct, "tcp", 8000, "no connection of the download");
+    assert!(tcp.contains("[OFFLOAD]"), "not offloaded: {tcp}");
+    let stats = ctl_ok(&sock, &["stats"]);
+    let (entries, packets, _) = xdp(&stats);
+    assert_eq!(entries, 2, "both directions of the flow:\n{stats}");
+    assert!(
+        packets > 5_000 && packets > 20 * worker_rx(&stats),
+        "the download went around XDP:\n{stats}"
+    );
+    signal(pid, "-TERM");
+}

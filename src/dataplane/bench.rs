@@ -746,6 +746,39 @@ impl Bench<'_> {
         Err(cmd_err("keepstate run", "did not say it runs within 20 s"))
     }
 
+    /// Moves the firewall's veth receive work (the XDP program, and with it the copy into
+    /// the UMEM or the fast path's whole forwarding) off the generator's core: veth runs its
+    /// NAPI where the sender is, so without this it would run inside the generator's send
+    /// calls and be charged to the generator. Threaded NAPI makes it a kernel thread, pinned
+    /// here to the firewall's core (`cpus`, or the firewall's own when empty), the core
+    /// budget RPS gives the kernel's modes.
+    fn threaded_napi(&self, cpus: &str) -> Result<(), BenchError> {
+        let cpus = if cpus.is_empty() {
+            self.fw_cpu.to_string()
+        } else {
+            cpus.to_string()
+        };
+        run_ok(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.top.lab.fw,
+                "sh",
+                "-c",
+                "echo 1 > /sys/class/net/lan/threaded; echo 1 > /sys/class/net/wan/threaded",
+            ],
+        )?;
+        let script = format!(
+            "for p in $(pgrep '^napi/(lan|wan)-'); do taskset -pc {cpus} $p >/dev/null; done"
+        );
+        run_ok(
+            "ip",
+            &["netns", "exec", &self.top.lab.fw, "sh", "-c", &script],
+        )
+        .map(|_| ())
+    }
+
     /// The firewall's connection count now.
     fn table_count(&self, mode: Mode) -> Option<u64> {
         let out = match mode {
@@ -837,7 +870,9 @@ impl Bench<'_> {
         if mode.is_kernel() {
             self.setup_kernel(mode)?;
         } else {
-            ks = Some(self.start_keepstate(mode)?);
+            let p = self.start_keepstate(mode)?;
+            self.threaded_napi(if mode == Mode::Keepstate2 { "0,1" } else { "" })?;
+            ks = Some(p);
         }
         let r = self.measure(mode, flows, ks.as_ref().map(Proc::pid));
         if let Some(mut p) = ks {

@@ -32,6 +32,8 @@
 //! busy_poll = false                  # SO_PREFER_BUSY_POLL on the AF_XDP sockets
 //! control = "/run/keepstate.sock"    # the control socket (for `keepstate reload`, `ct`)
 //! control_group = "adm"              # the group that may use it
+//! worker_failure = "exit"            # a worker died or stuck: exit 1 (or "report": keep going)
+//! stall_timeout = 5                  # seconds without a heartbeat before a worker is stuck
 //! ```
 //!
 //! A port may also say `queues = N` (default: every receive queue its interface has).
@@ -100,6 +102,26 @@ pub struct Dataplane {
     pub control: PathBuf,
     /// The group allowed to use the control socket; `None`: root only.
     pub control_group: Option<String>,
+    /// What the appliance does when a worker thread dies (panics) or is stuck.
+    pub worker_failure: WorkerFailure,
+    /// Seconds a worker may go without a heartbeat (it beats on every turn of its loop, at
+    /// least every 100 ms when idle) before it counts as stuck.
+    pub stall_timeout: u32,
+}
+
+/// What the appliance does when a worker dies or is stuck: its queues are no longer
+/// served, so the flows the NIC hashes onto them are black-holed while the others pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerFailure {
+    /// Log it and exit with status 1, for a supervisor (systemd's `Restart=on-failure`) to
+    /// start the appliance again: a clean restart rather than a box that silently drops a
+    /// share of its flows. Connections are tracked afresh after the restart.
+    #[default]
+    Exit,
+    /// Log it (rate limited), show it in `keepstate stats`, and keep running on the other
+    /// workers; the exit status at the end is 1.
+    Report,
 }
 
 impl Default for Dataplane {
@@ -110,6 +132,8 @@ impl Default for Dataplane {
             busy_poll: false,
             control: PathBuf::from("/run/keepstate.sock"),
             control_group: None,
+            worker_failure: WorkerFailure::Exit,
+            stall_timeout: 5,
         }
     }
 }
@@ -430,6 +454,12 @@ impl Config {
         if dataplane.workers == Some(0) {
             return Err(at(dp_span, "[dataplane] workers must be at least 1".into()));
         }
+        if dataplane.stall_timeout == 0 {
+            return Err(at(
+                dp_span,
+                "[dataplane] stall_timeout must be at least 1 (second)".into(),
+            ));
+        }
         if dataplane.mode == Mode::Bridge {
             if let Some(r) = raw.route.first() {
                 return Err(at(
@@ -673,7 +703,8 @@ nf_conntrack_tcp_timeout_established = 7200
         let c = parse(
             "[[port]]\nname = \"a\"\nqueues = 2\n[[port]]\nname = \"b\"\n\
              [dataplane]\nmode = \"bridge\"\nworkers = 2\nbusy_poll = true\n\
-             control = \"/tmp/ks.sock\"\ncontrol_group = \"adm\"\n",
+             control = \"/tmp/ks.sock\"\ncontrol_group = \"adm\"\n\
+             worker_failure = \"report\"\nstall_timeout = 2\n",
         )
         .unwrap();
         assert_eq!(c.dataplane.mode, Mode::Bridge);
@@ -681,6 +712,8 @@ nf_conntrack_tcp_timeout_established = 7200
         assert!(c.dataplane.busy_poll);
         assert_eq!(c.dataplane.control, Path::new("/tmp/ks.sock"));
         assert_eq!(c.dataplane.control_group.as_deref(), Some("adm"));
+        assert_eq!(c.dataplane.worker_failure, WorkerFailure::Report);
+        assert_eq!(c.dataplane.stall_timeout, 2);
         assert_eq!(c.ports[0].queues, Some(2));
     }
 
@@ -695,6 +728,10 @@ nf_conntrack_tcp_timeout_established = 7200
             e.contains(":1:1: [dataplane] workers must be at least 1"),
             "{e}"
         );
+        let e = err("[dataplane]\nstall_timeout = 0\n");
+        assert!(e.contains("stall_timeout must be at least 1"), "{e}");
+        let e = err("[dataplane]\nworker_failure = \"ignore\"\n");
+        assert!(e.contains(":2:18: unknown variant `ignore`"), "{e}");
         let e = err("[[port]]\nname = \"a\"\nqueues = 0\n");
         assert!(e.contains(":3:10: a port needs at least 1 queue"), "{e}");
         let e = err("[[port]]\nname = \"a\"\naddresses = [\"10.0.0.1/24\"]\n[dataplane]\nmode = \"bridge\"\n");

@@ -4,7 +4,10 @@
 //! the diagnostics are printed and the old ruleset keeps running), SIGUSR1 prints the
 //! counters, SIGTERM and SIGINT stop. It opens the control socket (`keepstate reload`, `ct`,
 //! `stats`), whose reload is the same as SIGHUP's. Between signals it runs the tracker's
-//! expiry and publishes DESTROY events.
+//! expiry, publishes DESTROY events, and watches the workers' health: a worker that died or
+//! is stuck is logged, and with `worker_failure = "exit"` (the default) the appliance exits
+//! with status 1 for its supervisor to restart it; with `"report"` it keeps going on the
+//! other workers and exits with 1 when stopped.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -14,7 +17,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, WorkerFailure};
+use crate::dataplane::health::Supervisor;
 use crate::dataplane::{self, control};
 use crate::engine::{Compiled, Engine, Port, Routing};
 use crate::rules;
@@ -111,9 +115,8 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
     for w in &running.warnings {
         eprintln!("keepstate: warning: {w}");
     }
-    for (w, queues) in running.plan.iter().enumerate() {
-        let qs: Vec<String> = queues.iter().map(|(p, q)| format!("{p}/{q}")).collect();
-        eprintln!("keepstate: worker {w}: queues {}", qs.join(" "));
+    for (w, queues) in shared.worker_queues.iter().enumerate() {
+        eprintln!("keepstate: worker {w}: queues {queues}");
     }
     eprintln!(
         "keepstate: running ({:?} mode, {} ports, rules {}, control {}); SIGHUP reloads the rules, SIGUSR1 prints counters",
@@ -129,6 +132,7 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
         .buckets()
         .div_ceil(TICKS_PER_GC_PASS)
         .max(1);
+    let mut supervisor = Supervisor::new(shared.worker_stats.len());
     let mut failed = false;
     let mut tick = 0usize;
     while !term.load(Ordering::Relaxed) {
@@ -146,9 +150,16 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
         tick += 1;
         shared.flow_gc(tick % TICKS_PER_FASTPATH_READ == 0);
         shared.publish_destroyed();
-        if running.any_finished() {
-            eprintln!("keepstate: a worker stopped unexpectedly; shutting down");
-            failed = true;
+        let health = shared.health();
+        for line in supervisor.observe(shared.now().0, &health, &shared.worker_queues) {
+            eprintln!("keepstate: {line}");
+        }
+        failed = health.iter().any(|h| h.failed());
+        if failed && cfg.dataplane.worker_failure == WorkerFailure::Exit {
+            eprintln!(
+                "keepstate: exiting with status 1 (worker_failure = \"exit\"): a supervisor \
+                 such as systemd starts the appliance again"
+            );
             break;
         }
     }

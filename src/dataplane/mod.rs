@@ -21,7 +21,9 @@
 //!
 //! Owns: sockets and UMEMs ([`worker`]), interface facts and socket options ([`iface`]), the
 //! neighbour cache ([`neigh`]), the link-layer bytes ([`wire`]), the lab's namespaces
-//! ([`lab`]), the control socket ([`control`]) and the lab demo ([`demo`]). Must not hold policy: what passes is the engine's word alone.
+//! ([`lab`]), the control socket ([`control`]), the workers' heartbeats and the reports of a
+//! dead or stuck one ([`health`]) and the lab demo ([`demo`]). Must not hold policy: what
+//! passes is the engine's word alone.
 
 pub mod bench;
 pub mod control;
@@ -29,6 +31,7 @@ pub mod demo;
 pub mod gen;
 
 pub mod fastpath;
+pub mod health;
 pub mod iface;
 pub mod lab;
 pub mod neigh;
@@ -39,9 +42,9 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
@@ -89,6 +92,8 @@ pub enum DataplaneError {
         queue: u32,
         reason: String,
     },
+    #[error("{0}")]
+    Fault(String),
     #[error("cannot start worker {worker}: {source}")]
     Thread {
         worker: usize,
@@ -140,8 +145,10 @@ pub struct PortStats {
     pub tx_dropped: AtomicU64,
 }
 
-/// Counters of one worker.
+/// Counters and health of one worker, on cache lines of their own (a worker writes its
+/// counters and heartbeat on every batch; no other worker's writes may invalidate them).
 #[derive(Debug, Default)]
+#[repr(align(64))]
 pub struct WorkerStats {
     pub rx: AtomicU64,
     pub tx: AtomicU64,
@@ -152,6 +159,10 @@ pub struct WorkerStats {
     pub held: AtomicU64,
     /// Times the worker slept in poll(2) with nothing to do.
     pub sleeps: AtomicU64,
+    /// The clock ([`Shared::now`], ns) when the worker last began a turn of its loop.
+    pub beat: AtomicU64,
+    /// How its thread ended, once it has.
+    pub ending: OnceLock<health::Ending>,
 }
 
 /// Lines a subscriber may have waiting before newer ones are lost.
@@ -222,6 +233,10 @@ pub struct Shared {
     /// The XDP fast path, when it loaded (else libxdp's default program runs and the
     /// workers forward offloaded flows themselves).
     pub fastpath: Option<fastpath::FastPath>,
+    /// A worker without a heartbeat this long (ns) is stuck.
+    pub stall_timeout_ns: u64,
+    /// What each worker serves, as `lan/1 wan/1` (for the reports of a failed worker).
+    pub worker_queues: Vec<String>,
     /// Where the monotonic clock starts (the engine's `now` is time since this).
     epoch: Instant,
 }
@@ -273,7 +288,24 @@ impl Shared {
         Timestamp(self.epoch.elapsed().as_nanos() as u64 + 1_000_000_000)
     }
 
-    /// The counters as text: one line per port, one per worker, the engine's verdicts.
+    /// Each worker's health now.
+    pub fn health(&self) -> Vec<health::Health> {
+        let now = self.now().0;
+        self.worker_stats
+            .iter()
+            .map(|w| {
+                health::judge(
+                    w.ending.get(),
+                    w.beat.load(Ordering::Relaxed),
+                    now,
+                    self.stall_timeout_ns,
+                )
+            })
+            .collect()
+    }
+
+    /// The counters as text: one line per port, one per worker (its health first), the
+    /// engine's verdicts.
     pub fn render_stats(&self) -> String {
         let mut s = String::new();
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -291,10 +323,10 @@ impl Shared {
                 r(&st.tx_dropped)
             );
         }
-        for (i, w) in self.worker_stats.iter().enumerate() {
+        for (i, (w, h)) in self.worker_stats.iter().zip(self.health()).enumerate() {
             let _ = writeln!(
                 s,
-                "worker {i}: rx {} tx {} dropped {} answered {} held {} sleeps {}",
+                "worker {i}: {h}; rx {} tx {} dropped {} answered {} held {} sleeps {}",
                 r(&w.rx),
                 r(&w.tx),
                 r(&w.dropped),
@@ -403,28 +435,41 @@ impl Shared {
 pub struct Running {
     pub shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
-    /// Which worker serves which port queues, for the start-up message.
-    pub plan: Vec<Vec<(String, u32)>>,
     /// What an operator should know (an interface that is down).
     pub warnings: Vec<String>,
 }
 
+/// How long [`Running::stop`] waits for the workers to end.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
 impl Running {
-    /// Asks the workers to stop and waits for them; their sockets close (and libxdp detaches
-    /// its XDP program) as they end, and the fast path is detached.
+    /// Asks the workers to stop and waits for them, at most [`STOP_WAIT`]; their sockets
+    /// close (and libxdp detaches its XDP program) as they end, and the fast path is
+    /// detached. A stuck worker is left behind (the process's exit ends it): waiting for it
+    /// could take forever.
     pub fn stop(self) {
         self.shared.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            let _ = t.join();
+        let end = Instant::now() + STOP_WAIT;
+        let mut left = self.threads;
+        while !left.is_empty() && Instant::now() < end {
+            let (done, busy): (Vec<_>, Vec<_>) = left.into_iter().partition(|t| t.is_finished());
+            for t in done {
+                let _ = t.join();
+            }
+            left = busy;
+            if !left.is_empty() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        if !left.is_empty() {
+            eprintln!(
+                "keepstate: {} worker(s) did not stop within {STOP_WAIT:?}; leaving them",
+                left.len()
+            );
         }
         if let Some(fp) = &self.shared.fastpath {
             fp.detach();
         }
-    }
-
-    /// Whether a worker has ended (it ends only on stop or a fatal socket error).
-    pub fn any_finished(&self) -> bool {
-        self.threads.iter().any(|t| t.is_finished())
     }
 }
 
@@ -458,6 +503,9 @@ pub struct Plan {
     warnings: Vec<String>,
     mode: Mode,
     busy_poll: bool,
+    stall_timeout_ns: u64,
+    /// Each worker's test fault ([`health::FAULT_ENV`]), normally none.
+    faults: Vec<Option<health::Fault>>,
 }
 
 impl Plan {
@@ -516,6 +564,10 @@ pub fn plan(cfg: &Config) -> Result<Plan, DataplaneError> {
             )
         })
         .collect();
+    let faults = match std::env::var(health::FAULT_ENV) {
+        Ok(spec) => health::parse_faults(&spec, workers).map_err(DataplaneError::Fault)?,
+        Err(_) => vec![None; workers],
+    };
     Ok(Plan {
         ports,
         workers,
@@ -524,6 +576,8 @@ pub fn plan(cfg: &Config) -> Result<Plan, DataplaneError> {
         warnings,
         mode: cfg.dataplane.mode,
         busy_poll: cfg.dataplane.busy_poll,
+        stall_timeout_ns: u64::from(cfg.dataplane.stall_timeout) * 1_000_000_000,
+        faults,
     })
 }
 
@@ -538,6 +592,8 @@ pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError>
         mut warnings,
         mode,
         busy_poll,
+        stall_timeout_ns,
+        faults,
     } = plan;
     iface::quiet_libbpf();
     // The fast path goes on before any socket opens: until a socket is in `xsks`, its
@@ -563,6 +619,15 @@ pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError>
             None
         }
     };
+    let worker_queues = plan
+        .iter()
+        .map(|qs| {
+            qs.iter()
+                .map(|&(p, q)| format!("{}/{q}", ports[p].name))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
     let shared = Arc::new(Shared {
         engine,
         port_stats: ports.iter().map(|_| PortStats::default()).collect(),
@@ -575,16 +640,21 @@ pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError>
         events: EventHub::default(),
         log_limit: LogLimit::default(),
         fastpath,
+        stall_timeout_ns,
+        worker_queues,
         epoch: Instant::now(),
     });
     // Open every socket before any worker runs, so a bad port fails the start as a whole.
     let mut built = Vec::new();
     for (w, queues) in plan.iter().enumerate() {
-        built.push(worker::Worker::open(w, queues, shared.clone())?);
+        built.push(worker::Worker::open(w, queues, shared.clone(), faults[w])?);
     }
     let mut threads = Vec::new();
     for (w, worker) in built.into_iter().enumerate() {
         let core = cores.get(w % cores.len().max(1)).copied();
+        let sh = shared.clone();
+        // Alive from now on, even before the thread's first turn.
+        sh.worker_stats[w].beat.store(sh.now().0, Ordering::Relaxed);
         let t = std::thread::Builder::new()
             .name(format!("keepstate-w{w}"))
             .spawn(move || {
@@ -592,23 +662,22 @@ pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError>
                     // Pinning is a preference: a worker that cannot be pinned still works.
                     core_affinity::set_for_current(c);
                 }
-                worker.run();
+                // A panic ends only this worker (its sockets close as it unwinds); its
+                // message stays for the main loop's report.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
+                let ending = match ran {
+                    Err(p) => health::Ending::Died(health::panic_message(&*p)),
+                    Ok(()) if sh.stop.load(Ordering::Relaxed) => health::Ending::Stopped,
+                    Ok(()) => health::Ending::Died("its loop ended".into()),
+                };
+                let _ = sh.worker_stats[w].ending.set(ending);
             })
             .map_err(|source| DataplaneError::Thread { worker: w, source })?;
         threads.push(t);
     }
-    let plan = plan
-        .iter()
-        .map(|qs| {
-            qs.iter()
-                .map(|&(p, q)| (shared.ports[p].name.clone(), q))
-                .collect()
-        })
-        .collect();
     Ok(Running {
         shared,
         threads,
-        plan,
         warnings,
     })
 }

@@ -5,6 +5,8 @@
 //! exactly one place at a time: the fill ring, the rx ring, this worker's hands (a batch
 //! being decided), a tx list, the tx ring, the completion ring, or the free list. It is
 //! touched (read or written) only while in this worker's hands or on the free list.
+//!
+//! Every turn of the loop stores the clock in the worker's heartbeat ([`super::health`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
@@ -18,6 +20,7 @@ use xsk_rs::config::{BindFlags, FrameSize, LibxdpFlags, QueueSize, SocketConfig,
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
 use super::fastpath::FastPath;
+use super::health::Fault;
 use super::neigh::Resolve;
 use super::wire::{self, Mac};
 use super::{iface, DataplaneError, Shared, BATCH};
@@ -89,6 +92,8 @@ pub(super) struct Worker {
     /// Offloaded flows not in the XDP fast path yet: a next hop's MAC is still unknown.
     waiting: Vec<FlowRef>,
     now: Timestamp,
+    /// The test knob's fault for this worker (normally none).
+    fault: Option<Fault>,
 }
 
 impl Worker {
@@ -97,6 +102,7 @@ impl Worker {
         index: usize,
         queues: &[(usize, u32)],
         shared: Arc<Shared>,
+        fault: Option<Fault>,
     ) -> Result<Worker, DataplaneError> {
         let umem_err = |reason: String| DataplaneError::Umem {
             worker: index,
@@ -190,6 +196,7 @@ impl Worker {
             scratch: Vec::with_capacity(128),
             waiting: Vec::new(),
             now: Timestamp(0),
+            fault,
         })
     }
 
@@ -205,8 +212,18 @@ impl Worker {
             .iter()
             .map(|s| iface::pollfd(s.rx.fd().as_raw_fd()))
             .collect();
+        let beat = &shared.worker_stats[self.index].beat;
+        let fault_at = self
+            .fault
+            .map(|f| shared.now().0.saturating_add(f.after_ns));
         while !shared.stop.load(Ordering::Relaxed) {
             self.now = shared.now();
+            beat.store(self.now.0, Ordering::Relaxed);
+            if let (Some(f), Some(at)) = (self.fault, fault_at) {
+                if self.now.0 >= at {
+                    f.act(self.index);
+                }
+            }
             let mut got = 0;
             for s in 0..self.socks.len() {
                 // SAFETY: `batch` only receives descriptors; the frames they name are ours

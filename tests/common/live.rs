@@ -1,5 +1,5 @@
 //! Test kit for the live appliance in network namespaces (`netns_dataplane`,
-//! `netns_fastpath`): a lab of `keepstate lab up`'s shape under a prefix of its own, with a
+//! `netns_fastpath`, `netns_reliability`): a lab of `keepstate lab up`'s shape under a prefix of its own, with a
 //! watchdog; `keepstate run` started in its firewall namespace with its stderr lines
 //! collected; commands in the namespaces; the control socket's clients; a download checked
 //! byte for byte.
@@ -10,7 +10,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -249,11 +249,17 @@ pub fn lab(tag: &str, queues: u32, limit: Duration) -> Guard {
 /// Starts the built `keepstate run --config cfg` in the lab's firewall namespace; returns
 /// once it runs, with its pid and its stderr lines.
 pub fn start(g: &mut Guard, cfg: &Path) -> (u32, Arc<Lines>) {
+    start_with(g, cfg, &[])
+}
+
+/// [`start`] with environment variables set for the appliance.
+pub fn start_with(g: &mut Guard, cfg: &Path, env: &[(&str, &str)]) -> (u32, Arc<Lines>) {
     let mut fw = in_ns(
         &g.lab.fw,
         &[env!("CARGO_BIN_EXE_keepstate"), "run", "--config"],
     )
     .arg(cfg)
+    .envs(env.iter().copied())
     .stdout(Stdio::null())
     .stderr(Stdio::piped())
     .spawn()
@@ -264,4 +270,20 @@ pub fn start(g: &mut Guard, cfg: &Path) -> (u32, Arc<Lines>) {
     g.children.push(fw);
     lines.wait_for("keepstate: running", 0, Duration::from_secs(20));
     (pid, lines)
+}
+
+/// examples/lab.toml (the home router) written to `dir`, with `rules` for its rules file, the
+/// control socket `sock`, and `dataplane` (lines) added to its `[dataplane]` section; its
+/// path.
+pub fn router_config(dir: &Path, rules: &Path, sock: &Path, dataplane: &str) -> PathBuf {
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let control = format!("control = {:?}", sock.display().to_string());
+    let cfg = keepstate::dataplane::lab::config(&examples, rules, sock)
+        .unwrap()
+        .replace(&control, &format!("{control}\n{dataplane}"));
+    assert!(cfg.contains(&rules.display().to_string()));
+    assert!(cfg.contains(&control));
+    let path = dir.join("lab.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
 }

@@ -1,0 +1,316 @@
+//! Worker health: a worker that dies or gets stuck is reported, never silently lost.
+//!
+//! ```text
+//!  worker w, every turn of its loop (at least every 100 ms when idle):  beat = now
+//!  worker w's thread, when it ends:  ending = Stopped (asked to) | Died(panic message)
+//!  main loop, every tick:  Shared::health() -> [Health]  -> Supervisor::observe -> log lines
+//!                                                       -> cli/run.rs: exit, or keep going
+//!  keepstate stats:        "worker 1: stuck 5.2s; rx ..."   "worker 1: died: MESSAGE; rx ..."
+//! ```
+//!
+//! A worker that blocks anywhere (a lock, a syscall, a loop in the engine) stops beating, so
+//! one heartbeat covers "no progress while its rings have work" and "no heartbeat for N
+//! seconds" alike: an idle worker wakes from poll(2) every 100 ms and beats then too.
+//!
+//! The test knob [`FAULT_ENV`] makes a worker panic or stall on purpose, so the reports can
+//! be shown live (`tests/netns_reliability.rs`); unset, it costs a worker one predictable
+//! branch per turn of its loop (not per frame).
+//!
+//! Owns what a heartbeat means and the words of the reports. What the appliance does about a
+//! failed worker (exit, or keep going) is `cli/run.rs`'s, by `[dataplane] worker_failure`.
+
+use std::any::Any;
+use std::fmt;
+
+/// Nanoseconds per second, for the reports' durations.
+const NS: u64 = 1_000_000_000;
+
+/// What the main loop knows of one worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// It beat within the stall timeout.
+    Running,
+    /// Its thread is alive but has not beaten for this long (past the stall timeout).
+    Stuck { for_ns: u64 },
+    /// Its thread ended without being asked to: a panic (its message), or its loop returned.
+    Died(String),
+    /// It ended because the appliance is stopping.
+    Stopped,
+}
+
+impl Health {
+    /// Whether the worker's queues have gone unserved.
+    pub fn failed(&self) -> bool {
+        matches!(self, Health::Stuck { .. } | Health::Died(_))
+    }
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Health::Running => f.write_str("running"),
+            Health::Stuck { for_ns } => write!(f, "stuck {}", secs(*for_ns)),
+            Health::Died(m) => write!(f, "died: {m}"),
+            Health::Stopped => f.write_str("stopped"),
+        }
+    }
+}
+
+/// `5.2s`.
+fn secs(ns: u64) -> String {
+    format!("{:.1}s", ns as f64 / NS as f64)
+}
+
+/// How a worker thread ended, as its thread records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending {
+    Stopped,
+    Died(String),
+}
+
+/// The text of a panic's payload, on one line (it is shown in `stats` and log lines).
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+    let text = if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.as_str()
+    } else {
+        "a panic without a message"
+    };
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The health of a worker from its record: how it ended, if it did; else from the age of
+/// its last heartbeat.
+pub fn judge(ending: Option<&Ending>, beat: u64, now: u64, stall_timeout_ns: u64) -> Health {
+    match ending {
+        Some(Ending::Stopped) => Health::Stopped,
+        Some(Ending::Died(m)) => Health::Died(m.clone()),
+        None => match now.saturating_sub(beat) {
+            age if age >= stall_timeout_ns => Health::Stuck { for_ns: age },
+            _ => Health::Running,
+        },
+    }
+}
+
+/// What the supervisor last said of a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Said {
+    Nothing,
+    Stuck { at: u64 },
+    Died,
+}
+
+/// Turns the workers' health into log lines: one when a worker gets stuck, recovers or dies,
+/// and while it stays stuck a reminder every [`Supervisor::REMIND_NS`], so a stuck worker
+/// cannot flood the log.
+#[derive(Debug)]
+pub struct Supervisor {
+    said: Vec<Said>,
+}
+
+impl Supervisor {
+    /// How often a worker that stays stuck is mentioned again.
+    pub const REMIND_NS: u64 = 30 * NS;
+
+    pub fn new(workers: usize) -> Supervisor {
+        Supervisor {
+            said: vec![Said::Nothing; workers],
+        }
+    }
+
+    /// The lines to log at `now` for `health` (one per worker); `queues[w]` names what worker
+    /// w serves (`lan/1 wan/1`).
+    pub fn observe(&mut self, now: u64, health: &[Health], queues: &[String]) -> Vec<String> {
+        let mut lines = Vec::new();
+        for (w, (h, said)) in health.iter().zip(&mut self.said).enumerate() {
+            let q = queues.get(w).map_or("", String::as_str);
+            match (h, *said) {
+                (Health::Stuck { for_ns }, Said::Nothing) => {
+                    lines.push(format!(
+                        "worker {w} is stuck: no heartbeat for {}; its queues {q} are not served",
+                        secs(*for_ns)
+                    ));
+                    *said = Said::Stuck { at: now };
+                }
+                (Health::Stuck { for_ns }, Said::Stuck { at })
+                    if now.saturating_sub(at) >= Self::REMIND_NS =>
+                {
+                    lines.push(format!(
+                        "worker {w} is still stuck: no heartbeat for {}",
+                        secs(*for_ns)
+                    ));
+                    *said = Said::Stuck { at: now };
+                }
+                (Health::Running, Said::Stuck { .. }) => {
+                    lines.push(format!("worker {w} runs again"));
+                    *said = Said::Nothing;
+                }
+                (Health::Died(m), Said::Nothing | Said::Stuck { .. }) => {
+                    lines.push(format!(
+                        "worker {w} died: {m}; its queues {q} are not served"
+                    ));
+                    *said = Said::Died;
+                }
+                _ => {}
+            }
+        }
+        lines
+    }
+}
+
+/// The test knob: `KEEPSTATE_TEST_FAULT=W:panic@MS` makes worker W panic, `W:stall@MS` makes
+/// it stop beating for good (it sleeps and ignores the stop flag, as a thread caught in a
+/// deadlock would), MS milliseconds after it starts; several, separated by commas.
+pub const FAULT_ENV: &str = "KEEPSTATE_TEST_FAULT";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    Panic,
+    Stall,
+}
+
+/// A fault for one worker to act out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub kind: FaultKind,
+    /// After this long from the worker's start.
+    pub after_ns: u64,
+}
+
+impl Fault {
+    /// Acts the fault out in worker `w`: never returns.
+    pub fn act(&self, w: usize) -> ! {
+        match self.kind {
+            FaultKind::Panic => panic!("worker {w} panics as {FAULT_ENV} asks"),
+            FaultKind::Stall => {
+                eprintln!("keepstate: worker {w} stalls for good as {FAULT_ENV} asks");
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+/// Each worker's fault from the knob's value (`None`: no fault).
+pub fn parse_faults(spec: &str, workers: usize) -> Result<Vec<Option<Fault>>, String> {
+    let mut faults = vec![None; workers];
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let bad = || format!("{FAULT_ENV}: `{item}` is not W:panic@MS or W:stall@MS");
+        let (w, rest) = item.split_once(':').ok_or_else(bad)?;
+        let (kind, ms) = rest.split_once('@').ok_or_else(bad)?;
+        let w: usize = w.parse().map_err(|_| bad())?;
+        let kind = match kind {
+            "panic" => FaultKind::Panic,
+            "stall" => FaultKind::Stall,
+            _ => return Err(bad()),
+        };
+        let ms: u64 = ms.parse().map_err(|_| bad())?;
+        let slot = faults
+            .get_mut(w)
+            .ok_or_else(|| format!("{FAULT_ENV}: there is no worker {w} ({workers} run)"))?;
+        *slot = Some(Fault {
+            kind,
+            after_ns: ms.saturating_mul(1_000_000),
+        });
+    }
+    Ok(faults)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_older_than_the_timeout_is_stuck() {
+        let t = 5 * NS;
+        assert_eq!(judge(None, 10 * NS, 14 * NS, t), Health::Running);
+        assert_eq!(
+            judge(None, 10 * NS, 15 * NS + NS / 5, t),
+            Health::Stuck {
+                for_ns: 5 * NS + NS / 5
+            }
+        );
+        assert_eq!(
+            judge(None, 10 * NS, 15 * NS + NS / 5, t).to_string(),
+            "stuck 5.2s"
+        );
+        let died = Ending::Died("boom".into());
+        assert_eq!(judge(Some(&died), 0, 100 * NS, t).to_string(), "died: boom");
+        assert_eq!(
+            judge(Some(&Ending::Stopped), 0, 100 * NS, t),
+            Health::Stopped
+        );
+        // A beat from a clock read just after `now` is not an age.
+        assert_eq!(judge(None, 11 * NS, 10 * NS, t), Health::Running);
+    }
+
+    #[test]
+    fn the_supervisor_says_each_change_once_and_reminds_rarely() {
+        let mut s = Supervisor::new(2);
+        let q = vec!["lan/0 wan/0".to_string(), "lan/1 wan/1".to_string()];
+        let stuck = |s: u64| Health::Stuck { for_ns: s * NS };
+        assert!(s
+            .observe(NS, &[Health::Running, Health::Running], &q)
+            .is_empty());
+        let l = s.observe(6 * NS, &[Health::Running, stuck(5)], &q);
+        assert_eq!(
+            l,
+            ["worker 1 is stuck: no heartbeat for 5.0s; its queues lan/1 wan/1 are not served"]
+        );
+        // Every tick while it stays stuck: silence, then one reminder after 30 s.
+        for t in 7..36 {
+            assert!(s
+                .observe(t * NS, &[Health::Running, stuck(t - 1)], &q)
+                .is_empty());
+        }
+        let l = s.observe(36 * NS, &[Health::Running, stuck(35)], &q);
+        assert_eq!(l, ["worker 1 is still stuck: no heartbeat for 35.0s"]);
+        let l = s.observe(37 * NS, &[Health::Running, Health::Running], &q);
+        assert_eq!(l, ["worker 1 runs again"]);
+        let died = Health::Died("worker 0 panics".into());
+        let l = s.observe(38 * NS, &[died.clone(), Health::Running], &q);
+        assert_eq!(
+            l,
+            ["worker 0 died: worker 0 panics; its queues lan/0 wan/0 are not served"]
+        );
+        assert!(s.observe(99 * NS, &[died, Health::Stopped], &q).is_empty());
+    }
+
+    #[test]
+    fn panic_messages_on_one_line() {
+        let p: Box<dyn Any + Send> = Box::new("static\nmessage");
+        assert_eq!(panic_message(&*p), "static message");
+        let p: Box<dyn Any + Send> = Box::new(format!("index {} out of range", 7));
+        assert_eq!(panic_message(&*p), "index 7 out of range");
+        let p: Box<dyn Any + Send> = Box::new(7u8);
+        assert_eq!(panic_message(&*p), "a panic without a message");
+    }
+
+    #[test]
+    fn the_fault_knob() {
+        let f = parse_faults("1:stall@2000, 0:panic@0", 2).unwrap();
+        assert_eq!(
+            f,
+            [
+                Some(Fault {
+                    kind: FaultKind::Panic,
+                    after_ns: 0
+                }),
+                Some(Fault {
+                    kind: FaultKind::Stall,
+                    after_ns: 2 * NS
+                })
+            ]
+        );
+        assert_eq!(parse_faults("", 2).unwrap(), [None, None]);
+        assert!(parse_faults("2:panic@0", 2)
+            .unwrap_err()
+            .contains("no worker 2"));
+        assert!(parse_faults("1:explode@0", 2)
+            .unwrap_err()
+            .contains("`1:explode@0` is not"));
+        assert!(parse_faults("1:panic", 2).is_err());
+    }
+}

@@ -1,0 +1,348 @@
+//! The live appliance under stress (needs root), in the lab of `keepstate lab up` under a
+//! prefix of its own (`tests/common/live.rs`):
+//!
+//! - a worker that dies (panics) or gets stuck is reported in the log and by `keepstate stats`,
+//!   and the appliance exits with status 1 (`worker_failure = "exit"`) or keeps going
+//!   (`"report"`), as configured; the faults come from the test knob `KEEPSTATE_TEST_FAULT`;
+//! - a hundred reloads through the control socket, valid and invalid rules files alternating,
+//!   while two downloads (IPv4 and IPv6) and a ping run the whole time: not one connection
+//!   broken, every invalid file refused with its file:line:col, the last valid file in force.
+//!
+//! Skipped with a message when not root or a tool is missing.
+//!
+//! Run it alone with: `cargo test --test netns_reliability -- --nocapture` (as root).
+
+#[path = "common/live.rs"]
+mod live;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use keepstate::dataplane::lab::{INTERNET, INTERNET6};
+
+use live::{
+    body, can_run, ctl, ctl_ok, http_server, in_ns, lab, ok, router_config, signal, start,
+    start_with, Guard,
+};
+
+/// How long a lab may live before the watchdog deletes it.
+const LIMIT: Duration = Duration::from_secs(120);
+/// What the tests run in the namespaces.
+const TOOLS: &[&str] = &["ping", "curl", "python3", "ethtool"];
+/// The size of the downloads.
+const BODY: usize = 6 * 1024 * 1024;
+
+/// A lab under `letter` with the home router's configuration, `dataplane` added to its
+/// `[dataplane]`, in a temporary directory.
+struct Setup {
+    g: Guard,
+    dir: tempfile::TempDir,
+    /// The rules file (a copy of examples/home-router.nft, to be changed) and its text.
+    rules: PathBuf,
+    good: String,
+    sock: PathBuf,
+    cfg: PathBuf,
+}
+
+fn setup(letter: char, dataplane: &str) -> Setup {
+    let g = lab(&letter.to_string(), 2, LIMIT);
+    let dir = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let good = std::fs::read_to_string(root.join("examples/home-router.nft")).unwrap();
+    let rules = dir.path().join("home-router.nft");
+    std::fs::write(&rules, &good).unwrap();
+    let sock = dir.path().join("control.sock");
+    let cfg = router_config(dir.path(), &rules, &sock, dataplane);
+    Setup {
+        g,
+        dir,
+        rules,
+        good,
+        sock,
+        cfg,
+    }
+}
+
+/// The `worker N: ...` lines of `keepstate stats`.
+fn worker_lines(sock: &Path) -> Vec<String> {
+    ctl_ok(sock, &["stats"])
+        .lines()
+        .filter(|l| l.starts_with("worker "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits for `keepstate run` (the guard's first child) to end by itself, and takes it from
+/// the guard; its exit code.
+fn exit_code(g: &mut Guard, limit: Duration) -> Option<i32> {
+    let end = Instant::now() + limit;
+    loop {
+        if g.children[0].try_wait().expect("wait").is_some() {
+            return g.children.remove(0).wait().expect("wait").code();
+        }
+        assert!(
+            Instant::now() < end,
+            "keepstate did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_dead_or_stuck_worker_is_reported_and_kept_running_with_report() {
+    if !can_run("netns_reliability", TOOLS) {
+        return;
+    }
+    let mut s = setup('h', "worker_failure = \"report\"\nstall_timeout = 1");
+    // Worker 1 stops beating 2 s after it starts, worker 0 panics 4 s after.
+    let (pid, lines) = start_with(
+        &mut s.g,
+        &s.cfg,
+        &[("KEEPSTATE_TEST_FAULT", "1:stall@2000,0:panic@4000")],
+    );
+    let w = worker_lines(&s.sock);
+    eprintln!("before: {w:?}");
+    assert!(w[0].starts_with("worker 0: running; rx "), "{w:?}");
+    assert!(w[1].starts_with("worker 1: running; rx "), "{w:?}");
+
+    eprintln!("worker 1 stalls: reported stuck in the log and in stats");
+    let at = lines.wait_for(
+        "keepstate: worker 1 is stuck: no heartbeat for ",
+        0,
+        Duration::from_secs(10),
+    );
+    assert!(
+        lines.lines.lock().unwrap()[at].ends_with("; its queues lan/1 wan/1 are not served"),
+        "{:?}",
+        lines.lines.lock().unwrap()[at]
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let w = worker_lines(&s.sock);
+    eprintln!("stuck: {w:?}");
+    let stuck: f64 = w[1]
+        .strip_prefix("worker 1: stuck ")
+        .and_then(|s| s.split('s').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{w:?}"));
+    assert!(stuck >= 1.0, "{w:?}");
+
+    eprintln!("worker 0 panics: reported dead, with the panic's message");
+    lines.wait_for(
+        "keepstate: worker 0 died: worker 0 panics as KEEPSTATE_TEST_FAULT asks; its queues lan/0 wan/0 are not served",
+        0,
+        Duration::from_secs(10),
+    );
+    let w = worker_lines(&s.sock);
+    eprintln!("dead: {w:?}");
+    assert!(
+        w[0].starts_with("worker 0: died: worker 0 panics as KEEPSTATE_TEST_FAULT asks; rx "),
+        "{w:?}"
+    );
+    assert!(w[1].starts_with("worker 1: stuck "), "{w:?}");
+    // Said once, not on every tick.
+    std::thread::sleep(Duration::from_millis(500));
+    let said = |what: &str| {
+        let l = lines.lines.lock().unwrap();
+        l.iter().filter(|l| l.contains(what)).count()
+    };
+    assert_eq!(said("worker 1 is stuck"), 1);
+    assert_eq!(said("worker 0 died"), 1);
+
+    eprintln!("stop: the stuck worker is left behind, and the exit status says a worker failed");
+    signal(pid, "-TERM");
+    assert_eq!(exit_code(&mut s.g, Duration::from_secs(10)), Some(1));
+    lines.wait_for("1 worker(s) did not stop within", 0, Duration::from_secs(5));
+    assert!(!s.sock.exists(), "the control socket was left behind");
+}
+
+#[test]
+fn a_dead_or_stuck_worker_ends_the_appliance_with_exit() {
+    if !can_run("netns_reliability", TOOLS) {
+        return;
+    }
+    // The default policy, worker_failure = "exit".
+    let mut s = setup('e', "stall_timeout = 1");
+    for (fault, said) in [
+        (
+            "1:panic@500",
+            "keepstate: worker 1 died: worker 1 panics as KEEPSTATE_TEST_FAULT asks",
+        ),
+        (
+            "0:stall@500",
+            "keepstate: worker 0 is stuck: no heartbeat for ",
+        ),
+    ] {
+        eprintln!("{fault}: the appliance exits with status 1");
+        let (_, lines) = start_with(&mut s.g, &s.cfg, &[("KEEPSTATE_TEST_FAULT", fault)]);
+        assert_eq!(exit_code(&mut s.g, Duration::from_secs(15)), Some(1));
+        let at = lines.wait_for(said, 0, Duration::from_secs(5));
+        lines.wait_for(
+            "keepstate: exiting with status 1 (worker_failure = \"exit\")",
+            at,
+            Duration::from_secs(5),
+        );
+        assert!(!s.sock.exists(), "the control socket was left behind");
+    }
+    eprintln!("and it starts again on the same interfaces, and forwards");
+    start(&mut s.g, &s.cfg);
+    ok(&s.g.lab.lan, &["ping", "-c", "2", "-W", "2", INTERNET]);
+}
+
+/// A download from `url` in `ns` into `to`, slowed to `rate`, running in the background.
+fn slow_download(ns: &str, url: &str, to: &Path, rate: &str) -> Child {
+    in_ns(
+        ns,
+        &["curl", "-sS", "--max-time", "60", "--limit-rate", rate],
+    )
+    .arg("-o")
+    .arg(to)
+    .arg(url)
+    .stdout(Stdio::null())
+    .spawn()
+    .expect("curl")
+}
+
+/// The bad lines the invalid files carry, in turn, and the column of each one's error.
+const BAD: [(&str, usize); 4] = [
+    ("\t\ttcp dport @nope{i} accept", 13),
+    ("\t\tip saddr 10.0.0.{300+i} accept", 12),
+    ("\t\tct state establishd accept", 12),
+    ("\t\tudp dport 20000 counter dorp", 27),
+];
+
+#[test]
+fn a_hundred_reloads_under_traffic_break_nothing() {
+    if !can_run("netns_reliability", TOOLS) {
+        return;
+    }
+    let Setup {
+        mut g,
+        dir,
+        rules,
+        good,
+        sock,
+        cfg,
+    } = setup('l', "");
+    let lab = g.lab.clone();
+    let (_, lines) = start(&mut g, &cfg);
+
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    let want = body(BODY);
+    std::fs::write(www.join("blob"), &want).unwrap();
+    http_server(&mut g, &lab.wan, INTERNET, 8000, &www);
+    http_server(&mut g, &lab.wan, INTERNET6, 8006, &www);
+    // Two downloads of 6 MiB at 400 kB/s: about 15 s each, longer than the reloads take.
+    let (got4, got6) = (dir.path().join("got4"), dir.path().join("got6"));
+    let mut d4 = slow_download(
+        &lab.lan,
+        &format!("http://{INTERNET}:8000/blob"),
+        &got4,
+        "400K",
+    );
+    let mut d6 = slow_download(
+        &lab.lan,
+        &format!("http://[{INTERNET6}]:8006/blob"),
+        &got6,
+        "400K",
+    );
+    // And a ping every 100 ms, as long.
+    let mut ping = in_ns(&lab.lan, &["ping", "-c", "150", "-i", "0.1", INTERNET])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("ping");
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Rules are inserted before this line of the forward chain.
+    let anchor = "\t\t# LAN hosts may open connections to the internet.\n";
+    let anchor_line = good[..good.find(anchor).unwrap()].lines().count() + 1;
+    let t = Instant::now();
+    let mut last_valid = None;
+    for i in 0..100usize {
+        if i % 2 == 0 {
+            // Valid: a rule of its own, so the listing says which file is in force.
+            let text = good.replace(
+                anchor,
+                &format!("\t\tudp dport {} counter drop\n{anchor}", 20000 + i),
+            );
+            std::fs::write(&rules, text).unwrap();
+            let o = ctl(&sock, &["reload"]);
+            assert!(o.status.success(), "reload {i}: {o:?}");
+            assert!(String::from_utf8_lossy(&o.stdout).contains("reloaded"));
+            last_valid = Some(i);
+        } else {
+            // Invalid: one of the bad lines, after a few comment lines, so each file's
+            // error is on a line of its own.
+            let (bad, col) = BAD[(i / 2) % BAD.len()];
+            let bad = bad
+                .replace("{i}", &i.to_string())
+                .replace("{300+i}", &(300 + i).to_string());
+            let pad = i % 7;
+            let text = good.replace(
+                anchor,
+                &format!("{}{bad}\n{anchor}", "\t\t# padding\n".repeat(pad)),
+            );
+            std::fs::write(&rules, text).unwrap();
+            let o = ctl(&sock, &["reload"]);
+            assert_eq!(o.status.code(), Some(1), "reload {i}: {o:?}");
+            let err = String::from_utf8_lossy(&o.stderr);
+            let at = format!("{}:{}:{col}: ", rules.display(), anchor_line + pad);
+            assert!(err.contains(&at), "reload {i}: wanted {at} in {err}");
+            assert!(
+                err.contains("reload failed, keeping the old ruleset"),
+                "{err}"
+            );
+        }
+    }
+    let took = t.elapsed();
+    eprintln!("100 reloads in {took:?}");
+    assert!(
+        [&mut d4, &mut d6, &mut ping]
+            .iter_mut()
+            .all(|c| c.try_wait().unwrap().is_none()),
+        "the traffic ended before the reloads did ({took:?}): make it last longer"
+    );
+
+    eprintln!("the last valid file is in force");
+    let stats = ctl_ok(&sock, &["stats"]);
+    let last = 20000 + last_valid.unwrap();
+    assert!(
+        stats.contains(&format!("udp dport {last} counter packets 0 bytes 0 drop")),
+        "{stats}"
+    );
+    assert_eq!(stats.matches("udp dport 200").count(), 1, "{stats}");
+    assert!(
+        !stats.contains("dorp") && !stats.contains("@nope"),
+        "{stats}"
+    );
+
+    eprintln!("both downloads arrive intact");
+    for (d, got) in [(&mut d4, &got4), (&mut d6, &got6)] {
+        let s = d.wait().expect("curl");
+        assert!(s.success(), "a download across the reloads failed: {s}");
+        assert!(
+            std::fs::read(got).unwrap() == want,
+            "a download across the reloads is damaged"
+        );
+    }
+    eprintln!("the ping lost nothing");
+    let out = ping.wait_with_output().expect("ping");
+    let summary = String::from_utf8_lossy(&out.stdout);
+    let summary = summary
+        .lines()
+        .find(|l| l.contains("packet loss"))
+        .unwrap_or("");
+    eprintln!("  {summary}");
+    assert!(
+        summary.starts_with("150 packets transmitted, 150 received, 0% packet loss"),
+        "{summary}"
+    );
+    // Fifty refusals in the appliance's log too, fifty swaps.
+    let count = |what: &str| {
+        let l = lines.lines.lock().unwrap();
+        l.iter().filter(|l| l.contains(what)).count()
+    };
+    assert_eq!(count("reload failed, keeping the old ruleset"), 50);
+    assert_eq!(count("keepstate: reloaded "), 50);
+}

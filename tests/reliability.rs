@@ -1,7 +1,8 @@
 //! Hostile traffic through the sans-IO engine, with a fake clock: a SYN flood from random
-//! sources against a full table while an established transfer goes on, a hostile FTP server
-//! announcing port after port, and SIP with absurd SDP. Each must stay bounded and counted,
-//! and nothing promised (an ASSURED connection) may be lost.
+//! sources against a full table while an established transfer goes on, a flood of
+//! fragments that never complete, a hostile FTP server announcing port after port, and SIP
+//! with absurd SDP. Each must stay bounded and counted, and nothing promised (an ASSURED
+//! connection, a datagram whose fragments all arrive) may be lost.
 
 mod common {
     pub mod capture;
@@ -15,7 +16,7 @@ use keepstate::conntrack::Timestamp;
 use keepstate::engine::{DropReason, Engine, Verdict, Worker};
 use keepstate::rules;
 
-use common::capture::{tcp, udp};
+use common::capture::{fragments_v4, tcp, udp};
 use common::router;
 
 const LAN: usize = 0;
@@ -173,6 +174,83 @@ fn a_syn_flood_against_a_full_table_spares_established_connections() {
     let buckets = e.tracker().table().buckets();
     e.housekeeping(t(later + 1), buckets);
     assert_eq!(e.tracker().count(), baseline, "back to the baseline");
+}
+
+/// Fragments of datagrams that never complete, from sources all over the internet, seven
+/// times the reassembly memory: the memory held never passes `ipfrag_high_thresh`, the
+/// evicted datagrams are counted (`ReasmFails`), and datagrams whose fragments all arrive
+/// pass, during the flood and after it. When the flood stops, the rest times out.
+#[test]
+fn a_fragment_flood_beyond_the_reassembly_memory_stays_bounded() {
+    use keepstate::packet::frag::IPFRAG_HIGH_THRESH;
+    const FLOOD: u32 = 20_000;
+    let e = home_router(65_536);
+    let mut w = Worker::new(0);
+    let mut now = 0;
+    // A LAN host's 3000-byte datagram to the internet, in three fragments, all at once.
+    let whole = |e: &Engine, w: &mut Worker, id: u16, ms: u64| {
+        let frags = fragments_v4(
+            &udp("lan", CLIENT, SERVER, 40000, 5000, &[7; 3000]),
+            id,
+            1480,
+        );
+        let verdicts: Vec<_> = frags
+            .iter()
+            .map(|f| e.process_with(&mut f.clone(), LAN, t(ms), w).0)
+            .collect();
+        assert_eq!(verdicts[..2], [Verdict::Held, Verdict::Held]);
+        assert!(
+            matches!(verdicts[2], Verdict::Forward { port: WAN, .. }),
+            "datagram {id}: {verdicts:?}"
+        );
+        assert_eq!(w.released.len(), 3, "its three fragments leave");
+    };
+    let template = udp("wan", SERVER, BOX_WAN, 53, 9999, &[1; 3000]);
+    let mut peak = 0;
+    for i in 0..FLOOD {
+        // The first fragment only, from a source and with an id of its own.
+        let mut f = fragments_v4(&template, i as u16, 1480).swap_remove(0);
+        let x = i.wrapping_mul(2_654_435_761);
+        f[26..30].copy_from_slice(&(0x0b00_0000 | (x & 0x00ff_ffff)).to_be_bytes());
+        let mut h = etherparse::Ipv4Header::from_slice(&f[14..]).unwrap().0;
+        h.header_checksum = h.calc_header_checksum();
+        f[14..34].copy_from_slice(&h.to_bytes());
+        now = 10 + u64::from(i) / 10;
+        assert_eq!(e.process_with(&mut f, WAN, t(now), &mut w).0, Verdict::Held);
+        let mem = e.reassembler().stats().mem;
+        assert!(
+            mem <= IPFRAG_HIGH_THRESH,
+            "{mem} bytes held at fragment {i}"
+        );
+        peak = peak.max(mem);
+        if i % 1000 == 999 {
+            whole(&e, &mut w, (i / 1000) as u16, now);
+        }
+    }
+    whole(&e, &mut w, 0xffff, now + 1);
+    let s = e.reassembler().stats();
+    eprintln!(
+        "{FLOOD} incomplete datagrams: peak {peak} bytes held, {} evicted, {} held at the end",
+        s.evictions, s.queues
+    );
+    assert!(
+        peak > IPFRAG_HIGH_THRESH * 3 / 4,
+        "the flood reached the bound"
+    );
+    // Every flood datagram not held any more was evicted, and counted so.
+    assert_eq!(s.evictions + s.queues as u64, u64::from(FLOOD));
+    assert_eq!(s.reasm_fails, s.evictions);
+    assert_eq!(s.reasm_oks, u64::from(FLOOD / 1000) + 1);
+    let held = s.queues;
+    // The flood stops: what is held times out (ipfrag_time, 30 s), a batch of queues per
+    // tick of the main loop (50 ms): the flood's leftovers are gone within two seconds.
+    for tick in 0..40 {
+        e.housekeeping(t(now + 31_000 + tick * 50), 1);
+    }
+    let s = e.reassembler().stats();
+    assert_eq!((s.queues, s.mem), (0, 0));
+    assert_eq!(s.reasm_timeout, held as u64);
+    whole(&e, &mut w, 0x7777, now + 31_001);
 }
 
 /// A hostile FTP server announces port after port on one control connection, and many

@@ -396,6 +396,13 @@ impl Shared {
             r(&e.dropped_ttl),
             r(&e.dropped_fragments)
         );
+        let f = self.engine.reassembler();
+        let (fs, high) = (f.stats(), f.config().high_thresh);
+        let _ = writeln!(
+            s,
+            "reassembly: {} datagrams held in {} of {high} bytes; {} reassembled, {} given up ({} evicted for memory, {} timed out)",
+            fs.queues, fs.mem, fs.reasm_oks, fs.reasm_fails, fs.evictions, fs.reasm_timeout
+        );
         s
     }
 

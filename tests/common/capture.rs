@@ -95,6 +95,29 @@ pub fn echo(iface: &str, src: [u8; 4], dst: [u8; 4], id: u16, seq: u16, reply: b
     out
 }
 
+/// The IPv4 datagram in the Ethernet frame `frame`, its identification set to `id`, cut into
+/// fragments of `size` payload bytes (a multiple of 8), each an Ethernet frame with the
+/// original's MACs and a correct header checksum.
+pub fn fragments_v4(frame: &[u8], id: u16, size: usize) -> Vec<Vec<u8>> {
+    let (mut ip, payload) = etherparse::Ipv4Header::from_slice(&frame[14..]).unwrap();
+    ip.identification = id;
+    ip.dont_fragment = false;
+    let len = payload.len();
+    let mut out = Vec::new();
+    for (i, piece) in payload.chunks(size).enumerate() {
+        let off = i * size;
+        ip.more_fragments = off + piece.len() < len;
+        ip.fragment_offset = etherparse::IpFragOffset::try_new((off / 8) as u16).unwrap();
+        ip.total_len = (ip.header_len() + piece.len()) as u16;
+        ip.header_checksum = ip.calc_header_checksum();
+        let mut f = frame[..14].to_vec();
+        f.extend_from_slice(&ip.to_bytes());
+        f.extend_from_slice(piece);
+        out.push(f);
+    }
+    out
+}
+
 /// A pcapng file: one Interface Description Block per distinct interface name (in order of
 /// first use, `if_tsresol` 9 so timestamps are nanoseconds), then Enhanced Packet Blocks.
 pub fn pcapng(frames: &[Cap]) -> Vec<u8> {

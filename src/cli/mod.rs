@@ -210,6 +210,25 @@ pub enum LabCommand {
         #[arg(long, default_value = "examples")]
         examples: PathBuf,
     },
+    /// A soak: bring a lab up, run the appliance with examples/home-router.nft under mixed
+    /// traffic (downloads, new TCP connections and UDP exchanges by the thousand over IPv4 and
+    /// IPv6, pings) for MINUTES, sample its resident memory and connection count, and say
+    /// whether the memory stayed flat once the table was full; tear it down. Exit status 0:
+    /// flat and nothing failed; 1: not; 77: it could not run here.
+    Soak {
+        /// How long.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Seconds between samples (default: a twentieth of the run, at least 5).
+        #[arg(long)]
+        every: Option<u64>,
+        /// The namespaces' name prefix.
+        #[arg(long, default_value = "kssoak")]
+        prefix: String,
+        /// Where the example rulesets and lab.toml are.
+        #[arg(long, default_value = "examples")]
+        examples: PathBuf,
+    },
     /// Delete the lab's namespaces (and whatever runs in them).
     Down {
         #[arg(long, default_value = "ks")]
@@ -333,6 +352,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Lab {
             action: LabCommand::Demo { prefix, examples },
         } => lab::demo(&prefix, &examples),
+        Command::Lab {
+            action:
+                LabCommand::Soak {
+                    minutes,
+                    every,
+                    prefix,
+                    examples,
+                },
+        } => lab::soak(&prefix, &examples, minutes, every),
         Command::Bench {
             what:
                 BenchCommand::Classify {

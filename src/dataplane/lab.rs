@@ -21,6 +21,7 @@
 //! Owns only namespaces and links it creates; `down` deletes exactly the namespaces of its
 //! prefix.
 
+use std::path::Path;
 use std::process::Command;
 
 /// The LAN host, the firewall's LAN and WAN addresses, the WAN host (the next hop of the
@@ -223,6 +224,22 @@ remove it with: keepstate lab down
 "
         )
     }
+}
+
+/// The text of `examples/lab.toml` from `examples`, with `rules` (a path relative to
+/// `examples`, or absolute) as an absolute path and the control socket at `control`.
+pub fn config(examples: &Path, rules: &Path, control: &Path) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(examples.join("lab.toml"))?;
+    let rules = std::path::absolute(examples.join(rules))?;
+    Ok(text
+        .replace(
+            "rules = \"home-router.nft\"",
+            &format!("rules = {:?}", rules.display().to_string()),
+        )
+        .replace(
+            "control = \"/run/keepstate-lab.sock\"",
+            &format!("control = {:?}", control.display().to_string()),
+        ))
 }
 
 fn ip(args: &[&str]) -> Result<(), LabError> {

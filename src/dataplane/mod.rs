@@ -22,8 +22,8 @@
 //! Owns: sockets and UMEMs ([`worker`]), interface facts and socket options ([`iface`]), the
 //! neighbour cache ([`neigh`]), the link-layer bytes ([`wire`]), the lab's namespaces
 //! ([`lab`]), the control socket ([`control`]), the workers' heartbeats and the reports of a
-//! dead or stuck one ([`health`]) and the lab demo ([`demo`]). Must not hold policy: what
-//! passes is the engine's word alone.
+//! dead or stuck one ([`health`]), the lab demo ([`demo`]) and the lab soak ([`soak`]). Must
+//! not hold policy: what passes is the engine's word alone.
 
 pub mod bench;
 pub mod control;
@@ -35,6 +35,7 @@ pub mod health;
 pub mod iface;
 pub mod lab;
 pub mod neigh;
+pub mod soak;
 pub mod wire;
 mod worker;
 

@@ -4,8 +4,9 @@
 //!
 //! ```text
 //!   cli        clap subcommands; wires the library together, holds no policy
-//!   dataplane  the live box: AF_XDP sockets, per-core workers, ARP/ND/echo, the control
-//!              socket, the lab and its demo; the only home of unsafe, threads and syscalls
+//!   dataplane  the live box: AF_XDP sockets, per-core workers and their health, ARP/ND/echo,
+//!              the control socket, the lab, its demo and its soak; the only home of unsafe,
+//!              threads and syscalls
 //!   replay     offline replay: capture files -> engine with the capture's clock -> text
 //!   config     the TOML configuration: rules file, ports, routes, conntrack settings
 //!   engine     sans-IO: process(frame, ingress, now) -> Verdict; the one place that joins

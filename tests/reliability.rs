@@ -17,30 +17,13 @@ use keepstate::engine::{DropReason, Engine, Verdict, Worker};
 use keepstate::rules;
 
 use common::capture::{fragments_v4, tcp, udp};
-use common::router;
+use common::router::{self, home_router};
 
 const LAN: usize = 0;
 const WAN: usize = 1;
 const CLIENT: [u8; 4] = [192, 168, 1, 10];
 const SERVER: [u8; 4] = [203, 0, 113, 7];
 const BOX_WAN: [u8; 4] = [198, 51, 100, 1];
-
-/// The home router with its table bounded to `max` connections, checksums off (the flood's
-/// frames are made fast, not checksummed).
-fn home_router(max: u32) -> Engine {
-    let cfg = Config::parse(
-        &format!(
-            "{}\n[conntrack]\nmax = {max}\nchecksum = false\n",
-            router::CONFIG
-        ),
-        Path::new("ks.toml"),
-    )
-    .unwrap();
-    let rules =
-        rules::load_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/home-router.nft"))
-            .unwrap();
-    Engine::from_config(&cfg, &rules).unwrap()
-}
 
 fn t(ms: u64) -> Timestamp {
     Timestamp::from_millis(1_000_000 + ms)

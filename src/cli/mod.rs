@@ -213,8 +213,9 @@ pub enum LabCommand {
     /// A soak: bring a lab up, run the appliance with examples/home-router.nft under mixed
     /// traffic (downloads, new TCP connections and UDP exchanges by the thousand over IPv4 and
     /// IPv6, pings) for MINUTES, sample its resident memory and connection count, and say
-    /// whether the memory stayed flat once the table was full; tear it down. Exit status 0:
-    /// flat and nothing failed; 1: not; 77: it could not run here.
+    /// whether the memory stayed flat over the second half of the run (the first is the
+    /// warm-up); tear it down. Exit status 0: flat and nothing failed; 1: not (or shorter
+    /// than 5 minutes); 77: it could not run here.
     Soak {
         /// How long.
         #[arg(long, default_value_t = 10.0)]

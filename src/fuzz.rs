@@ -12,7 +12,8 @@ use crate::engine::{Engine, Worker};
 use crate::rules;
 
 /// The rules a fuzzed engine runs: the home router's filter and NAT (masquerade and a port
-/// forward), with the FTP and SIP helpers attached.
+/// forward), with the FTP and SIP helpers attached, and a flowtable that TCP and UDP
+/// connections are offloaded to once established.
 const RULES: &str = r#"
 table inet filter {
 	ct helper ftp-standard {
@@ -21,6 +22,9 @@ table inet filter {
 	ct helper sip-5060 {
 		type "sip" protocol udp;
 	}
+	flowtable fastpath {
+		hook ingress priority 0; devices = { lan, wan }; counter
+	}
 	chain pre {
 		type filter hook prerouting priority filter; policy accept;
 		tcp dport 21 ct helper set "ftp-standard"
@@ -28,6 +32,7 @@ table inet filter {
 	}
 	chain forward {
 		type filter hook forward priority filter; policy drop;
+		meta l4proto { tcp, udp } flow add @fastpath
 		ct state vmap { established : accept, related : accept, invalid : drop }
 		iifname "lan" accept
 		ct status dnat accept
@@ -91,6 +96,7 @@ pub fn engine_frames(data: &[u8]) {
         e.process_with(&mut frame, port, Timestamp(now), &mut w);
     }
     e.housekeeping(Timestamp(now), 16);
+    let _ = e.flow_gc(Timestamp(now));
 }
 
 /// A rules file through the whole front end (parse, check, lower, print).

@@ -194,20 +194,7 @@ fn live_router_forwards_answers_drops_and_reloads() {
     let good = std::fs::read_to_string(root.join("examples/home-router.nft")).unwrap();
     std::fs::write(&rules, &good).unwrap();
     let sock = dir.path().join("control.sock");
-    let cfg = std::fs::read_to_string(root.join("examples/lab.toml"))
-        .unwrap()
-        .replace(
-            "rules = \"home-router.nft\"",
-            &format!("rules = {:?}", rules.display().to_string()),
-        )
-        .replace(
-            "control = \"/run/keepstate-lab.sock\"",
-            &format!("control = {:?}", sock.display().to_string()),
-        );
-    assert!(cfg.contains(&rules.display().to_string()));
-    assert!(cfg.contains(&sock.display().to_string()));
-    let cfg_path = dir.path().join("lab.toml");
-    std::fs::write(&cfg_path, cfg).unwrap();
+    let cfg_path = router_config(dir.path(), &rules, &sock, "");
 
     let (pid, lines) = start(&mut g, &cfg_path);
 

@@ -559,7 +559,11 @@ fn print_verdict(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
             last.conns,
             mib(max),
             growth as f64 / 1024.0,
-            if r.flat() { "flat" } else { "GROWING" },
+            match (r.short, r.flat()) {
+                (true, _) => "not judged",
+                (false, true) => "flat",
+                (false, false) => "GROWING",
+            },
             mib(limit)
         )?;
     }

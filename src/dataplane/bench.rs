@@ -746,18 +746,12 @@ impl Bench<'_> {
         Err(cmd_err("keepstate run", "did not say it runs within 20 s"))
     }
 
-    /// Moves the firewall's veth receive work (the XDP program, and with it the copy into
-    /// the UMEM or the fast path's whole forwarding) off the generator's core: veth runs its
-    /// NAPI where the sender is, so without this it would run inside the generator's send
-    /// calls and be charged to the generator. Threaded NAPI makes it a kernel thread, pinned
-    /// here to the firewall's core (`cpus`, or the firewall's own when empty), the core
-    /// budget RPS gives the kernel's modes.
-    fn threaded_napi(&self, cpus: &str) -> Result<(), BenchError> {
-        let cpus = if cpus.is_empty() {
-            self.fw_cpu.to_string()
-        } else {
-            cpus.to_string()
-        };
+    /// Makes the firewall's veth receive work (the XDP program, and with it the copy into
+    /// the UMEM or the fast path's whole forwarding) a kernel thread pinned to `cpu`: veth
+    /// runs its NAPI where the sender is, so without this it would run inside the
+    /// generator's send calls and be charged to the generator's process, not to the firewall.
+    fn threaded_napi(&self, cpu: usize) -> Result<(), BenchError> {
+        let cpus = cpu.to_string();
         run_ok(
             "ip",
             &[
@@ -871,7 +865,15 @@ impl Bench<'_> {
             self.setup_kernel(mode)?;
         } else {
             let p = self.start_keepstate(mode)?;
-            self.threaded_napi(if mode == Mode::Keepstate2 { "0,1" } else { "" })?;
+            // The fast path forwards inside the NAPI thread: it is the firewall's work, on
+            // the firewall's core. The workers' modes keep the receive copy on the other
+            // core: on the worker's own core it starves the worker (measured: mode c fell from
+            // about 300k to 100k packets/s), the livelock a NIC's interrupt moderation avoids.
+            let cpus = match mode {
+                Mode::Flowtable => self.fw_cpu,
+                _ => self.opts.gen_cpu,
+            };
+            self.threaded_napi(cpus)?;
             ks = Some(p);
         }
         let r = self.measure(mode, flows, ks.as_ref().map(Proc::pid));

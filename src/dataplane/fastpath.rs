@@ -122,12 +122,19 @@ struct BpfProgram {
     _private: [u8; 0],
 }
 
+#[repr(C)]
+struct BpfMap {
+    _private: [u8; 0],
+}
+
 // libbpf 1.4 (linked into libxdp-sys): pointers come back NULL with errno set, ints as
 // -errno.
 extern "C" {
     fn bpf_object__open_mem(buf: *const c_void, size: usize, opts: *const c_void)
         -> *mut BpfObject;
     fn bpf_object__load(obj: *mut BpfObject) -> c_int;
+    fn bpf_object__find_map_by_name(obj: *const BpfObject, name: *const c_char) -> *mut BpfMap;
+    fn bpf_map__set_max_entries(map: *mut BpfMap, max_entries: u32) -> c_int;
     fn bpf_object__close(obj: *mut BpfObject);
     fn bpf_object__find_program_by_name(
         obj: *const BpfObject,
@@ -272,8 +279,9 @@ fn name(s: &str) -> CString {
 impl FastPath {
     /// Loads the program and its maps for these port interfaces (in the engine's port order),
     /// whose sockets will serve up to `queues` queues each, and fills `tx_ports` and
-    /// `xsk_base`. Attaches nothing yet.
-    pub fn load(interfaces: &[String], queues: u32) -> Result<FastPath, FastPathError> {
+    /// `xsk_base`; the flow map holds up to `flows` entries (one per direction of an
+    /// offloaded connection). Attaches nothing yet.
+    pub fn load(interfaces: &[String], queues: u32, flows: u32) -> Result<FastPath, FastPathError> {
         if interfaces.len() > MAX_PORTS || queues > MAX_QUEUES {
             return Err(FastPathError::TooBig);
         }
@@ -302,6 +310,20 @@ impl FastPath {
             generic: std::sync::atomic::AtomicBool::new(false),
             stats: FastPathStats::default(),
         };
+        let flows_name = name("flows");
+        // SAFETY: `obj` is open and not loaded yet, when a map's size may still change; the
+        // name is NUL-terminated and outlives the call.
+        let r = unsafe {
+            let map = bpf_object__find_map_by_name(obj, flows_name.as_ptr());
+            if map.is_null() {
+                -libc::ENOENT
+            } else {
+                bpf_map__set_max_entries(map, flows.max(1024))
+            }
+        };
+        if r < 0 {
+            return Err(FastPathError::Load(errno(r)));
+        }
         // SAFETY: `obj` is a live object from open_mem (closed by Drop from here on).
         let r = unsafe { bpf_object__load(obj) };
         if r < 0 {

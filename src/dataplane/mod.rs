@@ -608,7 +608,10 @@ pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError>
     // queue's frames go to the kernel (XDP_PASS), as before any program ran.
     let interfaces: Vec<String> = ports.iter().map(|p| p.interface.clone()).collect();
     let most = ports.iter().map(|p| p.queues).max().unwrap_or(0);
-    let loaded = fastpath::FastPath::load(&interfaces, most).and_then(|fp| {
+    // Room for both directions of every connection the table may hold, as the kernel's
+    // flowtable (a resizing hash) never refuses one for lack of room.
+    let flows = (engine.tracker().table().max().saturating_mul(2)).clamp(1 << 16, 1 << 23);
+    let loaded = fastpath::FastPath::load(&interfaces, most, flows as u32).and_then(|fp| {
         fp.attach()?;
         Ok(fp)
     });

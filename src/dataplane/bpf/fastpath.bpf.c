@@ -74,7 +74,10 @@ struct flow_value {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	/* Resized by the loader to twice the conntrack table's max (both directions of
+	 * every connection); allocated as entries come, not up front. */
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct flow_key);
 	__type(value, struct flow_value);
 } flows SEC(".maps");

@@ -10,7 +10,7 @@ cargo build --release --benches --quiet
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test 2>&1 | tee "$log" || status=$?
+cargo test --no-fail-fast 2>&1 | tee "$log" || status=$?
 awk '/^test result:/ {
 	for (i = 1; i <= NF; i++) {
 		if ($(i) ~ /^passed;?$/) p += $(i-1)

@@ -89,8 +89,16 @@ fn exit_code(g: &mut Guard, limit: Duration) -> Option<i32> {
     }
 }
 
+/// The tests run one after the other: each runs a box with two workers, downloads and
+/// pings, and three at once on two cores starve the traffic whose timing they check.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[test]
 fn a_dead_or_stuck_worker_is_reported_and_kept_running_with_report() {
+    let _serial = one_at_a_time();
     if !can_run("netns_reliability", TOOLS) {
         return;
     }
@@ -158,6 +166,7 @@ fn a_dead_or_stuck_worker_is_reported_and_kept_running_with_report() {
 
 #[test]
 fn a_dead_or_stuck_worker_ends_the_appliance_with_exit() {
+    let _serial = one_at_a_time();
     if !can_run("netns_reliability", TOOLS) {
         return;
     }
@@ -213,6 +222,7 @@ const BAD: [(&str, usize); 4] = [
 
 #[test]
 fn a_hundred_reloads_under_traffic_break_nothing() {
+    let _serial = one_at_a_time();
     if !can_run("netns_reliability", TOOLS) {
         return;
     }
@@ -297,11 +307,17 @@ fn a_hundred_reloads_under_traffic_break_nothing() {
     }
     let took = t.elapsed();
     eprintln!("100 reloads in {took:?}");
+    let ended: Vec<String> = [
+        ("IPv4 download", &mut d4),
+        ("IPv6 download", &mut d6),
+        ("ping", &mut ping),
+    ]
+    .into_iter()
+    .filter_map(|(what, c)| c.try_wait().unwrap().map(|st| format!("{what}: {st}")))
+    .collect();
     assert!(
-        [&mut d4, &mut d6, &mut ping]
-            .iter_mut()
-            .all(|c| c.try_wait().unwrap().is_none()),
-        "the traffic ended before the reloads did ({took:?}): make it last longer"
+        ended.is_empty(),
+        "the traffic ended before the reloads did ({took:?}): {ended:?}"
     );
 
     eprintln!("the last valid file is in force");

@@ -438,18 +438,8 @@ fn start_box(st: &Stage, cfg: &Path, control: &Path) -> Result<Appliance, DemoEr
 /// The configuration of examples/lab.toml with an absolute rules path and the control
 /// socket in the demo's directory.
 fn lab_config(examples: &Path, rules: &str, control: &Path) -> Result<String, DemoError> {
-    let path = examples.join("lab.toml");
-    let text = std::fs::read_to_string(&path).map_err(io(format!("read {}", path.display())))?;
-    let rules = examples.join(rules);
-    Ok(text
-        .replace(
-            "rules = \"home-router.nft\"",
-            &format!("rules = {:?}", rules.display().to_string()),
-        )
-        .replace(
-            "control = \"/run/keepstate-lab.sock\"",
-            &format!("control = {:?}", control.display().to_string()),
-        ))
+    super::lab::config(examples, Path::new(rules), control)
+        .map_err(io(format!("read {}", examples.join("lab.toml").display())))
 }
 
 /// Runs the whole demo; the lab is named by `prefix`.

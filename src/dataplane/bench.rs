@@ -727,34 +727,15 @@ impl Bench<'_> {
         } else {
             "0,1".to_string()
         };
-        let log = std::fs::File::create(self.top.dir.path().join("ks.log"))
-            .map_err(|e| cmd_err("create ks.log", e))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.top.lab.fw, "taskset", "-c", &cpus])
-            .arg(&self.opts.exe)
-            .arg("run")
-            .arg("--config")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| cmd_err("keepstate run", e))?;
-        let mut p = Proc(child);
-        let end = Instant::now() + Duration::from_secs(20);
         let log = self.top.dir.path().join("ks.log");
-        while Instant::now() < end {
-            let said = std::fs::read_to_string(&log).unwrap_or_default();
-            if said.contains("keepstate: running") {
-                return Ok(p);
-            }
-            if let Ok(Some(st)) = p.0.try_wait() {
-                return Err(cmd_err("keepstate run", format!("{st}: {}", said.trim())));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        p.stop();
-        Err(cmd_err("keepstate run", "did not say it runs within 20 s"))
+        let child = self.top.lab.start_appliance(
+            &self.opts.exe,
+            &cfg,
+            &log,
+            &["taskset", "-c", &cpus],
+            &control,
+        )?;
+        Ok(Proc(child))
     }
 
     /// Makes the firewall's veth receive work (the XDP program, and with it the copy into
@@ -791,9 +772,11 @@ impl Bench<'_> {
             Mode::KernelNft => ns_ok(&self.top.lab.fw, "conntrack -C").ok()?,
             _ => {
                 let control = self.top.dir.path().join("ks.sock");
-                let exe = self.opts.exe.display().to_string();
-                let control = control.display().to_string();
-                run_ok(&exe, &["ct", "count", "--control", &control]).ok()?
+                super::control::client::out_lines(
+                    &control,
+                    &super::control::proto::Request::CtCount,
+                )
+                .join("\n")
             }
         };
         out.trim().parse().ok()

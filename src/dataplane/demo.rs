@@ -231,16 +231,7 @@ impl Show {
 
 /// Asks the appliance `req` over its control socket; returns the stdout lines, unprinted.
 fn query(a: &Appliance, req: &Request) -> Vec<String> {
-    let mut out = Vec::new();
-    let _ = Client::connect(&a.control).and_then(|c| {
-        c.call(req, |ans| {
-            if let Answer::Out(l) = ans {
-                out.push(l.clone());
-            }
-            Ok(())
-        })
-    });
-    out
+    super::control::client::out_lines(&a.control, req)
 }
 
 /// Asks the appliance `req` over its control socket and prints the answer as the command

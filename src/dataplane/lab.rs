@@ -22,7 +22,8 @@
 //! prefix.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// The LAN host, the firewall's LAN and WAN addresses, the WAN host (the next hop of the
 /// default route) and an address "on the internet" behind it.
@@ -45,6 +46,8 @@ pub enum LabError {
     Prefix(String),
     #[error("namespace `{0}` already exists: remove that lab first (`keepstate lab down`), or choose another --prefix")]
     Exists(String),
+    #[error("the appliance did not start: {0}")]
+    NoStart(String),
 }
 
 /// The namespaces of one lab.
@@ -200,6 +203,56 @@ impl Lab {
                 .stderr(std::process::Stdio::null())
                 .status();
         }
+    }
+
+    /// Starts `exe run --config cfg` in the firewall's namespace, behind `wrapper` (for
+    /// example `taskset -c 1`), its stderr written to `log`, and waits up to 20 s until it
+    /// says it runs and its control socket `control` exists. `ip netns exec` (and taskset)
+    /// exec the program: the child's pid is the appliance's.
+    pub fn start_appliance(
+        &self,
+        exe: &Path,
+        cfg: &Path,
+        log: &Path,
+        wrapper: &[&str],
+        control: &Path,
+    ) -> Result<Child, LabError> {
+        let command = format!("keepstate run --config {}", cfg.display());
+        let file = std::fs::File::create(log).map_err(|e| LabError::Command {
+            command: format!("create {}", log.display()),
+            reason: e.to_string(),
+        })?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.fw])
+            .args(wrapper)
+            .arg(exe)
+            .arg("run")
+            .arg("--config")
+            .arg(cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .map_err(|e| LabError::Command {
+                command,
+                reason: e.to_string(),
+            })?;
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            let said = std::fs::read_to_string(log).unwrap_or_default();
+            if said.contains("keepstate: running") && control.exists() {
+                return Ok(child);
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(LabError::NoStart(format!("{status}: {}", said.trim())));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(LabError::NoStart(
+            "it did not say it runs within 20 s".into(),
+        ))
     }
 
     /// How to use the lab, for `keepstate lab up`.

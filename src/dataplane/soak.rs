@@ -31,8 +31,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::control::client::Client;
-use super::control::proto::{Answer, Request};
+use super::control::client::out_lines;
+use super::control::proto::Request;
 use super::lab::{Lab, INTERNET, INTERNET6};
 
 /// Growth after the warm-up still called flat: this much...
@@ -63,8 +63,6 @@ pub enum SoakError {
     Io { what: String, err: std::io::Error },
     #[error(transparent)]
     Lab(#[from] super::lab::LabError),
-    #[error("the appliance did not start: {0}")]
-    NoStart(String),
     #[error("the servers in the WAN namespace did not start")]
     NoServer,
     #[error("interrupted")]
@@ -240,20 +238,6 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// The lines the appliance answers `req` with on `control`.
-fn ask(control: &Path, req: &Request) -> Vec<String> {
-    let mut out = Vec::new();
-    let _ = Client::connect(control).and_then(|c| {
-        c.call(req, |a| {
-            if let Answer::Out(l) = a {
-                out.push(l.clone());
-            }
-            Ok(())
-        })
-    });
-    out
-}
-
 /// `0:00`.
 fn clock(d: Duration) -> String {
     format!("{}:{:02}", d.as_secs() / 60, d.as_secs() % 60)
@@ -365,7 +349,7 @@ pub fn run(
         let s = Sample {
             at,
             rss_kib: rss_kib(pid).unwrap_or(0),
-            conns: ask(&control, &Request::CtCount)
+            conns: out_lines(&control, &Request::CtCount)
                 .first()
                 .and_then(|l| l.trim().parse().ok())
                 .unwrap_or(0),
@@ -396,7 +380,7 @@ pub fn run(
         .iter()
         .position(|s| s.at >= total / 2)
         .unwrap_or(0);
-    report.workers = ask(&control, &Request::Stats)
+    report.workers = out_lines(&control, &Request::Stats)
         .into_iter()
         .filter(|l| l.starts_with("worker "))
         .collect();
@@ -426,36 +410,11 @@ pub fn run(
 /// directory; its pid once it runs.
 fn start_appliance(st: &mut Stage, cfg: &Path, control: &Path) -> Result<u32, SoakError> {
     let exe = std::env::current_exe().map_err(io("find the keepstate binary"))?;
-    let log_path = st.dir.join("keepstate.log");
-    let log = std::fs::File::create(&log_path).map_err(io("create the appliance's log"))?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", &st.lab.fw])
-        .arg(&exe)
-        .arg("run")
-        .arg("--config")
-        .arg(cfg)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(io("start keepstate run"))?;
-    // `ip netns exec` execs the program: this is the appliance's own pid.
+    let log = st.dir.join("keepstate.log");
+    let child = st.lab.start_appliance(&exe, cfg, &log, &[], control)?;
     let pid = child.id();
     st.appliance = Some(child);
-    let end = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < end {
-        let said = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if said.contains("keepstate: running") && control.exists() {
-            return Ok(pid);
-        }
-        if let Some(Ok(Some(status))) = st.appliance.as_mut().map(|a| a.try_wait()) {
-            return Err(SoakError::NoStart(format!("{status}: {}", said.trim())));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err(SoakError::NoStart(
-        "it did not say it runs within 20 s".into(),
-    ))
+    Ok(pid)
 }
 
 /// The HTTP and UDP echo servers on the internet's addresses; returns once both answer.

@@ -15,6 +15,21 @@ pub enum End {
     Failed(String),
 }
 
+/// The `out` lines the appliance on `path` answers `req` with; empty when it cannot be
+/// asked (the lab tools read the box's state with it, and judge what is missing).
+pub fn out_lines(path: &Path, req: &Request) -> Vec<String> {
+    let mut out = Vec::new();
+    let _ = Client::connect(path).and_then(|c| {
+        c.call(req, |a| {
+            if let Answer::Out(l) = a {
+                out.push(l.clone());
+            }
+            Ok(())
+        })
+    });
+    out
+}
+
 /// A connection to a running appliance.
 pub struct Client {
     stream: UnixStream,

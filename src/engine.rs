@@ -585,6 +585,10 @@ pub struct Engine {
     flows: Flows,
     /// Per port: the index in [`Compiled::flowtables`] of the flowtable that lists it.
     flow_ports: ArcSwap<Vec<Option<usize>>>,
+    /// Flowtable gc passes still to check every flow against the ruleset: set by a reload.
+    /// Two, so that a flow a worker offloaded under the old rules during the first is caught
+    /// by the second; none otherwise (the check is a walk over every flow).
+    flow_checks: AtomicU64,
 }
 
 /// Per port, the first flowtable listing it (by port name).
@@ -616,6 +620,7 @@ impl Engine {
             calls: AtomicU64::new(0),
             flows: Flows::default(),
             flow_ports: ArcSwap::from_pointee(fp),
+            flow_checks: AtomicU64::new(0),
         }
     }
 
@@ -676,6 +681,7 @@ impl Engine {
         self.flow_ports
             .store(Arc::new(flow_ports(&self.ports, &rules)));
         self.rules.store(Arc::new(rules));
+        self.flow_checks.store(2, Ordering::Relaxed);
     }
 
     /// Whether `flow` still belongs to the ruleset in force: its flowtable lists both its
@@ -703,7 +709,17 @@ impl Engine {
     /// remove.
     pub fn flow_gc(&self, now: Timestamp) -> Vec<FlowRef> {
         let t = &self.tracker.config().timeouts;
-        self.flows.teardown_unless(|f| self.flow_current(f), t, now);
+        let checks = self.flow_checks.load(Ordering::Relaxed);
+        if checks > 0 {
+            // A reload racing this store sets 2 again, or is caught by the next pass.
+            let _ = self.flow_checks.compare_exchange(
+                checks,
+                checks - 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            self.flows.teardown_unless(|f| self.flow_current(f), t, now);
+        }
         self.flows.gc(t, now)
     }
 

@@ -12,10 +12,11 @@
 //! Owns the BPF object, its maps and the XDP attachments; decides nothing about flows (that
 //! is the engine's flowtable, [`crate::conntrack::flowtable`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
@@ -153,7 +154,15 @@ extern "C" {
     ) -> c_int;
     fn bpf_map_delete_elem(fd: c_int, key: *const c_void) -> c_int;
     fn bpf_map_lookup_elem(fd: c_int, key: *const c_void, value: *mut c_void) -> c_int;
-    fn bpf_map_get_next_key(fd: c_int, key: *const c_void, next: *mut c_void) -> c_int;
+    fn bpf_map_lookup_batch(
+        fd: c_int,
+        in_batch: *mut c_void,
+        out_batch: *mut c_void,
+        keys: *mut c_void,
+        values: *mut c_void,
+        count: *mut u32,
+        opts: *const c_void,
+    ) -> c_int;
 }
 
 fn errno(r: c_int) -> std::io::Error {
@@ -245,6 +254,28 @@ pub struct FastPathStats {
     pub egress_off: AtomicU64,
 }
 
+/// One installed direction of a flow, as the fast path remembers it beside the kernel's copy.
+struct Entry {
+    flow: FlowRef,
+    dir: Dir,
+    /// The program's counters at the last reading.
+    packets: u64,
+    bytes: u64,
+}
+
+/// What one entry forwarded since the last reading, for [`Engine::flow_account`].
+struct Forwarded {
+    flow: FlowRef,
+    dir: Dir,
+    packets: u64,
+    bytes: u64,
+    last_seen: u64,
+}
+
+/// Entries read per `BPF_MAP_LOOKUP_BATCH` call (more than any hash bucket holds, which the
+/// kernel requires).
+const BATCH: usize = 4096;
+
 /// The loaded program and its maps.
 pub struct FastPath {
     obj: *mut BpfObject,
@@ -256,8 +287,9 @@ pub struct FastPath {
     ifindexes: Vec<u32>,
     interfaces: Vec<String>,
     attached: Mutex<Vec<u32>>,
-    /// Per entry: the counters as last read (the program's are cumulative).
-    read: Mutex<HashMap<FlowKey, (u64, u64)>>,
+    /// What the workers installed, by key: whose entry it is, and its counters as last read
+    /// (the program's are cumulative).
+    entries: Mutex<HashMap<FlowKey, Entry>>,
     /// The neighbour table's generation the entries' MACs were last checked against.
     neigh_gen: AtomicU64,
     /// Per port: whether redirects to it are off (it would drop them).
@@ -304,7 +336,7 @@ impl FastPath {
             ifindexes,
             interfaces: interfaces.to_vec(),
             attached: Mutex::new(Vec::new()),
-            read: Mutex::new(HashMap::new()),
+            entries: Mutex::new(HashMap::new()),
             neigh_gen: AtomicU64::new(0),
             egress: Mutex::new(Vec::new()),
             generic: std::sync::atomic::AtomicBool::new(false),
@@ -445,8 +477,18 @@ impl FastPath {
                 return false;
             };
             let value = value_of(tx, macs[i], nat_of(flow, dir).as_ref());
-            self.read.lock().insert(key, (0, 0));
-            if update(self.flows_fd, &key, &value).is_err() {
+            // One lock over the map and the kernel's copy, so that a retire of a flow that
+            // had the same key cannot remove this one's.
+            let mut entries = self.entries.lock();
+            if update(self.flows_fd, &key, &value).is_ok() {
+                let entry = Entry {
+                    flow: flow.clone(),
+                    dir,
+                    packets: 0,
+                    bytes: 0,
+                };
+                entries.insert(key, entry);
+            } else {
                 ok = false;
             }
         }
@@ -459,58 +501,73 @@ impl FastPath {
         ok
     }
 
-    /// Removes both directions of `flow`, accounting what they forwarded since the last
-    /// reading first.
+    /// Removes both directions of `flow` (those still its own: a flow installed since with
+    /// the same key keeps its entry), accounting what they forwarded since the last reading
+    /// first.
     pub fn retire(&self, engine: &Engine, flow: &FlowRef, now: Timestamp) {
         let mono = monotonic_ns();
-        for (i, dir) in [Dir::Original, Dir::Reply].into_iter().enumerate() {
-            let Some(key) = self.key(&flow.dirs[i]) else {
+        for d in &flow.dirs {
+            let Some(key) = self.key(d) else {
                 continue;
             };
-            self.account(engine, &key, flow, dir, now, mono);
-            delete(self.flows_fd, &key);
-            self.read.lock().remove(&key);
+            let forwarded = {
+                let mut entries = self.entries.lock();
+                let Some(e) = entries.get_mut(&key).filter(|e| Arc::ptr_eq(&e.flow, flow)) else {
+                    continue;
+                };
+                let forwarded = lookup(self.flows_fd, &key).and_then(|v| e.read(&v));
+                delete(self.flows_fd, &key);
+                entries.remove(&key);
+                forwarded
+            };
+            if let Some(f) = forwarded {
+                self.account(engine, f, now, mono);
+            }
         }
     }
 
     /// Once a second: every entry's counters into its flow, entries no live flow owns (torn
-    /// down, a reload removed its flowtable, an install that raced a teardown) removed, and,
-    /// when a neighbour's MAC changed, the entries towards it rewritten (the kernel's
-    /// flowtable follows the neighbour cache the same way, through `neigh_xmit`).
+    /// down, a reload removed its flowtable) removed, and, when a neighbour's MAC changed, the
+    /// entries towards it rewritten (the kernel's flowtable follows the neighbour cache the
+    /// same way, through `neigh_xmit`). The map is read a batch at a time, a few system
+    /// calls for a million entries.
     pub fn sync(&self, engine: &Engine, now: Timestamp, neighbours: &Neighbours) {
         let mono = monotonic_ns();
         let generation = neighbours.generation();
         let recheck = self.neigh_gen.swap(generation, Ordering::Relaxed) != generation;
-        // Keys first, flows second: an entry is installed only after its flow is in the
-        // engine's table, so every key listed here belongs to a flow listed below unless
-        // that flow is gone.
-        let keys = keys(self.flows_fd);
-        let mut live = HashMap::new();
-        for flow in engine.flows().flows() {
-            for (i, dir) in [Dir::Original, Dir::Reply].into_iter().enumerate() {
-                if let Some(k) = self.key(&flow.dirs[i]) {
-                    live.insert(k, (flow.clone(), dir));
-                }
-            }
-        }
-        let mut left = 0;
-        for key in &keys {
-            match live.get(key) {
-                Some((flow, dir)) => {
-                    self.account(engine, key, flow, *dir, now, mono);
-                    if recheck {
-                        self.follow_neighbour(key, &flow.dirs[dir.index()], neighbours);
+        let (mut left, mut forwarded, mut moved, mut stale) =
+            (0, Vec::new(), Vec::new(), Vec::new());
+        read_all(self.flows_fd, |keys, values| {
+            let mut entries = self.entries.lock();
+            for (key, v) in keys.iter().zip(values) {
+                match entries.get_mut(key) {
+                    Some(e) if !e.flow.is_torn_down() => {
+                        left += 1;
+                        forwarded.extend(e.read(v));
+                        if recheck {
+                            moved.push((*key, e.flow.clone(), e.dir));
+                        }
                     }
-                    left += 1;
-                }
-                None => {
-                    delete(self.flows_fd, key);
-                    self.read.lock().remove(key);
+                    _ => stale.push(*key),
                 }
             }
+        });
+        for f in forwarded {
+            self.account(engine, f, now, mono);
         }
-        let present: HashSet<_> = keys.iter().collect();
-        self.read.lock().retain(|k, _| present.contains(k));
+        for (key, flow, dir) in moved {
+            self.follow_neighbour(&key, &flow.dirs[dir.index()], neighbours);
+        }
+        let mut entries = self.entries.lock();
+        for key in stale {
+            // Unless a worker installed a live flow there since the reading.
+            if entries.get(&key).is_some_and(|e| !e.flow.is_torn_down()) {
+                continue;
+            }
+            delete(self.flows_fd, &key);
+            entries.remove(&key);
+        }
+        drop(entries);
         self.stats.entries.store(left, Ordering::Relaxed);
         self.refresh_egress();
     }
@@ -566,35 +623,34 @@ impl FastPath {
         }
     }
 
-    /// Reads one entry and gives its flow what it forwarded since the last reading.
-    fn account(
-        &self,
-        engine: &Engine,
-        key: &FlowKey,
-        flow: &FlowRef,
-        dir: Dir,
-        now: Timestamp,
-        mono: u64,
-    ) {
-        let Some(v) = lookup(self.flows_fd, key) else {
-            return;
-        };
-        let (packets, bytes) = {
-            let mut read = self.read.lock();
-            let last = read.entry(*key).or_insert((0, 0));
-            // Counters below the last reading: the entry was installed afresh.
-            let before = if v.packets < last.0 { (0, 0) } else { *last };
-            *last = (v.packets, v.bytes);
-            (v.packets - before.0, v.bytes.saturating_sub(before.1))
-        };
-        if packets == 0 {
-            return;
-        }
-        self.stats.packets.fetch_add(packets, Ordering::Relaxed);
-        self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+    /// Gives a flow what its entry forwarded.
+    fn account(&self, engine: &Engine, f: Forwarded, now: Timestamp, mono: u64) {
+        self.stats.packets.fetch_add(f.packets, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(f.bytes, Ordering::Relaxed);
         // The program's clock is CLOCK_MONOTONIC; the engine's starts at its own epoch.
-        let seen = Timestamp(now.0.saturating_sub(mono.saturating_sub(v.last_seen)));
-        engine.flow_account(flow, dir, packets, bytes, seen);
+        let seen = Timestamp(now.0.saturating_sub(mono.saturating_sub(f.last_seen)));
+        engine.flow_account(&f.flow, f.dir, f.packets, f.bytes, seen);
+    }
+}
+
+impl Entry {
+    /// What the entry forwarded since the last reading, given the kernel's value `v` now.
+    fn read(&mut self, v: &FlowValue) -> Option<Forwarded> {
+        // Counters below the last reading: the entry was installed afresh.
+        let before = if v.packets < self.packets {
+            (0, 0)
+        } else {
+            (self.packets, self.bytes)
+        };
+        (self.packets, self.bytes) = (v.packets, v.bytes);
+        let packets = v.packets - before.0;
+        (packets > 0).then(|| Forwarded {
+            flow: self.flow.clone(),
+            dir: self.dir,
+            packets,
+            bytes: v.bytes.saturating_sub(before.1),
+            last_seen: v.last_seen,
+        })
     }
 }
 
@@ -647,19 +703,44 @@ fn lookup(fd: c_int, key: &FlowKey) -> Option<FlowValue> {
     (r == 0).then_some(v)
 }
 
-fn keys(fd: c_int) -> Vec<FlowKey> {
-    let mut out = Vec::new();
-    let mut next = FlowKey::default();
-    let mut prev: *const c_void = std::ptr::null();
+/// Reads every entry of the flow map `fd`, a batch at a time, into `each`. An error (other
+/// than the end) ends the reading early; the next one starts over.
+fn read_all(fd: c_int, mut each: impl FnMut(&[FlowKey], &[FlowValue])) {
+    let mut keys = vec![FlowKey::default(); BATCH];
+    let mut values = vec![FlowValue::default(); BATCH];
+    // The hash map's position: a bucket number the kernel hands back.
+    let (mut at, mut next) = (0u64, 0u64);
+    let mut first = true;
     loop {
-        // SAFETY: `prev` is NULL (the first key) or points at the last key read, which lives
-        // in `out`'s last element until the next push; `next` receives one key.
-        let r = unsafe { bpf_map_get_next_key(fd, prev, (&mut next as *mut FlowKey).cast()) };
-        if r < 0 || out.len() > 1 << 20 {
-            return out;
+        let mut count = BATCH as u32;
+        let in_batch: *mut c_void = if first {
+            std::ptr::null_mut()
+        } else {
+            (&mut at as *mut u64).cast()
+        };
+        // SAFETY: `keys` and `values` hold `count` elements of the map's key and value sizes
+        // (checked by the layout test); the tokens are 8 bytes, more than the 4 the kernel
+        // writes; opts NULL means the defaults.
+        let r = unsafe {
+            bpf_map_lookup_batch(
+                fd,
+                in_batch,
+                (&mut next as *mut u64).cast(),
+                keys.as_mut_ptr().cast(),
+                values.as_mut_ptr().cast(),
+                &mut count,
+                std::ptr::null(),
+            )
+        };
+        let n = (count as usize).min(BATCH);
+        if r == 0 || r == -libc::ENOENT {
+            each(&keys[..n], &values[..n]);
         }
-        out.push(next);
-        prev = (out.last().unwrap_or(&next) as *const FlowKey).cast();
+        if r != 0 {
+            return;
+        }
+        at = next;
+        first = false;
     }
 }
 

@@ -45,7 +45,7 @@ use crate::classify::{
     action_stmt, BuildError, Classifier, Decision, Evaluation, LimitSpec, Limiter, PacketKey, Tree,
 };
 use crate::config::{Config, RouteEntry};
-use crate::conntrack::flowtable::{FlowDir, FlowEvent, FlowRef, Flows, StateCheck};
+use crate::conntrack::flowtable::{self, FlowDir, FlowEvent, FlowRef, Flows, StateCheck};
 use crate::conntrack::nat::{self as ctnat, Manip};
 use crate::conntrack::{
     self, Classified, Confirmed, CtConfig, HelperName, PktCtx, Timestamp, Tracker,
@@ -585,10 +585,12 @@ pub struct Engine {
     flows: Flows,
     /// Per port: the index in [`Compiled::flowtables`] of the flowtable that lists it.
     flow_ports: ArcSwap<Vec<Option<usize>>>,
-    /// Flowtable gc passes still to check every flow against the ruleset: set by a reload.
+    /// Flowtable gc calls still to check every flow against the ruleset: set by a reload.
     /// Two, so that a flow a worker offloaded under the old rules during the first is caught
     /// by the second; none otherwise (the check is a walk over every flow).
     flow_checks: AtomicU64,
+    /// The gc slice [`Engine::flow_gc_step`] walks next.
+    flow_cursor: AtomicU64,
 }
 
 /// Per port, the first flowtable listing it (by port name).
@@ -621,6 +623,7 @@ impl Engine {
             flows: Flows::default(),
             flow_ports: ArcSwap::from_pointee(fp),
             flow_checks: AtomicU64::new(0),
+            flow_cursor: AtomicU64::new(0),
         }
     }
 
@@ -703,15 +706,27 @@ impl Engine {
         &self.flows
     }
 
-    /// The flowtable gc (`nf_flow_offload_gc_step`; the kernel runs it every second): tears
-    /// down expired flows, keeps offloaded connections alive, and returns every flow that went
-    /// back to the slow path without a packet saying so (expiry, reload), for the dataplane to
-    /// remove.
+    /// The flowtable gc (`nf_flow_offload_gc_step`; the kernel runs it every second), a whole
+    /// pass: tears down expired flows, keeps offloaded connections alive, and returns every
+    /// flow that went back to the slow path without a packet saying so (expiry, reload), for
+    /// the dataplane to remove.
     pub fn flow_gc(&self, now: Timestamp) -> Vec<FlowRef> {
+        self.flow_gc_slices(0..flowtable::GC_SLICES, now)
+    }
+
+    /// [`Engine::flow_gc`] over the next of the flowtable's [`flowtable::GC_SLICES`] slices:
+    /// called that many times a second, every flow is visited once a second, as the kernel
+    /// does, and no call walks them all.
+    pub fn flow_gc_step(&self, now: Timestamp) -> Vec<FlowRef> {
+        let s = self.flow_cursor.fetch_add(1, Ordering::Relaxed) as usize;
+        self.flow_gc_slices(s..s + 1, now)
+    }
+
+    fn flow_gc_slices(&self, slices: std::ops::Range<usize>, now: Timestamp) -> Vec<FlowRef> {
         let t = &self.tracker.config().timeouts;
         let checks = self.flow_checks.load(Ordering::Relaxed);
         if checks > 0 {
-            // A reload racing this store sets 2 again, or is caught by the next pass.
+            // A reload racing this store sets 2 again, or is caught by the next call.
             let _ = self.flow_checks.compare_exchange(
                 checks,
                 checks - 1,
@@ -720,7 +735,7 @@ impl Engine {
             );
             self.flows.teardown_unless(|f| self.flow_current(f), t, now);
         }
-        self.flows.gc(t, now)
+        slices.flat_map(|s| self.flows.gc_step(s, t, now)).collect()
     }
 
     /// What a dataplane fast path forwarded for `flow` in direction `dir` since it last said:

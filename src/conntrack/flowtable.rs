@@ -16,7 +16,7 @@
 //! state CLOSE (10 s) if it was closing, else in its own state.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -119,10 +119,18 @@ pub enum FlowEvent {
     TornDown(FlowRef),
 }
 
+/// The gc's slices: every flow is in one, and a gc step walks one, so that a pass over a
+/// million flows is spread over [`GC_SLICES`] steps instead of stalling one.
+pub const GC_SLICES: usize = 20;
+
 /// Every flowtable's flows, by (ingress port, tuple).
 #[derive(Default)]
 pub struct Flows {
     map: DashMap<(usize, Tuple), (FlowRef, Dir)>,
+    /// Every flow in the map, once, in the gc slice it was given at its offload.
+    slices: [Mutex<Vec<FlowRef>>; GC_SLICES],
+    /// The slice the next offloaded flow goes to.
+    next_slice: AtomicUsize,
     /// Flows torn down outside a packet (reload, gc), for [`Flows::gc`]'s caller.
     pending: Mutex<Vec<FlowRef>>,
 }
@@ -167,6 +175,8 @@ impl Flows {
         }
         self.map.insert(keys[0], (flow.clone(), Dir::Original));
         self.map.insert(keys[1], (flow.clone(), Dir::Reply));
+        let slice = self.next_slice.fetch_add(1, Ordering::Relaxed) % GC_SLICES;
+        self.slices[slice].lock().push(flow.clone());
         // nf_ct_refresh(ct, NF_CT_DAY); nft_flow_offload_eval: TCP window checks liberal from
         // now on, as the slow path will not see every segment.
         conn.expires
@@ -212,14 +222,17 @@ impl Flows {
     }
 
     /// Tears down every flow `keep` refuses (a reload that dropped their flowtable or port);
-    /// [`Flows::gc`] reports them.
+    /// the gc reports them.
     pub fn teardown_unless(&self, keep: impl Fn(&Flow) -> bool, t: &Timeouts, now: Timestamp) {
         let mut gone = Vec::new();
-        for e in self.map.iter() {
-            let (flow, dir) = e.value();
-            if *dir == Dir::Original && !flow.is_torn_down() && !keep(flow) {
-                gone.push(flow.clone());
-            }
+        for slice in &self.slices {
+            let slice = slice.lock();
+            gone.extend(
+                slice
+                    .iter()
+                    .filter(|f| !f.is_torn_down() && !keep(f))
+                    .cloned(),
+            );
         }
         for f in &gone {
             teardown(f, t, now);
@@ -227,19 +240,25 @@ impl Flows {
         self.pending.lock().extend(gone);
     }
 
-    /// One pass of the flowtable's gc (`nf_flow_offload_gc_step`, once a second in the
-    /// kernel): expired flows and flows of dying connections are torn down, live ones keep
-    /// their connection from expiring (`nf_flow_table_extend_ct_timeout`), and torn-down
-    /// ones leave the table. Returns the flows that went back to the slow path since the last
-    /// call without an event yet (torn down here, or by a reload).
+    /// A whole pass of the flowtable's gc: every slice's [`Flows::gc_step`].
     pub fn gc(&self, t: &Timeouts, now: Timestamp) -> Vec<FlowRef> {
+        let mut events = Vec::new();
+        for slice in 0..GC_SLICES {
+            events.extend(self.gc_step(slice, t, now));
+        }
+        events
+    }
+
+    /// The flowtable's gc (`nf_flow_offload_gc_step`, which the kernel runs over every flow
+    /// once a second) over the flows of one slice (`slice` modulo [`GC_SLICES`]): expired
+    /// flows and flows of dying connections are torn down, live ones keep their connection
+    /// from expiring (`nf_flow_table_extend_ct_timeout`), and torn-down ones leave the table.
+    /// Returns the flows that went back to the slow path since the last call without an event
+    /// yet (torn down here, or by a reload).
+    pub fn gc_step(&self, slice: usize, t: &Timeouts, now: Timestamp) -> Vec<FlowRef> {
         let mut events = std::mem::take(&mut *self.pending.lock());
         let mut remove = Vec::new();
-        for e in self.map.iter() {
-            let (flow, dir) = e.value();
-            if *dir != Dir::Original {
-                continue;
-            }
+        self.slices[slice % GC_SLICES].lock().retain(|flow| {
             let was_down = flow.is_torn_down();
             if flow.expires().0 <= now.0 || flow.conn.is_dying() {
                 if !was_down {
@@ -251,8 +270,10 @@ impl Flows {
             }
             if flow.is_torn_down() {
                 remove.push(flow.clone());
+                return false;
             }
-        }
+            true
+        });
         for f in remove {
             for (d, dir) in f.dirs.iter().zip([Dir::Original, Dir::Reply]) {
                 self.map.remove_if(&(d.iif, d.tuple), |_, v| {

@@ -407,16 +407,16 @@ impl Shared {
         s
     }
 
-    /// The flowtable gc (`Engine::flow_gc`), with the fast path kept in step: with `read`,
-    /// the XDP counters go into their flows first (so the gc sees the packets XDP
-    /// forwarded), and entries no live flow owns are removed; the entries of the flows the
-    /// gc tore down are removed in any case.
+    /// A step of the flowtable gc (`Engine::flow_gc_step`: one slice of the flows), with the
+    /// fast path kept in step: with `read`, the XDP counters go into their flows first (so
+    /// the gc sees the packets XDP forwarded), and entries no live flow owns are removed; the
+    /// entries of the flows the gc tore down are removed in any case.
     pub fn flow_gc(&self, read: bool) {
         let now = self.now();
         if let (Some(fp), true) = (&self.fastpath, read) {
             fp.sync(&self.engine, now, &self.neighbours);
         }
-        let gone = self.engine.flow_gc(now);
+        let gone = self.engine.flow_gc_step(now);
         if let Some(fp) = &self.fastpath {
             for f in &gone {
                 fp.retire(&self.engine, f, now);

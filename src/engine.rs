@@ -711,18 +711,29 @@ impl Engine {
     /// flow that went back to the slow path without a packet saying so (expiry, reload), for
     /// the dataplane to remove.
     pub fn flow_gc(&self, now: Timestamp) -> Vec<FlowRef> {
-        self.flow_gc_slices(0..flowtable::GC_SLICES, now)
+        self.flow_gc_slices(0..flowtable::GC_SLICES, now, &|_| {})
     }
 
     /// [`Engine::flow_gc`] over the next of the flowtable's [`flowtable::GC_SLICES`] slices:
     /// called that many times a second, every flow is visited once a second, as the kernel
-    /// does, and no call walks them all.
-    pub fn flow_gc_step(&self, now: Timestamp) -> Vec<FlowRef> {
+    /// does, and no call walks them all. `refresh` is asked about a flow before it expires
+    /// (see [`Flows::gc_step`]): a fast path accounts there what it forwarded.
+    pub fn flow_gc_step(&self, now: Timestamp, refresh: &dyn Fn(&FlowRef)) -> Vec<FlowRef> {
         let s = self.flow_cursor.fetch_add(1, Ordering::Relaxed) as usize;
-        self.flow_gc_slices(s..s + 1, now)
+        self.flow_gc_slices(s..s + 1, now, refresh)
     }
 
-    fn flow_gc_slices(&self, slices: std::ops::Range<usize>, now: Timestamp) -> Vec<FlowRef> {
+    /// How many [`Engine::flow_gc_step`] calls there were.
+    pub fn flow_gc_cursor(&self) -> usize {
+        self.flow_cursor.load(Ordering::Relaxed) as usize
+    }
+
+    fn flow_gc_slices(
+        &self,
+        slices: std::ops::Range<usize>,
+        now: Timestamp,
+        refresh: &dyn Fn(&FlowRef),
+    ) -> Vec<FlowRef> {
         let t = &self.tracker.config().timeouts;
         let checks = self.flow_checks.load(Ordering::Relaxed);
         if checks > 0 {
@@ -735,7 +746,9 @@ impl Engine {
             );
             self.flows.teardown_unless(|f| self.flow_current(f), t, now);
         }
-        slices.flat_map(|s| self.flows.gc_step(s, t, now)).collect()
+        slices
+            .flat_map(|s| self.flows.gc_step(s, t, now, refresh))
+            .collect()
     }
 
     /// What a dataplane fast path forwarded for `flow` in direction `dir` since it last said:

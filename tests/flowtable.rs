@@ -281,3 +281,48 @@ fn a_reload_without_the_flowtable_sends_its_flows_back() {
     assert_eq!(r.e.flow_gc(t(2)).len(), 1);
     assert!(r.e.flows().is_empty());
 }
+
+#[test]
+fn a_fast_path_keeps_its_flows_alive_by_telling_the_gc_in_steps() {
+    use keepstate::conntrack::flowtable::GC_SLICES;
+    use keepstate::conntrack::Dir;
+    let mut r = Run::new();
+    let up = || capture::udp("lan", CLIENT, SERVER, 5353, 53, b"query");
+    let (o, _) = r.send(LAN, up(), t(0));
+    let masq = ports(&leaves(&o)).0;
+    let down = capture::udp("wan", SERVER, BOX_WAN, 53, masq, b"answer");
+    let (_, ev) = r.send(WAN, down, t(1));
+    assert!(matches!(ev.as_slice(), [FlowEvent::Offloaded(_)]), "{ev:?}");
+    let conn = r.conn();
+    // Its packets from then on never reach the engine: a fast path forwarded 10 of them, the
+    // last at 40 s, and says so only when the gc asks about the flow, due at 31 s.
+    let asked = std::sync::atomic::AtomicUsize::new(0);
+    let xdp = |flow: &keepstate::conntrack::flowtable::FlowRef| {
+        asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        r.e.flow_account(flow, Dir::Original, 10, 470, t(40));
+    };
+    let mut gone = Vec::new();
+    for _ in 0..GC_SLICES {
+        gone.extend(r.e.flow_gc_step(t(20), &xdp));
+    }
+    assert!(gone.is_empty());
+    assert_eq!(
+        asked.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "not due yet"
+    );
+    // One pass of the slices at 41 s: asked once, alive until 70 s, counters counted.
+    for _ in 0..GC_SLICES {
+        gone.extend(r.e.flow_gc_step(t(41), &xdp));
+    }
+    assert!(gone.is_empty());
+    assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let line = show::list_line(&conn, t(41), ShowOpts::default());
+    assert!(line.contains("[OFFLOAD]"), "{line}");
+    // Nothing forwarded since: the pass at 71 s lets it expire.
+    for _ in 0..GC_SLICES {
+        gone.extend(r.e.flow_gc_step(t(71), &|_| {}));
+    }
+    assert_eq!(gone.len(), 1);
+    assert_eq!(conn.status() & status::OFFLOAD, 0);
+}

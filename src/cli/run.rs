@@ -18,7 +18,6 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::config::{Config, Mode, WorkerFailure};
-use crate::conntrack::flowtable;
 use crate::dataplane::health::Supervisor;
 use crate::dataplane::{self, control};
 use crate::engine::{Compiled, Engine, Port, Routing};
@@ -28,10 +27,9 @@ use crate::rules;
 const TICK: Duration = Duration::from_millis(50);
 /// A full pass of the tracker's expiry takes about this many ticks (2 s).
 const TICKS_PER_GC_PASS: usize = 40;
-/// The XDP fast path's counters are read every this many ticks (1 s, as the kernel's
-/// flowtable gc runs); a tick runs one of the flowtable gc's slices, so every flow is
-/// visited once a second too.
-const TICKS_PER_FASTPATH_READ: usize = flowtable::GC_SLICES;
+/// Every XDP fast-path entry is read every this many ticks (10 s: a walk over all of them;
+/// flows about to expire are asked about in between, and a listing reads them first).
+const TICKS_PER_FASTPATH_READ: usize = 200;
 
 fn compile(path: &Path) -> anyhow::Result<Compiled> {
     let loaded = rules::load_file(path).map_err(|d| anyhow::anyhow!("{}:\n{d}", path.display()))?;
@@ -148,8 +146,8 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
         }
         engine.housekeeping(shared.now(), buckets);
         // A slice of the flowtable gc (the kernel's visits every flow each second; so does
-        // this, a slice a tick), and once a second the XDP fast path's counters read back
-        // into the flows.
+        // this, one of its 20 slices a tick), and now and then the XDP fast path's counters
+        // read back into the flows.
         tick += 1;
         shared.flow_gc(tick % TICKS_PER_FASTPATH_READ == 0);
         shared.publish_destroyed();

@@ -244,7 +244,7 @@ impl Flows {
     pub fn gc(&self, t: &Timeouts, now: Timestamp) -> Vec<FlowRef> {
         let mut events = Vec::new();
         for slice in 0..GC_SLICES {
-            events.extend(self.gc_step(slice, t, now));
+            events.extend(self.gc_step(slice, t, now, &|_| {}));
         }
         events
     }
@@ -255,11 +255,24 @@ impl Flows {
     /// from expiring (`nf_flow_table_extend_ct_timeout`), and torn-down ones leave the table.
     /// Returns the flows that went back to the slow path since the last call without an event
     /// yet (torn down here, or by a reload).
-    pub fn gc_step(&self, slice: usize, t: &Timeouts, now: Timestamp) -> Vec<FlowRef> {
+    ///
+    /// `refresh` is called for a live flow about to expire, before the gc decides: a fast path
+    /// that forwards packets the engine does not see tells of them there
+    /// ([`crate::engine::Engine::flow_account`]), so the flow lives on.
+    pub fn gc_step(
+        &self,
+        slice: usize,
+        t: &Timeouts,
+        now: Timestamp,
+        refresh: &dyn Fn(&FlowRef),
+    ) -> Vec<FlowRef> {
         let mut events = std::mem::take(&mut *self.pending.lock());
         let mut remove = Vec::new();
         self.slices[slice % GC_SLICES].lock().retain(|flow| {
             let was_down = flow.is_torn_down();
+            if !was_down && flow.expires().0 <= now.0 && !flow.conn.is_dying() {
+                refresh(flow);
+            }
             if flow.expires().0 <= now.0 || flow.conn.is_dying() {
                 if !was_down {
                     teardown(flow, t, now);

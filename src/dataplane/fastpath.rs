@@ -289,7 +289,7 @@ pub struct FastPath {
     attached: Mutex<Vec<u32>>,
     /// What the workers installed, by key: whose entry it is, and its counters as last read
     /// (the program's are cumulative).
-    entries: Mutex<HashMap<FlowKey, Entry>>,
+    entries: Mutex<HashMap<FlowKey, Entry, foldhash::fast::RandomState>>,
     /// The neighbour table's generation the entries' MACs were last checked against.
     neigh_gen: AtomicU64,
     /// Per port: whether redirects to it are off (it would drop them).
@@ -336,7 +336,7 @@ impl FastPath {
             ifindexes,
             interfaces: interfaces.to_vec(),
             attached: Mutex::new(Vec::new()),
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(HashMap::default()),
             neigh_gen: AtomicU64::new(0),
             egress: Mutex::new(Vec::new()),
             generic: std::sync::atomic::AtomicBool::new(false),
@@ -505,6 +505,17 @@ impl FastPath {
     /// the same key keeps its entry), accounting what they forwarded since the last reading
     /// first.
     pub fn retire(&self, engine: &Engine, flow: &FlowRef, now: Timestamp) {
+        self.read_flow(engine, flow, now, true);
+    }
+
+    /// What both directions of `flow` forwarded since the last reading, into the flow (the
+    /// gc asks before it lets a flow expire).
+    pub fn refresh(&self, engine: &Engine, flow: &FlowRef, now: Timestamp) {
+        self.read_flow(engine, flow, now, false);
+    }
+
+    /// Reads both of `flow`'s own entries into it, and with `remove` removes them.
+    fn read_flow(&self, engine: &Engine, flow: &FlowRef, now: Timestamp, remove: bool) {
         let mono = monotonic_ns();
         for d in &flow.dirs {
             let Some(key) = self.key(d) else {
@@ -516,8 +527,10 @@ impl FastPath {
                     continue;
                 };
                 let forwarded = lookup(self.flows_fd, &key).and_then(|v| e.read(&v));
-                delete(self.flows_fd, &key);
-                entries.remove(&key);
+                if remove {
+                    delete(self.flows_fd, &key);
+                    entries.remove(&key);
+                }
                 forwarded
             };
             if let Some(f) = forwarded {
@@ -526,11 +539,20 @@ impl FastPath {
         }
     }
 
-    /// Once a second: every entry's counters into its flow, entries no live flow owns (torn
-    /// down, a reload removed its flowtable) removed, and, when a neighbour's MAC changed, the
-    /// entries towards it rewritten (the kernel's flowtable follows the neighbour cache the
-    /// same way, through `neigh_xmit`). The map is read a batch at a time, a few system
-    /// calls for a million entries.
+    /// Whether a neighbour's MAC changed since the entries were last checked (a [`sync`]
+    /// rewrites them).
+    ///
+    /// [`sync`]: FastPath::sync
+    pub fn neighbours_changed(&self, neighbours: &Neighbours) -> bool {
+        self.neigh_gen.load(Ordering::Relaxed) != neighbours.generation()
+    }
+
+    /// Every entry's counters into its flow, entries no live flow owns (torn down, a reload
+    /// removed its flowtable) removed, and, when a neighbour's MAC changed, the entries
+    /// towards it rewritten (the kernel's flowtable follows the neighbour cache the same way,
+    /// through `neigh_xmit`). The map is read a batch at a time, a few system calls for a
+    /// million entries; still a walk over all of them, so the main loop runs it every few
+    /// seconds, and flows about to expire are asked about one by one ([`FastPath::refresh`]).
     pub fn sync(&self, engine: &Engine, now: Timestamp, neighbours: &Neighbours) {
         let mono = monotonic_ns();
         let generation = neighbours.generation();
@@ -569,7 +591,6 @@ impl FastPath {
         }
         drop(entries);
         self.stats.entries.store(left, Ordering::Relaxed);
-        self.refresh_egress();
     }
 
     /// Keeps `tx_ok` to the ports that take redirected frames: a driver without

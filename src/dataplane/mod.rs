@@ -50,6 +50,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 
 use crate::config::{Config, Mode};
+use crate::conntrack::flowtable;
 use crate::conntrack::show::{self, ShowOpts};
 use crate::conntrack::{Timestamp, EV_DESTROY};
 use crate::engine::Engine;
@@ -408,19 +409,35 @@ impl Shared {
     }
 
     /// A step of the flowtable gc (`Engine::flow_gc_step`: one slice of the flows), with the
-    /// fast path kept in step: with `read`, the XDP counters go into their flows first (so
-    /// the gc sees the packets XDP forwarded), and entries no live flow owns are removed; the
-    /// entries of the flows the gc tore down are removed in any case.
-    pub fn flow_gc(&self, read: bool) {
+    /// fast path kept in step: a flow about to expire is refreshed from what XDP forwarded
+    /// of it, and the entries of the flows the gc tore down are removed. With `full`, or when
+    /// a neighbour's MAC changed, every entry is read first ([`fastpath::FastPath::sync`]): counters
+    /// into their flows, entries no live flow owns removed.
+    pub fn flow_gc(&self, full: bool) {
         let now = self.now();
-        if let (Some(fp), true) = (&self.fastpath, read) {
+        let Some(fp) = &self.fastpath else {
+            self.engine.flow_gc_step(now, &|_| {});
+            return;
+        };
+        if full || fp.neighbours_changed(&self.neighbours) {
             fp.sync(&self.engine, now, &self.neighbours);
         }
-        let gone = self.engine.flow_gc_step(now);
+        if self.engine.flow_gc_cursor() % flowtable::GC_SLICES == 0 {
+            // Once a second: which ports take redirected frames.
+            fp.refresh_egress();
+        }
+        let gone = self
+            .engine
+            .flow_gc_step(now, &|flow| fp.refresh(&self.engine, flow, now));
+        for f in &gone {
+            fp.retire(&self.engine, f, now);
+        }
+    }
+
+    /// Every fast-path entry's counters into its flow now, for a listing that shows them.
+    pub fn flow_sync(&self) {
         if let Some(fp) = &self.fastpath {
-            for f in &gone {
-                fp.retire(&self.engine, f, now);
-            }
+            fp.sync(&self.engine, self.now(), &self.neighbours);
         }
     }
 

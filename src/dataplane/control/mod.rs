@@ -346,6 +346,8 @@ fn answer(ctx: &Ctx, req: &Request, w: &mut impl Write, fd: RawFd) -> std::io::R
             }
         },
         Request::CtList { filter, json } => {
+            // The fast path's counters and timeouts into the connections first.
+            shared.flow_sync();
             let conns = listed(engine.tracker().conns(), filter);
             let mut text = String::new();
             for c in &conns {
@@ -399,6 +401,7 @@ fn answer(ctx: &Ctx, req: &Request, w: &mut impl Write, fd: RawFd) -> std::io::R
             write(w, Answer::Ok)
         }
         Request::Stats => {
+            shared.flow_sync();
             let mut text = shared.render_stats();
             let compiled = engine.compiled();
             text.push_str("\n# the ruleset in force, as `nft list ruleset` shows it\n");

@@ -32,7 +32,8 @@
 //! busy_poll = false                  # SO_PREFER_BUSY_POLL on the AF_XDP sockets
 //! control = "/run/keepstate.sock"    # the control socket (for `keepstate reload`, `ct`)
 //! control_group = "adm"              # the group that may use it
-//! worker_failure = "exit"            # a worker died or stuck: exit 1 (or "report": keep going)
+//! worker_failure = "exit"            # a worker died or stuck, a port's XDP program gone: exit 1
+//!                                    # (or "report": keep going)
 //! stall_timeout = 5                  # seconds without a heartbeat before a worker is stuck
 //! ```
 //!
@@ -102,15 +103,17 @@ pub struct Dataplane {
     pub control: PathBuf,
     /// The group allowed to use the control socket; `None`: root only.
     pub control_group: Option<String>,
-    /// What the appliance does when a worker thread dies (panics) or is stuck.
+    /// What the appliance does when a worker thread dies (panics) or is stuck, or a port's
+    /// XDP program is detached or replaced (its frames bypass the workers).
     pub worker_failure: WorkerFailure,
     /// Seconds a worker may go without a heartbeat (it beats on every turn of its loop, at
     /// least every 100 ms when idle) before it counts as stuck.
     pub stall_timeout: u32,
 }
 
-/// What the appliance does when a worker dies or is stuck: its queues are no longer
-/// served, so the flows the NIC hashes onto them are black-holed while the others pass.
+/// What the appliance does when a worker dies or is stuck (its queues are no longer served,
+/// so the flows the NIC hashes onto them are black-holed while the others pass), or when a
+/// port's XDP program is detached or replaced (its frames bypass the firewall).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerFailure {

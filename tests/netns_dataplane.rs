@@ -357,7 +357,8 @@ fn live_router_forwards_answers_drops_and_reloads() {
 
     eprintln!("control: `stats` shows ports, the tracker and live rule counters (reset by a reload, as nft's)");
     let stats = ctl_ok(&sock, &["stats"]);
-    assert!(stats.contains("port lan (ks-lan): rx "), "{stats}");
+    assert!(stats.contains("port lan (ks-lan): XDP program "), "{stats}");
+    assert!(stats.contains("; rx "), "{stats}");
     assert!(stats.contains("conntrack: "), "{stats}");
     let drops = stats
         .lines()

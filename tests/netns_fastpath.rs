@@ -62,7 +62,7 @@ fn worker_rx(stats: &str) -> u64 {
         .lines()
         .filter(|l| l.starts_with("port "))
         .filter_map(|l| {
-            l.split(": rx ")
+            l.split("; rx ")
                 .nth(1)?
                 .split(' ')
                 .next()?

@@ -4,6 +4,9 @@
 //! - a worker that dies (panics) or gets stuck is reported in the log and by `keepstate stats`,
 //!   and the appliance exits with status 1 (`worker_failure = "exit"`) or keeps going
 //!   (`"report"`), as configured; the faults come from the test knob `KEEPSTATE_TEST_FAULT`;
+//! - a port whose XDP program is detached (`ip link set dev IF xdp off`, or `xdpgeneric off`,
+//!   as it was attached) or replaced by another tool's is reported the same ways, by the same
+//!   policy, and the other tool's program is left in place when the appliance stops;
 //! - a hundred reloads through the control socket, valid and invalid rules files alternating,
 //!   while two downloads (IPv4 and IPv6) and a ping run the whole time: not one connection
 //!   broken, every invalid file refused with its file:line:col, the last valid file in force.
@@ -16,14 +19,15 @@
 mod live;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keepstate::dataplane::lab::{INTERNET, INTERNET6};
 
 use live::{
     body, can_run, ctl, ctl_ok, http_server, in_ns, lab, ok, router_config, signal, start,
-    start_with, Guard,
+    start_with, Guard, Lines,
 };
 
 /// How long a lab may live before the watchdog deletes it.
@@ -71,6 +75,44 @@ fn worker_lines(sock: &Path) -> Vec<String> {
         .filter(|l| l.starts_with("worker "))
         .map(str::to_string)
         .collect()
+}
+
+/// Requires the `port NAME (...)` line of `keepstate stats` to start with `head`.
+fn port_line_starts(sock: &Path, name: &str, head: &str) {
+    let stats = ctl_ok(sock, &["stats"]);
+    let line = stats
+        .lines()
+        .find(|l| l.starts_with(&format!("port {name} (")))
+        .unwrap_or_else(|| panic!("no port {name}:\n{stats}"));
+    assert!(line.starts_with(head), "wanted {head}...:\n{line}");
+}
+
+/// Runs `ip ARGS` and requires success.
+fn ip(args: &[&str]) {
+    let o = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        o.status.success(),
+        "`ip {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The XDP program `interface` runs in `ns`, as `ip link` shows it (`prog/xdp id 42 ...` or
+/// `prog/xdpgeneric id 42 ...`): the keyword of its mode, which `ip link set ... MODE off`
+/// takes, and its id.
+fn xdp_program(ns: &str, interface: &str) -> Option<(String, u32)> {
+    let o = Command::new("ip")
+        .args(["-n", ns, "link", "show", "dev", interface])
+        .output()
+        .expect("ip");
+    let text = String::from_utf8_lossy(&o.stdout);
+    let mut words = text.split("prog/").nth(1)?.split_whitespace();
+    let mode = words.next()?.to_string();
+    if words.next()? != "id" {
+        return None;
+    }
+    Some((mode, words.next()?.parse().ok()?))
 }
 
 /// Waits for `keepstate run` (the guard's first child) to end by itself, and takes it from
@@ -193,6 +235,139 @@ fn a_dead_or_stuck_worker_ends_the_appliance_with_exit() {
         );
         assert!(!s.sock.exists(), "the control socket was left behind");
     }
+    eprintln!("and it starts again on the same interfaces, and forwards");
+    start(&mut s.g, &s.cfg);
+    ok(&s.g.lab.lan, &["ping", "-c", "2", "-W", "2", INTERNET]);
+}
+
+/// A lab with the appliance running, `dataplane` added to its configuration, whose LAN
+/// port's XDP program an operator detaches, as `ip link` shows it attached (`xdp off` for a
+/// native program, `xdpgeneric off` for a generic one); once the log says so: the appliance's
+/// pid and lines, the program's id and the index of that line.
+fn detach_lan(letter: char, dataplane: &str) -> (Setup, u32, Arc<Lines>, u32, usize) {
+    let mut s = setup(letter, dataplane);
+    let (pid, lines) = start(&mut s.g, &s.cfg);
+    let (fw, lan) = (s.g.lab.fw.clone(), s.g.lab.links[0].clone());
+    let (mode, id) = xdp_program(&fw, &lan).expect("no XDP program on the LAN port");
+    port_line_starts(
+        &s.sock,
+        "lan",
+        &format!("port lan ({lan}): XDP program {id}; rx "),
+    );
+    eprintln!("{lan} runs XDP program {id}; an operator: ip -n {fw} link set dev {lan} {mode} off");
+    ip(&["-n", &fw, "link", "set", "dev", &lan, &mode, "off"]);
+    assert_eq!(xdp_program(&fw, &lan), None, "still attached");
+    let at = lines.wait_for(
+        &format!(
+            "keepstate: port lan (interface {lan}): keepstate's XDP program was detached (was \
+             id {id}, now none): its frames bypass the workers"
+        ),
+        0,
+        Duration::from_secs(5),
+    );
+    (s, pid, lines, id, at)
+}
+
+#[test]
+fn a_port_whose_xdp_program_goes_is_reported_and_kept_running_with_report() {
+    let _serial = one_at_a_time();
+    if !can_run("netns_reliability", TOOLS) {
+        return;
+    }
+    let (mut s, pid, lines, id, _) = detach_lan('x', "worker_failure = \"report\"");
+    let (fw, [lan, wan]) = (s.g.lab.fw.clone(), s.g.lab.links.clone());
+    port_line_starts(
+        &s.sock,
+        "lan",
+        &format!("port lan ({lan}): bypassed: XDP program {id} detached; rx "),
+    );
+
+    eprintln!("another tool attaches its own program to the WAN port, in the same mode");
+    let (mode, was) = xdp_program(&fw, &wan).expect("no XDP program on the WAN port");
+    let other = s.dir.path().join("other.bpf.o");
+    std::fs::write(&other, keepstate::dataplane::fastpath::OBJECT).unwrap();
+    let attach = if mode == "xdpgeneric" {
+        "xdpgeneric"
+    } else {
+        "xdpdrv"
+    };
+    ip(&[
+        "-force",
+        "-n",
+        &fw,
+        "link",
+        "set",
+        "dev",
+        &wan,
+        attach,
+        "object",
+        other.to_str().unwrap(),
+        "program",
+        "keepstate_pass",
+    ]);
+    let (_, now) = xdp_program(&fw, &wan).expect("the other tool's program is not attached");
+    assert_ne!(now, was);
+    lines.wait_for(
+        &format!(
+            "keepstate: port wan (interface {wan}): keepstate's XDP program was replaced (was \
+             id {was}, now id {now}): its frames bypass the workers"
+        ),
+        0,
+        Duration::from_secs(5),
+    );
+    port_line_starts(
+        &s.sock,
+        "wan",
+        &format!("port wan ({wan}): bypassed: XDP program {was} replaced by {now}; rx "),
+    );
+
+    eprintln!("each said once; the appliance keeps running");
+    std::thread::sleep(Duration::from_millis(2500));
+    let said = |what: &str| {
+        let l = lines.lines.lock().unwrap();
+        l.iter().filter(|l| l.contains(what)).count()
+    };
+    assert_eq!(said("keepstate's XDP program was detached"), 1);
+    assert_eq!(said("keepstate's XDP program was replaced"), 1);
+    assert!(
+        s.g.children[0].try_wait().unwrap().is_none(),
+        "keepstate exited"
+    );
+    let w = worker_lines(&s.sock);
+    assert!(w.iter().all(|l| l.contains(": running; rx ")), "{w:?}");
+
+    eprintln!("stop: the exit status says a port failed; the other tool's program stays");
+    signal(pid, "-TERM");
+    assert_eq!(exit_code(&mut s.g, Duration::from_secs(10)), Some(1));
+    assert_eq!(xdp_program(&fw, &wan).map(|(_, id)| id), Some(now));
+    assert!(!s.sock.exists(), "the control socket was left behind");
+}
+
+#[test]
+fn a_port_whose_xdp_program_goes_ends_the_appliance_with_exit() {
+    let _serial = one_at_a_time();
+    if !can_run("netns_reliability", TOOLS) {
+        return;
+    }
+    // The default policy, worker_failure = "exit".
+    let (mut s, _, lines, id, at) = detach_lan('y', "");
+    let (fw, [lan, wan]) = (s.g.lab.fw.clone(), s.g.lab.links.clone());
+    eprintln!("the appliance exits with status 1");
+    assert_eq!(exit_code(&mut s.g, Duration::from_secs(10)), Some(1));
+    let at = lines.wait_for(
+        "keepstate: exiting with status 1 (worker_failure = \"exit\")",
+        at,
+        Duration::from_secs(5),
+    );
+    // The last counters say why.
+    lines.wait_for(
+        &format!("port lan ({lan}): bypassed: XDP program {id} detached; rx "),
+        at,
+        Duration::from_secs(5),
+    );
+    assert!(!s.sock.exists(), "the control socket was left behind");
+    assert_eq!(xdp_program(&fw, &wan), None, "left attached to {wan}");
+
     eprintln!("and it starts again on the same interfaces, and forwards");
     start(&mut s.g, &s.cfg);
     ok(&s.g.lab.lan, &["ping", "-c", "2", "-W", "2", INTERNET]);

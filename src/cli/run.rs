@@ -4,10 +4,12 @@
 //! the diagnostics are printed and the old ruleset keeps running), SIGUSR1 prints the
 //! counters, SIGTERM and SIGINT stop. It opens the control socket (`keepstate reload`, `ct`,
 //! `stats`), whose reload is the same as SIGHUP's. Between signals it runs the tracker's
-//! expiry, publishes DESTROY events, and watches the workers' health: a worker that died or
-//! is stuck is logged, and with `worker_failure = "exit"` (the default) the appliance exits
-//! with status 1 for its supervisor to restart it; with `"report"` it keeps going on the
-//! other workers and exits with 1 when stopped.
+//! expiry, publishes DESTROY events, and watches the workers' health and, once a second, the
+//! ports' XDP programs: a worker that died or is stuck, and a port whose program was
+//! detached or replaced (its frames bypass the workers), are logged, and with
+//! `worker_failure = "exit"` (the default) the appliance exits with status 1 for its
+//! supervisor to restart it; with `"report"` it keeps going and exits with 1 when stopped
+//! if a failure remains.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -30,6 +32,8 @@ const TICKS_PER_GC_PASS: usize = 40;
 /// Every XDP fast-path entry is read every this many ticks (10 s: a walk over all of them;
 /// flows about to expire are asked about in between, and a listing reads them first).
 const TICKS_PER_FASTPATH_READ: usize = 200;
+/// The ports' XDP programs are checked every this many ticks (1 s).
+const TICKS_PER_PORT_CHECK: usize = 20;
 
 fn compile(path: &Path) -> anyhow::Result<Compiled> {
     let loaded = rules::load_file(path).map_err(|d| anyhow::anyhow!("{}:\n{d}", path.display()))?;
@@ -132,7 +136,13 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
         .buckets()
         .div_ceil(TICKS_PER_GC_PASS)
         .max(1);
-    let mut supervisor = Supervisor::new(shared.worker_stats.len());
+    let mut supervisor = Supervisor::new(shared.worker_stats.len(), shared.ports.len());
+    let port_names: Vec<(String, String)> = shared
+        .ports
+        .iter()
+        .map(|p| (p.name.clone(), p.interface.clone()))
+        .collect();
+    let mut steering = Vec::new();
     let mut failed = false;
     let mut tick = 0usize;
     while !term.load(Ordering::Relaxed) {
@@ -155,7 +165,13 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
         for line in supervisor.observe(shared.now().0, &health, &shared.worker_queues) {
             eprintln!("keepstate: {line}");
         }
-        failed = health.iter().any(|h| h.failed());
+        if tick % TICKS_PER_PORT_CHECK == 0 {
+            steering = shared.watch_ports();
+            for line in supervisor.observe_ports(&steering, &port_names) {
+                eprintln!("keepstate: {line}");
+            }
+        }
+        failed = health.iter().any(|h| h.failed()) || steering.iter().any(|s| s.failed());
         if failed && cfg.dataplane.worker_failure == WorkerFailure::Exit {
             eprintln!(
                 "keepstate: exiting with status 1 (worker_failure = \"exit\"): a supervisor \

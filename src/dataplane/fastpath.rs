@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::iface;
 use super::neigh::Neighbours;
 use super::Mac;
 use crate::conntrack::flowtable::{FlowDir, FlowRef};
@@ -145,7 +146,6 @@ extern "C" {
     fn bpf_object__find_map_fd_by_name(obj: *const BpfObject, name: *const c_char) -> c_int;
     fn bpf_xdp_attach(ifindex: c_int, prog_fd: c_int, flags: u32, opts: *const c_void) -> c_int;
     fn bpf_xdp_detach(ifindex: c_int, flags: u32, opts: *const c_void) -> c_int;
-    fn bpf_xdp_query(ifindex: c_int, flags: c_int, opts: *mut XdpQueryOpts) -> c_int;
     fn bpf_map_update_elem(
         fd: c_int,
         key: *const c_void,
@@ -169,18 +169,12 @@ fn errno(r: c_int) -> std::io::Error {
     std::io::Error::from_raw_os_error(r.checked_neg().unwrap_or(libc::EINVAL))
 }
 
-/// A port's ifindex (`if_nametoindex`).
-pub fn ifindex(interface: &str) -> Result<u32, FastPathError> {
-    let bad = |reason: String| FastPathError::Interface {
+/// A port's ifindex ([`iface::ifindex`]), or why the fast path cannot use it.
+fn ifindex(interface: &str) -> Result<u32, FastPathError> {
+    iface::ifindex(interface).map_err(|e| FastPathError::Interface {
         interface: interface.to_string(),
-        reason,
-    };
-    let name = CString::new(interface).map_err(|e| bad(e.to_string()))?;
-    // SAFETY: a NUL-terminated name that outlives the call.
-    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
-        0 => Err(bad(std::io::Error::last_os_error().to_string())),
-        i => Ok(i),
-    }
+        reason: e.to_string(),
+    })
 }
 
 /// Removes whatever XDP program `ifindex` runs, in either mode (a fast path or a libxdp
@@ -194,20 +188,14 @@ pub fn detach_any(ifindex: u32) {
     }
 }
 
-/// `struct bpf_xdp_query_opts` (libbpf 1.4).
+/// `struct bpf_xdp_attach_opts` (libbpf 1.4).
 #[repr(C)]
-#[derive(Default)]
-struct XdpQueryOpts {
+struct XdpAttachOpts {
     sz: usize,
-    prog_id: u32,
-    drv_prog_id: u32,
-    hw_prog_id: u32,
-    skb_prog_id: u32,
-    attach_mode: u8,
-    feature_flags: u64,
-    xdp_zc_max_segs: u32,
-    /// The tail padding, spelt out: libbpf refuses an opts struct with non-zero bytes past
-    /// the fields it knows.
+    /// With it, libbpf sets `XDP_FLAGS_REPLACE`: the kernel changes the interface's program
+    /// only if it is this one.
+    old_prog_fd: c_int,
+    /// The tail padding, zero as libbpf requires (see `iface::XdpQueryOpts`).
     tail: u32,
 }
 
@@ -217,13 +205,7 @@ const NETDEV_XDP_ACT_NDO_XMIT: u64 = 1 << 2;
 /// Whether the device takes frames redirected by a native XDP program. A kernel that
 /// reports no XDP features at all (before 6.3) is taken at its word that it does.
 fn takes_redirects(ifindex: u32) -> bool {
-    let mut opts = XdpQueryOpts {
-        sz: std::mem::size_of::<XdpQueryOpts>(),
-        ..XdpQueryOpts::default()
-    };
-    // SAFETY: `opts` is a libbpf opts struct of the size it says, exclusively borrowed.
-    let r = unsafe { bpf_xdp_query(ifindex as c_int, 0, &mut opts) };
-    r < 0 || opts.feature_flags == 0 || opts.feature_flags & NETDEV_XDP_ACT_NDO_XMIT != 0
+    iface::xdp_features(ifindex).map_or(true, |f| f == 0 || f & NETDEV_XDP_ACT_NDO_XMIT != 0)
 }
 
 /// CLOCK_MONOTONIC, as `bpf_ktime_get_ns` reads it.
@@ -286,7 +268,9 @@ pub struct FastPath {
     /// Per port (as the engine numbers them).
     ifindexes: Vec<u32>,
     interfaces: Vec<String>,
-    attached: Mutex<Vec<u32>>,
+    /// Where the program was attached: (ifindex, the mode's flags, the id it got there; 0:
+    /// unknown).
+    attached: Mutex<Vec<(u32, u32, u32)>>,
     /// What the workers installed, by key: whose entry it is, and its counters as last read
     /// (the program's are cumulative).
     entries: Mutex<HashMap<FlowKey, Entry, foldhash::fast::RandomState>>,
@@ -414,6 +398,7 @@ impl FastPath {
             // Flags 0: no XDP_FLAGS_UPDATE_IF_NOEXIST, so a program already there is replaced.
             // SAFETY: as above; `prog_fd` is our loaded program.
             let mut r = unsafe { bpf_xdp_attach(i as c_int, self.prog_fd, 0, std::ptr::null()) };
+            let mut mode = 0;
             if r < 0 {
                 // The driver refused (veth: a peer MTU above a page): generic XDP takes it,
                 // slower but the same program.
@@ -427,6 +412,7 @@ impl FastPath {
                     )
                 };
                 generic += usize::from(r == 0);
+                mode = XDP_FLAGS_SKB_MODE;
             }
             if r < 0 {
                 return Err(FastPathError::Attach {
@@ -434,7 +420,8 @@ impl FastPath {
                     reason: errno(r),
                 });
             }
-            self.attached.lock().push(i);
+            let id = iface::xdp_programs(i).map_or(0, |p| p.steering());
+            self.attached.lock().push((i, mode, id));
         }
         self.generic
             .store(generic == self.ifindexes.len(), Ordering::Relaxed);
@@ -442,10 +429,24 @@ impl FastPath {
         Ok(())
     }
 
-    /// Removes the program from the interfaces it was attached to.
+    /// Removes the program from the interfaces it was attached to, where it still runs: a
+    /// program another tool attached in its place stays (keepstate reported that one as
+    /// bypassing the workers, [`super::Shared::watch_ports`]; it is not keepstate's to remove).
     pub fn detach(&self) {
-        for i in self.attached.lock().drain(..) {
-            detach_any(i);
+        let ours = XdpAttachOpts {
+            sz: std::mem::size_of::<XdpAttachOpts>(),
+            old_prog_fd: self.prog_fd,
+            tail: 0,
+        };
+        for (i, mode, id) in self.attached.lock().drain(..) {
+            // Asked first, so that a program that is not ours is passed over in silence
+            // (libbpf would print the kernel's refusal); the detach itself is conditional.
+            let still_ours = id == 0 || iface::xdp_programs(i).map_or(true, |p| p.steering() == id);
+            if still_ours {
+                // SAFETY: a netlink request; `ours` is a libbpf opts struct of the size it
+                // says, borrowed across the call.
+                unsafe { bpf_xdp_detach(i as c_int, mode, (&ours as *const XdpAttachOpts).cast()) };
+            }
         }
     }
 
@@ -827,9 +828,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<FlowKey>(), 44);
         assert_eq!(std::mem::size_of::<FlowValue>(), 80);
         assert_eq!(&OBJECT[..4], b"\x7fELF");
-        // libbpf 1.4's `struct bpf_xdp_query_opts`, with its `size_t :0` tail.
-        assert_eq!(std::mem::size_of::<XdpQueryOpts>(), 48);
-        assert_eq!(std::mem::offset_of!(XdpQueryOpts, feature_flags), 32);
+        // libbpf 1.4's `struct bpf_xdp_attach_opts`, with its `size_t :0` tail.
+        assert_eq!(std::mem::size_of::<XdpAttachOpts>(), 16);
     }
 
     #[test]

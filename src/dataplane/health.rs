@@ -1,23 +1,37 @@
-//! Worker health: a worker that dies or gets stuck is reported, never silently lost.
+//! Health of the dataplane: a worker that dies or gets stuck, and a port whose frames no
+//! longer reach the workers, are reported, never silently lost.
 //!
 //! ```text
 //!  worker w, every turn of its loop (at least every 100 ms when idle):  beat = now
 //!  worker w's thread, when it ends:  ending = Stopped (asked to) | Died(panic message)
-//!  main loop, every tick:  Shared::health() -> [Health]  -> Supervisor::observe -> log lines
-//!                                                       -> cli/run.rs: exit, or keep going
-//!  keepstate stats:        "worker 1: stuck 5.2s; rx ..."   "worker 1: died: MESSAGE; rx ..."
+//!  start, once every socket is bound:  per port, the id of the XDP program that steers its
+//!                                      frames to the sockets (ours, or libxdp's)
+//!  main loop, every tick:    Shared::health()      -> [Health]   -> Supervisor::observe
+//!             every second:  Shared::watch_ports() -> [Steering] -> Supervisor::observe_ports
+//!                                 (bpf_xdp_query)        -> log lines
+//!                                                        -> cli/run.rs: exit, or keep going
+//!  keepstate stats:  "worker 1: stuck 5.2s; rx ..."   "worker 1: died: MESSAGE; rx ..."
+//!                    "port lan (lan): XDP program 42; rx ..."
+//!                    "port lan (lan): bypassed: XDP program 42 detached; rx ..."
 //! ```
 //!
 //! A worker that blocks anywhere (a lock, a syscall, a loop in the engine) stops beating, so
 //! one heartbeat covers "no progress while its rings have work" and "no heartbeat for N
 //! seconds" alike: an idle worker wakes from poll(2) every 100 ms and beats then too.
 //!
+//! A worker that beats but receives nothing is healthy as far as its heartbeat goes; the way
+//! that happens on a real box is its port's XDP program going away: an operator's `ip link
+//! set dev lan xdp off`, or another tool attaching its own program. Then the port's frames
+//! go to the kernel's stack (forwarded or dropped by it) or to that program, bypassing the
+//! firewall, so the program's id is watched too: any other id, or none, fails the port.
+//!
 //! The test knob [`FAULT_ENV`] makes a worker panic or stall on purpose, so the reports can
 //! be shown live (`tests/netns_reliability.rs`); unset, it costs a worker one predictable
 //! branch per turn of its loop (not per frame).
 //!
-//! Owns what a heartbeat means and the words of the reports. What the appliance does about a
-//! failed worker (exit, or keep going) is `cli/run.rs`'s, by `[dataplane] worker_failure`.
+//! Owns what a heartbeat and a changed program id mean, and the words of the reports; asks
+//! the kernel nothing (the queries are [`super::iface`]'s). What the appliance does about a
+//! failure (exit, or keep going) is `cli/run.rs`'s, by `[dataplane] worker_failure`.
 
 use std::any::Any;
 use std::fmt;
@@ -93,6 +107,57 @@ pub fn judge(ending: Option<&Ending>, beat: u64, now: u64, stall_timeout_ns: u64
     }
 }
 
+/// What the main loop knows of one port: whether the XDP program that hands its frames to
+/// the workers' sockets is still the one that did when they started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Steering {
+    /// Program `id` still runs there.
+    Steered { id: u32 },
+    /// Program `was` is gone: program `now` runs instead, or none (0). The port's frames go
+    /// to the kernel's stack or to that program, not to the workers.
+    Bypassed { was: u32, now: u32 },
+    /// The kernel could not say which program runs (the interface is gone?).
+    Unknown { was: u32, reason: String },
+}
+
+impl Steering {
+    /// Whether the port's frames may bypass the workers.
+    pub fn failed(&self) -> bool {
+        !matches!(self, Steering::Steered { .. })
+    }
+}
+
+impl fmt::Display for Steering {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Steering::Steered { id } => write!(f, "XDP program {id}"),
+            Steering::Bypassed { was, now: 0 } => {
+                write!(f, "bypassed: XDP program {was} detached")
+            }
+            Steering::Bypassed { was, now } => {
+                write!(f, "bypassed: XDP program {was} replaced by {now}")
+            }
+            Steering::Unknown { reason, .. } => {
+                write!(
+                    f,
+                    "unknown: the kernel cannot say which XDP program runs ({reason})"
+                )
+            }
+        }
+    }
+}
+
+/// A port's steering from the id of the program that steered its frames when the workers
+/// started (`was`) and the id that steers them now (0: none), or why the kernel could not
+/// say.
+pub fn judge_port(was: u32, now: Result<u32, String>) -> Steering {
+    match now {
+        Ok(id) if id == was && id != 0 => Steering::Steered { id },
+        Ok(now) => Steering::Bypassed { was, now },
+        Err(reason) => Steering::Unknown { was, reason },
+    }
+}
+
 /// What the supervisor last said of a worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Said {
@@ -101,21 +166,25 @@ enum Said {
     Died,
 }
 
-/// Turns the workers' health into log lines: one when a worker gets stuck, recovers or dies,
-/// and while it stays stuck a reminder every [`Supervisor::REMIND_NS`], so a stuck worker
-/// cannot flood the log.
+/// Turns the workers' health and the ports' steering into log lines: one when a worker gets
+/// stuck, recovers or dies, and while it stays stuck a reminder every
+/// [`Supervisor::REMIND_NS`], so a stuck worker cannot flood the log; one when a port's
+/// program changes (detached, replaced, back).
 #[derive(Debug)]
 pub struct Supervisor {
     said: Vec<Said>,
+    /// Per port: the failure last said, if any.
+    ports: Vec<Option<Steering>>,
 }
 
 impl Supervisor {
     /// How often a worker that stays stuck is mentioned again.
     pub const REMIND_NS: u64 = 30 * NS;
 
-    pub fn new(workers: usize) -> Supervisor {
+    pub fn new(workers: usize, ports: usize) -> Supervisor {
         Supervisor {
             said: vec![Said::Nothing; workers],
+            ports: vec![None; ports],
         }
     }
 
@@ -154,6 +223,49 @@ impl Supervisor {
                 }
                 _ => {}
             }
+        }
+        lines
+    }
+
+    /// The lines to log for `steering` (one per port); `ports[p]` is port p's name and
+    /// interface.
+    pub fn observe_ports(
+        &mut self,
+        steering: &[Steering],
+        ports: &[(String, String)],
+    ) -> Vec<String> {
+        let id = |id: u32| match id {
+            0 => "none".to_string(),
+            id => format!("id {id}"),
+        };
+        let mut lines = Vec::new();
+        for ((s, said), (name, interface)) in steering.iter().zip(&mut self.ports).zip(ports) {
+            let what = match s {
+                Steering::Steered { id } => match said.take() {
+                    Some(_) => format!(
+                        "keepstate's XDP program (id {id}) runs again: its frames reach the \
+                         workers"
+                    ),
+                    None => continue,
+                },
+                _ if said.as_ref() == Some(s) => continue,
+                Steering::Bypassed { was, now } => format!(
+                    "keepstate's XDP program was {} (was {}, now {}): its frames bypass the \
+                     workers",
+                    if *now == 0 { "detached" } else { "replaced" },
+                    id(*was),
+                    id(*now)
+                ),
+                Steering::Unknown { was, reason } => format!(
+                    "the kernel cannot say whether keepstate's XDP program ({}) still runs \
+                     ({reason}): its frames may bypass the workers",
+                    id(*was)
+                ),
+            };
+            if s.failed() {
+                *said = Some(s.clone());
+            }
+            lines.push(format!("port {name} (interface {interface}): {what}"));
         }
         lines
     }
@@ -248,7 +360,7 @@ mod tests {
 
     #[test]
     fn the_supervisor_says_each_change_once_and_reminds_rarely() {
-        let mut s = Supervisor::new(2);
+        let mut s = Supervisor::new(2, 0);
         let q = vec!["lan/0 wan/0".to_string(), "lan/1 wan/1".to_string()];
         let stuck = |s: u64| Health::Stuck { for_ns: s * NS };
         assert!(s
@@ -276,6 +388,89 @@ mod tests {
             ["worker 0 died: worker 0 panics; its queues lan/0 wan/0 are not served"]
         );
         assert!(s.observe(99 * NS, &[died, Health::Stopped], &q).is_empty());
+    }
+
+    #[test]
+    fn a_port_whose_program_changed_is_bypassed() {
+        assert_eq!(judge_port(42, Ok(42)), Steering::Steered { id: 42 });
+        assert_eq!(
+            judge_port(42, Ok(0)),
+            Steering::Bypassed { was: 42, now: 0 }
+        );
+        assert_eq!(
+            judge_port(42, Ok(57)),
+            Steering::Bypassed { was: 42, now: 57 }
+        );
+        // No program at the start is no program.
+        assert!(judge_port(0, Ok(0)).failed());
+        let gone = judge_port(42, Err("No such device".into()));
+        assert!(gone.failed());
+        assert!(!judge_port(42, Ok(42)).failed());
+        assert_eq!(judge_port(42, Ok(42)).to_string(), "XDP program 42");
+        assert_eq!(
+            judge_port(42, Ok(0)).to_string(),
+            "bypassed: XDP program 42 detached"
+        );
+        assert_eq!(
+            judge_port(42, Ok(57)).to_string(),
+            "bypassed: XDP program 42 replaced by 57"
+        );
+        assert_eq!(
+            gone.to_string(),
+            "unknown: the kernel cannot say which XDP program runs (No such device)"
+        );
+    }
+
+    #[test]
+    fn the_supervisor_says_each_change_of_a_ports_program_once() {
+        let mut s = Supervisor::new(1, 2);
+        let ports = [
+            ("lan".to_string(), "eth1".to_string()),
+            ("wan".to_string(), "eth0".to_string()),
+        ];
+        let (lan, wan) = (Steering::Steered { id: 42 }, Steering::Steered { id: 43 });
+        assert!(s
+            .observe_ports(&[lan.clone(), wan.clone()], &ports)
+            .is_empty());
+        let off = Steering::Bypassed { was: 42, now: 0 };
+        let l = s.observe_ports(&[off.clone(), wan.clone()], &ports);
+        assert_eq!(
+            l,
+            [
+                "port lan (interface eth1): keepstate's XDP program was detached (was id 42, \
+              now none): its frames bypass the workers"
+            ]
+        );
+        // Said once, however many seconds it lasts.
+        for _ in 0..5 {
+            assert!(s
+                .observe_ports(&[off.clone(), wan.clone()], &ports)
+                .is_empty());
+        }
+        // Another tool attaches its own: a change, said.
+        let other = Steering::Bypassed { was: 42, now: 57 };
+        let l = s.observe_ports(&[other, wan.clone()], &ports);
+        assert_eq!(
+            l,
+            [
+                "port lan (interface eth1): keepstate's XDP program was replaced (was id 42, \
+              now id 57): its frames bypass the workers"
+            ]
+        );
+        let gone = Steering::Unknown {
+            was: 43,
+            reason: "No such device".into(),
+        };
+        let l = s.observe_ports(&[lan.clone(), gone], &ports);
+        assert_eq!(
+            l,
+            [
+                "port lan (interface eth1): keepstate's XDP program (id 42) runs again: its \
+                 frames reach the workers",
+                "port wan (interface eth0): the kernel cannot say whether keepstate's XDP \
+                 program (id 43) still runs (No such device): its frames may bypass the workers"
+            ]
+        );
     }
 
     #[test]

@@ -21,9 +21,10 @@
 //!
 //! Owns: sockets and UMEMs ([`worker`]), interface facts and socket options ([`iface`]), the
 //! neighbour cache ([`neigh`]), the link-layer bytes ([`wire`]), the lab's namespaces
-//! ([`lab`]), the control socket ([`control`]), the workers' heartbeats and the reports of a
-//! dead or stuck one ([`health`]), the lab demo ([`demo`]) and the lab soak ([`soak`]). Must
-//! not hold policy: what passes is the engine's word alone.
+//! ([`lab`]), the control socket ([`control`]), the workers' heartbeats, the ports' XDP
+//! programs and the reports of a dead or stuck worker or a bypassed port ([`health`]), the
+//! lab demo ([`demo`]) and the lab soak ([`soak`]). Must not hold policy: what passes is the
+//! engine's word alone.
 
 pub mod bench;
 pub mod control;
@@ -92,6 +93,15 @@ pub enum DataplaneError {
     Socket {
         interface: String,
         queue: u32,
+        reason: String,
+    },
+    #[error(
+        "port `{port}`: no XDP program steers interface `{interface}`'s frames to the sockets \
+         once they are bound ({reason}): no frame would reach the workers"
+    )]
+    NoProgram {
+        port: String,
+        interface: String,
         reason: String,
     },
     #[error("{0}")]
@@ -239,8 +249,20 @@ pub struct Shared {
     pub stall_timeout_ns: u64,
     /// What each worker serves, as `lan/1 wan/1` (for the reports of a failed worker).
     pub worker_queues: Vec<String>,
+    /// Per port: the XDP program that steers its frames to the workers' sockets, as found
+    /// once they were bound, and what [`Shared::watch_ports`] last found there.
+    steering: Mutex<Vec<PortSteering>>,
     /// Where the monotonic clock starts (the engine's `now` is time since this).
     epoch: Instant,
+}
+
+/// Which XDP program hands a port's frames to the workers: the one [`start`] found once the
+/// sockets were bound (libxdp's default program, or the fast path), and the last check's
+/// finding.
+struct PortSteering {
+    ifindex: u32,
+    id: u32,
+    seen: health::Steering,
 }
 
 /// The rate limit of the lines `log` statements write, as the kernel's `net_ratelimit`:
@@ -306,17 +328,42 @@ impl Shared {
             .collect()
     }
 
-    /// The counters as text: one line per port, one per worker (its health first), the
-    /// engine's verdicts.
+    /// Asks the kernel which XDP program each port's interface runs now: any other than the
+    /// one found at the start, or none, means the port's frames bypass the workers (an
+    /// `ip link set dev IF xdp off`, another tool's program). Each port's finding, also kept
+    /// for `keepstate stats`. One netlink request per port: call it about once a second.
+    ///
+    /// XXX: with the fast path off, a libxdp-aware tool that adds its own program to libxdp's
+    /// dispatcher replaces the dispatcher (a new id) while the sockets' program may still run
+    /// in its chain: reported as replaced all the same; telling the two apart needs libxdp's
+    /// `xdp_multiprog__get_from_ifindex`.
+    pub fn watch_ports(&self) -> Vec<health::Steering> {
+        let mut steering = self.steering.lock().unwrap_or_else(|p| p.into_inner());
+        for p in steering.iter_mut() {
+            let now = iface::xdp_programs(p.ifindex)
+                .map(|x| x.steering())
+                .map_err(|e| e.to_string());
+            p.seen = health::judge_port(p.id, now);
+        }
+        steering.iter().map(|p| p.seen.clone()).collect()
+    }
+
+    /// The counters as text: one line per port and one per worker (each's health first),
+    /// the engine's verdicts.
     pub fn render_stats(&self) -> String {
         let mut s = String::new();
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        for (p, st) in self.ports.iter().zip(&self.port_stats) {
+        let steering: Vec<String> = {
+            let st = self.steering.lock().unwrap_or_else(|p| p.into_inner());
+            st.iter().map(|p| p.seen.to_string()).collect()
+        };
+        for (i, (p, st)) in self.ports.iter().zip(&self.port_stats).enumerate() {
             let _ = writeln!(
                 s,
-                "port {} ({}): rx {} packets {} bytes, tx {} packets {} bytes, dropped {}, tx dropped {}",
+                "port {} ({}): {}; rx {} packets {} bytes, tx {} packets {} bytes, dropped {}, tx dropped {}",
                 p.name,
                 p.interface,
+                steering.get(i).map_or("XDP program not known yet", String::as_str),
                 r(&st.rx_packets),
                 r(&st.rx_bytes),
                 r(&st.tx_packets),
@@ -637,7 +684,7 @@ pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError>
         Err(e) => {
             // What a failed attach left behind, and a crashed run's program, would stop
             // libxdp from loading its own.
-            for i in interfaces.iter().filter_map(|i| fastpath::ifindex(i).ok()) {
+            for i in interfaces.iter().filter_map(|i| iface::ifindex(i).ok()) {
                 fastpath::detach_any(i);
             }
             warnings.push(format!(
@@ -670,6 +717,7 @@ pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError>
         fastpath,
         stall_timeout_ns,
         worker_queues,
+        steering: Mutex::new(Vec::new()),
         epoch: Instant::now(),
     });
     // Open every socket before any worker runs, so a bad port fails the start as a whole.
@@ -677,6 +725,33 @@ pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError>
     for (w, queues) in plan.iter().enumerate() {
         built.push(worker::Worker::open(w, queues, shared.clone(), faults[w])?);
     }
+    // Now each port's interface runs the program that steers its frames to the sockets
+    // (the fast path, attached above, or the one libxdp attached as the first socket
+    // bound): the id the main loop watches.
+    let steering = shared
+        .ports
+        .iter()
+        .map(|p| {
+            let no_program = |reason: String| DataplaneError::NoProgram {
+                port: p.name.clone(),
+                interface: p.interface.clone(),
+                reason,
+            };
+            let ifindex = iface::ifindex(&p.interface).map_err(|e| no_program(e.to_string()))?;
+            let id = iface::xdp_programs(ifindex)
+                .map_err(|e| no_program(e.to_string()))?
+                .steering();
+            if id == 0 {
+                return Err(no_program("none is attached".into()));
+            }
+            Ok(PortSteering {
+                ifindex,
+                id,
+                seen: health::Steering::Steered { id },
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    *shared.steering.lock().unwrap_or_else(|p| p.into_inner()) = steering;
     let mut threads = Vec::new();
     for (w, worker) in built.into_iter().enumerate() {
         let core = cores.get(w % cores.len().max(1)).copied();

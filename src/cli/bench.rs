@@ -1,13 +1,14 @@
 //! `keepstate bench classify`: builds the decision tree for a ruleset and measures it against
 //! the rule-by-rule reference in the same run (see `classify::bench`).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 
 use crate::classify::{bench, classbench};
-use crate::dataplane::gen;
+use crate::dataplane::{gen, probe};
 
 pub fn classify(
     rules: Option<&Path>,
@@ -177,5 +178,32 @@ pub fn gen(a: &GenArgs) -> anyhow::Result<ExitCode> {
         sent.frames,
         sent.elapsed.as_secs_f64()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keepstate bench probe` (hidden).
+#[derive(clap::Args, Debug)]
+pub struct ProbeArgs {
+    /// Where the echo requests go.
+    dst: std::net::Ipv4Addr,
+    #[arg(long)]
+    count: u32,
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    interval_ms: u64,
+    #[arg(long, default_value_t = 1000)]
+    timeout_ms: u64,
+}
+
+pub fn probe(a: &ProbeArgs) -> anyhow::Result<ExitCode> {
+    let spec = probe::ProbeSpec {
+        dst: a.dst,
+        count: a.count,
+        interval: std::time::Duration::from_millis(a.interval_ms),
+        timeout: std::time::Duration::from_millis(a.timeout_ms),
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let summary = probe::run(&spec, &mut out)?;
+    writeln!(out, "{}", probe::summary_line(summary))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -264,6 +264,10 @@ pub enum BenchCommand {
     /// The bench's AF_XDP traffic generator (started by `bench veth` in the LAN namespace).
     #[command(hide = true)]
     Gen(bench::GenArgs),
+    /// The bench's latency prober: ICMP echo requests on a fixed schedule, sleeping between
+    /// them (started by `bench veth` in the LAN namespace).
+    #[command(hide = true)]
+    Probe(bench::ProbeArgs),
 }
 
 const TRACE_HELP: &str = "\
@@ -382,5 +386,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench {
             what: BenchCommand::Gen(args),
         } => bench::gen(&args),
+        Command::Bench {
+            what: BenchCommand::Probe(args),
+        } => bench::probe(&args),
     }
 }

@@ -36,6 +36,7 @@ pub mod health;
 pub mod iface;
 pub mod lab;
 pub mod neigh;
+pub mod probe;
 pub mod soak;
 pub mod wire;
 mod worker;

@@ -138,7 +138,7 @@ pub fn arp(
 }
 
 /// The Internet checksum (RFC 1071) of `data`, folded, starting from `sum`.
-fn checksum(mut sum: u32, data: &[u8]) -> u16 {
+pub(super) fn checksum(mut sum: u32, data: &[u8]) -> u16 {
     let mut chunks = data.chunks_exact(2);
     for c in &mut chunks {
         sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
@@ -378,6 +378,23 @@ mod tests {
 
     const OUR_MAC: Mac = [2, 0, 0, 0, 0, 1];
     const HOST_MAC: Mac = [2, 0, 0, 0, 0, 2];
+
+    #[test]
+    fn checksum_of_rfc_1071() {
+        // RFC 1071, 3: the words sum to 0x2ddf0, folded 0xddf2; the checksum is its complement.
+        let b = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(checksum(0, &b), !0xddf2);
+        // An odd last byte is the high half of a word padded with zero.
+        assert_eq!(
+            checksum(0, &b[..7]),
+            checksum(0, &[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0x00])
+        );
+        // A starting sum is carried in, and a message holding its own checksum sums to zero.
+        assert_eq!(checksum(0x0001, &b[2..]), checksum(0, &b));
+        let mut with = b.to_vec();
+        with.extend_from_slice(&checksum(0, &b).to_be_bytes());
+        assert_eq!(checksum(0, &with), 0);
+    }
 
     #[test]
     fn arp_request_and_reply_round_trip() {

@@ -1,4 +1,5 @@
-//! `keepstate check [--print] FILE...`
+//! `keepstate check [--print] FILE...`: each file parsed, checked and compiled, as `run` and
+//! `reload` would.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -13,6 +14,13 @@ pub fn run(files: &[PathBuf], print: bool) -> anyhow::Result<ExitCode> {
     for f in files {
         match rules::load_file(f) {
             Ok(loaded) => {
+                // What `run` does next: a ruleset the checker passes but the decision tree
+                // cannot be built from is refused here, not at start.
+                if let Err(e) = crate::engine::Compiled::new(&loaded) {
+                    ok = false;
+                    eprintln!("{}: {e}", f.display());
+                    continue;
+                }
                 if print {
                     out.write_all(loaded.listing().as_bytes())?;
                 }

@@ -164,6 +164,8 @@ fn cmd_err(command: &str, reason: impl ToString) -> BenchError {
 #[derive(Clone, Debug)]
 pub struct Sample {
     pub mode: Mode,
+    /// Seconds of traffic before the window.
+    pub warm: f64,
     pub secs: f64,
     pub sent: u64,
     pub delivered: u64,
@@ -600,14 +602,14 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Vec<MixResult>, BenchE
     for &flows in &opts.flows {
         let _ = writeln!(
             out,
-            "\n== {} from {} flows, {} s windows after {} s warm-up, {} rounds; generator on cpu {}, firewall on cpu {}",
+            "\n== {} from {} flows, {} s windows after at least {} s warm-up, {} rounds; generator on cpu {}, firewall on cpu {}",
             match opts.traffic {
                 Traffic::Udp => "64-byte UDP",
                 Traffic::Syn => "TCP SYNs (connection churn)",
             },
             flows,
             opts.window.as_secs_f64(),
-            bench.warmup(flows).as_secs_f64(),
+            opts.warmup.as_secs_f64(),
             opts.rounds,
             opts.gen_cpu,
             bench.fw_cpu,
@@ -618,7 +620,7 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Vec<MixResult>, BenchE
                 let s = bench.window(mode, flows)?;
                 let _ = writeln!(
                     out,
-                    "round {} {} {:<32} {:>9.0} pps delivered ({:>9.0} sent)  {:>6.0} ns/pkt all cores, {:>6.0} of them the generator's",
+                    "round {} {} {:<32} {:>9.0} pps delivered ({:>9.0} sent)  {:>6.0} ns/pkt all cores, {:>6.0} of them the generator's; warm {:.0} s",
                     round + 1,
                     mode.key(),
                     mode.title(),
@@ -626,6 +628,7 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Vec<MixResult>, BenchE
                     s.sent as f64 / s.secs,
                     s.total_ns(),
                     s.per_pkt_ns(s.cpu_gen),
+                    s.warm,
                 );
                 samples.push(s);
             }
@@ -684,10 +687,38 @@ fn report_classbench_hits(set: &[classbench::CbRule], opts: &Options, out: &mut 
     );
 }
 
+/// The longest warm-up of one window (see [`Bench::warm_up`]).
+const WARM_MAX: Duration = Duration::from_secs(90);
+
 impl Bench<'_> {
-    fn warmup(&self, flows: u32) -> Duration {
-        // The table must hold every flow before the window opens: at ~250k new flows/s.
-        self.opts.warmup + Duration::from_secs_f64(flows as f64 / 250_000.0)
+    /// Traffic before the window opens: `--warmup`, and for a mode with a table, until it
+    /// holds nine in ten of the flows (or stops growing: the rules drop the others), and as
+    /// long again, so that every flow was seen twice (a flowtable offloads a UDP flow at its
+    /// second packet) and the window measures that many live connections, not a table
+    /// filling up; at most [`WARM_MAX`]. Returns how long.
+    fn warm_up(&self, mode: Mode, flows: u32, gen: &mut Proc) -> Result<Duration, BenchError> {
+        let t0 = Instant::now();
+        std::thread::sleep(self.opts.warmup);
+        let full = u64::from(flows) * 9 / 10;
+        let mut counts = std::collections::VecDeque::new();
+        let filled = loop {
+            gen_alive(gen)?;
+            let Some(n) = self.table_count(mode) else {
+                return Ok(t0.elapsed());
+            };
+            counts.push_back(n);
+            // Four readings a second: growth under 2 % over the last second is a plateau.
+            let plateau = counts.len() > 4 && counts.pop_front().is_some_and(|a| n < a + a / 50);
+            if n >= full || plateau || t0.elapsed() >= WARM_MAX / 2 {
+                break t0.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        if filled > self.opts.warmup {
+            std::thread::sleep(filled.min(WARM_MAX - filled));
+            gen_alive(gen)?;
+        }
+        Ok(t0.elapsed())
     }
 
     fn setup_kernel(&self, mode: Mode) -> Result<(), BenchError> {
@@ -942,20 +973,9 @@ impl Bench<'_> {
     fn measure(&self, mode: Mode, flows: u32, ks: Option<u32>) -> Result<Sample, BenchError> {
         self.path_ready()?;
         let (lan, wan) = (&self.top.lab.lan, &self.top.lab.wan);
-        let warm = self.warmup(flows);
         let secs = self.opts.window.as_secs_f64();
-        let mut gen = self.start_gen(flows, warm.as_secs_f64() + secs + 0.5)?;
-        std::thread::sleep(warm);
-        if let Ok(Some(st)) = gen.0.try_wait() {
-            let mut e = String::new();
-            if let Some(mut s) = gen.0.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut s, &mut e);
-            }
-            return Err(cmd_err(
-                "keepstate bench gen",
-                format!("{st}: {}", e.trim()),
-            ));
-        }
+        let mut gen = self.start_gen(flows, WARM_MAX.as_secs_f64() + secs + 5.0)?;
+        let warm = self.warm_up(mode, flows, &mut gen)?;
         let count = ((secs / PROBE_INTERVAL.as_secs_f64()) as u32).max(1);
         let probe = self.start_probe(count)?;
         let t0 = Instant::now();
@@ -978,9 +998,10 @@ impl Bench<'_> {
         let elapsed = t0.elapsed().as_secs_f64();
         let table = self.table_count(mode);
         let (rtts, lost) = probe_results(probe, count)?;
-        let _ = gen.0.wait();
+        gen.stop();
         Ok(Sample {
             mode,
+            warm: warm.as_secs_f64(),
             secs: elapsed,
             sent: sent1.saturating_sub(sent0),
             delivered: got1.saturating_sub(got0),
@@ -993,6 +1014,21 @@ impl Bench<'_> {
             lost,
         })
     }
+}
+
+/// An error if the generator ended before its time.
+fn gen_alive(gen: &mut Proc) -> Result<(), BenchError> {
+    if let Ok(Some(st)) = gen.0.try_wait() {
+        let mut e = String::new();
+        if let Some(mut s) = gen.0.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut s, &mut e);
+        }
+        return Err(cmd_err(
+            "keepstate bench gen",
+            format!("{st}: {}", e.trim()),
+        ));
+    }
+    Ok(())
 }
 
 /// The RTTs the prober measured (ms) and how many of its `count` requests never came back

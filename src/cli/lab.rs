@@ -52,6 +52,7 @@ pub fn demo(prefix: &str, examples: &std::path::Path) -> anyhow::Result<ExitCode
 pub fn soak(
     prefix: &str,
     examples: &std::path::Path,
+    rules: &std::path::Path,
     minutes: f64,
     every: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
@@ -60,7 +61,14 @@ pub fn soak(
         "--minutes must be more than 0 and at most a day"
     );
     let every = std::time::Duration::from_secs(every.unwrap_or((minutes * 3.0) as u64).max(5));
-    match soak::run(prefix, examples, minutes, every, &mut std::io::stdout()) {
+    match soak::run(
+        prefix,
+        examples,
+        rules,
+        minutes,
+        every,
+        &mut std::io::stdout(),
+    ) {
         Ok(r) if r.passed() => Ok(ExitCode::SUCCESS),
         Ok(_) => Ok(ExitCode::from(1)),
         Err(e @ (SoakError::NotRoot | SoakError::Missing(_) | SoakError::NoExamples(_))) => {

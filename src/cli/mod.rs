@@ -229,6 +229,9 @@ pub enum LabCommand {
         /// Where the example rulesets and lab.toml are.
         #[arg(long, default_value = "examples")]
         examples: PathBuf,
+        /// The rules file, in the examples' directory (lab-flowtable.nft: the XDP fast path).
+        #[arg(long, default_value = "home-router.nft")]
+        rules: PathBuf,
     },
     /// Delete the lab's namespaces (and whatever runs in them).
     Down {
@@ -364,8 +367,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     every,
                     prefix,
                     examples,
+                    rules,
                 },
-        } => lab::soak(&prefix, &examples, minutes, every),
+        } => lab::soak(&prefix, &examples, &rules, minutes, every),
         Command::Bench {
             what:
                 BenchCommand::Classify {

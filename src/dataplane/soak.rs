@@ -1,6 +1,6 @@
 //! `keepstate lab soak`: the appliance under mixed traffic for minutes, its memory watched.
-//! Brings a lab up, runs `keepstate run` (this very binary) with examples/home-router.nft in
-//! the firewall's namespace, and until the time is up drives, from the LAN host to the
+//! Brings a lab up, runs `keepstate run` (this very binary) with examples/home-router.nft (or
+//! `--rules`, lab-flowtable.nft for the XDP fast path) in the firewall's namespace, and until the time is up drives, from the LAN host to the
 //! internet behind the WAN host:
 //!
 //! ```text
@@ -101,6 +101,8 @@ pub struct Report {
     pub pings: Counts,
     /// `keepstate stats`' worker lines at the end.
     pub workers: Vec<String>,
+    /// Its fast-path line at the end, with a flowtable in the rules.
+    pub fastpath: Option<String>,
     /// Shorter than [`CONCLUSIVE`]: the table or the allocator may not have settled.
     pub short: bool,
 }
@@ -248,6 +250,7 @@ fn clock(d: Duration) -> String {
 pub fn run(
     prefix: &str,
     examples: &Path,
+    rules: &Path,
     minutes: f64,
     every: Duration,
     out: &mut dyn Write,
@@ -287,7 +290,10 @@ pub fn run(
     };
     let control = st.dir.join("control.sock");
     let cfg = st.dir.join("lab.toml");
-    let text = super::lab::config(examples, Path::new("home-router.nft"), &control)
+    if !examples.join(rules).exists() {
+        return Err(SoakError::NoExamples(examples.join(rules)));
+    }
+    let text = super::lab::config(examples, rules, &control)
         .map_err(io(format!("read {}", lab_toml.display())))?;
     std::fs::write(&cfg, text).map_err(io("write the configuration"))?;
     let pid = start_appliance(&mut st, &cfg, &control)?;
@@ -297,11 +303,12 @@ pub fn run(
     let secs = format!("{}", total.as_secs_f64());
     writeln!(
         out,
-        "soak: {} through {} (examples/home-router.nft): {} MiB downloads at 20 MB/s, \
+        "soak: {} through {} ({}): {} MiB downloads at 20 MB/s, \
          {CHURN_RATE} new TCP connections and UDP exchanges a second over IPv4 and IPv6 each, \
          5 pings a second; a sample every {}",
         clock(total),
         st.lab.fw,
+        examples.join(rules).display(),
         DOWNLOAD >> 20,
         clock(every)
     )
@@ -380,10 +387,15 @@ pub fn run(
         .iter()
         .position(|s| s.at >= total / 2)
         .unwrap_or(0);
-    report.workers = out_lines(&control, &Request::Stats)
-        .into_iter()
+    let stats = out_lines(&control, &Request::Stats);
+    report.workers = stats
+        .iter()
         .filter(|l| l.starts_with("worker "))
+        .cloned()
         .collect();
+    report.fastpath = stats
+        .into_iter()
+        .find(|l| l.starts_with("xdp fast path: ") && !l.contains("not loaded"));
     report.downloads = downloads.join().unwrap_or_default();
     for c in churn {
         let o = c.wait_with_output().map_err(io("wait for the churn"))?;
@@ -540,7 +552,7 @@ fn print_verdict(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         r.pings.ok,
         r.pings.failed
     )?;
-    for w in &r.workers {
+    for w in r.workers.iter().chain(&r.fastpath) {
         writeln!(out, "{w}")?;
     }
     if r.short {

@@ -410,11 +410,11 @@ fn live_router_forwards_answers_drops_and_reloads() {
     eprintln!("reload: the good file again, in the middle of a download");
     std::fs::write(&rules, &good).unwrap();
     let got3 = dir.path().join("got3");
-    // Slowed down to about a second, so the reload lands in the middle of it.
-    let mut slow = in_ns(&lab.lan, &["curl", "-sS", "--max-time", "30"])
-        .args(["--limit-rate", "6M", "-o"])
+    // Paced by its server over 4 s, so the reload lands in the middle of it.
+    paced_http_server(&mut g, &lab.wan, INTERNET, 8009, &www.join("blob"), 4.0);
+    let mut slow = in_ns(&lab.lan, &["curl", "-sSf", "--max-time", "30", "-o"])
         .arg(&got3)
-        .arg(&url)
+        .arg(format!("http://{INTERNET}:8009/blob"))
         .spawn()
         .expect("curl");
     std::thread::sleep(Duration::from_millis(400));
@@ -426,7 +426,7 @@ fn live_router_forwards_answers_drops_and_reloads() {
         listed.lines().any(|l| {
             (l.contains(" ESTABLISHED src=") || l.contains(" CLOSE_WAIT src="))
                 && l.contains(&format!(
-                    "dport=8000 src={INTERNET} dst={FW_WAN} sport=8000 "
+                    "dport=8009 src={INTERNET} dst={FW_WAN} sport=8009 "
                 ))
                 && l.contains("[ASSURED]")
         })

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use keepstate::dataplane::lab::{INTERNET, INTERNET6};
 
 use live::{
-    body, can_run, ctl, ctl_ok, http_server, in_ns, lab, ok, router_config, signal, start,
+    body, can_run, ctl, ctl_ok, in_ns, lab, ok, paced_http_server, router_config, signal, start,
     start_with, Guard, Lines,
 };
 
@@ -373,18 +373,15 @@ fn a_port_whose_xdp_program_goes_ends_the_appliance_with_exit() {
     ok(&s.g.lab.lan, &["ping", "-c", "2", "-W", "2", INTERNET]);
 }
 
-/// A download from `url` in `ns` into `to`, slowed to `rate`, running in the background.
-fn slow_download(ns: &str, url: &str, to: &Path, rate: &str) -> Child {
-    in_ns(
-        ns,
-        &["curl", "-sS", "--max-time", "60", "--limit-rate", rate],
-    )
-    .arg("-o")
-    .arg(to)
-    .arg(url)
-    .stdout(Stdio::null())
-    .spawn()
-    .expect("curl")
+/// A download from `url` in `ns` into `to`, running in the background.
+fn background_download(ns: &str, url: &str, to: &Path) -> Child {
+    in_ns(ns, &["curl", "-sSf", "--max-time", "60"])
+        .arg("-o")
+        .arg(to)
+        .arg(url)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("curl")
 }
 
 /// The bad lines the invalid files carry, in turn, and the column of each one's error.
@@ -416,22 +413,14 @@ fn a_hundred_reloads_under_traffic_break_nothing() {
     std::fs::create_dir(&www).unwrap();
     let want = body(BODY);
     std::fs::write(www.join("blob"), &want).unwrap();
-    http_server(&mut g, &lab.wan, INTERNET, 8000, &www);
-    http_server(&mut g, &lab.wan, INTERNET6, 8006, &www);
-    // Two downloads of 6 MiB at 400 kB/s: about 15 s each, longer than the reloads take.
+    // Two downloads of 6 MiB paced by their servers over 15 s each, longer than the reloads
+    // take.
+    let blob = www.join("blob");
+    paced_http_server(&mut g, &lab.wan, INTERNET, 8000, &blob, 15.0);
+    paced_http_server(&mut g, &lab.wan, INTERNET6, 8006, &blob, 15.0);
     let (got4, got6) = (dir.path().join("got4"), dir.path().join("got6"));
-    let mut d4 = slow_download(
-        &lab.lan,
-        &format!("http://{INTERNET}:8000/blob"),
-        &got4,
-        "400K",
-    );
-    let mut d6 = slow_download(
-        &lab.lan,
-        &format!("http://[{INTERNET6}]:8006/blob"),
-        &got6,
-        "400K",
-    );
+    let mut d4 = background_download(&lab.lan, &format!("http://{INTERNET}:8000/blob"), &got4);
+    let mut d6 = background_download(&lab.lan, &format!("http://[{INTERNET6}]:8006/blob"), &got6);
     // And a ping every 100 ms, as long.
     let mut ping = in_ns(&lab.lan, &["ping", "-c", "150", "-i", "0.1", INTERNET])
         .stdout(Stdio::piped())

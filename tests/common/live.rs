@@ -149,26 +149,72 @@ pub fn http_server(g: &mut Guard, ns: &str, addr: &str, port: u16, dir: &Path) {
         .spawn()
         .expect("http.server");
     g.children.push(child);
+    wait_http(ns, addr, port, "/");
+}
+
+/// Waits until `path` on the HTTP server at `addr`:`port` in `ns` answers.
+fn wait_http(ns: &str, addr: &str, port: u16, path: &str) {
     let host = if addr.contains(':') {
         format!("[{addr}]")
     } else {
         addr.to_string()
     };
-    let url = format!("http://{host}:{port}/");
+    let url = format!("http://{host}:{port}{path}");
     for _ in 0..100 {
-        if output(
+        let o = output(
             ns,
-            &["curl", "-s", "-o", "/dev/null", "--max-time", "1", &url],
-        )
-        .status
-        .success()
-        {
+            &["curl", "-sf", "-o", "/dev/null", "--max-time", "1", &url],
+        );
+        if o.status.success() {
             return;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("http.server in {ns} did not start");
+    panic!("the http server at {url} in {ns} did not start");
 }
+
+/// An HTTP server on `addr`:`port` in `ns` whose every GET answers `file`, paced by the server
+/// over `secs` seconds (a chunk, then a sleep); `/ready` answers at once. A download from it
+/// lasts that long whatever the client does. curl's `--limit-rate` paces by the time it
+/// measures, and in CI two downloads paced that way (15 s and 1 s) ended within 3 s and 0.4 s,
+/// complete (cause not established; this VM's clocks jump, which would do it).
+pub fn paced_http_server(g: &mut Guard, ns: &str, addr: &str, port: u16, file: &Path, secs: f64) {
+    let child = in_ns(
+        ns,
+        &["python3", "-c", PACED_SERVER, addr, &port.to_string()],
+    )
+    .arg(file)
+    .arg(secs.to_string())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("paced http server");
+    g.children.push(child);
+    wait_http(ns, addr, port, "/ready");
+}
+
+const PACED_SERVER: &str = r#"
+import http.server, socket, socketserver, sys, time
+addr, port, path, secs = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+data = open(path, 'rb').read()
+CHUNK = 65536
+pause = secs / max(1, (len(data) + CHUNK - 1) // CHUNK)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b'' if self.path == '/ready' else data
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        for i in range(0, len(body), CHUNK):
+            self.wfile.write(body[i:i + CHUNK])
+            time.sleep(pause)
+    def log_message(self, *a):
+        pass
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    address_family = socket.AF_INET6 if ':' in addr else socket.AF_INET
+S((addr, port), H).serve_forever()
+"#;
 
 /// Downloads `url` from `ns` into `to` and requires it to equal `want`.
 pub fn download(ns: &str, url: &str, to: &Path, want: &[u8]) {

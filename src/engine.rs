@@ -723,11 +723,6 @@ impl Engine {
         self.flow_gc_slices(s..s + 1, now, refresh)
     }
 
-    /// How many [`Engine::flow_gc_step`] calls there were.
-    pub fn flow_gc_cursor(&self) -> usize {
-        self.flow_cursor.load(Ordering::Relaxed) as usize
-    }
-
     fn flow_gc_slices(
         &self,
         slices: std::ops::Range<usize>,

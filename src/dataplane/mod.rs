@@ -52,7 +52,6 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 
 use crate::config::{Config, Mode};
-use crate::conntrack::flowtable;
 use crate::conntrack::show::{self, ShowOpts};
 use crate::conntrack::{Timestamp, EV_DESTROY};
 use crate::engine::Engine;
@@ -332,13 +331,19 @@ impl Shared {
     /// Asks the kernel which XDP program each port's interface runs now: any other than the
     /// one found at the start, or none, means the port's frames bypass the workers (an
     /// `ip link set dev IF xdp off`, another tool's program). Each port's finding, also kept
-    /// for `keepstate stats`. One netlink request per port: call it about once a second.
+    /// for `keepstate stats`. With the fast path, also which ports take its redirected frames
+    /// ([`fastpath::FastPath::refresh_egress`]). A netlink request or two per port: call it
+    /// about once a second.
     ///
     /// XXX: with the fast path off, a libxdp-aware tool that adds its own program to libxdp's
     /// dispatcher replaces the dispatcher (a new id) while the sockets' program may still run
     /// in its chain: reported as replaced all the same; telling the two apart needs libxdp's
     /// `xdp_multiprog__get_from_ifindex`.
     pub fn watch_ports(&self) -> Vec<health::Steering> {
+        if let Some(fp) = &self.fastpath {
+            // And which ports take the fast path's redirected frames.
+            fp.refresh_egress();
+        }
         let mut steering = self.steering.lock().unwrap_or_else(|p| p.into_inner());
         for p in steering.iter_mut() {
             let now = iface::xdp_programs(p.ifindex)
@@ -469,10 +474,6 @@ impl Shared {
         };
         if full || fp.neighbours_changed(&self.neighbours) {
             fp.sync(&self.engine, now, &self.neighbours);
-        }
-        if self.engine.flow_gc_cursor() % flowtable::GC_SLICES == 0 {
-            // Once a second: which ports take redirected frames.
-            fp.refresh_egress();
         }
         let gone = self
             .engine

@@ -355,8 +355,9 @@ impl Shared {
     }
 
     /// The counters as text: one line per port and one per worker (each's health first),
-    /// the engine's verdicts.
+    /// the engine's verdicts. The fast path's counters are read first, so they are current.
     pub fn render_stats(&self) -> String {
+        self.flow_sync();
         let mut s = String::new();
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let steering: Vec<String> = {

@@ -401,7 +401,6 @@ fn answer(ctx: &Ctx, req: &Request, w: &mut impl Write, fd: RawFd) -> std::io::R
             write(w, Answer::Ok)
         }
         Request::Stats => {
-            shared.flow_sync();
             let mut text = shared.render_stats();
             let compiled = engine.compiled();
             text.push_str("\n# the ruleset in force, as `nft list ruleset` shows it\n");

@@ -18,6 +18,13 @@
 //! by `ip link set ... xdpdrv`): veth delivers a frame the firewall's XDP program redirected
 //! into it only when its peer runs XDP.
 //!
+//! The hosts' veths also get a queue (`pfifo limit 1000`), as a real host's NIC has one: veth
+//! has none by default, and while the firewall's end runs XDP, a frame the host sends when the
+//! firewall's receive ring (256 frames) is full is dropped (the host's `tx_dropped`). A burst
+//! of a fast TCP download did that hundreds of times a minute, and a UDP datagram caught in
+//! one was lost. With a queue, veth (Linux 6.16 and later) stops the queue instead and the
+//! frame waits, as behind a real wire.
+//!
 //! Owns only namespaces and links it creates; `down` deletes exactly the namespaces of its
 //! prefix.
 
@@ -159,6 +166,8 @@ impl Lab {
             sh(&self.fw, &format!("ip link set {link} up"))?;
             sh(host, "ip link set eth0 up")?;
             sh(host, "ethtool -K eth0 tx off")?;
+            // Back-pressure instead of drops when the firewall's ring is full (see above).
+            sh(host, "tc qdisc replace dev eth0 root pfifo limit 1000")?;
             sh(
                 host,
                 &format!("ip link set dev eth0 xdpdrv object {obj} program keepstate_pass"),

@@ -103,6 +103,9 @@ pub struct Report {
     pub workers: Vec<String>,
     /// Its fast-path line at the end, with a flowtable in the rules.
     pub fastpath: Option<String>,
+    /// The lab's interfaces' drop and error counters that are not zero at the end
+    /// (`NAMESPACE/INTERFACE COUNTER VALUE`): where a lost packet went.
+    pub drops: Vec<String>,
     /// Shorter than [`CONCLUSIVE`]: the table or the allocator may not have settled.
     pub short: bool,
 }
@@ -135,7 +138,8 @@ impl Report {
 
 /// The servers (mode `serve ADDR PORT`: HTTP answers of `GET /N` with N bytes, and a UDP echo
 /// on the same port) and the churn (mode `churn ADDR PORT RATE SECONDS`: a new TCP
-/// connection and a new UDP socket RATE times a second, until SECONDS; prints its counts).
+/// connection and a new UDP socket RATE times a second, until SECONDS; prints its counts, and
+/// each failure as it happens on stderr, with its source port and time).
 const TRAFFIC_PY: &str = r#"
 import socket, socketserver, sys, threading, time
 mode, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -172,10 +176,15 @@ if mode == 'serve':
 rate, secs = float(sys.argv[4]), float(sys.argv[5])
 tcp, udp = [0, 0], [0, 0]
 start = time.time()
+def lost(what, n, port, why):
+    print('soak: %s %d to %s (from port %s, at %.1f s): %s'
+          % (what, n, addr, port, time.time() - start, why), file=sys.stderr, flush=True)
 n = 0
 while time.time() - start < secs:
+    sport = '?'
     try:
         s = socket.create_connection((addr, port), timeout=3)
+        sport = s.getsockname()[1]
         s.sendall(b'GET /1000 HTTP/1.0\r\n\r\n')
         got = b''
         while True:
@@ -184,17 +193,28 @@ while time.time() - start < secs:
                 break
             got += d
         s.close()
-        tcp[0 if got.endswith(b'\r\n\r\n' + bytes(range(256)) * 3 + bytes(range(232))) else 1] += 1
-    except OSError:
+        good = got.endswith(b'\r\n\r\n' + bytes(range(256)) * 3 + bytes(range(232)))
+        tcp[0 if good else 1] += 1
+        if not good:
+            lost('TCP connection', n, sport, 'a short answer (%d bytes)' % len(got))
+    except OSError as e:
         tcp[1] += 1
+        lost('TCP connection', n, sport, e)
+    u, sport = None, '?'
     try:
         u = socket.socket(fam, socket.SOCK_DGRAM)
         u.settimeout(3)
         u.sendto(b'soak %d' % n, (addr, port))
-        udp[0 if u.recv(2048) == b'soak %d' % n else 1] += 1
-        u.close()
-    except OSError:
+        sport = u.getsockname()[1]
+        good = u.recv(2048) == b'soak %d' % n
+        udp[0 if good else 1] += 1
+        if not good:
+            lost('UDP exchange', n, sport, 'a wrong echo')
+    except OSError as e:
         udp[1] += 1
+        lost('UDP exchange', n, sport, e)
+    if u:
+        u.close()
     n += 1
     time.sleep(max(0.0, start + n / rate - time.time()))
 print('tcp', tcp[0], tcp[1], 'udp', udp[0], udp[1], flush=True)
@@ -397,6 +417,7 @@ pub fn run(
         .into_iter()
         .find(|l| l.starts_with("xdp fast path: ") && !l.contains("not loaded"));
     report.downloads = downloads.join().unwrap_or_default();
+    report.drops = lab_drops(&st.lab);
     for c in churn {
         let o = c.wait_with_output().map_err(io("wait for the churn"))?;
         let words: Vec<u64> = String::from_utf8_lossy(&o.stdout)
@@ -493,6 +514,30 @@ fn download_loop(lan: &str, end: Instant, stop: &AtomicBool) -> Counts {
     c
 }
 
+/// Every drop and error counter of the lab's interfaces that is not zero: the kernel's
+/// (`rx_dropped`, `tx_dropped`) and veth's own per queue (`ethtool -S`: a full ring, an XDP
+/// redirect the peer refused).
+fn lab_drops(lab: &Lab) -> Vec<String> {
+    const COUNT: &str = r#"for i in $(ls /sys/class/net); do
+  [ "$i" = lo ] && continue
+  for f in rx_dropped tx_dropped; do
+    v=$(cat /sys/class/net/$i/statistics/$f); [ "$v" != 0 ] && echo "$i $f $v"
+  done
+  ethtool -S "$i" 2>/dev/null | awk -v i="$i" '/drop|err/ && $2 != 0 { sub(":", "", $1); print i, $1, $2 }'
+done"#;
+    [&lab.lan, &lab.fw, &lab.wan]
+        .iter()
+        .flat_map(|ns| {
+            let o = in_ns(ns, &["sh", "-c", COUNT]).output();
+            let text = o.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            text.unwrap_or_default()
+                .lines()
+                .map(|l| format!("{ns}/{l}"))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// Sent and received from ping's summary (`N packets transmitted, M received, ...`).
 fn ping_counts(out: &str) -> Counts {
     let line = out.lines().find(|l| l.contains("packets transmitted"));
@@ -554,6 +599,11 @@ fn print_verdict(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     )?;
     for w in r.workers.iter().chain(&r.fastpath) {
         writeln!(out, "{w}")?;
+    }
+    if r.drops.is_empty() {
+        writeln!(out, "drops: none counted on the lab's interfaces")?;
+    } else {
+        writeln!(out, "drops on the lab's interfaces: {}", r.drops.join(", "))?;
     }
     if r.short {
         writeln!(

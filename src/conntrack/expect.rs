@@ -11,7 +11,8 @@
 //! One lock: expectations are created by helpers (a few per control connection) and looked
 //! up by new connections only while some exist; the lookup is by the exact part of the
 //! expected tuple (destination address and port, protocol), as every helper here expects a
-//! known destination.
+//! known destination. A second index by master finds a master's expectations (its count per
+//! class, its oldest, its removal) without a walk of the table: only the gc walks it.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -139,23 +140,77 @@ fn key_of(t: &Tuple) -> Key {
     (t.l3, t.proto, t.dst.0, t.dst_id)
 }
 
+/// The index of a master: its address, which the `Weak` references of its expectations keep
+/// from being reused while any is in the table.
+type MasterKey = usize;
+
+fn master_of(e: &Expectation) -> MasterKey {
+    e.master.as_ptr() as MasterKey
+}
+
+/// The table, indexed twice: by the expected tuple's exact part (a new connection's lookup)
+/// and by master (`nf_conn_help.expectations`: a master's count per class, its oldest, its
+/// removal), so that nothing but the gc walks the whole table.
 #[derive(Default)]
 struct Inner {
     by_dst: HashMap<Key, Vec<Expectation>>,
+    /// Each master's expectations, oldest first: id, class and `by_dst` bucket.
+    by_master: HashMap<MasterKey, Vec<(u64, u8, Key)>>,
     next_id: u64,
 }
 
 impl Inner {
-    /// Keeps the expectations `keep` says yes to; returns how many went.
-    fn keep(&mut self, keep: impl Fn(&Expectation) -> bool) -> usize {
-        let mut removed = 0;
-        for v in self.by_dst.values_mut() {
-            let before = v.len();
-            v.retain(&keep);
-            removed += before - v.len();
+    fn insert(&mut self, e: Expectation) {
+        let key = key_of(&e.tuple);
+        self.by_master
+            .entry(master_of(&e))
+            .or_default()
+            .push((e.id, e.policy.class, key));
+        self.by_dst.entry(key).or_default().push(e);
+    }
+
+    /// Removes the expectations of bucket `key` that `gone` picks (the others keep their
+    /// order); returns how many went.
+    fn remove_in(&mut self, key: &Key, gone: impl Fn(&Expectation) -> bool) -> usize {
+        let Some(v) = self.by_dst.get_mut(key) else {
+            return 0;
+        };
+        let (out, kept): (Vec<_>, Vec<_>) = std::mem::take(v).into_iter().partition(|x| gone(x));
+        if kept.is_empty() {
+            self.by_dst.remove(key);
+        } else {
+            *v = kept;
         }
-        self.by_dst.retain(|_, v| !v.is_empty());
-        removed
+        for e in &out {
+            let m = master_of(e);
+            if let Some(l) = self.by_master.get_mut(&m) {
+                l.retain(|x| x.0 != e.id);
+                if l.is_empty() {
+                    self.by_master.remove(&m);
+                }
+            }
+        }
+        out.len()
+    }
+
+    /// Removes the expectations of master `m` that `gone` picks; returns how many went.
+    fn remove_of(&mut self, m: MasterKey, gone: impl Fn(&Expectation) -> bool) -> usize {
+        let mut keys: Vec<Key> = Vec::new();
+        for x in self.by_master.get(&m).into_iter().flatten() {
+            if !keys.contains(&x.2) {
+                keys.push(x.2);
+            }
+        }
+        keys.iter()
+            .map(|k| self.remove_in(k, |x| master_of(x) == m && gone(x)))
+            .sum()
+    }
+
+    /// Keeps the expectations `keep` says yes to, walking the whole table; returns how many
+    /// went.
+    fn keep(&mut self, keep: impl Fn(&Expectation) -> bool) -> usize {
+        let keys: Vec<Key> = self.by_dst.keys().copied().collect();
+        keys.iter().map(|k| self.remove_in(k, |x| !keep(x))).sum()
     }
 }
 
@@ -210,14 +265,16 @@ impl Expectations {
     /// its class when its master has reached the class's `max_expected`.
     pub fn add(&self, mut e: Expectation, now: u64) -> Result<(), ExpectError> {
         let mut g = self.inner.lock();
-        // Expired expectations and those of dead masters go first.
-        let mut removed = g.keep(|x| x.live(now)) as u64;
         let key = key_of(&e.tuple);
-        let mut replaced = false;
-        if let Some(v) = g.by_dst.get_mut(&key) {
-            if let Some(i) = v.iter().position(|x| x.same(&e)) {
-                v.remove(i);
-                replaced = true;
+        let m = master_of(&e);
+        let class = e.policy.class;
+        // The expired in its bucket and in its master's own go first (the rest at the gc, or
+        // below if the table is full).
+        let mut removed = g.remove_in(&key, |x| !x.live(now)) as u64;
+        removed += g.remove_of(m, |x| !x.live(now)) as u64;
+        if let Some(v) = g.by_dst.get(&key) {
+            if let Some(old) = v.iter().find(|x| x.same(&e)).map(|x| x.id) {
+                removed += g.remove_in(&key, |x| x.id == old) as u64;
             } else if v.iter().any(|x| {
                 // `expect_clash`: the same expected tuple (the masks intersect) for another
                 // master or class.
@@ -227,43 +284,38 @@ impl Expectations {
                 return Err(ExpectError::Clash);
             }
         }
-        if replaced {
-            removed += 1;
-        }
         // The master's expectations of this class, oldest first.
-        let mut mine: Vec<(u64, Key)> = g
-            .by_dst
-            .iter()
-            .flat_map(|(k, v)| {
-                v.iter()
-                    .filter(|x| x.master.ptr_eq(&e.master) && x.policy.class == e.policy.class)
-                    .map(move |x| (x.id, *k))
-            })
-            .collect();
-        mine.sort_unstable_by_key(|m| m.0);
+        let mine: Vec<(u64, Key)> = g.by_master.get(&m).map_or_else(Vec::new, |l| {
+            l.iter()
+                .filter(|x| x.1 == class)
+                .map(|x| (x.0, x.2))
+                .collect()
+        });
         let p = e.policy;
         if p.max_expected > 0 && mine.len() >= p.max_expected {
             // evict_oldest_expect
             if let Some(&(id, k)) = mine.first() {
-                if let Some(v) = g.by_dst.get_mut(&k) {
-                    v.retain(|x| x.id != id);
-                }
-                removed += 1;
+                removed += g.remove_in(&k, |x| x.id == id) as u64;
             }
             if mine.len() > p.max_expected {
                 self.sub(removed);
                 return Err(ExpectError::TooMany);
             }
         }
-        let live = self.count().saturating_sub(removed as usize);
+        let mut live = self.count().saturating_sub(removed as usize);
         if live >= self.max {
-            self.sub(removed);
-            return Err(ExpectError::TableFull);
+            // Full, perhaps of the expired: they go now, all of them.
+            let expired = g.keep(|x| x.live(now)) as u64;
+            removed += expired;
+            live = live.saturating_sub(expired as usize);
+            if live >= self.max {
+                self.sub(removed);
+                return Err(ExpectError::TableFull);
+            }
         }
         g.next_id += 1;
         e.id = g.next_id;
-        g.by_dst.entry(key).or_default().push(e);
-        g.by_dst.retain(|_, v| !v.is_empty());
+        g.insert(e);
         self.count.store(live + 1, Ordering::Relaxed);
         let mut st = self.stats.lock();
         st.create += 1;
@@ -286,25 +338,16 @@ impl Expectations {
         if self.count() == 0 {
             return None;
         }
+        let key = key_of(t);
         let mut g = self.inner.lock();
-        let v = g.by_dst.get_mut(&key_of(t))?;
-        let mut removed = 0;
-        let before = v.len();
-        v.retain(|x| x.live(now));
-        removed += before - v.len();
-        let found = v
-            .iter()
-            .position(|x| x.flags & INACTIVE == 0 && x.matches(t))
-            .map(|i| {
-                if v[i].flags & PERMANENT != 0 {
-                    v[i].clone()
-                } else {
-                    removed += 1;
-                    v.remove(i)
-                }
-            });
-        if v.is_empty() {
-            g.by_dst.remove(&key_of(t));
+        let mut removed = g.remove_in(&key, |x| !x.live(now));
+        let found = g.by_dst.get(&key).and_then(|v| {
+            v.iter()
+                .find(|x| x.flags & INACTIVE == 0 && x.matches(t))
+                .cloned()
+        });
+        if let Some(f) = found.as_ref().filter(|f| f.flags & PERMANENT == 0) {
+            removed += g.remove_in(&key, |x| x.id == f.id);
         }
         drop(g);
         self.sub(removed as u64);
@@ -319,29 +362,31 @@ impl Expectations {
         if self.count() == 0 {
             return;
         }
-        let ptr = Arc::as_ptr(master);
-        let removed = self.inner.lock().keep(|x| x.master.as_ptr() != ptr);
+        let m = Arc::as_ptr(master) as MasterKey;
+        let removed = self.inner.lock().remove_of(m, |_| true);
         self.sub(removed as u64);
     }
 
     /// Removes the expectations of `master` of one class (SIP's flush of media expectations
     /// on a new INVITE or a BYE).
     pub fn remove_class(&self, master: &ConnRef, class: u8) {
-        let ptr = Arc::as_ptr(master);
-        let removed = self
-            .inner
-            .lock()
-            .keep(|x| !(x.master.as_ptr() == ptr && x.policy.class == class));
+        let m = Arc::as_ptr(master) as MasterKey;
+        let removed = self.inner.lock().remove_of(m, |x| x.policy.class == class);
         self.sub(removed as u64);
     }
 
     /// Changes the expectations of `master` of one class (SIP activates its signalling
     /// expectation and sets its timer when the registration is confirmed).
     pub fn update_class(&self, master: &ConnRef, class: u8, mut f: impl FnMut(&mut Expectation)) {
-        let ptr = Arc::as_ptr(master);
+        let m = Arc::as_ptr(master) as MasterKey;
         let mut g = self.inner.lock();
-        for x in g.by_dst.values_mut().flatten() {
-            if x.master.as_ptr() == ptr && x.policy.class == class {
+        let g = &mut *g;
+        let Some(mine) = g.by_master.get(&m) else {
+            return;
+        };
+        for &(id, _, key) in mine.iter().filter(|x| x.1 == class) {
+            let mut bucket = g.by_dst.get_mut(&key).into_iter().flatten();
+            if let Some(x) = bucket.find(|x| x.id == id) {
                 f(x);
             }
         }
@@ -410,4 +455,132 @@ pub fn proc_line(e: &Expectation, now: u64) -> String {
         let _ = write!(s, "/{}", e.policy.name);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conntrack::ProtoState;
+
+    const S: u64 = 1_000_000_000;
+    const DATA: Policy = Policy {
+        class: 0,
+        name: "",
+        max_expected: 2,
+        timeout_secs: 10,
+    };
+    const MEDIA: Policy = Policy {
+        class: 1,
+        name: "audio",
+        max_expected: 0,
+        timeout_secs: 10,
+    };
+
+    fn master(port: u16) -> ConnRef {
+        let t = Tuple::ports(
+            "192.168.1.10".parse().unwrap(),
+            "203.0.113.7".parse().unwrap(),
+            6,
+            port,
+            21,
+        );
+        Arc::new(Conn::new(t, ProtoState::Udp { stream_ts: 0 }, 0))
+    }
+
+    fn exp(m: &ConnRef, port: u16, p: Policy, now: u64) -> Expectation {
+        let t = Tuple::ports(
+            "203.0.113.7".parse().unwrap(),
+            "192.168.1.10".parse().unwrap(),
+            6,
+            0,
+            port,
+        );
+        Expectation::new(t, m, HelperName::new("ftp").unwrap(), p, now)
+    }
+
+    fn new_conn(port: u16) -> Tuple {
+        Tuple::ports(
+            "203.0.113.7".parse().unwrap(),
+            "192.168.1.10".parse().unwrap(),
+            6,
+            20,
+            port,
+        )
+    }
+
+    /// The table through both indexes: what `list` walks and what each master's index
+    /// holds must be the same expectations.
+    fn consistent(x: &Expectations) {
+        let g = x.inner.lock();
+        let mut a: Vec<u64> = g.by_dst.values().flatten().map(|e| e.id).collect();
+        let mut b: Vec<u64> = g.by_master.values().flatten().map(|e| e.0).collect();
+        a.sort_unstable();
+        b.sort_unstable();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), x.count());
+        assert!(g.by_dst.values().all(|v| !v.is_empty()));
+        assert!(g.by_master.values().all(|v| !v.is_empty()));
+    }
+
+    #[test]
+    fn a_master_over_its_class_maximum_loses_its_oldest() {
+        let x = Expectations::new(100);
+        let (m1, m2) = (master(1000), master(1001));
+        for (i, port) in [5000, 5001, 5002].into_iter().enumerate() {
+            x.add(exp(&m1, port, DATA, i as u64), i as u64).unwrap();
+        }
+        x.add(exp(&m2, 6000, DATA, 0), 0).unwrap();
+        x.add(exp(&m1, 7000, MEDIA, 0), 0).unwrap();
+        consistent(&x);
+        // 5000 went (max_expected 2 of class 0); the other class and master stay.
+        let ports: Vec<u16> = x.list(3).iter().map(|e| e.tuple.dst_id).collect();
+        assert_eq!(ports, [5001, 5002, 6000, 7000]);
+        assert_eq!(x.stats().delete, 1);
+        // Taken by its connection: gone from both indexes.
+        let (e, m) = x.take(&new_conn(5001), 4).unwrap();
+        assert!(Arc::ptr_eq(&m, &m1));
+        assert_eq!(e.tuple.dst_id, 5001);
+        assert!(x.take(&new_conn(5001), 4).is_none());
+        consistent(&x);
+        // One class of a master, then the whole master.
+        x.remove_class(&m1, 1);
+        consistent(&x);
+        assert_eq!(x.count(), 2);
+        x.remove_master(&m1);
+        consistent(&x);
+        let ports: Vec<u16> = x.list(5).iter().map(|e| e.tuple.dst_id).collect();
+        assert_eq!(ports, [6000]);
+    }
+
+    #[test]
+    fn a_full_table_makes_room_from_the_expired_only() {
+        let x = Expectations::new(3);
+        let ms: Vec<ConnRef> = (0..5).map(master).collect();
+        for (i, m) in ms.iter().take(3).enumerate() {
+            x.add(exp(m, 5000 + i as u16, DATA, 0), 0).unwrap();
+        }
+        assert_eq!(
+            x.add(exp(&ms[3], 5003, DATA, S), S),
+            Err(ExpectError::TableFull)
+        );
+        consistent(&x);
+        // Past their 10 s, without a gc: the add clears them.
+        x.add(exp(&ms[3], 5003, DATA, 11 * S), 11 * S).unwrap();
+        consistent(&x);
+        assert_eq!(x.count(), 1);
+        assert_eq!(x.stats().delete, 3);
+        // The same expectation again replaces itself; a clash on its tuple is refused.
+        x.add(exp(&ms[3], 5003, DATA, 12 * S), 12 * S).unwrap();
+        assert_eq!(x.count(), 1);
+        assert_eq!(
+            x.add(exp(&ms[4], 5003, DATA, 12 * S), 12 * S),
+            Err(ExpectError::Clash)
+        );
+        consistent(&x);
+        // A master's death takes its expectations at the gc too.
+        drop(ms);
+        assert_eq!(x.gc(13 * S), 1);
+        consistent(&x);
+        assert_eq!(x.count(), 0);
+    }
 }

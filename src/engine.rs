@@ -30,6 +30,7 @@
 //!
 //! XXX: every base chain of a hook is evaluated as one decision tree, so a prerouting filter
 //! chain of priority above -100 sees the packet before DNAT, where the kernel shows it after.
+//! [`kernel_differences`] finds such chains that read what a DNAT changes, for a warning.
 //!
 //! Helpers (`ct helper set`) read each accepted packet of their connections before it is
 //! confirmed (`nf_confirm`); what they rewrite (FTP and SIP through NAT) is edited last.
@@ -283,6 +284,100 @@ impl Compiled {
     fn tree(&self, v6: bool, first: bool) -> &Tree {
         &self.trees[(v6 as usize) * 2 + (!first) as usize]
     }
+}
+
+/// `NF_IP_PRI_NAT_DST`: where the kernel's DNAT runs in prerouting.
+const NAT_DST_PRIORITY: i32 = -100;
+
+/// Where `rs` would behave differently here than in the kernel, one sentence each, for a
+/// warning when it is loaded (`check`, `run`, a reload). One case today, the XXX above: a
+/// prerouting chain of a priority above -100 that reads a field a `dnat` or `redirect` of the
+/// ruleset may change (the destination address; the port too if one names a port) sees the
+/// packet before DNAT here, after it in the kernel.
+pub fn kernel_differences(rs: &Ruleset) -> Vec<String> {
+    use ir::{NatKind, Verdict as V};
+    // The fields a DNAT of this ruleset may change.
+    let mut changed = Vec::new();
+    for stmt in rs
+        .tables
+        .iter()
+        .flat_map(|t| &t.chains)
+        .flat_map(|c| &c.rules)
+        .flat_map(|r| &r.stmts)
+    {
+        if let Stmt::Nat(n) = stmt {
+            if matches!(n.kind, NatKind::Dnat | NatKind::Redirect) {
+                changed.extend([Field::Ip4Daddr, Field::Ip6Daddr]);
+                let map_ports = n
+                    .map
+                    .as_ref()
+                    .is_some_and(|m| m.entries.iter().any(|e| e.2.is_some()));
+                if n.port.is_some() || map_ports {
+                    changed.push(Field::Dport);
+                }
+            }
+        }
+    }
+    if changed.is_empty() {
+        return Vec::new();
+    }
+    // Whether chain `c` of table `t`, or a chain it jumps to, reads a changed field.
+    let reads_changed = |t: &ir::Table, c: usize| {
+        let (mut todo, mut seen) = (vec![c], vec![c]);
+        while let Some(c) = todo.pop() {
+            for r in &t.chains[c].rules {
+                if r.matches
+                    .iter()
+                    .flat_map(|m| m.fields())
+                    .any(|f| changed.contains(&f))
+                {
+                    return true;
+                }
+                for stmt in &r.stmts {
+                    let mut next = Vec::new();
+                    match stmt {
+                        Stmt::Vmap { fields, entries } => {
+                            if fields.iter().any(|f| changed.contains(f)) {
+                                return true;
+                            }
+                            next.extend(entries.iter().map(|e| e.1));
+                        }
+                        Stmt::Verdict(v) => next.push(*v),
+                        _ => {}
+                    }
+                    for v in next {
+                        if let V::Jump(n) | V::Goto(n) = v {
+                            if !seen.contains(&n) {
+                                seen.push(n);
+                                todo.push(n);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        false
+    };
+    rs.base_chains(Hook::Prerouting)
+        .into_iter()
+        .filter_map(|(t, c)| {
+            let (table, chain) = (&rs.tables[t], &rs.tables[t].chains[c]);
+            let b = chain.base?;
+            let after = b.kind != ir::ChainType::Nat && b.priority > NAT_DST_PRIORITY;
+            (after && reads_changed(table, c)).then(|| {
+                format!(
+                    "chain {} {} {} (hook prerouting, priority {}) sees packets before DNAT in \
+                     keepstate, where the kernel shows them after it (priority above -100): its \
+                     matches on a destination the ruleset's dnat changes see it untranslated. \
+                     Give it a priority below -100, or match in the forward chain",
+                    table.family.name(),
+                    table.name,
+                    chain.name,
+                    b.priority
+                )
+            })
+        })
+        .collect()
 }
 
 /// True when every base chain of `hook` accepts an established packet with its first rule and

@@ -21,6 +21,9 @@ pub fn run(files: &[PathBuf], print: bool) -> anyhow::Result<ExitCode> {
                     eprintln!("{}: {e}", f.display());
                     continue;
                 }
+                for w in crate::engine::kernel_differences(&loaded.ruleset) {
+                    eprintln!("{}: warning: {w}", f.display());
+                }
                 if print {
                     out.write_all(loaded.listing().as_bytes())?;
                 }

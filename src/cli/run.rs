@@ -37,7 +37,11 @@ const TICKS_PER_PORT_CHECK: usize = 20;
 
 fn compile(path: &Path) -> anyhow::Result<Compiled> {
     let loaded = rules::load_file(path).map_err(|d| anyhow::anyhow!("{}:\n{d}", path.display()))?;
-    Ok(Compiled::new(&loaded)?)
+    let compiled = Compiled::new(&loaded)?;
+    for w in crate::engine::kernel_differences(&loaded.ruleset) {
+        eprintln!("keepstate: warning: {}: {w}", path.display());
+    }
+    Ok(compiled)
 }
 
 pub fn run(config: &Path) -> anyhow::Result<ExitCode> {

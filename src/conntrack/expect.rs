@@ -175,6 +175,11 @@ impl Inner {
         let Some(v) = self.by_dst.get_mut(key) else {
             return 0;
         };
+        // Most calls remove nothing (a new connection's lookup, the gc's every bucket): no
+        // allocation then.
+        if !v.iter().any(&gone) {
+            return 0;
+        }
         let (out, kept): (Vec<_>, Vec<_>) = std::mem::take(v).into_iter().partition(|x| gone(x));
         if kept.is_empty() {
             self.by_dst.remove(key);

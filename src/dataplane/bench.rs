@@ -21,9 +21,10 @@
 //! kernel's forwarding is moved there with RPS on the firewall's veths (without it the
 //! kernel would forward on the generator's core, inside its send calls); keepstate's worker
 //! is pinned there, and so is the veths' NAPI thread in mode `f`, where it is the whole
-//! forwarding (at the lowest priority: the worker comes first, see [`Bench::window`]). In the workers' modes the NAPI thread (veth's receive copy into the UMEM)
-//! runs on the generator's core: on the worker's own core it starves the worker. Mode `d`
-//! uses both cores.
+//! forwarding (at the lowest priority: the worker comes first, see [`Bench::window`]). In
+//! the workers' modes the NAPI thread (veth's receive copy into the UMEM) runs on the
+//! generator's core: on the worker's own core it starves the worker. Mode `d` uses both
+//! cores.
 //!
 //! Per window: packets delivered at the sink's veth, packets the generator's veth sent, CPU
 //! time of all cores from /proc/stat less the machine's other processes, the generator's own
@@ -795,9 +796,9 @@ impl Bench<'_> {
 
     /// Makes the firewall's veth receive work (the XDP program, and with it the copy into
     /// the UMEM or the fast path's whole forwarding) a kernel thread pinned to `cpu`, at nice
-    /// value `nice`: veth
-    /// runs its NAPI where the sender is, so without this it would run inside the
-    /// generator's send calls and be charged to the generator's process, not to the firewall.
+    /// value `nice`: veth runs its NAPI where the sender is, so without this it would run
+    /// inside the generator's send calls and be charged to the generator's process, not to
+    /// the firewall.
     fn threaded_napi(&self, cpu: usize, nice: i32) -> Result<(), BenchError> {
         let cpus = cpu.to_string();
         run_ok(

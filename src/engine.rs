@@ -176,8 +176,9 @@ pub struct Compiled {
 /// A flowtable as the engine uses it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlowtableSpec {
-    /// `family table name`: what a flow remembers its flowtable by across reloads.
-    pub key: String,
+    /// `family table name`: what a flow remembers its flowtable by across reloads (shared
+    /// with every flow of it, not copied per offload).
+    pub key: Arc<str>,
     /// The table's index in the ruleset (`Stmt::FlowAdd`'s).
     pub table: usize,
     pub name: String,
@@ -259,7 +260,7 @@ impl Compiled {
             .enumerate()
             .flat_map(|(ti, t)| {
                 t.flowtables.iter().map(move |f| FlowtableSpec {
-                    key: format!("{} {} {}", ir::Family::name(t.family), t.name, f.name),
+                    key: format!("{} {} {}", ir::Family::name(t.family), t.name, f.name).into(),
                     table: ti,
                     name: f.name.clone(),
                     counter: f.counter,

@@ -29,9 +29,6 @@ use crate::rules;
 const TICK: Duration = Duration::from_millis(50);
 /// A full pass of the tracker's expiry takes about this many ticks (2 s).
 const TICKS_PER_GC_PASS: usize = 40;
-/// Every XDP fast-path entry is read every this many ticks (10 s: a walk over all of them;
-/// flows about to expire are asked about in between, and a listing reads them first).
-const TICKS_PER_FASTPATH_READ: usize = 200;
 /// The ports' XDP programs are checked every this many ticks (1 s).
 const TICKS_PER_PORT_CHECK: usize = 20;
 
@@ -160,10 +157,10 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
         }
         engine.housekeeping(shared.now(), buckets);
         // A slice of the flowtable gc (the kernel's visits every flow each second; so does
-        // this, one of its 20 slices a tick), and now and then the XDP fast path's counters
+        // this, one of its 20 slices a tick), and a batch of the XDP fast path's counters
         // read back into the flows.
         tick += 1;
-        shared.flow_gc(tick % TICKS_PER_FASTPATH_READ == 0);
+        shared.flow_gc();
         shared.publish_destroyed();
         let health = shared.health();
         for line in supervisor.observe(shared.now().0, &health, &shared.worker_queues) {

@@ -50,21 +50,25 @@ pub struct FlowDir {
 }
 
 /// An offloaded connection (`struct flow_offload`).
+///
+/// `repr(C)` keeps what the gc reads of every flow every second (the connection, the timeout
+/// and the flags) in the first cache line.
 #[derive(Debug)]
+#[repr(C)]
 pub struct Flow {
     pub conn: ConnRef,
-    /// The flowtable it belongs to, as `family table name`.
-    pub flowtable: String,
-    /// The flowtable's `counter` flag: forwarded packets count on the connection.
-    pub counter: bool,
-    /// ORIGINAL, REPLY.
-    pub dirs: [FlowDir; 2],
     /// `flow->timeout`, in ns.
     timeout: AtomicU64,
     /// `NF_FLOW_CLOSING`: a FIN or RST was forwarded.
     closing: AtomicBool,
     /// `NF_FLOW_TEARDOWN`: back to the slow path; the gc removes it.
     teardown: AtomicBool,
+    /// The flowtable's `counter` flag: forwarded packets count on the connection.
+    pub counter: bool,
+    /// The flowtable it belongs to, as `family table name`.
+    pub flowtable: Arc<str>,
+    /// ORIGINAL, REPLY.
+    pub dirs: [FlowDir; 2],
 }
 
 pub type FlowRef = Arc<Flow>;
@@ -122,6 +126,8 @@ pub enum FlowEvent {
 /// The gc's slices: every flow is in one, and a gc step walks one, so that a pass over a
 /// million flows is spread over [`GC_SLICES`] steps instead of stalling one.
 pub const GC_SLICES: usize = 20;
+/// Flows whose state the gc reads ahead of deciding about them.
+const GC_TOUCH_AHEAD: usize = 16;
 
 /// Every flowtable's flows, by (ingress port, tuple).
 #[derive(Default)]
@@ -150,7 +156,7 @@ impl Flows {
     pub fn offload(
         &self,
         conn: &ConnRef,
-        flowtable: &str,
+        flowtable: &Arc<str>,
         counter: bool,
         dirs: [FlowDir; 2],
         now: Timestamp,
@@ -160,7 +166,7 @@ impl Flows {
         }
         let flow = Arc::new(Flow {
             conn: conn.clone(),
-            flowtable: flowtable.to_string(),
+            flowtable: flowtable.clone(),
             counter,
             dirs,
             timeout: AtomicU64::new(now.0 + FLOW_TIMEOUT_SECS * NS),
@@ -267,26 +273,39 @@ impl Flows {
         refresh: &dyn Fn(&FlowRef),
     ) -> Vec<FlowRef> {
         let mut events = std::mem::take(&mut *self.pending.lock());
-        let mut remove = Vec::new();
-        self.slices[slice % GC_SLICES].lock().retain(|flow| {
-            let was_down = flow.is_torn_down();
-            if !was_down && flow.expires().0 <= now.0 && !flow.conn.is_dying() {
-                refresh(flow);
+        let mut list = self.slices[slice % GC_SLICES].lock();
+        let mut kept = 0;
+        for start in (0..list.len()).step_by(GC_TOUCH_AHEAD) {
+            let end = (start + GC_TOUCH_AHEAD).min(list.len());
+            // With many flows, each flow and its connection are a cache miss. Reading what
+            // the decisions below need of the next few flows in a loop of independent loads
+            // lets the CPU wait for those misses together, not one after the other.
+            for flow in &list[start..end] {
+                std::hint::black_box((flow.timeout.load(Ordering::Relaxed), flow.conn.status()));
             }
-            if flow.expires().0 <= now.0 || flow.conn.is_dying() {
-                if !was_down {
-                    teardown(flow, t, now);
-                    events.push(flow.clone());
+            for i in start..end {
+                let flow = &list[i];
+                let was_down = flow.is_torn_down();
+                if !was_down && flow.expires().0 <= now.0 && !flow.conn.is_dying() {
+                    refresh(flow);
                 }
-            } else if !was_down {
-                extend_ct_timeout(&flow.conn, now);
+                if flow.expires().0 <= now.0 || flow.conn.is_dying() {
+                    if !was_down {
+                        teardown(flow, t, now);
+                        events.push(flow.clone());
+                    }
+                } else if !was_down {
+                    extend_ct_timeout(&flow.conn, now);
+                }
+                if !flow.is_torn_down() {
+                    // Kept: moved down over the ones that go (order kept).
+                    list.swap(kept, i);
+                    kept += 1;
+                }
             }
-            if flow.is_torn_down() {
-                remove.push(flow.clone());
-                return false;
-            }
-            true
-        });
+        }
+        let remove: Vec<FlowRef> = list.drain(kept..).collect();
+        drop(list);
         for f in remove {
             for (d, dir) in f.dirs.iter().zip([Dir::Original, Dir::Reply]) {
                 self.map.remove_if(&(d.iif, d.tuple), |_, v| {

@@ -258,6 +258,52 @@ struct Forwarded {
 /// kernel requires).
 const BATCH: usize = 4096;
 
+/// A walk of [`FastPath::sync_step`] over the map starts this long after the last one
+/// started (or at once, if that one took longer).
+/// Well inside the flows' 30 s timeout: a flow that forwards a packet every few seconds is
+/// read before the gc would think it idle.
+pub const PASS_EVERY_NS: u64 = 20_000_000_000;
+/// About how many [`FastPath::sync_step`] calls a walk is spread over (15 s of the main
+/// loop's 50 ms ticks, more with the ticks' own work), sized by the last walk's count.
+pub const STEPS_PER_PASS: usize = 300;
+
+/// What a reading of the map found, acted on once the entries' lock is let go.
+#[derive(Default)]
+struct Reading {
+    /// Entries a live flow owns.
+    live: u64,
+    forwarded: Vec<Forwarded>,
+    /// With a neighbour's MAC changed: every live entry, to check.
+    moved: Vec<(FlowKey, FlowRef, Dir)>,
+    stale: Vec<FlowKey>,
+}
+
+/// [`FastPath::sync_step`]'s walk over the map.
+struct Pass {
+    at: Cursor,
+    /// Live entries counted so far.
+    live: u64,
+    /// When the walk under way (or the last) started.
+    started: Option<Timestamp>,
+    /// Entries to read per step in this walk.
+    per_step: usize,
+    keys: Vec<FlowKey>,
+    values: Vec<FlowValue>,
+}
+
+impl Default for Pass {
+    fn default() -> Pass {
+        Pass {
+            at: Cursor::default(),
+            live: 0,
+            started: None,
+            per_step: 0,
+            keys: vec![FlowKey::default(); BATCH],
+            values: vec![FlowValue::default(); BATCH],
+        }
+    }
+}
+
 /// The loaded program and its maps.
 pub struct FastPath {
     obj: *mut BpfObject,
@@ -276,6 +322,8 @@ pub struct FastPath {
     entries: Mutex<HashMap<FlowKey, Entry, foldhash::fast::RandomState>>,
     /// The neighbour table's generation the entries' MACs were last checked against.
     neigh_gen: AtomicU64,
+    /// The main loop's walk over the map, a batch a tick.
+    pass: Mutex<Pass>,
     /// Per port: whether redirects to it are off (it would drop them).
     egress: Mutex<Vec<bool>>,
     /// Whether every port runs the program in generic mode.
@@ -322,6 +370,7 @@ impl FastPath {
             attached: Mutex::new(Vec::new()),
             entries: Mutex::new(HashMap::default()),
             neigh_gen: AtomicU64::new(0),
+            pass: Mutex::new(Pass::default()),
             egress: Mutex::new(Vec::new()),
             generic: std::sync::atomic::AtomicBool::new(false),
             stats: FastPathStats::default(),
@@ -552,37 +601,109 @@ impl FastPath {
     /// removed its flowtable) removed, and, when a neighbour's MAC changed, the entries
     /// towards it rewritten (the kernel's flowtable follows the neighbour cache the same way,
     /// through `neigh_xmit`). The map is read a batch at a time, a few system calls for a
-    /// million entries; still a walk over all of them, so the main loop runs it every few
-    /// seconds, and flows about to expire are asked about one by one ([`FastPath::refresh`]).
+    /// million entries, but still a walk over all of them at once: for a listing, or when a
+    /// neighbour moved. The main loop's regular reading is [`FastPath::sync_step`].
     pub fn sync(&self, engine: &Engine, now: Timestamp, neighbours: &Neighbours) {
         let mono = monotonic_ns();
         let generation = neighbours.generation();
         let recheck = self.neigh_gen.swap(generation, Ordering::Relaxed) != generation;
-        let (mut left, mut forwarded, mut moved, mut stale) =
-            (0, Vec::new(), Vec::new(), Vec::new());
+        let mut r = Reading::default();
         read_all(self.flows_fd, |keys, values| {
-            let mut entries = self.entries.lock();
-            for (key, v) in keys.iter().zip(values) {
-                match entries.get_mut(key) {
-                    Some(e) if !e.flow.is_torn_down() => {
-                        left += 1;
-                        forwarded.extend(e.read(v));
-                        if recheck {
-                            moved.push((*key, e.flow.clone(), e.dir));
-                        }
-                    }
-                    _ => stale.push(*key),
-                }
-            }
+            self.read_into(keys, values, recheck, &mut r)
         });
-        for f in forwarded {
+        self.stats.entries.store(r.live, Ordering::Relaxed);
+        self.act_on(engine, now, mono, Some(neighbours), r);
+    }
+
+    /// The next steps of a walk over the map, as [`FastPath::sync`] without the neighbours:
+    /// counters into the flows, entries no live flow owns removed. A walk starts
+    /// [`PASS_EVERY_NS`] after the last one started and takes about [`STEPS_PER_PASS`]
+    /// calls (a batch at least each). Meant for every tick of the main loop: a million flows
+    /// are read in many steps of a few milliseconds instead of one of a second or more,
+    /// which on a shared core would hold up the forwarding (measured with a million UDP
+    /// flows: the whole walk took about 1.3 s), and often enough that flows rarely come
+    /// near their expiry unread (each such flow costs the gc two lookups).
+    pub fn sync_step(&self, engine: &Engine, now: Timestamp) {
+        let mut pass = self.pass.lock();
+        if pass.at.0.is_none() {
+            if pass
+                .started
+                .is_some_and(|s| now.0 < s.0.saturating_add(PASS_EVERY_NS))
+            {
+                return;
+            }
+            let last = self.stats.entries.load(Ordering::Relaxed);
+            pass.started = Some(now);
+            pass.live = 0;
+            pass.per_step = (last as usize).div_ceil(STEPS_PER_PASS);
+        }
+        let mono = monotonic_ns();
+        let mut r = Reading::default();
+        let mut read = 0;
+        let Pass {
+            at,
+            keys,
+            values,
+            per_step,
+            ..
+        } = &mut *pass;
+        let more = loop {
+            let more = read_batch(self.flows_fd, at, keys, values, &mut |k, v| {
+                read += k.len();
+                self.read_into(k, v, false, &mut r)
+            });
+            if !more || read >= *per_step {
+                break more;
+            }
+        };
+        pass.live += r.live;
+        if !more {
+            self.stats.entries.store(pass.live, Ordering::Relaxed);
+        }
+        drop(pass);
+        self.act_on(engine, now, mono, None, r);
+    }
+
+    /// Matches a batch of the map's entries with what the workers installed.
+    fn read_into(&self, keys: &[FlowKey], values: &[FlowValue], recheck: bool, r: &mut Reading) {
+        let mut entries = self.entries.lock();
+        for (key, v) in keys.iter().zip(values) {
+            match entries.get_mut(key) {
+                Some(e) if !e.flow.is_torn_down() => {
+                    r.live += 1;
+                    r.forwarded.extend(e.read(v));
+                    if recheck {
+                        r.moved.push((*key, e.flow.clone(), e.dir));
+                    }
+                }
+                _ => r.stale.push(*key),
+            }
+        }
+    }
+
+    /// What a reading found, done with the entries' lock let go: counters into the flows,
+    /// the entries that moved rewritten towards their neighbours, stale entries removed.
+    fn act_on(
+        &self,
+        engine: &Engine,
+        now: Timestamp,
+        mono: u64,
+        neighbours: Option<&Neighbours>,
+        r: Reading,
+    ) {
+        for f in r.forwarded {
             self.account(engine, f, now, mono);
         }
-        for (key, flow, dir) in moved {
-            self.follow_neighbour(&key, &flow.dirs[dir.index()], neighbours);
+        if let Some(neighbours) = neighbours {
+            for (key, flow, dir) in r.moved {
+                self.follow_neighbour(&key, &flow.dirs[dir.index()], neighbours);
+            }
+        }
+        if r.stale.is_empty() {
+            return;
         }
         let mut entries = self.entries.lock();
-        for key in stale {
+        for key in r.stale {
             // Unless a worker installed a live flow there since the reading.
             if entries.get(&key).is_some_and(|e| !e.flow.is_torn_down()) {
                 continue;
@@ -590,8 +711,6 @@ impl FastPath {
             delete(self.flows_fd, &key);
             entries.remove(&key);
         }
-        drop(entries);
-        self.stats.entries.store(left, Ordering::Relaxed);
     }
 
     /// Keeps `tx_ok` to the ports that take redirected frames: a driver without
@@ -725,45 +844,63 @@ fn lookup(fd: c_int, key: &FlowKey) -> Option<FlowValue> {
     (r == 0).then_some(v)
 }
 
+/// Where a reading of the flow map stands: a bucket number the kernel hands back, or the
+/// start.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cursor(Option<u64>);
+
+/// Reads the next batch of entries of the flow map `fd` from `at` into `each`, and moves
+/// `at` on. True if the map has more after them; at its end, or on an error, `at` is back at
+/// the start.
+fn read_batch(
+    fd: c_int,
+    at: &mut Cursor,
+    keys: &mut [FlowKey],
+    values: &mut [FlowValue],
+    each: &mut impl FnMut(&[FlowKey], &[FlowValue]),
+) -> bool {
+    let max = keys.len().min(values.len());
+    let mut count = max as u32;
+    let mut from = at.0.unwrap_or(0);
+    let mut next = 0u64;
+    let in_batch: *mut c_void = match at.0 {
+        None => std::ptr::null_mut(),
+        Some(_) => (&mut from as *mut u64).cast(),
+    };
+    // SAFETY: `keys` and `values` hold at least `count` elements of the map's key and value
+    // sizes (checked by the layout test); the tokens are 8 bytes, more than the 4 the kernel
+    // writes; opts NULL means the defaults.
+    let r = unsafe {
+        bpf_map_lookup_batch(
+            fd,
+            in_batch,
+            (&mut next as *mut u64).cast(),
+            keys.as_mut_ptr().cast(),
+            values.as_mut_ptr().cast(),
+            &mut count,
+            std::ptr::null(),
+        )
+    };
+    let n = (count as usize).min(max);
+    if r == 0 || r == -libc::ENOENT {
+        each(&keys[..n], &values[..n]);
+    }
+    if r == 0 {
+        *at = Cursor(Some(next));
+        true
+    } else {
+        *at = Cursor(None);
+        false
+    }
+}
+
 /// Reads every entry of the flow map `fd`, a batch at a time, into `each`. An error (other
 /// than the end) ends the reading early; the next one starts over.
 fn read_all(fd: c_int, mut each: impl FnMut(&[FlowKey], &[FlowValue])) {
     let mut keys = vec![FlowKey::default(); BATCH];
     let mut values = vec![FlowValue::default(); BATCH];
-    // The hash map's position: a bucket number the kernel hands back.
-    let (mut at, mut next) = (0u64, 0u64);
-    let mut first = true;
-    loop {
-        let mut count = BATCH as u32;
-        let in_batch: *mut c_void = if first {
-            std::ptr::null_mut()
-        } else {
-            (&mut at as *mut u64).cast()
-        };
-        // SAFETY: `keys` and `values` hold `count` elements of the map's key and value sizes
-        // (checked by the layout test); the tokens are 8 bytes, more than the 4 the kernel
-        // writes; opts NULL means the defaults.
-        let r = unsafe {
-            bpf_map_lookup_batch(
-                fd,
-                in_batch,
-                (&mut next as *mut u64).cast(),
-                keys.as_mut_ptr().cast(),
-                values.as_mut_ptr().cast(),
-                &mut count,
-                std::ptr::null(),
-            )
-        };
-        let n = (count as usize).min(BATCH);
-        if r == 0 || r == -libc::ENOENT {
-            each(&keys[..n], &values[..n]);
-        }
-        if r != 0 {
-            return;
-        }
-        at = next;
-        first = false;
-    }
+    let mut at = Cursor::default();
+    while read_batch(fd, &mut at, &mut keys, &mut values, &mut each) {}
 }
 
 /// The key of a tuple arriving on `ifindex`.

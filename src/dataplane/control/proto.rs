@@ -27,13 +27,13 @@ pub const MAX_REQUEST: usize = 4096;
 /// Why a request or an answer line could not be understood.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProtoError {
-    #[error("empty request: send one of `reload`, `ct list`, `ct events`, `ct count`, `ct flush`, `ct expect`, `stats`")]
+    #[error("empty request: send one of `reload`, `ct list`, `ct events`, `ct count`, `ct flush`, `ct expect`, `flow count`, `stats`")]
     Empty,
     #[error("request longer than {MAX_REQUEST} bytes")]
     TooLong,
     #[error("request is not UTF-8 text")]
     NotText,
-    #[error("unknown request `{0}`: send one of `reload`, `ct list`, `ct events`, `ct count`, `ct flush`, `ct expect`, `stats`")]
+    #[error("unknown request `{0}`: send one of `reload`, `ct list`, `ct events`, `ct count`, `ct flush`, `ct expect`, `flow count`, `stats`")]
     UnknownCommand(String),
     #[error("`{command}` takes no argument `{arg}`")]
     UnexpectedArgument { command: String, arg: String },
@@ -73,6 +73,8 @@ pub enum Request {
     CtEvents,
     /// `conntrack -C`.
     CtCount,
+    /// How many connections are offloaded to a flowtable (one number, as `ct count`).
+    FlowCount,
     /// `conntrack -F`.
     CtFlush,
     /// `/proc/net/nf_conntrack_expect`.
@@ -123,7 +125,7 @@ impl Request {
         let words: Vec<&str> = text.split_ascii_whitespace().collect();
         let (command, args): (String, &[&str]) = match words.as_slice() {
             [] => return Err(ProtoError::Empty),
-            ["ct", sub, rest @ ..] => (format!("ct {sub}"), rest),
+            [group @ ("ct" | "flow"), sub, rest @ ..] => (format!("{group} {sub}"), rest),
             [one, rest @ ..] => (one.to_string(), rest),
         };
         let none = |r: Request| match args.first() {
@@ -138,6 +140,7 @@ impl Request {
             "stats" => none(Request::Stats),
             "ct events" => none(Request::CtEvents),
             "ct count" => none(Request::CtCount),
+            "flow count" => none(Request::FlowCount),
             "ct flush" => none(Request::CtFlush),
             "ct expect" => none(Request::CtExpect),
             "ct list" => {
@@ -196,6 +199,7 @@ impl Request {
             Request::Stats => "stats".to_string(),
             Request::CtEvents => "ct events".to_string(),
             Request::CtCount => "ct count".to_string(),
+            Request::FlowCount => "flow count".to_string(),
             Request::CtFlush => "ct flush".to_string(),
             Request::CtExpect => "ct expect".to_string(),
             Request::CtList { filter, json } => {
@@ -295,6 +299,7 @@ mod tests {
             Request::Stats,
             Request::CtEvents,
             Request::CtCount,
+            Request::FlowCount,
             Request::CtFlush,
             Request::CtExpect,
             Request::CtList {

@@ -5,8 +5,9 @@
 //!
 //! Who writes what: the workers install both directions of a flow when the engine offloads
 //! it (they know the neighbours' MACs) and remove them when a packet tears it down; the main
-//! loop reads the counters back into [`Engine::flow_account`] once a second and removes the
-//! flows the flowtable gc or a reload tore down, and any entry no live flow owns. The program
+//! loop reads the counters back into [`Engine::flow_account`] (a few thousand entries a tick,
+//! the whole map every 20 s, or at once for a listing) and removes the flows the flowtable gc
+//! or a reload tore down, and any entry no live flow owns. The program
 //! only adds to the counters; nobody else writes them.
 //!
 //! Owns the BPF object, its maps and the XDP attachments; decides nothing about flows (that

@@ -7,8 +7,8 @@
 //! it (they know the neighbours' MACs) and remove them when a packet tears it down; the main
 //! loop reads the counters back into [`Engine::flow_account`] (a few thousand entries a tick,
 //! the whole map every 20 s, or at once for a listing) and removes the flows the flowtable gc
-//! or a reload tore down, and any entry no live flow owns. The program
-//! only adds to the counters; nobody else writes them.
+//! or a reload tore down, and any entry no live flow owns. The program only adds to the
+//! counters; nobody else writes them.
 //!
 //! Owns the BPF object, its maps and the XDP attachments; decides nothing about flows (that
 //! is the engine's flowtable, [`crate::conntrack::flowtable`]).
@@ -260,9 +260,8 @@ struct Forwarded {
 const BATCH: usize = 4096;
 
 /// A walk of [`FastPath::sync_step`] over the map starts this long after the last one
-/// started (or at once, if that one took longer).
-/// Well inside the flows' 30 s timeout: a flow that forwards a packet every few seconds is
-/// read before the gc would think it idle.
+/// started (or at once, if that one took longer): well inside the flows' 30 s timeout, so a
+/// flow that forwards a packet every few seconds is read before the gc would think it idle.
 pub const PASS_EVERY_NS: u64 = 20_000_000_000;
 /// About how many [`FastPath::sync_step`] calls a walk is spread over (15 s of the main
 /// loop's 50 ms ticks, more with the ticks' own work), sized by the last walk's count.

@@ -21,7 +21,7 @@
 //! kernel's forwarding is moved there with RPS on the firewall's veths (without it the
 //! kernel would forward on the generator's core, inside its send calls); keepstate's worker
 //! is pinned there, and so is the veths' NAPI thread in mode `f`, where it is the whole
-//! forwarding (at the lowest priority: the worker comes first, see [`Bench::window`]). In
+//! forwarding (at the lowest priority: the worker comes first, see `Bench::window`). In
 //! the workers' modes the NAPI thread (veth's receive copy into the UMEM) runs on the
 //! generator's core: on the worker's own core it starves the worker. Mode `d` uses both
 //! cores.

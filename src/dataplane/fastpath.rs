@@ -1,14 +1,17 @@
 //! The XDP fast path: the object (src/dataplane/bpf/fastpath.bpf.c, compiled by build.rs),
 //! the layouts of its maps, and its life in the kernel: loaded with libbpf, attached to every
-//! port's interface in place of libxdp's default program, its `flows` map kept in step with
+//! port's interface in place of libxdp's default program, its flow maps kept in step with
 //! the engine's flowtables.
 //!
 //! Who writes what: the workers install both directions of a flow when the engine offloads
 //! it (they know the neighbours' MACs) and remove them when a packet tears it down; the main
-//! loop reads the counters back into [`Engine::flow_account`] (a few thousand entries a tick,
-//! the whole map every 20 s, or at once for a listing) and removes the flows the flowtable gc
-//! or a reload tore down, and any entry no live flow owns. The program only adds to the
-//! counters; nobody else writes them.
+//! loop removes the flows the flowtable gc or a reload tore down. The program counts each
+//! direction's packets, bytes and last packet's time in a slot of the `counters` array,
+//! which this process maps into its memory: the flowtable gc reads a flow's slots when the
+//! flow nears its expiry ([`FastPath::refresh`], into [`Engine::flow_account`]), as the
+//! kernel's gc reads `flow->timeout`, with no system call and no walk over the map; a
+//! listing reads them all ([`FastPath::sync`]). The program only adds to the counters;
+//! nobody else writes them while a direction uses its slot.
 //!
 //! Owns the BPF object, its maps and the XDP attachments; decides nothing about flows (that
 //! is the engine's flowtable, [`crate::conntrack::flowtable`]).
@@ -33,7 +36,8 @@ use crate::packet::rewrite::Rewrite;
 /// The compiled BPF object (ELF).
 pub static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fastpath.bpf.o"));
 
-/// `struct flow_key`: the ingress ifindex and the tuple as the packet arrives.
+/// A direction's key as the engine knows it: the ingress ifindex and the tuple as the
+/// packet arrives. The kernel's keys are [`Key4`] and [`Key6`], made from it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[repr(C)]
 pub struct FlowKey {
@@ -58,25 +62,93 @@ pub mod nat {
     pub const DPORT: u8 = 0x8;
 }
 
-/// `struct flow_value`: where the direction leaves and how it is rewritten; the counters the
-/// program adds to atomically.
+/// Where a direction leaves and how it is rewritten, as the engine knows it; the kernel's
+/// values are [`Value4`] and [`Value6`], made from it and a slot in `counters`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[repr(C)]
 pub struct FlowValue {
     /// The egress ifindex (the key of `tx_ports`).
     pub tx_port: u32,
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
     pub nat: u8,
+    /// IPv4 in the first four bytes.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Network byte order.
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// `struct flow_key4`: 20 bytes, so that an IPv4 entry fits two cache lines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Key4 {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub ifindex: u32,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// `struct flow_key6`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Key6 {
+    pub ifindex: u32,
+    pub proto: u8,
     pub pad: [u8; 3],
     pub src: [u8; 16],
     pub dst: [u8; 16],
     pub sport: u16,
     pub dport: u16,
-    pub packets: u64,
-    pub bytes: u64,
+}
+
+/// `struct flow_head`: what both families' values start with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Head {
+    pub tx_port: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub nat: u8,
+    pub pad: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub pad2: u16,
+    /// The direction's slot in `counters`.
+    pub slot: u32,
+}
+
+/// `struct flow_value4`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Value4 {
+    pub h: Head,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+/// `struct flow_value6`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Value6 {
+    pub h: Head,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// `struct flow_counters`: a direction's, which the program adds to atomically; read by the
+/// main loop from the mmapped `counters` map. The two directions of a flow take slots 2k and
+/// 2k + 1, one cache line.
+#[repr(C)]
+struct Counters {
+    packets: AtomicU64,
+    bytes: AtomicU64,
     /// `bpf_ktime_get_ns`: CLOCK_MONOTONIC.
-    pub last_seen: u64,
+    last_seen: AtomicU64,
+    pad: u64,
 }
 
 /// Slots of `xsks` per port: a port's socket of queue q is in slot `port * MAX_QUEUES + q`
@@ -155,15 +227,6 @@ extern "C" {
     ) -> c_int;
     fn bpf_map_delete_elem(fd: c_int, key: *const c_void) -> c_int;
     fn bpf_map_lookup_elem(fd: c_int, key: *const c_void, value: *mut c_void) -> c_int;
-    fn bpf_map_lookup_batch(
-        fd: c_int,
-        in_batch: *mut c_void,
-        out_batch: *mut c_void,
-        keys: *mut c_void,
-        values: *mut c_void,
-        count: *mut u32,
-        opts: *const c_void,
-    ) -> c_int;
 }
 
 fn errno(r: c_int) -> std::io::Error {
@@ -209,6 +272,11 @@ fn takes_redirects(ifindex: u32) -> bool {
     iface::xdp_features(ifindex).map_or(true, |f| f == 0 || f & NETDEV_XDP_ACT_NDO_XMIT != 0)
 }
 
+fn page_size() -> usize {
+    // SAFETY: a plain query.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
 /// CLOCK_MONOTONIC, as `bpf_ktime_get_ns` reads it.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -223,7 +291,7 @@ fn monotonic_ns() -> u64 {
 /// What the fast path has done, for `keepstate stats`.
 #[derive(Debug, Default)]
 pub struct FastPathStats {
-    /// Entries in `flows` at the last reading (two per flow).
+    /// Entries in the flow maps (two per flow).
     pub entries: AtomicU64,
     /// Packets and bytes (IP lengths) XDP forwarded, as read back so far.
     pub packets: AtomicU64,
@@ -241,6 +309,8 @@ pub struct FastPathStats {
 struct Entry {
     flow: FlowRef,
     dir: Dir,
+    /// Its slot in `counters`.
+    slot: u32,
     /// The program's counters at the last reading.
     packets: u64,
     bytes: u64,
@@ -255,51 +325,81 @@ struct Forwarded {
     last_seen: u64,
 }
 
-/// Entries read per `BPF_MAP_LOOKUP_BATCH` call (more than any hash bucket holds, which the
-/// kernel requires).
-const BATCH: usize = 4096;
-
-/// A walk of [`FastPath::sync_step`] over the map starts this long after the last one
-/// started (or at once, if that one took longer): well inside the flows' 30 s timeout, so a
-/// flow that forwards a packet every few seconds is read before the gc would think it idle.
-pub const PASS_EVERY_NS: u64 = 20_000_000_000;
-/// About how many [`FastPath::sync_step`] calls a walk is spread over (15 s of the main
-/// loop's 50 ms ticks, more with the ticks' own work), sized by the last walk's count.
-pub const STEPS_PER_PASS: usize = 300;
-
-/// What a reading of the map found, acted on once the entries' lock is let go.
+/// What a reading of every entry found, acted on once the entries' lock is let go.
 #[derive(Default)]
 struct Reading {
-    /// Entries a live flow owns.
-    live: u64,
     forwarded: Vec<Forwarded>,
     /// With a neighbour's MAC changed: every live entry, to check.
     moved: Vec<(FlowKey, FlowRef, Dir)>,
     stale: Vec<FlowKey>,
 }
 
-/// [`FastPath::sync_step`]'s walk over the map.
-struct Pass {
-    at: Cursor,
-    /// Live entries counted so far.
-    live: u64,
-    /// When the walk under way (or the last) started.
-    started: Option<Timestamp>,
-    /// Entries to read per step in this walk.
-    per_step: usize,
-    keys: Vec<FlowKey>,
-    values: Vec<FlowValue>,
+/// The slots of `counters`, handed out in pairs (a flow's two directions, one cache line).
+/// A pair given back waits two ticks of the main loop ([`FastPath::age_slots`]) before it
+/// is handed out again: a program that found the entry just before it was removed may still
+/// add to its counters.
+#[derive(Default)]
+struct Slots {
+    /// Pairs handed out so far (from 0 up).
+    next: u32,
+    /// The most pairs there are.
+    max: u32,
+    /// Per pair handed out: how many installed directions use it.
+    users: Vec<u8>,
+    free: Vec<u32>,
+    /// Given back since the last tick, and in the tick before.
+    fresh: Vec<u32>,
+    cooling: Vec<u32>,
 }
 
-impl Default for Pass {
-    fn default() -> Pass {
-        Pass {
-            at: Cursor::default(),
-            live: 0,
-            started: None,
-            per_step: 0,
-            keys: vec![FlowKey::default(); BATCH],
-            values: vec![FlowValue::default(); BATCH],
+impl Slots {
+    fn take(&mut self) -> Option<u32> {
+        let pair = match self.free.pop() {
+            Some(p) => p,
+            None if self.next < self.max => {
+                self.next += 1;
+                self.users.push(0);
+                self.next - 1
+            }
+            None => return None,
+        };
+        Some(pair)
+    }
+
+    /// One direction less uses `slot`'s pair; the pair goes back when none does.
+    fn put(&mut self, slot: u32) {
+        let pair = slot / 2;
+        if let Some(u) = self.users.get_mut(pair as usize) {
+            *u = u.saturating_sub(1);
+            if *u == 0 {
+                self.fresh.push(pair);
+            }
+        }
+    }
+}
+
+/// The mmapped `counters` map.
+struct CounterMap {
+    base: *mut Counters,
+    /// Slots.
+    len: usize,
+    /// Bytes mapped.
+    size: usize,
+}
+
+impl CounterMap {
+    fn get(&self, slot: u32) -> Option<&Counters> {
+        // SAFETY: `base` maps `len` slots for as long as `self` lives (unmapped by Drop);
+        // the program and this process only ever access them atomically (or `pad`, never).
+        ((slot as usize) < self.len).then(|| unsafe { &*self.base.add(slot as usize) })
+    }
+}
+
+impl Drop for CounterMap {
+    fn drop(&mut self) {
+        if self.size > 0 {
+            // SAFETY: the mapping made in `FastPath::load`, unmapped once.
+            unsafe { libc::munmap(self.base.cast(), self.size) };
         }
     }
 }
@@ -308,7 +408,8 @@ impl Default for Pass {
 pub struct FastPath {
     obj: *mut BpfObject,
     prog_fd: c_int,
-    flows_fd: c_int,
+    flows4_fd: c_int,
+    flows6_fd: c_int,
     xsks_fd: c_int,
     tx_ok_fd: c_int,
     /// Per port (as the engine numbers them).
@@ -322,8 +423,9 @@ pub struct FastPath {
     entries: Mutex<HashMap<FlowKey, Entry, foldhash::fast::RandomState>>,
     /// The neighbour table's generation the entries' MACs were last checked against.
     neigh_gen: AtomicU64,
-    /// The main loop's walk over the map, a batch a tick.
-    pass: Mutex<Pass>,
+    /// The directions' counters, shared with the program.
+    counters: CounterMap,
+    slots: Mutex<Slots>,
     /// Per port: whether redirects to it are off (it would drop them).
     egress: Mutex<Vec<bool>>,
     /// Whether every port runs the program in generic mode.
@@ -362,7 +464,8 @@ impl FastPath {
         let mut fp = FastPath {
             obj,
             prog_fd: -1,
-            flows_fd: -1,
+            flows4_fd: -1,
+            flows6_fd: -1,
             xsks_fd: -1,
             tx_ok_fd: -1,
             ifindexes,
@@ -370,24 +473,33 @@ impl FastPath {
             attached: Mutex::new(Vec::new()),
             entries: Mutex::new(HashMap::default()),
             neigh_gen: AtomicU64::new(0),
-            pass: Mutex::new(Pass::default()),
+            counters: CounterMap {
+                base: std::ptr::null_mut(),
+                len: 0,
+                size: 0,
+            },
+            slots: Mutex::new(Slots::default()),
             egress: Mutex::new(Vec::new()),
             generic: std::sync::atomic::AtomicBool::new(false),
             stats: FastPathStats::default(),
         };
-        let flows_name = name("flows");
-        // SAFETY: `obj` is open and not loaded yet, when a map's size may still change; the
-        // name is NUL-terminated and outlives the call.
-        let r = unsafe {
-            let map = bpf_object__find_map_by_name(obj, flows_name.as_ptr());
-            if map.is_null() {
-                -libc::ENOENT
-            } else {
-                bpf_map__set_max_entries(map, flows.max(1024))
+        // An even number of slots: they go in pairs.
+        let flows = flows.max(1024) & !1;
+        for map in ["flows4", "flows6", "counters"] {
+            let map_name = name(map);
+            // SAFETY: `obj` is open and not loaded yet, when a map's size may still change;
+            // the name is NUL-terminated and outlives the call.
+            let r = unsafe {
+                let map = bpf_object__find_map_by_name(obj, map_name.as_ptr());
+                if map.is_null() {
+                    -libc::ENOENT
+                } else {
+                    bpf_map__set_max_entries(map, flows)
+                }
+            };
+            if r < 0 {
+                return Err(FastPathError::Load(errno(r)));
             }
-        };
-        if r < 0 {
-            return Err(FastPathError::Load(errno(r)));
         }
         // SAFETY: `obj` is a live object from open_mem (closed by Drop from here on).
         let r = unsafe { bpf_object__load(obj) };
@@ -411,7 +523,33 @@ impl FastPath {
                 Ok(fd)
             }
         };
-        fp.flows_fd = map("flows")?;
+        fp.flows4_fd = map("flows4")?;
+        fp.flows6_fd = map("flows6")?;
+        let size = (flows as usize * std::mem::size_of::<Counters>()).next_multiple_of(page_size());
+        // SAFETY: maps the `counters` array (BPF_F_MMAPABLE, `flows` slots) shared with the
+        // kernel; the mapping lives as long as `fp.counters` and keeps the map alive.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map("counters")?,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(FastPathError::Map {
+                map: "counters",
+                reason: std::io::Error::last_os_error(),
+            });
+        }
+        fp.counters = CounterMap {
+            base: base.cast(),
+            len: flows as usize,
+            size,
+        };
+        fp.slots.lock().max = flows / 2;
         fp.xsks_fd = map("xsks")?;
         fp.tx_ok_fd = map("tx_ok")?;
         let tx_ports = map("tx_ports")?;
@@ -521,26 +659,59 @@ impl FastPath {
     /// its egress port's own. False if the map refused one (it is full).
     pub fn install(&self, flow: &FlowRef, macs: [(Mac, Mac); 2]) -> bool {
         let mut ok = true;
-        for (i, dir) in [Dir::Original, Dir::Reply].into_iter().enumerate() {
-            let d = &flow.dirs[i];
-            let (Some(key), Some(&tx)) = (self.key(d), self.ifindexes.get(d.oif)) else {
-                return false;
-            };
-            let value = value_of(tx, macs[i], nat_of(flow, dir).as_ref());
-            // One lock over the map and the kernel's copy, so that a retire of a flow that
+        let mut installed = Vec::with_capacity(2);
+        {
+            // One lock over the maps and the kernel's copy, so that a retire of a flow that
             // had the same key cannot remove this one's.
             let mut entries = self.entries.lock();
-            if update(self.flows_fd, &key, &value).is_ok() {
+            let Some(pair) = self.slots.lock().take() else {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                return false;
+            };
+            for (i, dir) in [Dir::Original, Dir::Reply].into_iter().enumerate() {
+                let d = &flow.dirs[i];
+                let (Some(key), Some(&tx)) = (self.key(d), self.ifindexes.get(d.oif)) else {
+                    ok = false;
+                    continue;
+                };
+                let slot = pair * 2 + i as u32;
+                if let Some(c) = self.counters.get(slot) {
+                    c.packets.store(0, Ordering::Relaxed);
+                    c.bytes.store(0, Ordering::Relaxed);
+                    c.last_seen.store(0, Ordering::Relaxed);
+                }
+                let value = value_of(tx, macs[i], nat_of(flow, dir).as_ref());
+                if self.update_flow(&key, &value, slot).is_err() {
+                    ok = false;
+                    continue;
+                }
                 let entry = Entry {
                     flow: flow.clone(),
                     dir,
+                    slot,
                     packets: 0,
                     bytes: 0,
                 };
-                entries.insert(key, entry);
-            } else {
-                ok = false;
+                let mut slots = self.slots.lock();
+                slots.users[pair as usize] += 1;
+                if let Some(old) = entries.insert(key, entry) {
+                    slots.put(old.slot);
+                }
+                installed.push(key);
             }
+            if installed.is_empty() {
+                self.slots.lock().fresh.push(pair);
+            }
+            // Torn down meanwhile (its retire may have come before this install): out again,
+            // or its entries would stay until a listing's reading.
+            if flow.is_torn_down() {
+                for key in installed.drain(..) {
+                    self.remove(&mut entries, &key);
+                }
+            }
+            self.stats
+                .entries
+                .store(entries.len() as u64, Ordering::Relaxed);
         }
         let counter = if ok {
             &self.stats.installed
@@ -559,7 +730,7 @@ impl FastPath {
     }
 
     /// What both directions of `flow` forwarded since the last reading, into the flow (the
-    /// gc asks before it lets a flow expire).
+    /// gc asks before it lets a flow expire). Reads memory, no system call.
     pub fn refresh(&self, engine: &Engine, flow: &FlowRef, now: Timestamp) {
         self.read_flow(engine, flow, now, false);
     }
@@ -567,26 +738,55 @@ impl FastPath {
     /// Reads both of `flow`'s own entries into it, and with `remove` removes them.
     fn read_flow(&self, engine: &Engine, flow: &FlowRef, now: Timestamp, remove: bool) {
         let mono = monotonic_ns();
-        for d in &flow.dirs {
-            let Some(key) = self.key(d) else {
-                continue;
-            };
-            let forwarded = {
-                let mut entries = self.entries.lock();
+        let mut forwarded = Vec::new();
+        {
+            let mut entries = self.entries.lock();
+            for d in &flow.dirs {
+                let Some(key) = self.key(d) else {
+                    continue;
+                };
                 let Some(e) = entries.get_mut(&key).filter(|e| Arc::ptr_eq(&e.flow, flow)) else {
                     continue;
                 };
-                let forwarded = lookup(self.flows_fd, &key).and_then(|v| e.read(&v));
+                forwarded.extend(self.counters.get(e.slot).and_then(|c| e.read(c)));
                 if remove {
-                    delete(self.flows_fd, &key);
-                    entries.remove(&key);
+                    self.remove(&mut entries, &key);
                 }
-                forwarded
-            };
-            if let Some(f) = forwarded {
-                self.account(engine, f, now, mono);
+            }
+            if remove {
+                self.stats
+                    .entries
+                    .store(entries.len() as u64, Ordering::Relaxed);
             }
         }
+        for f in forwarded {
+            self.account(engine, f, now, mono);
+        }
+    }
+
+    /// Removes the entry `key` from the kernel's map and ours; its slot goes back.
+    fn remove(
+        &self,
+        entries: &mut HashMap<FlowKey, Entry, foldhash::fast::RandomState>,
+        key: &FlowKey,
+    ) {
+        self.delete_flow(key);
+        if let Some(e) = entries.remove(key) {
+            self.slots.lock().put(e.slot);
+        }
+    }
+
+    /// A tick of the main loop: the slots given back two ticks ago may be handed out again.
+    pub fn age_slots(&self) {
+        let mut slots = self.slots.lock();
+        let Slots {
+            free,
+            fresh,
+            cooling,
+            ..
+        } = &mut *slots;
+        free.append(cooling);
+        std::mem::swap(cooling, fresh);
     }
 
     /// Whether a neighbour's MAC changed since the entries were last checked (a [`sync`]
@@ -600,107 +800,34 @@ impl FastPath {
     /// Every entry's counters into its flow, entries no live flow owns (torn down, a reload
     /// removed its flowtable) removed, and, when a neighbour's MAC changed, the entries
     /// towards it rewritten (the kernel's flowtable follows the neighbour cache the same way,
-    /// through `neigh_xmit`). The map is read a batch at a time, a few system calls for a
-    /// million entries, but still a walk over all of them at once: for a listing, or when a
-    /// neighbour moved. The main loop's regular reading is [`FastPath::sync_step`].
+    /// through `neigh_xmit`). A walk over every entry (counters from memory, no system call
+    /// but for a rewrite): for a listing, or when a neighbour moved. The main loop's regular
+    /// reading is the flowtable gc's, one flow at a time as it nears its expiry
+    /// ([`FastPath::refresh`]).
     pub fn sync(&self, engine: &Engine, now: Timestamp, neighbours: &Neighbours) {
         let mono = monotonic_ns();
         let generation = neighbours.generation();
         let recheck = self.neigh_gen.swap(generation, Ordering::Relaxed) != generation;
         let mut r = Reading::default();
-        read_all(self.flows_fd, |keys, values| {
-            self.read_into(keys, values, recheck, &mut r)
-        });
-        self.stats.entries.store(r.live, Ordering::Relaxed);
-        self.act_on(engine, now, mono, Some(neighbours), r);
-    }
-
-    /// The next steps of a walk over the map, as [`FastPath::sync`] without the neighbours:
-    /// counters into the flows, entries no live flow owns removed. A walk starts
-    /// [`PASS_EVERY_NS`] after the last one started and takes about [`STEPS_PER_PASS`]
-    /// calls (a batch at least each). Meant for every tick of the main loop: a million flows
-    /// are read in many steps of a few milliseconds instead of one of a second or more,
-    /// which on a shared core would hold up the forwarding (measured with a million UDP
-    /// flows: the whole walk took about 1.3 s), and often enough that flows rarely come
-    /// near their expiry unread (each such flow costs the gc two lookups).
-    pub fn sync_step(&self, engine: &Engine, now: Timestamp) {
-        let mut pass = self.pass.lock();
-        if pass.at.0.is_none() {
-            if pass
-                .started
-                .is_some_and(|s| now.0 < s.0.saturating_add(PASS_EVERY_NS))
-            {
-                return;
-            }
-            let last = self.stats.entries.load(Ordering::Relaxed);
-            pass.started = Some(now);
-            pass.live = 0;
-            pass.per_step = (last as usize).div_ceil(STEPS_PER_PASS);
-        }
-        let mono = monotonic_ns();
-        let mut r = Reading::default();
-        let mut read = 0;
-        let Pass {
-            at,
-            keys,
-            values,
-            per_step,
-            ..
-        } = &mut *pass;
-        let more = loop {
-            let more = read_batch(self.flows_fd, at, keys, values, &mut |k, v| {
-                read += k.len();
-                self.read_into(k, v, false, &mut r)
-            });
-            if !more || read >= *per_step {
-                break more;
-            }
-        };
-        pass.live += r.live;
-        if !more {
-            self.stats.entries.store(pass.live, Ordering::Relaxed);
-        }
-        drop(pass);
-        self.act_on(engine, now, mono, None, r);
-    }
-
-    /// Matches a batch of the map's entries with what the workers installed.
-    fn read_into(&self, keys: &[FlowKey], values: &[FlowValue], recheck: bool, r: &mut Reading) {
-        let mut entries = self.entries.lock();
-        for (key, v) in keys.iter().zip(values) {
-            match entries.get_mut(key) {
-                Some(e) if !e.flow.is_torn_down() => {
-                    r.live += 1;
-                    r.forwarded.extend(e.read(v));
-                    if recheck {
-                        r.moved.push((*key, e.flow.clone(), e.dir));
-                    }
+        {
+            let mut entries = self.entries.lock();
+            for (key, e) in entries.iter_mut() {
+                if e.flow.is_torn_down() {
+                    r.stale.push(*key);
+                    continue;
                 }
-                _ => r.stale.push(*key),
+                r.forwarded
+                    .extend(self.counters.get(e.slot).and_then(|c| e.read(c)));
+                if recheck {
+                    r.moved.push((*key, e.flow.clone(), e.dir));
+                }
             }
         }
-    }
-
-    /// What a reading found, done with the entries' lock let go: counters into the flows,
-    /// the entries that moved rewritten towards their neighbours, stale entries removed.
-    fn act_on(
-        &self,
-        engine: &Engine,
-        now: Timestamp,
-        mono: u64,
-        neighbours: Option<&Neighbours>,
-        r: Reading,
-    ) {
         for f in r.forwarded {
             self.account(engine, f, now, mono);
         }
-        if let Some(neighbours) = neighbours {
-            for (key, flow, dir) in r.moved {
-                self.follow_neighbour(&key, &flow.dirs[dir.index()], neighbours);
-            }
-        }
-        if r.stale.is_empty() {
-            return;
+        for (key, flow, dir) in r.moved {
+            self.follow_neighbour(&key, &flow.dirs[dir.index()], neighbours);
         }
         let mut entries = self.entries.lock();
         for key in r.stale {
@@ -708,9 +835,11 @@ impl FastPath {
             if entries.get(&key).is_some_and(|e| !e.flow.is_torn_down()) {
                 continue;
             }
-            delete(self.flows_fd, &key);
-            entries.remove(&key);
+            self.remove(&mut entries, &key);
         }
+        self.stats
+            .entries
+            .store(entries.len() as u64, Ordering::Relaxed);
     }
 
     /// Keeps `tx_ok` to the ports that take redirected frames: a driver without
@@ -750,18 +879,81 @@ impl FastPath {
         self.stats.egress_off.store(n, Ordering::Relaxed);
     }
 
-    /// Rewrites the next hop's MAC of one entry if the neighbour table has another now. The
-    /// counters are written back as read: packets forwarded in between are not counted.
+    /// Rewrites the next hop's MAC of one entry if the neighbour table has another now.
     fn follow_neighbour(&self, key: &FlowKey, d: &FlowDir, neighbours: &Neighbours) {
         let Some(mac) = neighbours.get(d.oif, d.next_hop) else {
             return;
         };
-        if let Some(mut v) = lookup(self.flows_fd, key) {
+        if let Some((mut v, slot)) = self.lookup_flow(key) {
             if v.dmac != mac {
                 v.dmac = mac;
-                let _ = update(self.flows_fd, key, &v);
+                let _ = self.update_flow(key, &v, slot);
             }
         }
+    }
+
+    /// Writes the kernel's entry of `key` (in the map of its family): `v`, counting on
+    /// `slot`.
+    fn update_flow(&self, key: &FlowKey, v: &FlowValue, slot: u32) -> std::io::Result<()> {
+        let h = Head {
+            tx_port: v.tx_port,
+            dmac: v.dmac,
+            smac: v.smac,
+            nat: v.nat,
+            sport: v.sport,
+            dport: v.dport,
+            slot,
+            ..Head::default()
+        };
+        if key.l3 == 4 {
+            let v4 = Value4 {
+                h,
+                src: v.src[..4].try_into().unwrap_or_default(),
+                dst: v.dst[..4].try_into().unwrap_or_default(),
+            };
+            update(self.flows4_fd, &key4(key), &v4)
+        } else {
+            let v6 = Value6 {
+                h,
+                src: v.src,
+                dst: v.dst,
+            };
+            update(self.flows6_fd, &key6(key), &v6)
+        }
+    }
+
+    fn delete_flow(&self, key: &FlowKey) {
+        if key.l3 == 4 {
+            delete(self.flows4_fd, &key4(key));
+        } else {
+            delete(self.flows6_fd, &key6(key));
+        }
+    }
+
+    /// The kernel's entry of `key`, and its slot.
+    fn lookup_flow(&self, key: &FlowKey) -> Option<(FlowValue, u32)> {
+        let (h, src, dst) = if key.l3 == 4 {
+            let v: Value4 = lookup(self.flows4_fd, &key4(key))?;
+            let mut src = [0; 16];
+            let mut dst = [0; 16];
+            src[..4].copy_from_slice(&v.src);
+            dst[..4].copy_from_slice(&v.dst);
+            (v.h, src, dst)
+        } else {
+            let v: Value6 = lookup(self.flows6_fd, &key6(key))?;
+            (v.h, v.src, v.dst)
+        };
+        let v = FlowValue {
+            tx_port: h.tx_port,
+            dmac: h.dmac,
+            smac: h.smac,
+            nat: h.nat,
+            src,
+            dst,
+            sport: h.sport,
+            dport: h.dport,
+        };
+        Some((v, h.slot))
     }
 
     /// Gives a flow what its entry forwarded.
@@ -775,22 +967,27 @@ impl FastPath {
 }
 
 impl Entry {
-    /// What the entry forwarded since the last reading, given the kernel's value `v` now.
-    fn read(&mut self, v: &FlowValue) -> Option<Forwarded> {
-        // Counters below the last reading: the entry was installed afresh.
-        let before = if v.packets < self.packets {
+    /// What the entry forwarded since the last reading, given its counters `c` now.
+    fn read(&mut self, c: &Counters) -> Option<Forwarded> {
+        let last_seen = c.last_seen.load(Ordering::Relaxed);
+        let (packets, bytes) = (
+            c.packets.load(Ordering::Relaxed),
+            c.bytes.load(Ordering::Relaxed),
+        );
+        // Counters below the last reading: the slot was handed out afresh.
+        let before = if packets < self.packets {
             (0, 0)
         } else {
             (self.packets, self.bytes)
         };
-        (self.packets, self.bytes) = (v.packets, v.bytes);
-        let packets = v.packets - before.0;
-        (packets > 0).then(|| Forwarded {
+        (self.packets, self.bytes) = (packets, bytes);
+        let forwarded = packets - before.0;
+        (forwarded > 0).then(|| Forwarded {
             flow: self.flow.clone(),
             dir: self.dir,
-            packets,
-            bytes: v.bytes.saturating_sub(before.1),
-            last_seen: v.last_seen,
+            packets: forwarded,
+            bytes: bytes.saturating_sub(before.1),
+            last_seen,
         })
     }
 }
@@ -826,81 +1023,42 @@ fn delete_u32(fd: c_int, key: u32) {
     unsafe { bpf_map_delete_elem(fd, (&key as *const u32).cast()) };
 }
 
-fn delete(fd: c_int, key: &FlowKey) {
+fn delete<K>(fd: c_int, key: &K) {
     // SAFETY: as in `update`.
-    unsafe { bpf_map_delete_elem(fd, (key as *const FlowKey).cast()) };
+    unsafe { bpf_map_delete_elem(fd, (key as *const K).cast()) };
 }
 
-fn lookup(fd: c_int, key: &FlowKey) -> Option<FlowValue> {
-    let mut v = FlowValue::default();
+fn lookup<K, V: Default>(fd: c_int, key: &K) -> Option<V> {
+    let mut v = V::default();
     // SAFETY: as in `update`; the kernel writes one value of the map's size into `v`.
-    let r = unsafe {
-        bpf_map_lookup_elem(
-            fd,
-            (key as *const FlowKey).cast(),
-            (&mut v as *mut FlowValue).cast(),
-        )
-    };
+    let r = unsafe { bpf_map_lookup_elem(fd, (key as *const K).cast(), (&mut v as *mut V).cast()) };
     (r == 0).then_some(v)
 }
 
-/// Where a reading of the flow map stands: a bucket number the kernel hands back, or the
-/// start.
-#[derive(Clone, Copy, Debug, Default)]
-struct Cursor(Option<u64>);
-
-/// Reads the next batch of entries of the flow map `fd` from `at` into `each`, and moves
-/// `at` on. True if the map has more after them; at its end, or on an error, `at` is back at
-/// the start.
-fn read_batch(
-    fd: c_int,
-    at: &mut Cursor,
-    keys: &mut [FlowKey],
-    values: &mut [FlowValue],
-    each: &mut impl FnMut(&[FlowKey], &[FlowValue]),
-) -> bool {
-    let max = keys.len().min(values.len());
-    let mut count = max as u32;
-    let mut from = at.0.unwrap_or(0);
-    let mut next = 0u64;
-    let in_batch: *mut c_void = match at.0 {
-        None => std::ptr::null_mut(),
-        Some(_) => (&mut from as *mut u64).cast(),
-    };
-    // SAFETY: `keys` and `values` hold at least `count` elements of the map's key and value
-    // sizes (checked by the layout test); the tokens are 8 bytes, more than the 4 the kernel
-    // writes; opts NULL means the defaults.
-    let r = unsafe {
-        bpf_map_lookup_batch(
-            fd,
-            in_batch,
-            (&mut next as *mut u64).cast(),
-            keys.as_mut_ptr().cast(),
-            values.as_mut_ptr().cast(),
-            &mut count,
-            std::ptr::null(),
-        )
-    };
-    let n = (count as usize).min(max);
-    if r == 0 || r == -libc::ENOENT {
-        each(&keys[..n], &values[..n]);
-    }
-    if r == 0 {
-        *at = Cursor(Some(next));
-        true
-    } else {
-        *at = Cursor(None);
-        false
+/// The kernel's IPv4 key of `k`.
+fn key4(k: &FlowKey) -> Key4 {
+    Key4 {
+        src: k.src[..4].try_into().unwrap_or_default(),
+        dst: k.dst[..4].try_into().unwrap_or_default(),
+        sport: k.sport,
+        dport: k.dport,
+        ifindex: k.ifindex,
+        proto: k.proto,
+        pad: [0; 3],
     }
 }
 
-/// Reads every entry of the flow map `fd`, a batch at a time, into `each`. An error (other
-/// than the end) ends the reading early; the next one starts over.
-fn read_all(fd: c_int, mut each: impl FnMut(&[FlowKey], &[FlowValue])) {
-    let mut keys = vec![FlowKey::default(); BATCH];
-    let mut values = vec![FlowValue::default(); BATCH];
-    let mut at = Cursor::default();
-    while read_batch(fd, &mut at, &mut keys, &mut values, &mut each) {}
+/// The kernel's IPv6 key of `k`.
+fn key6(k: &FlowKey) -> Key6 {
+    Key6 {
+        ifindex: k.ifindex,
+        proto: k.proto,
+        pad: [0; 3],
+        src: k.src,
+        dst: k.dst,
+        sport: k.sport,
+        dport: k.dport,
+    }
 }
 
 /// The key of a tuple arriving on `ifindex`.
@@ -961,12 +1119,37 @@ mod tests {
 
     #[test]
     fn layouts_match_the_programs() {
-        // The verifier's `ks=44 vs=80` for the `flows` map.
-        assert_eq!(std::mem::size_of::<FlowKey>(), 44);
-        assert_eq!(std::mem::size_of::<FlowValue>(), 80);
+        use std::mem::size_of;
+        // The verifier's key and value sizes of `flows4`, `flows6` and `counters`.
+        assert_eq!((size_of::<Key4>(), size_of::<Value4>()), (20, 36));
+        assert_eq!((size_of::<Key6>(), size_of::<Value6>()), (44, 60));
+        assert_eq!(size_of::<Counters>(), 32);
         assert_eq!(&OBJECT[..4], b"\x7fELF");
         // libbpf 1.4's `struct bpf_xdp_attach_opts`, with its `size_t :0` tail.
         assert_eq!(std::mem::size_of::<XdpAttachOpts>(), 16);
+    }
+
+    #[test]
+    fn slots_go_in_pairs_and_wait_two_ticks_before_reuse() {
+        let mut s = Slots {
+            max: 2,
+            ..Slots::default()
+        };
+        let (a, b) = (s.take(), s.take());
+        assert_eq!((a, b, s.take()), (Some(0), Some(1), None));
+        s.users[0] = 2;
+        s.put(0);
+        assert!(s.fresh.is_empty(), "one direction still uses the pair");
+        s.put(1);
+        assert_eq!(s.fresh, vec![0]);
+        let age = |s: &mut Slots| {
+            s.free.append(&mut s.cooling);
+            std::mem::swap(&mut s.cooling, &mut s.fresh);
+        };
+        age(&mut s);
+        assert_eq!(s.take(), None, "a tick is not enough");
+        age(&mut s);
+        assert_eq!(s.take(), Some(0));
     }
 
     #[test]

@@ -464,20 +464,18 @@ impl Shared {
 
     /// A step of the flowtable gc (`Engine::flow_gc_step`: one slice of the flows), with the
     /// fast path kept in step: a flow about to expire is refreshed from what XDP forwarded
-    /// of it, and the entries of the flows the gc tore down are removed. Also a step of the
-    /// walk over the fast path's entries ([`fastpath::FastPath::sync_step`]: counters into
-    /// their flows, entries no live flow owns removed), or, when a neighbour's MAC changed,
-    /// the whole walk at once ([`fastpath::FastPath::sync`]), which follows it.
+    /// of it (its counters, read from memory), and the entries of the flows the gc tore down
+    /// are removed. When a neighbour's MAC changed, every entry is read and rewritten first
+    /// ([`fastpath::FastPath::sync`]).
     pub fn flow_gc(&self) {
         let now = self.now();
         let Some(fp) = &self.fastpath else {
             self.engine.flow_gc_step(now, &|_| {});
             return;
         };
+        fp.age_slots();
         if fp.neighbours_changed(&self.neighbours) {
             fp.sync(&self.engine, now, &self.neighbours);
-        } else {
-            fp.sync_step(&self.engine, now);
         }
         let gone = self
             .engine

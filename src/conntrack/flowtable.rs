@@ -16,7 +16,7 @@
 //! state CLOSE (10 s) if it was closing, else in its own state.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -37,6 +37,9 @@ pub const FLOW_TIMEOUT_SECS: u64 = 30;
 pub const CT_DAY_SECS: u64 = 86_400;
 /// `nf_flow_table_extend_ct_timeout`'s `min_timeout`.
 const EXTEND_BELOW_SECS: u64 = 5 * 60;
+
+/// [`Flow::slot`] before a dataplane gives one.
+pub const NO_SLOT: u32 = u32::MAX;
 
 /// One direction of a flow (`struct flow_offload_tuple`): the packets that arrive on `iif`
 /// with `tuple` leave by `oif` towards `next_hop`.
@@ -65,6 +68,10 @@ pub struct Flow {
     teardown: AtomicBool,
     /// The flowtable's `counter` flag: forwarded packets count on the connection.
     pub counter: bool,
+    /// Where a dataplane's fast path counts the flow's packets, if it wants a note of it on
+    /// the flow (the XDP fast path: its counters' slot pair); [`NO_SLOT`] until then. The
+    /// flowtable never reads it.
+    pub slot: AtomicU32,
     /// The flowtable it belongs to, as `family table name`.
     pub flowtable: Arc<str>,
     /// ORIGINAL, REPLY.
@@ -168,6 +175,7 @@ impl Flows {
             conn: conn.clone(),
             flowtable: flowtable.clone(),
             counter,
+            slot: AtomicU32::new(NO_SLOT),
             dirs,
             timeout: AtomicU64::new(now.0 + FLOW_TIMEOUT_SECS * NS),
             closing: AtomicBool::new(false),

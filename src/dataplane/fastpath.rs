@@ -10,8 +10,8 @@
 //! which this process maps into its memory: the flowtable gc reads a flow's slots when the
 //! flow nears its expiry ([`FastPath::refresh`], into [`Engine::flow_account`]), as the
 //! kernel's gc reads `flow->timeout`, with no system call and no walk over the map; a
-//! listing reads them all ([`FastPath::sync`]). The program only adds to the counters;
-//! nobody else writes them while a direction uses its slot.
+//! listing reads them all ([`FastPath::sync`]). The program adds to the counters and this
+//! process takes what they hold (an atomic exchange with zero), so every packet counts once.
 //!
 //! Owns the BPF object, its maps and the XDP attachments; decides nothing about flows (that
 //! is the engine's flowtable, [`crate::conntrack::flowtable`]).
@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 use super::iface;
 use super::neigh::Neighbours;
 use super::Mac;
-use crate::conntrack::flowtable::{FlowDir, FlowRef};
+use crate::conntrack::flowtable::{FlowDir, FlowRef, NO_SLOT};
 use crate::conntrack::tuple::{Tuple, L3};
 use crate::conntrack::{status, Dir, Timestamp};
 use crate::engine::Engine;
@@ -311,9 +311,6 @@ struct Entry {
     dir: Dir,
     /// Its slot in `counters`.
     slot: u32,
-    /// The program's counters at the last reading.
-    packets: u64,
-    bytes: u64,
 }
 
 /// What one entry forwarded since the last reading, for [`Engine::flow_account`].
@@ -689,8 +686,6 @@ impl FastPath {
                     flow: flow.clone(),
                     dir,
                     slot,
-                    packets: 0,
-                    bytes: 0,
                 };
                 let mut slots = self.slots.lock();
                 slots.users[pair as usize] += 1;
@@ -701,6 +696,8 @@ impl FastPath {
             }
             if installed.is_empty() {
                 self.slots.lock().fresh.push(pair);
+            } else {
+                flow.slot.store(pair, Ordering::Relaxed);
             }
             // Torn down meanwhile (its retire may have come before this install): out again,
             // or its entries would stay until a listing's reading.
@@ -726,17 +723,6 @@ impl FastPath {
     /// the same key keeps its entry), accounting what they forwarded since the last reading
     /// first.
     pub fn retire(&self, engine: &Engine, flow: &FlowRef, now: Timestamp) {
-        self.read_flow(engine, flow, now, true);
-    }
-
-    /// What both directions of `flow` forwarded since the last reading, into the flow (the
-    /// gc asks before it lets a flow expire). Reads memory, no system call.
-    pub fn refresh(&self, engine: &Engine, flow: &FlowRef, now: Timestamp) {
-        self.read_flow(engine, flow, now, false);
-    }
-
-    /// Reads both of `flow`'s own entries into it, and with `remove` removes them.
-    fn read_flow(&self, engine: &Engine, flow: &FlowRef, now: Timestamp, remove: bool) {
         let mono = monotonic_ns();
         let mut forwarded = Vec::new();
         {
@@ -745,22 +731,37 @@ impl FastPath {
                 let Some(key) = self.key(d) else {
                     continue;
                 };
-                let Some(e) = entries.get_mut(&key).filter(|e| Arc::ptr_eq(&e.flow, flow)) else {
+                let Some(e) = entries.get(&key).filter(|e| Arc::ptr_eq(&e.flow, flow)) else {
                     continue;
                 };
-                forwarded.extend(self.counters.get(e.slot).and_then(|c| e.read(c)));
-                if remove {
-                    self.remove(&mut entries, &key);
-                }
+                forwarded.extend(self.counters.get(e.slot).and_then(|c| read(c, flow, e.dir)));
+                self.remove(&mut entries, &key);
             }
-            if remove {
-                self.stats
-                    .entries
-                    .store(entries.len() as u64, Ordering::Relaxed);
-            }
+            self.stats
+                .entries
+                .store(entries.len() as u64, Ordering::Relaxed);
         }
         for f in forwarded {
             self.account(engine, f, now, mono);
+        }
+    }
+
+    /// What both directions of a live `flow` forwarded since the last reading, into the
+    /// flow (the gc asks before it lets a flow expire): its slots, found from the flow
+    /// itself ([`Flow::slot`](crate::conntrack::flowtable::Flow::slot)), read from memory,
+    /// with no lock, lookup or system call. A flow torn down meanwhile, whose slots may have
+    /// gone back, reads slots that wait two ticks before anyone else gets them.
+    pub fn refresh(&self, engine: &Engine, flow: &FlowRef, now: Timestamp) {
+        let pair = flow.slot.load(Ordering::Relaxed);
+        if pair == NO_SLOT {
+            return;
+        }
+        let mono = monotonic_ns();
+        for dir in [Dir::Original, Dir::Reply] {
+            let slot = pair * 2 + dir.index() as u32;
+            if let Some(f) = self.counters.get(slot).and_then(|c| read(c, flow, dir)) {
+                self.account(engine, f, now, mono);
+            }
         }
     }
 
@@ -810,14 +811,17 @@ impl FastPath {
         let recheck = self.neigh_gen.swap(generation, Ordering::Relaxed) != generation;
         let mut r = Reading::default();
         {
-            let mut entries = self.entries.lock();
-            for (key, e) in entries.iter_mut() {
+            let entries = self.entries.lock();
+            for (key, e) in entries.iter() {
                 if e.flow.is_torn_down() {
                     r.stale.push(*key);
                     continue;
                 }
-                r.forwarded
-                    .extend(self.counters.get(e.slot).and_then(|c| e.read(c)));
+                r.forwarded.extend(
+                    self.counters
+                        .get(e.slot)
+                        .and_then(|c| read(c, &e.flow, e.dir)),
+                );
                 if recheck {
                     r.moved.push((*key, e.flow.clone(), e.dir));
                 }
@@ -966,30 +970,21 @@ impl FastPath {
     }
 }
 
-impl Entry {
-    /// What the entry forwarded since the last reading, given its counters `c` now.
-    fn read(&mut self, c: &Counters) -> Option<Forwarded> {
-        let last_seen = c.last_seen.load(Ordering::Relaxed);
-        let (packets, bytes) = (
-            c.packets.load(Ordering::Relaxed),
-            c.bytes.load(Ordering::Relaxed),
-        );
-        // Counters below the last reading: the slot was handed out afresh.
-        let before = if packets < self.packets {
-            (0, 0)
-        } else {
-            (self.packets, self.bytes)
-        };
-        (self.packets, self.bytes) = (packets, bytes);
-        let forwarded = packets - before.0;
-        (forwarded > 0).then(|| Forwarded {
-            flow: self.flow.clone(),
-            dir: self.dir,
-            packets: forwarded,
-            bytes: bytes.saturating_sub(before.1),
-            last_seen,
-        })
+/// What a direction forwarded since its counters `c` were last read: taken from them (the
+/// program adds atomically, this takes atomically, so every packet counts once).
+fn read(c: &Counters, flow: &FlowRef, dir: Dir) -> Option<Forwarded> {
+    if c.packets.load(Ordering::Relaxed) == 0 {
+        return None;
     }
+    let packets = c.packets.swap(0, Ordering::Relaxed);
+    let bytes = c.bytes.swap(0, Ordering::Relaxed);
+    Some(Forwarded {
+        flow: flow.clone(),
+        dir,
+        packets,
+        bytes,
+        last_seen: c.last_seen.load(Ordering::Relaxed),
+    })
 }
 
 impl Drop for FastPath {

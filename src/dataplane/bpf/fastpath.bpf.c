@@ -100,7 +100,7 @@ struct flow_value6 {
 // (the map is mmapped) instead of walking the hash with system calls. The two directions of
 // a flow take slots 2k and 2k+1: one cache line.
 struct flow_counters {
-	__u64 packets; // atomics: the main loop reads and never writes them while in use
+	__u64 packets; // atomics: the main loop takes them (exchanges them with zero)
 	__u64 bytes; // IP lengths
 	__u64 last_seen; // bpf_ktime_get_ns (CLOCK_MONOTONIC)
 	__u64 pad;

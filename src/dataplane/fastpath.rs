@@ -39,13 +39,11 @@ pub static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fastpath.bp
 /// A direction's key as the engine knows it: the ingress ifindex and the tuple as the
 /// packet arrives. The kernel's keys are [`Key4`] and [`Key6`], made from it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-#[repr(C)]
 pub struct FlowKey {
     pub ifindex: u32,
     /// 4 or 6.
     pub l3: u8,
     pub proto: u8,
-    pub pad: u16,
     /// IPv4 in the first four bytes.
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -54,7 +52,7 @@ pub struct FlowKey {
     pub dport: u16,
 }
 
-/// `flow_value.nat` bits.
+/// `flow_head.nat` bits.
 pub mod nat {
     pub const SRC: u8 = 0x1;
     pub const DST: u8 = 0x2;
@@ -351,16 +349,14 @@ struct Slots {
 
 impl Slots {
     fn take(&mut self) -> Option<u32> {
-        let pair = match self.free.pop() {
-            Some(p) => p,
-            None if self.next < self.max => {
-                self.next += 1;
-                self.users.push(0);
-                self.next - 1
-            }
-            None => return None,
-        };
-        Some(pair)
+        if let Some(pair) = self.free.pop() {
+            return Some(pair);
+        }
+        (self.next < self.max).then(|| {
+            self.next += 1;
+            self.users.push(0);
+            self.next - 1
+        })
     }
 
     /// One direction less uses `slot`'s pair; the pair goes back when none does.
@@ -1062,7 +1058,6 @@ pub fn key_of(ifindex: u32, t: &Tuple) -> FlowKey {
         ifindex,
         l3: if t.l3 == L3::V4 { 4 } else { 6 },
         proto: t.proto,
-        pad: 0,
         src: t.src.0,
         dst: t.dst.0,
         sport: t.src_id.to_be(),

@@ -157,8 +157,8 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
         }
         engine.housekeeping(shared.now(), buckets);
         // A slice of the flowtable gc (the kernel's visits every flow each second; so does
-        // this, one of its 20 slices a tick), and a batch of the XDP fast path's counters
-        // read back into the flows.
+        // this, one of its 20 slices a tick); a flow near its expiry first takes what the XDP
+        // fast path counted for it.
         tick += 1;
         shared.flow_gc();
         shared.publish_destroyed();

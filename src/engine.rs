@@ -867,6 +867,14 @@ impl Engine {
         self.tracker.gc_step(now, buckets)
     }
 
+    /// [`Engine::housekeeping`] as the appliance runs it every tick: the reassembler's expiry,
+    /// and the tracker's GC paced as the kernel's (see [`crate::conntrack::Table::gc_paced`]),
+    /// at most `budget` buckets now.
+    pub fn housekeeping_paced(&self, now: Timestamp, budget: usize) -> usize {
+        self.frags.expire(now.0);
+        self.tracker.gc_paced(now, budget)
+    }
+
     /// The fragment reassembler (its statistics).
     pub fn reassembler(&self) -> &Reassembler {
         &self.frags

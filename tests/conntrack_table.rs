@@ -90,8 +90,8 @@ fn full_table_of_assured_entries_drops_and_counts() {
     assert_eq!(info(&r), Some(CtInfo::Established));
 }
 
-#[test]
-fn gc_under_pressure_evicts_closing_assured_entries() {
+/// A table of 64 ASSURED TCP connections, half of them in FIN_WAIT.
+fn full_of_assured_half_closing() -> H {
     let mut h = small(64);
     for i in 0..64u32 {
         let src = format!("10.0.0.{}", i + 1);
@@ -120,6 +120,12 @@ fn gc_under_pressure_evicts_closing_assured_entries() {
             ));
         }
     }
+    h
+}
+
+#[test]
+fn gc_under_pressure_evicts_closing_assured_entries() {
+    let mut h = full_of_assured_half_closing();
     assert!(matches!(h.send(&syn(999_999)), Classified::Drop(_)));
     // The drop flagged the GC: it now reaps the 32 FIN_WAIT entries.
     let reaped = h.ct.gc_step(h.now, usize::MAX);
@@ -145,6 +151,94 @@ fn gc_is_incremental_and_bounded() {
     }
     assert_eq!(h.ct.count(), 0);
     assert_eq!(h.ct.take_destroyed().len(), 1000);
+}
+
+fn udp_from(i: u32) -> Vec<u8> {
+    let src = format!("10.{}.{}.{}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
+    udp(&src, 5000, "192.0.2.1", 53, 8)
+}
+
+/// Seconds until the paced GC's next pass, after a pass that just ended.
+fn next_pass_in(h: &H) -> f64 {
+    let at = h.ct.table().gc_next_pass().expect("between passes");
+    (at - h.now.0) as f64 / 1e9
+}
+
+#[test]
+fn paced_gc_waits_the_average_timeout_at_most_a_minute() {
+    // SYN_SENT entries (120 s) pull the average over 60 s: the next pass is a minute away,
+    // and until then a call scans nothing.
+    let mut h = small(4096);
+    for i in 0..1000 {
+        h.send(&syn(i));
+    }
+    let buckets = h.ct.table().buckets();
+    assert_eq!(h.ct.gc_paced(h.now, buckets), 0);
+    let wait = next_pass_in(&h);
+    assert!((59.9..=60.0).contains(&wait), "{wait}");
+    h.advance(59);
+    let mut reaped = Vec::new();
+    assert_eq!(h.ct.table().gc_paced(h.now.0, buckets, &mut reaped), 0);
+    h.advance(2);
+    assert_eq!(h.ct.table().gc_paced(h.now.0, 16, &mut reaped), 16);
+}
+
+#[test]
+fn paced_gc_runs_as_often_as_short_timeouts_need() {
+    // Unreplied UDP (30 s): 10k of them outweigh the initial 100 at 60 s.
+    let mut h = small(1 << 15);
+    for i in 0..10_000 {
+        h.send(&udp_from(i));
+    }
+    let buckets = h.ct.table().buckets();
+    h.ct.gc_paced(h.now, buckets);
+    let wait = next_pass_in(&h);
+    assert!((30.0..31.0).contains(&wait), "{wait}");
+    // A few short entries among the initial bias barely move it (GC_SCAN_INITIAL_COUNT).
+    let mut h = small(4096);
+    for i in 0..3 {
+        h.send(&udp_from(i));
+    }
+    h.ct.gc_paced(h.now, buckets);
+    let wait = next_pass_in(&h);
+    assert!(wait > 59.0, "{wait}");
+}
+
+#[test]
+fn entries_the_paced_gc_has_not_reached_are_gone_for_lookups_and_listings() {
+    let mut h = small(4096);
+    for i in 0..100 {
+        h.send(&syn(i));
+    }
+    let buckets = h.ct.table().buckets();
+    h.ct.gc_paced(h.now, buckets);
+    h.advance(1);
+    for i in 1000..1010 {
+        h.send(&udp_from(i));
+    }
+    h.advance(40);
+    // The next pass is 20 s away: the expired UDP entries still count...
+    assert_eq!(h.ct.gc_paced(h.now, buckets), 0);
+    assert_eq!(h.ct.count(), 110);
+    h.ct.take_destroyed();
+    // ...but a listing leaves them out and reaps them, as ctnetlink's dump does.
+    assert_eq!(h.ct.listed(h.now).len(), 100);
+    assert_eq!(h.ct.count(), 100);
+    assert_eq!(h.ct.take_destroyed().len(), 10);
+    // A lookup meets an expired one as a new connection.
+    h.advance(100);
+    assert_eq!(info(&h.send(&syn(5))), Some(CtInfo::New));
+}
+
+#[test]
+fn a_drop_for_lack_of_room_starts_a_paced_pass_at_once() {
+    let mut h = full_of_assured_half_closing();
+    let buckets = h.ct.table().buckets();
+    h.ct.gc_paced(h.now, buckets);
+    assert!(next_pass_in(&h) > 1.0);
+    assert!(matches!(h.send(&syn(999_999)), Classified::Drop(_)));
+    assert_eq!(h.ct.gc_paced(h.now, buckets), 32);
+    assert_eq!(info(&h.send(&syn(999_999))), Some(CtInfo::New));
 }
 
 #[test]

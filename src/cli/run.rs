@@ -27,7 +27,8 @@ use crate::rules;
 
 /// How often the main thread looks at the signals and runs a step of expiry.
 const TICK: Duration = Duration::from_millis(50);
-/// A full pass of the tracker's expiry takes about this many ticks (2 s).
+/// A pass of the tracker's GC is spread over this many ticks (2 s); passes start 1-60 s
+/// apart, as the kernel paces them (`Table::gc_paced`).
 const TICKS_PER_GC_PASS: usize = 40;
 /// The ports' XDP programs are checked every this many ticks (1 s).
 const TICKS_PER_PORT_CHECK: usize = 20;
@@ -155,7 +156,7 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
         if usr1.swap(false, Ordering::Relaxed) {
             eprint!("{}", shared.render_stats());
         }
-        engine.housekeeping(shared.now(), buckets);
+        engine.housekeeping_paced(shared.now(), buckets);
         // A slice of the flowtable gc (the kernel's visits every flow each second; so does
         // this, one of its 20 slices a tick); a flow near its expiry first takes what the XDP
         // fast path counted for it.

@@ -17,7 +17,8 @@
 //!          -> rules (the engine) -> accepted?
 //!          -> Tracker::confirm(&tracked, now)    (postrouting/input: a NEW entry enters the table;
 //!                                                 a dropped first packet leaves no entry)
-//!   the caller also runs Tracker::gc_step(now, n) now and then (incremental expiry)
+//!   the caller also runs Tracker::gc_paced(now, n) every tick (incremental expiry, paced as
+//!   the kernel's gc_worker), or Tracker::gc_step(now, n) to scan unpaced
 //! ```
 //!
 //! For a packet of a known connection the state update (TCP window, timeouts, counters)
@@ -874,9 +875,22 @@ impl Tracker {
     /// One incremental expiry step over `buckets` GC buckets (see [`Table::gc_step`]);
     /// returns how many connections were reaped. A full pass is [`Table::buckets`] buckets.
     pub fn gc_step(&self, now: Timestamp, buckets: usize) -> usize {
+        self.gc_with(now, |r| self.table.gc_step(now.0, buckets, r))
+    }
+
+    /// The appliance's GC: [`Table::gc_paced`] (the kernel's pacing of `gc_worker`) with at
+    /// most `budget` buckets scanned now, and the expectations' expiry. Returns how many
+    /// connections were reaped.
+    pub fn gc_paced(&self, now: Timestamp, budget: usize) -> usize {
+        self.gc_with(now, |r| self.table.gc_paced(now.0, budget, r))
+    }
+
+    /// The expectations' expiry, then `scan` of the table; the connections it reaped are
+    /// destroyed. Returns how many.
+    fn gc_with(&self, now: Timestamp, scan: impl FnOnce(&mut Vec<ConnRef>) -> usize) -> usize {
         self.expect.gc(now.0);
         let mut reaped = Vec::new();
-        self.table.gc_step(now.0, buckets, &mut reaped);
+        scan(&mut reaped);
         let n = reaped.len();
         self.destroyed(reaped, 0);
         n
@@ -951,9 +965,26 @@ impl Tracker {
         gone
     }
 
-    /// Every live connection, ORIGINAL tuple order undefined.
+    /// Every connection in the table, expired or not, ORIGINAL tuple order undefined.
     pub fn conns(&self) -> Vec<ConnRef> {
         self.table.conns()
+    }
+
+    /// The connections alive at `now`, as `conntrack -L` dumps them: entries that expired
+    /// before the paced GC reached them are removed on the way, with their DESTROY events
+    /// (`ctnetlink_dump_table` evicts them the same way).
+    pub fn listed(&self, now: Timestamp) -> Vec<ConnRef> {
+        let (live, expired): (Vec<ConnRef>, Vec<ConnRef>) = self
+            .table
+            .conns()
+            .into_iter()
+            .partition(|c| !c.is_expired(now.0));
+        let gone: Vec<ConnRef> = expired
+            .into_iter()
+            .filter(|c| self.table.remove(c))
+            .collect();
+        self.destroyed(gone, 0);
+        live
     }
 
     /// Per-worker statistics, as `conntrack -S` reports them.

@@ -30,6 +30,16 @@ use super::tuple::Tuple;
 
 /// `NF_CT_EVICTION_RANGE`: buckets scanned by early drop.
 pub const EVICTION_RANGE: usize = 8;
+const NS: u64 = 1_000_000_000;
+/// `GC_SCAN_INTERVAL_MAX`, `GC_SCAN_INTERVAL_MIN`, `GC_SCAN_INTERVAL_CLAMP` (ns).
+const GC_SCAN_INTERVAL_MAX: u64 = 60 * NS;
+const GC_SCAN_INTERVAL_MIN: u64 = NS;
+const GC_SCAN_INTERVAL_CLAMP: u64 = 300 * NS;
+/// `GC_SCAN_INITIAL_COUNT`: the average starts as if this many entries had 60 s left, so a
+/// few entries with a short timeout do not make the GC run every second.
+const GC_SCAN_INITIAL_COUNT: i64 = 100;
+/// `NF_CT_DAY` (ns): what `nf_ct_offload_timeout` gives an offloaded entry.
+const OFFLOAD_DAY: u64 = 86_400 * NS;
 /// Average entries per GC bucket when the table is full (the kernel's hash chains are ~1;
 /// a few more keeps the bucket array small).
 const ENTRIES_PER_BUCKET: usize = 8;
@@ -55,6 +65,42 @@ pub enum InsertError {
     ReplyTaken,
 }
 
+/// `gc_worker`'s running average of the live entries' timeouts (`next_run`, `count`, ns):
+/// `next_run += (clamp(timeout) - next_run) / ++count`.
+#[derive(Clone, Copy, Debug)]
+struct GcAverage {
+    next_run: u64,
+    count: i64,
+}
+
+impl Default for GcAverage {
+    fn default() -> Self {
+        GcAverage {
+            next_run: GC_SCAN_INTERVAL_MAX,
+            count: GC_SCAN_INITIAL_COUNT,
+        }
+    }
+}
+
+impl GcAverage {
+    fn add(&mut self, left: u64) {
+        let t = left.clamp(GC_SCAN_INTERVAL_MIN, GC_SCAN_INTERVAL_CLAMP) as i64;
+        self.count += 1;
+        let step = (t - self.next_run as i64) / self.count;
+        self.next_run = (self.next_run as i64 + step) as u64;
+    }
+}
+
+/// Where the paced GC is ([`Table::gc_paced`]): the pass's next bucket (0 between passes),
+/// its average so far, when it started, and when the next one may start (ns).
+#[derive(Debug, Default)]
+struct GcPace {
+    next_bucket: usize,
+    average: GcAverage,
+    start: u64,
+    resume_at: u64,
+}
+
 pub struct Table {
     map: DashMap<Tuple, ConnRef, Hasher>,
     /// `nf_nat_bysource`: connections that went through source NAT (a binding or a null
@@ -67,6 +113,7 @@ pub struct Table {
     count: AtomicUsize,
     max: usize,
     gc_cursor: AtomicUsize,
+    pace: Mutex<GcPace>,
     /// Set when a packet was dropped because nothing could be evicted; the GC then evicts
     /// harder while the table is >= 95 % full (`gc_worker`'s `early_drop`).
     early_drop_pending: AtomicBool,
@@ -93,6 +140,7 @@ impl Table {
             count: AtomicUsize::new(0),
             max,
             gc_cursor: AtomicUsize::new(0),
+            pace: Mutex::new(GcPace::default()),
             early_drop_pending: AtomicBool::new(false),
         }
     }
@@ -290,14 +338,67 @@ impl Table {
         out
     }
 
-    /// One bounded GC step (`gc_worker`): scans the next `buckets` buckets, reaps expired
-    /// entries into `reaped` and forgets killed ones. While a drop for lack of room is
-    /// pending and the table is at least 95 % full, it also evicts entries that are not
-    /// ASSURED or whose TCP state may be dropped early (`tcp_can_early_drop`). Returns the
-    /// number of buckets scanned.
+    /// One bounded GC step (`gc_worker`'s scan, unpaced): scans the next `buckets` buckets,
+    /// reaps expired entries into `reaped` and forgets killed ones. While a drop for lack of
+    /// room is pending and the table is at least 95 % full, it also evicts entries that are
+    /// not ASSURED or whose TCP state may be dropped early (`tcp_can_early_drop`). Returns
+    /// the number of buckets scanned. The appliance paces its scans with [`Table::gc_paced`].
     pub fn gc_step(&self, now: u64, buckets: usize, reaped: &mut Vec<ConnRef>) -> usize {
         let n = buckets.min(self.buckets.len());
         let start = self.gc_cursor.fetch_add(n, Ordering::Relaxed);
+        self.gc_scan(start, n, now, reaped, &mut GcAverage::default());
+        n
+    }
+
+    /// The GC as the kernel's `gc_worker` paces it (since Linux 5.17): a pass scans every
+    /// bucket, at most `budget` buckets a call, and keeps a running average of the live
+    /// entries' timeouts, each clamped to 1-300 s (`GC_SCAN_INTERVAL_CLAMP`), starting from
+    /// 60 s as if 100 entries had it (`GC_SCAN_INITIAL_COUNT`); offloaded entries are left out
+    /// of it. The next pass starts that average after this one did, clamped to 1-60 s. A
+    /// table of established TCP connections is thus scanned once a minute, one of short UDP
+    /// flows every few seconds. A drop for lack of room starts a pass at once (the kernel
+    /// waits for its next one). Expired entries a pass has not reached yet are gone for
+    /// lookups, listings and early drop already; only their DESTROY event and the count wait
+    /// for it, as in the kernel. Returns the number of buckets scanned.
+    pub fn gc_paced(&self, now: u64, budget: usize, reaped: &mut Vec<ConnRef>) -> usize {
+        let mut pace = self.pace.lock();
+        if now < pace.resume_at && !self.early_drop_pending.load(Ordering::Relaxed) {
+            return 0;
+        }
+        if pace.next_bucket == 0 {
+            pace.average = GcAverage::default();
+            pace.start = now;
+        }
+        let n = budget.max(1).min(self.buckets.len() - pace.next_bucket);
+        let mut average = pace.average;
+        self.gc_scan(pace.next_bucket, n, now, reaped, &mut average);
+        pace.average = average;
+        pace.next_bucket += n;
+        if pace.next_bucket == self.buckets.len() {
+            pace.next_bucket = 0;
+            let next_run = average
+                .next_run
+                .clamp(GC_SCAN_INTERVAL_MIN, GC_SCAN_INTERVAL_MAX);
+            let took = now.saturating_sub(pace.start).max(1);
+            pace.resume_at = now + next_run.saturating_sub(took);
+        }
+        n
+    }
+
+    /// When the paced GC ([`Table::gc_paced`]) starts its next pass, if it is waiting (ns).
+    pub fn gc_next_pass(&self) -> Option<u64> {
+        let pace = self.pace.lock();
+        (pace.next_bucket == 0).then_some(pace.resume_at)
+    }
+
+    fn gc_scan(
+        &self,
+        start: usize,
+        n: usize,
+        now: u64,
+        reaped: &mut Vec<ConnRef>,
+        average: &mut GcAverage,
+    ) {
         let pressure =
             self.early_drop_pending.load(Ordering::Relaxed) && self.count() >= self.max / 100 * 95;
         if self.early_drop_pending.load(Ordering::Relaxed) && !pressure {
@@ -310,10 +411,26 @@ impl Table {
                 if c.is_dying() {
                     return false;
                 }
-                let evict = c.is_expired(now)
-                    || (pressure
-                        && (!c.is_assured()
-                            || matches!(c.proto_state(), ProtoState::Tcp(t) if tcp::can_early_drop(&t))));
+                if c.is_expired(now) {
+                    if self.remove(c) {
+                        reaped.push(c.clone());
+                    }
+                    return false;
+                }
+                if c.status() & status::OFFLOAD != 0 {
+                    // nf_ct_offload_timeout: the flowtable keeps it; not in the average.
+                    if c.expires().0.saturating_sub(now) < OFFLOAD_DAY / 2 {
+                        c.expires.store(now + OFFLOAD_DAY, Ordering::Relaxed);
+                    }
+                    if !pressure {
+                        return true;
+                    }
+                } else {
+                    average.add(c.expires().0 - now);
+                }
+                let evict = pressure
+                    && (!c.is_assured()
+                        || matches!(c.proto_state(), ProtoState::Tcp(t) if tcp::can_early_drop(&t)));
                 if evict {
                     if self.remove(c) {
                         reaped.push(c.clone());
@@ -323,7 +440,6 @@ impl Table {
                 true
             });
         }
-        n
     }
 
     /// Number of GC buckets (a full GC pass is this many bucket steps).

@@ -348,7 +348,7 @@ fn answer(ctx: &Ctx, req: &Request, w: &mut impl Write, fd: RawFd) -> std::io::R
         Request::CtList { filter, json } => {
             // The fast path's counters and timeouts into the connections first.
             shared.flow_sync();
-            let conns = listed(engine.tracker().conns(), filter);
+            let conns = listed(engine.tracker().listed(now), filter);
             let mut text = String::new();
             for c in &conns {
                 if *json {

@@ -687,6 +687,9 @@ pub struct Engine {
     flow_checks: AtomicU64,
     /// The gc slice [`Engine::flow_gc_step`] walks next.
     flow_cursor: AtomicU64,
+    /// [`crate::conntrack::Table::offloaded_removed`] when the flowtable gc last looked for
+    /// flows of removed connections.
+    flow_dying_seen: AtomicU64,
 }
 
 /// Per port, the first flowtable listing it (by port name).
@@ -720,6 +723,7 @@ impl Engine {
             flow_ports: ArcSwap::from_pointee(fp),
             flow_checks: AtomicU64::new(0),
             flow_cursor: AtomicU64::new(0),
+            flow_dying_seen: AtomicU64::new(0),
         }
     }
 
@@ -827,6 +831,12 @@ impl Engine {
     ) -> Vec<FlowRef> {
         let t = &self.tracker.config().timeouts;
         let checks = self.flow_checks.load(Ordering::Relaxed);
+        // The gc looks at a flow only when it is due to expire: at the start of each pass
+        // (once a second, as the kernel's gc sees them), the flows of connections removed
+        // since (conntrack -D, a flush, early drop) are looked for among all.
+        let removed = self.tracker.table().offloaded_removed();
+        let dying = slices.start % flowtable::GC_SLICES == 0
+            && self.flow_dying_seen.swap(removed, Ordering::Relaxed) != removed;
         if checks > 0 {
             // A reload racing this store sets 2 again, or is caught by the next call.
             let _ = self.flow_checks.compare_exchange(
@@ -835,7 +845,10 @@ impl Engine {
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             );
-            self.flows.teardown_unless(|f| self.flow_current(f), t, now);
+        }
+        if checks > 0 || dying {
+            self.flows
+                .teardown_unless(|f| self.flow_current(f) && !f.conn.is_dying(), t, now);
         }
         slices
             .flat_map(|s| self.flows.gc_step(s, t, now, refresh))

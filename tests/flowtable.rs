@@ -213,10 +213,50 @@ fn syn_on_a_closing_flow_tears_it_down_at_once() {
     let (_, ev) = r.send(LAN, c2s("A", 2, 101), t(0));
     assert_eq!(ev.len(), 1);
     r.send(LAN, c2s("RA", 2, 101), t(1));
-    let (_, ev) = r.send(LAN, c2s("S", 9999, 0), t(2));
+    let (o, ev) = r.send(LAN, c2s("S", 9999, 0), t(2));
     assert!(matches!(ev.as_slice(), [FlowEvent::TornDown(_)]), "{ev:?}");
+    assert!(r.e.flows().is_empty(), "out of the flowtable at once");
+    // The reopened connection is offloaded again as soon as it is established, long before
+    // the gc's next look at the old flow (due 30 s after its last packet).
+    let masq = ports(&leaves(&o)).0;
+    let s2c = |flags: &str, seq: u32, ack: u32| {
+        capture::tcp("wan", SERVER, BOX_WAN, 80, masq, flags, seq, ack, b"")
+    };
+    r.send(WAN, s2c("SA", 500, 10000), t(2));
+    let (_, ev) = r.send(LAN, c2s("A", 10000, 501), t(3));
+    assert!(matches!(ev.as_slice(), [FlowEvent::Offloaded(_)]), "{ev:?}");
     let conn = r.conn();
-    assert_eq!(conn.status() & status::OFFLOAD, 0);
+    assert_ne!(conn.status() & status::OFFLOAD, 0);
+    assert!(
+        r.e.flow_gc(t(33)).len() == 1,
+        "the new flow expires in its turn"
+    );
+    assert!(r.e.flows().is_empty());
+}
+
+#[test]
+fn a_killed_connection_loses_its_flow_at_the_next_gc_pass() {
+    use keepstate::conntrack::flowtable::GC_SLICES;
+    let mut r = Run::new();
+    let up = || capture::udp("lan", CLIENT, SERVER, 5353, 53, b"q");
+    r.send(LAN, up(), t(0));
+    let (_, ev) = r.send(LAN, up(), t(1));
+    assert!(matches!(ev.as_slice(), [FlowEvent::Offloaded(_)]), "{ev:?}");
+    // The gc does not look at the flow before it is due (31 s)...
+    let mut gone = Vec::new();
+    for _ in 0..GC_SLICES {
+        gone.extend(r.e.flow_gc_step(t(2), &|_| {}));
+    }
+    assert!(gone.is_empty());
+    // ...but `conntrack -D` of its connection is seen by the next pass.
+    let conn = r.conn();
+    assert!(r.e.tracker().kill(&conn));
+    for _ in 0..GC_SLICES {
+        gone.extend(r.e.flow_gc_step(t(3), &|_| {}));
+    }
+    assert_eq!(gone.len(), 1);
+    assert!(std::sync::Arc::ptr_eq(&gone[0].conn, &conn));
+    assert!(r.e.flows().is_empty());
 }
 
 #[test]

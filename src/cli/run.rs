@@ -157,9 +157,10 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
             eprint!("{}", shared.render_stats());
         }
         engine.housekeeping_paced(shared.now(), buckets);
-        // A slice of the flowtable gc (the kernel's visits every flow each second; so does
-        // this, one of its 20 slices a tick); a flow near its expiry first takes what the XDP
-        // fast path counted for it.
+        // A slice of the flowtable gc (one of its 20 a tick, so a pass a second, as the
+        // kernel's): it looks at the flows due to expire, which first take what the XDP fast
+        // path counted for them, and at the start of a pass for the flows of removed
+        // connections.
         tick += 1;
         shared.flow_gc();
         shared.publish_destroyed();

@@ -136,12 +136,22 @@ pub const GC_SLICES: usize = 20;
 /// Flows whose state the gc reads ahead of deciding about them.
 const GC_TOUCH_AHEAD: usize = 16;
 
+/// A flow in its gc slice, and when the gc must look at it next (ns): its timeout as of the
+/// last look. A timeout only moves later, so until then the flow cannot have expired, and
+/// the gc's pass reads only this, beside the flow, not the flow and its connection.
+#[derive(Debug)]
+struct Visit {
+    due: u64,
+    flow: FlowRef,
+}
+
 /// Every flowtable's flows, by (ingress port, tuple).
 #[derive(Default)]
 pub struct Flows {
     map: DashMap<(usize, Tuple), (FlowRef, Dir)>,
-    /// Every flow in the map, once, in the gc slice it was given at its offload.
-    slices: [Mutex<Vec<FlowRef>>; GC_SLICES],
+    /// Every flow in the map, once, in the gc slice it was given at its offload; a torn-down
+    /// flow leaves the map at once and its slice at its next visit.
+    slices: [Mutex<Vec<Visit>>; GC_SLICES],
     /// The slice the next offloaded flow goes to.
     next_slice: AtomicUsize,
     /// Flows torn down outside a packet (reload, gc), for [`Flows::gc`]'s caller.
@@ -183,14 +193,18 @@ impl Flows {
         });
         let keys =
             [Dir::Original, Dir::Reply].map(|d| (dirs[d.index()].iif, dirs[d.index()].tuple));
-        if keys.iter().any(|k| self.map.contains_key(k)) || keys[0] == keys[1] {
+        let taken = |k| self.map.get(k).is_some_and(|e| !e.value().0.is_torn_down());
+        if keys.iter().any(taken) || keys[0] == keys[1] {
             conn.status.fetch_and(!status::OFFLOAD, Ordering::Relaxed);
             return None;
         }
         self.map.insert(keys[0], (flow.clone(), Dir::Original));
         self.map.insert(keys[1], (flow.clone(), Dir::Reply));
         let slice = self.next_slice.fetch_add(1, Ordering::Relaxed) % GC_SLICES;
-        self.slices[slice].lock().push(flow.clone());
+        self.slices[slice].lock().push(Visit {
+            due: flow.expires().0,
+            flow: flow.clone(),
+        });
         // nf_ct_refresh(ct, NF_CT_DAY); nft_flow_offload_eval: TCP window checks liberal from
         // now on, as the slow path will not see every segment.
         conn.expires
@@ -227,6 +241,7 @@ impl Flows {
     ) -> StateCheck {
         if syn && flow.is_closing() {
             teardown(flow, t, now);
+            self.unmap(flow);
             return StateCheck::TornDown;
         }
         if fin_or_rst {
@@ -244,12 +259,13 @@ impl Flows {
             gone.extend(
                 slice
                     .iter()
-                    .filter(|f| !f.is_torn_down() && !keep(f))
-                    .cloned(),
+                    .filter(|v| !v.flow.is_torn_down() && !keep(&v.flow))
+                    .map(|v| v.flow.clone()),
             );
         }
         for f in &gone {
             teardown(f, t, now);
+            self.unmap(f);
         }
         self.pending.lock().extend(gone);
     }
@@ -270,6 +286,13 @@ impl Flows {
     /// Returns the flows that went back to the slow path since the last call without an event
     /// yet (torn down here, or by a reload).
     ///
+    /// Unlike the kernel's, it looks at a flow only when its timeout, as of the last look, is
+    /// due (every 30 s at most, so a connection's extension, due under five minutes left, is
+    /// never missed): with a million flows, reading each flow and its connection every second
+    /// took a tenth of the core. A flow whose connection is killed is not seen that way:
+    /// [`Flows::teardown_unless`] is its caller's, at the next pass (see
+    /// [`crate::engine::Engine::flow_gc_step`]).
+    ///
     /// `refresh` is called for a live flow about to expire, before the gc decides: a fast path
     /// that forwards packets the engine does not see tells of them there
     /// ([`crate::engine::Engine::flow_account`]), so the flow lives on.
@@ -286,42 +309,52 @@ impl Flows {
         for start in (0..list.len()).step_by(GC_TOUCH_AHEAD) {
             let end = (start + GC_TOUCH_AHEAD).min(list.len());
             // With many flows, each flow and its connection are a cache miss. Reading what
-            // the decisions below need of the next few flows in a loop of independent loads
-            // lets the CPU wait for those misses together, not one after the other.
-            for flow in &list[start..end] {
-                std::hint::black_box((flow.timeout.load(Ordering::Relaxed), flow.conn.status()));
+            // the decisions below need of the next few due flows in a loop of independent
+            // loads lets the CPU wait for those misses together, not one after the other.
+            for v in list[start..end].iter().filter(|v| v.due <= now.0) {
+                std::hint::black_box((
+                    v.flow.timeout.load(Ordering::Relaxed),
+                    v.flow.conn.status(),
+                ));
             }
             for i in start..end {
-                let flow = &list[i];
-                let was_down = flow.is_torn_down();
-                if !was_down && flow.expires().0 <= now.0 && !flow.conn.is_dying() {
-                    refresh(flow);
-                }
-                if flow.expires().0 <= now.0 || flow.conn.is_dying() {
-                    if !was_down {
-                        teardown(flow, t, now);
-                        events.push(flow.clone());
+                if list[i].due <= now.0 {
+                    let flow = &list[i].flow;
+                    let was_down = flow.is_torn_down();
+                    if !was_down && flow.expires().0 <= now.0 && !flow.conn.is_dying() {
+                        refresh(flow);
                     }
-                } else if !was_down {
-                    extend_ct_timeout(&flow.conn, now);
+                    if flow.expires().0 <= now.0 || flow.conn.is_dying() {
+                        if !was_down {
+                            teardown(flow, t, now);
+                            self.unmap(flow);
+                            events.push(flow.clone());
+                        }
+                    } else if !was_down {
+                        extend_ct_timeout(&flow.conn, now);
+                    }
+                    if flow.is_torn_down() {
+                        continue;
+                    }
+                    list[i].due = flow.expires().0;
                 }
-                if !flow.is_torn_down() {
-                    // Kept: moved down over the ones that go (order kept).
-                    list.swap(kept, i);
-                    kept += 1;
-                }
+                // Kept: moved down over the ones that go (order kept).
+                list.swap(kept, i);
+                kept += 1;
             }
         }
-        let remove: Vec<FlowRef> = list.drain(kept..).collect();
-        drop(list);
-        for f in remove {
-            for (d, dir) in f.dirs.iter().zip([Dir::Original, Dir::Reply]) {
-                self.map.remove_if(&(d.iif, d.tuple), |_, v| {
-                    Arc::ptr_eq(&v.0, &f) && v.1 == dir
-                });
-            }
-        }
+        list.truncate(kept);
         events
+    }
+
+    /// Takes a torn-down flow's two directions out of the map (a reopened connection may
+    /// take them at once).
+    fn unmap(&self, f: &Flow) {
+        for (d, dir) in f.dirs.iter().zip([Dir::Original, Dir::Reply]) {
+            self.map.remove_if(&(d.iif, d.tuple), |_, v| {
+                std::ptr::eq(Arc::as_ptr(&v.0), f) && v.1 == dir
+            });
+        }
     }
 
     /// Every live flow (one per connection).

@@ -16,7 +16,7 @@
 //! other order.
 
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use dashmap::mapref::entry::Entry;
@@ -114,6 +114,8 @@ pub struct Table {
     max: usize,
     gc_cursor: AtomicUsize,
     pace: Mutex<GcPace>,
+    /// Offloaded connections removed so far (see [`Table::offloaded_removed`]).
+    offloaded_removed: AtomicU64,
     /// Set when a packet was dropped because nothing could be evicted; the GC then evicts
     /// harder while the table is >= 95 % full (`gc_worker`'s `early_drop`).
     early_drop_pending: AtomicBool,
@@ -141,6 +143,7 @@ impl Table {
             max,
             gc_cursor: AtomicUsize::new(0),
             pace: Mutex::new(GcPace::default()),
+            offloaded_removed: AtomicU64::new(0),
             early_drop_pending: AtomicBool::new(false),
         }
     }
@@ -273,6 +276,9 @@ impl Table {
         let prev = conn.set_status(status::DYING);
         if prev & status::DYING != 0 {
             return false;
+        }
+        if prev & status::OFFLOAD != 0 {
+            self.offloaded_removed.fetch_add(1, Ordering::Relaxed);
         }
         if prev & status::SRC_NAT_DONE != 0 {
             let key = source_key(conn.orig());
@@ -440,6 +446,12 @@ impl Table {
                 true
             });
         }
+    }
+
+    /// How many connections were removed while a flowtable had them (`IPS_OFFLOAD`): the
+    /// flowtable's gc looks for their flows when it changes.
+    pub fn offloaded_removed(&self) -> u64 {
+        self.offloaded_removed.load(Ordering::Relaxed)
     }
 
     /// Number of GC buckets (a full GC pass is this many bucket steps).

@@ -369,7 +369,7 @@ fn answer(ctx: &Ctx, req: &Request, w: &mut impl Write, fd: RawFd) -> std::io::R
             write(w, Answer::Ok)
         }
         Request::FlowCount => {
-            // Two entries per flow; torn-down flows count until the gc's next visit.
+            // Two entries per flow; a flow leaves the map when it is torn down.
             let n = engine.flows().len() / 2;
             write(w, Answer::Out(show::count_line(n)))?;
             write(w, Answer::Ok)

@@ -390,19 +390,22 @@ fn cpu_of(pid: u32) -> f64 {
 
 /// The command name and utime + stime (seconds) of a `/proc/.../stat` line.
 fn stat_cpu(s: &str) -> (&str, f64) {
+    let (comm, field) = stat_fields(s);
+    (comm, (field(14) + field(15)) as f64 / clk_tck())
+}
+
+/// The command name of a `/proc/.../stat` line and its numeric fields by their number in
+/// stat(5) (0 when absent or not a number).
+fn stat_fields(s: &str) -> (&str, impl Fn(usize) -> u64) {
     // The command name is in parentheses and may hold blanks: count from the last `)`.
-    let Some((head, rest)) = s.rsplit_once(')') else {
-        return ("", 0.0);
-    };
+    let (head, rest) = s.rsplit_once(')').unwrap_or(("", ""));
     let comm = head.split_once('(').map_or("", |(_, c)| c);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of stat(5); `rest` starts at field 3.
-    let t = |i: usize| {
-        f.get(i - 3)
-            .and_then(|x| x.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (comm, (t(14) + t(15)) as f64 / clk_tck())
+    // `rest` starts at field 3 (the state, not a number).
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    (comm, move |n: usize| f.get(n - 3).copied().unwrap_or(0))
 }
 
 /// utime + stime of keepstate's (`pid`) worker threads (`keepstate-w*`), in seconds.
@@ -450,16 +453,8 @@ fn cpu_others(ours: &[u32]) -> f64 {
         let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        let Some((_, rest)) = s.rsplit_once(')') else {
-            continue;
-        };
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .skip(1)
-            .map(|x| x.parse().unwrap_or(0))
-            .collect();
-        // `f[0]` is field 4 of stat(5): flags is field 9, utime..cstime are 14..17.
-        let at = |n: usize| f.get(n - 4).copied().unwrap_or(0);
+        // Field 9 of stat(5) is flags; utime..cstime are 14..17.
+        let (_, at) = stat_fields(&s);
         if at(9) & PF_KTHREAD != 0 {
             continue;
         }
@@ -1291,4 +1286,20 @@ fn scale_report(results: &[MixResult]) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stat_fields;
+
+    #[test]
+    fn stat_fields_count_from_the_last_parenthesis() {
+        let line = "4242 (keepstate-w0 (x)) S 1 4242 4242 0 -1 2097216 10 0 0 0 250 125 7 3 20 0";
+        let (comm, f) = stat_fields(line);
+        assert_eq!(comm, "keepstate-w0 (x)");
+        assert_eq!(f(4), 1);
+        assert_eq!(f(9), 2_097_216);
+        assert_eq!((f(14), f(15), f(16), f(17)), (250, 125, 7, 3));
+        assert_eq!(f(60), 0);
+    }
 }

@@ -352,7 +352,7 @@ impl Table {
     pub fn gc_step(&self, now: u64, buckets: usize, reaped: &mut Vec<ConnRef>) -> usize {
         let n = buckets.min(self.buckets.len());
         let start = self.gc_cursor.fetch_add(n, Ordering::Relaxed);
-        self.gc_scan(start, n, now, reaped, &mut GcAverage::default());
+        self.gc_scan(start, n, now, reaped, None);
         n
     }
 
@@ -377,7 +377,7 @@ impl Table {
         }
         let n = budget.max(1).min(self.buckets.len() - pace.next_bucket);
         let mut average = pace.average;
-        self.gc_scan(pace.next_bucket, n, now, reaped, &mut average);
+        self.gc_scan(pace.next_bucket, n, now, reaped, Some(&mut average));
         pace.average = average;
         pace.next_bucket += n;
         if pace.next_bucket == self.buckets.len() {
@@ -397,13 +397,15 @@ impl Table {
         (pace.next_bucket == 0).then_some(pace.resume_at)
     }
 
+    /// Scans `n` buckets from `start` (see [`Table::gc_step`]); the paced GC also gathers the
+    /// live entries' timeouts into `average`.
     fn gc_scan(
         &self,
         start: usize,
         n: usize,
         now: u64,
         reaped: &mut Vec<ConnRef>,
-        average: &mut GcAverage,
+        mut average: Option<&mut GcAverage>,
     ) {
         let pressure =
             self.early_drop_pending.load(Ordering::Relaxed) && self.count() >= self.max / 100 * 95;
@@ -431,8 +433,8 @@ impl Table {
                     if !pressure {
                         return true;
                     }
-                } else {
-                    average.add(c.expires().0 - now);
+                } else if let Some(a) = average.as_deref_mut() {
+                    a.add(c.expires().0 - now);
                 }
                 let evict = pressure
                     && (!c.is_assured()

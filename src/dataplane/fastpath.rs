@@ -12,6 +12,8 @@
 //! kernel's gc reads `flow->timeout`, with no system call and no walk over the map; a
 //! listing reads them all ([`FastPath::sync`]). The program adds to the counters and this
 //! process takes what they hold (an atomic exchange with zero), so every packet counts once.
+//! IPv4 flows live in a table of our own, also mapped into this process and written without
+//! a system call ([`flows4`]); IPv6 flows in a kernel hash, written with `bpf(2)`.
 //!
 //! Owns the BPF object, its maps and the XDP attachments; decides nothing about flows (that
 //! is the engine's flowtable, [`crate::conntrack::flowtable`]).
@@ -24,6 +26,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::flows4::{self, Conf, Entry4, Flows4};
 use super::iface;
 use super::neigh::Neighbours;
 use super::Mac;
@@ -77,7 +80,8 @@ pub struct FlowValue {
     pub dport: u16,
 }
 
-/// `struct flow_key4`: 20 bytes, so that an IPv4 entry fits two cache lines.
+/// `struct flow_key4`: 20 bytes, so that an IPv4 entry of `flows4` (with its value and a
+/// sequence number, [`flows4::Entry4`]) is one cache line.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct Key4 {
@@ -371,29 +375,66 @@ impl Slots {
     }
 }
 
-/// The mmapped `counters` map.
-struct CounterMap {
-    base: *mut Counters,
-    /// Slots.
-    len: usize,
+/// A BPF_F_MMAPABLE array map in this process's memory: unmapped on drop.
+struct Mapping {
+    base: *mut c_void,
     /// Bytes mapped.
     size: usize,
 }
 
-impl CounterMap {
-    fn get(&self, slot: u32) -> Option<&Counters> {
-        // SAFETY: `base` maps `len` slots for as long as `self` lives (unmapped by Drop);
-        // the program and this process only ever access them atomically (or `pad`, never).
-        ((slot as usize) < self.len).then(|| unsafe { &*self.base.add(slot as usize) })
+impl Mapping {
+    const NONE: Mapping = Mapping {
+        base: std::ptr::null_mut(),
+        size: 0,
+    };
+
+    /// Maps the first `bytes` of the array map `fd` (shared with the kernel); the mapping
+    /// keeps the map alive.
+    fn new(map: &'static str, fd: c_int, bytes: usize) -> Result<Mapping, FastPathError> {
+        let size = bytes.next_multiple_of(page_size());
+        // SAFETY: a fresh shared mapping of the map's memory, owned by the returned value.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(FastPathError::Map {
+                map,
+                reason: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Mapping { base, size })
     }
 }
 
-impl Drop for CounterMap {
+impl Drop for Mapping {
     fn drop(&mut self) {
         if self.size > 0 {
-            // SAFETY: the mapping made in `FastPath::load`, unmapped once.
-            unsafe { libc::munmap(self.base.cast(), self.size) };
+            // SAFETY: the mapping made in `Mapping::new`, unmapped once.
+            unsafe { libc::munmap(self.base, self.size) };
         }
+    }
+}
+
+/// The mmapped `counters` map.
+struct CounterMap {
+    mem: Mapping,
+    /// Slots.
+    len: usize,
+}
+
+impl CounterMap {
+    fn get(&self, slot: u32) -> Option<&Counters> {
+        let base: *const Counters = self.mem.base.cast();
+        // SAFETY: `mem` maps `len` slots for as long as `self` lives; the program and this
+        // process only ever access them atomically (or `pad`, never).
+        ((slot as usize) < self.len).then(|| unsafe { &*base.add(slot as usize) })
     }
 }
 
@@ -401,7 +442,9 @@ impl Drop for CounterMap {
 pub struct FastPath {
     obj: *mut BpfObject,
     prog_fd: c_int,
-    flows4_fd: c_int,
+    /// The IPv4 flows: our own table in the mmapped `flows4`, written without system calls.
+    flows4: Mutex<Flows4>,
+    flows4_mem: Mapping,
     flows6_fd: c_int,
     xsks_fd: c_int,
     tx_ok_fd: c_int,
@@ -457,7 +500,9 @@ impl FastPath {
         let mut fp = FastPath {
             obj,
             prog_fd: -1,
-            flows4_fd: -1,
+            // SAFETY: no entries (mask 0 is never read: replaced below before any use).
+            flows4: Mutex::new(unsafe { Flows4::new(std::ptr::null_mut(), Conf::default()) }),
+            flows4_mem: Mapping::NONE,
             flows6_fd: -1,
             xsks_fd: -1,
             tx_ok_fd: -1,
@@ -467,9 +512,8 @@ impl FastPath {
             entries: Mutex::new(HashMap::default()),
             neigh_gen: AtomicU64::new(0),
             counters: CounterMap {
-                base: std::ptr::null_mut(),
+                mem: Mapping::NONE,
                 len: 0,
-                size: 0,
             },
             slots: Mutex::new(Slots::default()),
             egress: Mutex::new(Vec::new()),
@@ -478,7 +522,8 @@ impl FastPath {
         };
         // An even number of slots: they go in pairs.
         let flows = flows.max(1024) & !1;
-        for map in ["flows4", "flows6", "counters"] {
+        let slots4 = flows4::slots_for(flows);
+        for (map, size) in [("flows4", slots4), ("flows6", flows), ("counters", flows)] {
             let map_name = name(map);
             // SAFETY: `obj` is open and not loaded yet, when a map's size may still change;
             // the name is NUL-terminated and outlives the call.
@@ -487,7 +532,7 @@ impl FastPath {
                 if map.is_null() {
                     -libc::ENOENT
                 } else {
-                    bpf_map__set_max_entries(map, flows)
+                    bpf_map__set_max_entries(map, size)
                 }
             };
             if r < 0 {
@@ -516,31 +561,31 @@ impl FastPath {
                 Ok(fd)
             }
         };
-        fp.flows4_fd = map("flows4")?;
-        fp.flows6_fd = map("flows6")?;
-        let size = (flows as usize * std::mem::size_of::<Counters>()).next_multiple_of(page_size());
-        // SAFETY: maps the `counters` array (BPF_F_MMAPABLE, `flows` slots) shared with the
-        // kernel; the mapping lives as long as `fp.counters` and keeps the map alive.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map("counters")?,
-                0,
-            )
+        let conf = Conf {
+            seed: random_seed(),
+            mask: slots4 - 1,
+            pad: 0,
         };
-        if base == libc::MAP_FAILED {
-            return Err(FastPathError::Map {
-                map: "counters",
-                reason: std::io::Error::last_os_error(),
-            });
-        }
+        fp.flows4_mem = Mapping::new(
+            "flows4",
+            map("flows4")?,
+            slots4 as usize * std::mem::size_of::<Entry4>(),
+        )?;
+        // SAFETY: the mapping holds `slots4` entries, zeroed by the kernel, for as long as
+        // `fp` lives; only `fp.flows4` writes them.
+        *fp.flows4.lock() = unsafe { Flows4::new(fp.flows4_mem.base.cast(), conf) };
+        update(map("flows4_conf")?, &0u32, &conf).map_err(|reason| FastPathError::Map {
+            map: "flows4_conf",
+            reason,
+        })?;
+        fp.flows6_fd = map("flows6")?;
         fp.counters = CounterMap {
-            base: base.cast(),
+            mem: Mapping::new(
+                "counters",
+                map("counters")?,
+                flows as usize * std::mem::size_of::<Counters>(),
+            )?,
             len: flows as usize,
-            size,
         };
         fp.slots.lock().max = flows / 2;
         fp.xsks_fd = map("xsks")?;
@@ -911,7 +956,10 @@ impl FastPath {
                 src: v.src[..4].try_into().unwrap_or_default(),
                 dst: v.dst[..4].try_into().unwrap_or_default(),
             };
-            update(self.flows4_fd, &key4(key), &v4)
+            self.flows4
+                .lock()
+                .insert(&key4(key), &v4)
+                .map_err(std::io::Error::other)
         } else {
             let v6 = Value6 {
                 h,
@@ -924,7 +972,7 @@ impl FastPath {
 
     fn delete_flow(&self, key: &FlowKey) {
         if key.l3 == 4 {
-            delete(self.flows4_fd, &key4(key));
+            self.flows4.lock().remove(&key4(key));
         } else {
             delete(self.flows6_fd, &key6(key));
         }
@@ -933,7 +981,7 @@ impl FastPath {
     /// The kernel's entry of `key`, and its slot.
     fn lookup_flow(&self, key: &FlowKey) -> Option<(FlowValue, u32)> {
         let (h, src, dst) = if key.l3 == 4 {
-            let v: Value4 = lookup(self.flows4_fd, &key4(key))?;
+            let v = self.flows4.lock().get(&key4(key))?;
             let mut src = [0; 16];
             let mut dst = [0; 16];
             src[..4].copy_from_slice(&v.src);
@@ -1024,6 +1072,18 @@ fn lookup<K, V: Default>(fd: c_int, key: &K) -> Option<V> {
     // SAFETY: as in `update`; the kernel writes one value of the map's size into `v`.
     let r = unsafe { bpf_map_lookup_elem(fd, (key as *const K).cast(), (&mut v as *mut V).cast()) };
     (r == 0).then_some(v)
+}
+
+/// A seed for `flows4`'s hash, from the kernel's random pool.
+fn random_seed() -> u64 {
+    let mut seed = [0u8; 8];
+    // SAFETY: writes at most 8 bytes into `seed`.
+    let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+    if n != 8 {
+        // No pool (an old kernel): the clock, which is less to guess than a constant.
+        return monotonic_ns().wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    u64::from_ne_bytes(seed)
 }
 
 /// The kernel's IPv4 key of `k`.

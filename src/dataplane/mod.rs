@@ -32,6 +32,7 @@ pub mod demo;
 pub mod gen;
 
 pub mod fastpath;
+pub mod flows4;
 pub mod health;
 pub mod iface;
 pub mod lab;

@@ -13,8 +13,19 @@
 //
 // The engine's workers fill the flow maps (both directions of an offloaded connection) and
 // empty them on teardown; the main loop reads the counters and last-seen times from the
-// mmapped `counters` to refresh the flows. The layouts of the keys, values and counters are
-// mirrored in src/dataplane/fastpath.rs: change both together.
+// mmapped `counters` to refresh the flows. The layouts of the keys, values, entries and
+// counters, and the IPv4 table's hash and probing, are mirrored in src/dataplane/fastpath.rs
+// and src/dataplane/flows4.rs: change them together.
+//
+// IPv4 flows are not in a kernel hash but in a table of our own, `flows4`: an mmapped array
+// of 64-byte entries (a sequence number, the key and the value: one cache line), open
+// addressing with linear probing, which keepstate writes from userspace without a system
+// call. A lookup at a million flows misses the cache once instead of twice (the kernel
+// hash's bucket, then its element). Each entry is a seqlock: the writer makes `seq` odd,
+// writes, and makes it even again; a lookup that sees it odd, or changed by the time it has
+// copied the value, gives the frame to the workers, which is always right (a miss costs
+// speed, never a wrong rewrite). The reads rely on x86's load ordering (TSO) and on the
+// compiler barriers below.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -41,9 +52,8 @@ static __u64 (*bpf_ktime_get_ns)(void) = (void *)BPF_FUNC_ktime_get_ns;
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 
-// An IPv4 direction's key: 20 bytes, so that with its value an entry fits two cache lines
-// (the kernel's element header is 48 bytes, its allocator's 8 more: 128 in all), one fewer
-// than with IPv6-sized addresses. At a million flows every lookup misses the cache.
+// An IPv4 direction's key: 20 bytes, so that with its value and a sequence number an entry
+// of `flows4` is one cache line. At a million flows every lookup misses the cache.
 struct flow_key4 {
 	__u8 src[4];
 	__u8 dst[4];
@@ -106,16 +116,42 @@ struct flow_counters {
 	__u64 pad;
 };
 
-/* The flow maps are resized by the loader to twice the conntrack table's max (both
- * directions of every connection) and allocated as entries come, not up front; `counters`
- * gets as many slots (an array: allocated at load). */
+// An entry of `flows4`: empty while key.ifindex is 0.
+struct flow_entry4 {
+	__u32 seq; // odd while keepstate writes the entry
+	struct flow_key4 key;
+	struct flow_value4 v;
+	__u32 pad;
+};
+
+// `flows4`'s shape, written once by the loader: its size is mask + 1 (a power of two), and
+// the hash is seeded so that nobody can pick flows that pile up on one slot.
+struct flow_conf {
+	__u64 seed;
+	__u32 mask;
+	__u32 pad;
+};
+
+// How far from its home slot an entry may lie; keepstate places none farther.
+#define PROBES 8
+
+/* The loader sizes the maps from the conntrack table's max: `flows6` and `counters` take
+ * both directions of every connection (`flows6` allocated as entries come, `counters` at
+ * load), `flows4` half as much again, rounded up to a power of two (an array: at load). */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 65536);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct flow_key4);
-	__type(value, struct flow_value4);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct flow_entry4);
 } flows4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct flow_conf);
+} flows4_conf SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -183,6 +219,61 @@ static __always_inline void csum_replace(__u16 *sum, const __u16 *old, const __u
 		s += new[i];
 	}
 	*sum = ~csum_fold(s);
+}
+
+#define barrier() asm volatile("" ::: "memory")
+#define READ_ONCE_U32(x) (*(volatile __u32 *)&(x))
+
+// The hash of an IPv4 key (its five 32-bit words, native order): flows4.rs's `hash`.
+static __always_inline __u64 flow_hash4(const struct flow_key4 *k, __u64 seed)
+{
+	const __u32 *w = (const __u32 *)k;
+	__u64 x = (((__u64)w[1] << 32) | w[0]) ^ seed;
+
+	x *= 0x9e3779b97f4a7c15ULL;
+	x ^= ((__u64)w[3] << 32) | w[2];
+	x *= 0xc2b2ae3d27d4eb4fULL;
+	x ^= w[4];
+	x ^= x >> 29;
+	x *= 0x165667b19e3779f9ULL;
+	x ^= x >> 32;
+	return x;
+}
+
+// Finds `key` in `flows4` and copies its value into `out`: 0 if found in a stable state.
+static __always_inline int flows4_get(const struct flow_key4 *key, struct flow_value4 *out)
+{
+	__u32 zero = 0;
+	struct flow_conf *conf = bpf_map_lookup_elem(&flows4_conf, &zero);
+	const __u32 *kw = (const __u32 *)key;
+
+	if (!conf)
+		return -1;
+	__u64 h = flow_hash4(key, conf->seed);
+	__u32 mask = conf->mask;
+#pragma unroll
+	for (int i = 0; i < PROBES; i++) {
+		__u32 idx = ((__u32)h + i) & mask;
+		struct flow_entry4 *e = bpf_map_lookup_elem(&flows4, &idx);
+		if (!e)
+			return -1;
+		__u32 seq = READ_ONCE_U32(e->seq);
+		barrier();
+		if (seq & 1)
+			return -1; // being written
+		const __u32 *ew = (const __u32 *)&e->key;
+		if (ew[3] == 0)
+			return -1; // empty: the key is nowhere further on
+		if (ew[0] != kw[0] || ew[1] != kw[1] || ew[2] != kw[2] || ew[3] != kw[3] ||
+		    ew[4] != kw[4])
+			continue;
+		__builtin_memcpy(out, &e->v, sizeof(*out));
+		barrier();
+		if (READ_ONCE_U32(e->seq) != seq)
+			return -1; // rewritten meanwhile
+		return 0;
+	}
+	return -1;
 }
 
 static __always_inline int to_xsk(struct xdp_md *ctx)
@@ -257,6 +348,7 @@ int keepstate_fastpath(struct xdp_md *ctx)
 	}
 
 	struct flow_head *v;
+	struct flow_value4 val4;
 	if (v4) {
 		struct iphdr *h = l3;
 		struct flow_key4 key = {};
@@ -268,9 +360,9 @@ int keepstate_fastpath(struct xdp_md *ctx)
 		key.dport = ports[1];
 		key.ifindex = ctx->ingress_ifindex;
 		key.proto = proto;
-		struct flow_value4 *v4v = bpf_map_lookup_elem(&flows4, &key);
-		if (!v4v)
+		if (flows4_get(&key, &val4))
 			return to_xsk(ctx);
+		struct flow_value4 *v4v = &val4;
 		v = &v4v->h;
 		if (!bpf_map_lookup_elem(&tx_ok, &v->tx_port))
 			return to_xsk(ctx);

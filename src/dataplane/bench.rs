@@ -49,6 +49,8 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::gen::{Traffic, PORTS};
@@ -156,6 +158,29 @@ pub enum BenchError {
     Command { command: String, reason: String },
     #[error("{0}")]
     Other(String),
+    #[error("stopped by a signal; the bench's namespaces are removed")]
+    Stopped,
+}
+
+/// Set by SIGINT or SIGTERM (a second one ends the process at once): the bench returns
+/// [`BenchError::Stopped`] from its next wait, so that its namespaces, processes and
+/// `nf_conntrack_max` are put back on the way out, as on any error.
+static STOP: std::sync::LazyLock<Arc<AtomicBool>> =
+    std::sync::LazyLock::new(|| Arc::new(AtomicBool::new(false)));
+
+/// Sleeps `d`, or less if the bench is stopped.
+fn nap(d: Duration) -> Result<(), BenchError> {
+    let end = Instant::now() + d;
+    loop {
+        if STOP.load(Ordering::Relaxed) {
+            return Err(BenchError::Stopped);
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(Duration::from_millis(100)));
+    }
 }
 
 fn cmd_err(command: &str, reason: impl ToString) -> BenchError {
@@ -565,6 +590,11 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Vec<MixResult>, BenchE
     if cores < 2 {
         return Err(BenchError::Cores(cores));
     }
+    for s in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let register = signal_hook::flag::register_conditional_shutdown(s, 1, STOP.clone())
+            .and_then(|_| signal_hook::flag::register(s, STOP.clone()));
+        register.map_err(|e| cmd_err("handle SIGINT and SIGTERM", e))?;
+    }
     let lab = Lab::named(&opts.prefix)?.with_links("lan", "wan");
     let dir = tempfile::tempdir().map_err(|e| cmd_err("mktemp -d", e))?;
     lab.up(2)?;
@@ -729,7 +759,7 @@ fn settle(
         if n >= full || plateau || t0.elapsed() >= limit {
             return Ok(Some(t0.elapsed()));
         }
-        std::thread::sleep(Duration::from_millis(250));
+        nap(Duration::from_millis(250))?;
     }
 }
 
@@ -744,7 +774,7 @@ const QUIET: f64 = 0.05;
 fn workers_quiet(gen: &mut Proc, t0: Instant, pid: u32) -> Result<(), BenchError> {
     let mut last = cpu_of_workers(pid);
     while t0.elapsed() < WARM_MAX {
-        std::thread::sleep(Duration::from_secs(1));
+        nap(Duration::from_secs(1))?;
         gen_alive(gen)?;
         let now = cpu_of_workers(pid);
         if now - last < QUIET {
@@ -772,7 +802,7 @@ impl Bench<'_> {
         ks: Option<u32>,
     ) -> Result<Duration, BenchError> {
         let t0 = Instant::now();
-        std::thread::sleep(self.opts.warmup);
+        nap(self.opts.warmup)?;
         let full = u64::from(flows) * 9 / 10;
         let Some(filled) = settle(gen, t0, (full, 50), WARM_MAX / 2, || self.table_count(mode))?
         else {
@@ -789,7 +819,7 @@ impl Bench<'_> {
                 workers_quiet(gen, t0, pid)?;
             }
         } else if filled > self.opts.warmup {
-            std::thread::sleep(filled.min(WARM_MAX - filled));
+            nap(filled.min(WARM_MAX - filled))?;
             gen_alive(gen)?;
         }
         Ok(t0.elapsed())
@@ -1082,7 +1112,7 @@ impl Bench<'_> {
         let ours = [gen.pid(), ks.unwrap_or(0), probe.pid(), std::process::id()];
         let (all0, gen0, ks0) = (cpu_busy(), cpu_of(gen.pid()), ks.map_or(0.0, cpu_of));
         let other0 = cpu_others(&ours);
-        std::thread::sleep(self.opts.window);
+        nap(self.opts.window)?;
         let (all1, gen1, ks1) = (cpu_busy(), cpu_of(gen.pid()), ks.map_or(0.0, cpu_of));
         let other1 = cpu_others(&ours);
         let (sent1, got1) = (

@@ -872,7 +872,7 @@ impl FastPath {
             self.account(engine, f, now, mono);
         }
         for (key, flow, dir) in r.moved {
-            self.follow_neighbour(&key, &flow.dirs[dir.index()], neighbours);
+            self.follow_neighbour(&key, &flow, dir, neighbours);
         }
         let mut entries = self.entries.lock();
         for key in r.stale {
@@ -924,11 +924,18 @@ impl FastPath {
         self.stats.egress_off.store(n, Ordering::Relaxed);
     }
 
-    /// Rewrites the next hop's MAC of one entry if the neighbour table has another now.
-    fn follow_neighbour(&self, key: &FlowKey, d: &FlowDir, neighbours: &Neighbours) {
+    /// Rewrites the next hop's MAC of `flow`'s entry `key` if the neighbour table has another
+    /// now, unless the entry went or another flow's took its place since the reading (a
+    /// rewrite would bring it back).
+    fn follow_neighbour(&self, key: &FlowKey, flow: &FlowRef, dir: Dir, neighbours: &Neighbours) {
+        let d = &flow.dirs[dir.index()];
         let Some(mac) = neighbours.get(d.oif, d.next_hop) else {
             return;
         };
+        let entries = self.entries.lock();
+        if !entries.get(key).is_some_and(|e| Arc::ptr_eq(&e.flow, flow)) {
+            return;
+        }
         if let Some((mut v, slot)) = self.lookup_flow(key) {
             if v.dmac != mac {
                 v.dmac = mac;

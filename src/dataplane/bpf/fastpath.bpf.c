@@ -133,7 +133,7 @@ struct flow_conf {
 };
 
 // How far from its home slot an entry may lie; keepstate places none farther.
-#define PROBES 8
+#define PROBES 16
 
 /* The loader sizes the maps from the conntrack table's max: `flows6` and `counters` take
  * both directions of every connection (`flows6` allocated as entries come, `counters` at

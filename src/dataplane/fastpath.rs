@@ -500,7 +500,8 @@ impl FastPath {
         let mut fp = FastPath {
             obj,
             prog_fd: -1,
-            // SAFETY: no entries (mask 0 is never read: replaced below before any use).
+            // SAFETY: a placeholder over no memory, never read or written: replaced below
+            // by the table over the mapped `flows4` before `fp` is handed out.
             flows4: Mutex::new(unsafe { Flows4::new(std::ptr::null_mut(), Conf::default()) }),
             flows4_mem: Mapping::NONE,
             flows6_fd: -1,

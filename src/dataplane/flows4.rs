@@ -92,10 +92,7 @@ impl Flows4 {
         Flows4 { base, conf, len: 0 }
     }
 
-    pub fn conf(&self) -> Conf {
-        self.conf
-    }
-
+    /// Entries in use.
     pub fn len(&self) -> usize {
         self.len
     }
@@ -194,8 +191,9 @@ impl Flows4 {
         }
     }
 
-    /// Every entry's distance from its home: all below [`PROBES`] (for tests).
-    pub fn displacements(&self) -> Vec<u32> {
+    /// Every entry's distance from its home: all below [`PROBES`].
+    #[cfg(test)]
+    fn displacements(&self) -> Vec<u32> {
         (0..=self.conf.mask)
             .filter(|&i| self.entry(i).key.ifindex != 0)
             .map(|i| i.wrapping_sub(self.home(&self.entry(i).key)) & self.conf.mask)

@@ -1082,16 +1082,11 @@ fn lookup<K, V: Default>(fd: c_int, key: &K) -> Option<V> {
     (r == 0).then_some(v)
 }
 
-/// A seed for `flows4`'s hash, from the kernel's random pool.
+/// A seed for `flows4`'s hash: std's per-process random hash keys (from the OS's random
+/// source) hashing nothing in particular.
 fn random_seed() -> u64 {
-    let mut seed = [0u8; 8];
-    // SAFETY: writes at most 8 bytes into `seed`.
-    let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
-    if n != 8 {
-        // No pool (an old kernel): the clock, which is less to guess than a constant.
-        return monotonic_ns().wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-    u64::from_ne_bytes(seed)
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0u64)
 }
 
 /// The kernel's IPv4 key of `k`.

@@ -53,10 +53,12 @@ fn run(ct: &Tracker, frame: &[u8], cx: PktCtx, now: Timestamp) {
 }
 
 /// A tracker holding `FLOWS` ASSURED connections, and one data frame per flow per direction,
-/// in a scrambled order so lookups wander over the table as real traffic does.
+/// in a scrambled order so lookups wander over the table as real traffic does. The table is
+/// at its bound (`max` = `FLOWS`): its indexes are allocated for `max` when it is created.
 fn established(cpus: usize) -> (Tracker, Vec<Vec<u8>>) {
     let ct = Tracker::new(CtConfig {
         cpus,
+        max: FLOWS as usize,
         ..CtConfig::default()
     });
     let now = Timestamp::from_secs(1);
@@ -117,7 +119,7 @@ fn report_memory() {
     let frames_bytes: usize =
         frames.iter().map(|f| f.len() + 24).sum::<usize>() + 24 * frames.len();
     let est = CONN_BYTES + ct.table().index_bytes() / ct.count();
-    println!("memory: Conn = {CONN_BYTES} B (with Arc header); estimated per connection incl. index = {est} B (target <= 256)");
+    println!("memory: Conn = {CONN_BYTES} B (with Arc header); estimated per connection incl. indexes, table at its bound = {est} B (target <= 256)");
     if let (Some(b), Some(a)) = (before, after) {
         let per = (a.saturating_sub(b).saturating_sub(frames_bytes)) / ct.count();
         println!(

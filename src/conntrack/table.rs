@@ -28,6 +28,11 @@ use super::proto::{tcp, Dir, ProtoState};
 use super::status;
 use super::tuple::Tuple;
 
+/// Capacity reserved in each index at creation, as keys per connection the table may hold:
+/// `map` holds two (ORIGINAL and REPLY), `bysource` at most one. See [`Table::new`].
+const MAP_KEYS_PER_CONN: usize = 2;
+const BYSOURCE_KEYS_PER_CONN: usize = 1;
+
 /// `NF_CT_EVICTION_RANGE`: buckets scanned by early drop.
 pub const EVICTION_RANGE: usize = 8;
 const NS: u64 = 1_000_000_000;
@@ -123,6 +128,16 @@ pub struct Table {
 
 impl Table {
     /// A table bounded to `max` connections, with `shards` dashmap shards (a power of two).
+    ///
+    /// Both indexes are sized for `max` connections here, as the kernel allocates its hash
+    /// buckets when the table is created: a table that grew on demand kept resizing under
+    /// churn at a steady population (hashbrown resizes, rather than rehashing in place, when
+    /// deleted slots use up a shard's room while it is more than half full), so the memory
+    /// held stepped up at an unpredictable moment and the shard stayed write-locked for the
+    /// copy while workers waited. Sized for `max`, a shard stays at most half full until the
+    /// table nears its bound; at the bound, churn can still double a shard once, which is
+    /// the worst case (see the README's Reliability section). The slots' pages are only
+    /// touched as entries land in them.
     pub fn new(max: usize, shards: usize) -> Table {
         let nbuckets = (max / ENTRIES_PER_BUCKET)
             .clamp(64, 1 << 20)
@@ -130,9 +145,13 @@ impl Table {
         let buckets = (0..nbuckets).map(|_| Mutex::new(Vec::new())).collect();
         let shards = shards.max(2).next_power_of_two();
         Table {
-            map: DashMap::with_capacity_and_hasher_and_shard_amount(0, Hasher::default(), shards),
+            map: DashMap::with_capacity_and_hasher_and_shard_amount(
+                max * MAP_KEYS_PER_CONN,
+                Hasher::default(),
+                shards,
+            ),
             bysource: DashMap::with_capacity_and_hasher_and_shard_amount(
-                0,
+                max * BYSOURCE_KEYS_PER_CONN,
                 Hasher::default(),
                 shards,
             ),
@@ -475,14 +494,19 @@ impl Table {
         self.map.len()
     }
 
-    /// Approximate heap bytes held by the index and the GC buckets (for the memory report).
+    /// Approximate heap bytes held by the indexes and the GC buckets (for the memory
+    /// report): the indexes' slots are allocated for `max` connections at creation.
     pub fn index_bytes(&self) -> usize {
-        let slot = std::mem::size_of::<(Tuple, dashmap::SharedValue<ConnRef>)>() + 1;
-        let shards = self.shards;
-        // dashmap has no capacity accessor without the raw API: hashbrown sizes each shard
-        // to the next power of two >= len * 8 / 7.
-        let per_shard = self.map.len().div_ceil(shards).max(1);
-        let cap = (per_shard * 8).div_ceil(7).next_power_of_two();
+        let map = index_bytes::<Tuple, ConnRef>(
+            self.map.len(),
+            self.max * MAP_KEYS_PER_CONN,
+            self.shards,
+        );
+        let bysource = index_bytes::<Tuple, Vec<Weak<Conn>>>(
+            self.bysource.len(),
+            self.max * BYSOURCE_KEYS_PER_CONN,
+            self.shards,
+        );
         let buckets: usize = self
             .buckets
             .iter()
@@ -491,8 +515,18 @@ impl Table {
                     + b.lock().capacity() * std::mem::size_of::<ConnRef>()
             })
             .sum();
-        shards * cap * slot + buckets
+        map + bysource + buckets
     }
+}
+
+/// Bytes of a dashmap of `shards` shards holding `len` keys, created with room for
+/// `reserved`. dashmap has no capacity accessor without the raw API: hashbrown gives a shard
+/// the next power of two >= its capacity * 8 / 7 slots, each the pair and a control byte.
+/// (A shard that doubled under churn at the bound is not seen here.)
+fn index_bytes<K, V>(len: usize, reserved: usize, shards: usize) -> usize {
+    let slot = std::mem::size_of::<(K, dashmap::SharedValue<V>)>() + 1;
+    let per_shard = len.max(reserved).div_ceil(shards).max(1);
+    shards * (per_shard * 8).div_ceil(7).next_power_of_two() * slot
 }
 
 /// What [`Conn`] weighs, heap allocation header included (`Arc`'s two counters).

@@ -1276,6 +1276,10 @@ pub fn report(r: &MixResult, opts: &Options) -> String {
             ratio(r.median_total_ns(c), r.median_total_ns(e)),
         ),
         (
+            "CPU per packet, rules + tracking with a flowtable / ceiling (f/e, target <= 1.10)",
+            ratio(r.median_total_ns(f), r.median_total_ns(e)),
+        ),
+        (
             "packets per second, 2 workers / 1 worker (d/c, target >= 1.6 where the generator allows)",
             ratio(r.median_pps(d), r.median_pps(c)),
         ),

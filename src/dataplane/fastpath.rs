@@ -153,6 +153,14 @@ struct Counters {
     pad: u64,
 }
 
+/// `struct totals`: what one CPU forwarded, all flows together.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Totals {
+    packets: u64,
+    bytes: u64,
+}
+
 /// Slots of `xsks` per port: a port's socket of queue q is in slot `port * MAX_QUEUES + q`
 /// (`xsk_base` holds each port's first slot, by ifindex). The program passes frames of
 /// higher queues to the kernel: change both together.
@@ -229,6 +237,7 @@ extern "C" {
     ) -> c_int;
     fn bpf_map_delete_elem(fd: c_int, key: *const c_void) -> c_int;
     fn bpf_map_lookup_elem(fd: c_int, key: *const c_void, value: *mut c_void) -> c_int;
+    fn libbpf_num_possible_cpus() -> c_int;
 }
 
 fn errno(r: c_int) -> std::io::Error {
@@ -295,9 +304,6 @@ fn monotonic_ns() -> u64 {
 pub struct FastPathStats {
     /// Entries in the flow maps (two per flow).
     pub entries: AtomicU64,
-    /// Packets and bytes (IP lengths) XDP forwarded, as read back so far.
-    pub packets: AtomicU64,
-    pub bytes: AtomicU64,
     /// Flows installed, and offloaded flows not installed (yet) for want of a neighbour.
     pub installed: AtomicU64,
     pub waiting: AtomicU64,
@@ -448,6 +454,8 @@ pub struct FastPath {
     flows6_fd: c_int,
     xsks_fd: c_int,
     tx_ok_fd: c_int,
+    /// The program's per-CPU totals ([`FastPath::forwarded`]).
+    totals_fd: c_int,
     /// Per port (as the engine numbers them).
     ifindexes: Vec<u32>,
     interfaces: Vec<String>,
@@ -507,6 +515,7 @@ impl FastPath {
             flows6_fd: -1,
             xsks_fd: -1,
             tx_ok_fd: -1,
+            totals_fd: -1,
             ifindexes,
             interfaces: interfaces.to_vec(),
             attached: Mutex::new(Vec::new()),
@@ -591,6 +600,7 @@ impl FastPath {
         fp.slots.lock().max = flows / 2;
         fp.xsks_fd = map("xsks")?;
         fp.tx_ok_fd = map("tx_ok")?;
+        fp.totals_fd = map("totals")?;
         let tx_ports = map("tx_ports")?;
         let xsk_base = map("xsk_base")?;
         for (port, &i) in fp.ifindexes.iter().enumerate() {
@@ -888,6 +898,33 @@ impl FastPath {
             .store(entries.len() as u64, Ordering::Relaxed);
     }
 
+    /// The packets and bytes (IP lengths) XDP forwarded so far, all flows together: the sum
+    /// of the program's per-CPU totals, read with one system call and current to the
+    /// packet (the flows' own counters reach the connections later, as the flowtable gc
+    /// visits them, or at a listing's [`FastPath::sync`]).
+    pub fn forwarded(&self) -> (u64, u64) {
+        // SAFETY: libbpf reads the number from sysfs; no arguments.
+        let cpus = unsafe { libbpf_num_possible_cpus() }.max(1) as usize;
+        // A per-CPU map's lookup writes one value per possible CPU, each rounded up to 8
+        // bytes: `Totals` is 16.
+        let mut per_cpu = vec![Totals::default(); cpus];
+        // SAFETY: the buffer holds `cpus` values of the map's value size, as the kernel
+        // writes for a per-CPU array; the key is a u32 of the map's key size.
+        let r = unsafe {
+            bpf_map_lookup_elem(
+                self.totals_fd,
+                (&0u32 as *const u32).cast(),
+                per_cpu.as_mut_ptr().cast(),
+            )
+        };
+        if r != 0 {
+            return (0, 0);
+        }
+        per_cpu
+            .iter()
+            .fold((0, 0), |(p, b), t| (p + t.packets, b + t.bytes))
+    }
+
     /// Keeps `tx_ok` to the ports that take redirected frames: a driver without
     /// `ndo_xdp_xmit` (a veth whose peer runs no XDP program, which veth reports by leaving
     /// NETDEV_XDP_ACT_NDO_XMIT out of its XDP features) would drop them, so flows leaving by
@@ -1014,8 +1051,6 @@ impl FastPath {
 
     /// Gives a flow what its entry forwarded.
     fn account(&self, engine: &Engine, f: Forwarded, now: Timestamp, mono: u64) {
-        self.stats.packets.fetch_add(f.packets, Ordering::Relaxed);
-        self.stats.bytes.fetch_add(f.bytes, Ordering::Relaxed);
         // The program's clock is CLOCK_MONOTONIC; the engine's starts at its own epoch.
         let seen = Timestamp(now.0.saturating_sub(mono.saturating_sub(f.last_seen)));
         engine.flow_account(&f.flow, f.dir, f.packets, f.bytes, seen);

@@ -853,10 +853,10 @@ impl FastPath {
     /// Every entry's counters into its flow, entries no live flow owns (torn down, a reload
     /// removed its flowtable) removed, and, when a neighbour's MAC changed, the entries
     /// towards it rewritten (the kernel's flowtable follows the neighbour cache the same way,
-    /// through `neigh_xmit`). A walk over every entry (counters from memory, no system call
-    /// but for a rewrite): for a listing, or when a neighbour moved. The main loop's regular
-    /// reading is the flowtable gc's, one flow at a time as it nears its expiry
-    /// ([`FastPath::refresh`]).
+    /// through `neigh_xmit`). A walk over every entry under the entries lock (counters from
+    /// memory, no system call but for a rewrite), when a neighbour moved. The main loop's
+    /// regular reading is the flowtable gc's, one flow at a time as it nears its expiry, and
+    /// a listing's is flow by flow too ([`FastPath::refresh`]).
     pub fn sync(&self, engine: &Engine, now: Timestamp, neighbours: &Neighbours) {
         let mono = monotonic_ns();
         let generation = neighbours.generation();

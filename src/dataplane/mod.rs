@@ -488,10 +488,16 @@ impl Shared {
         }
     }
 
-    /// Every fast-path entry's counters into its flow now, for a listing that shows them.
+    /// Every offloaded flow's fast-path counters into it now, for a listing that shows them:
+    /// flow by flow, from the counters' memory ([`fastpath::FastPath::refresh`]), without the
+    /// fast path's entries lock, which the workers need to install and remove flows (a walk
+    /// over the entries under it would stall them for as long as a million flows take).
     pub fn flow_sync(&self) {
         if let Some(fp) = &self.fastpath {
-            fp.sync(&self.engine, self.now(), &self.neighbours);
+            let now = self.now();
+            for flow in self.engine.flows().flows() {
+                fp.refresh(&self.engine, &flow, now);
+            }
         }
     }
 

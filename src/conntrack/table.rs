@@ -497,12 +497,12 @@ impl Table {
     /// Approximate heap bytes held by the indexes and the GC buckets (for the memory
     /// report): the indexes' slots are allocated for `max` connections at creation.
     pub fn index_bytes(&self) -> usize {
-        let map = index_bytes::<Tuple, ConnRef>(
+        let map = dashmap_bytes::<Tuple, ConnRef>(
             self.map.len(),
             self.max * MAP_KEYS_PER_CONN,
             self.shards,
         );
-        let bysource = index_bytes::<Tuple, Vec<Weak<Conn>>>(
+        let bysource = dashmap_bytes::<Tuple, Vec<Weak<Conn>>>(
             self.bysource.len(),
             self.max * BYSOURCE_KEYS_PER_CONN,
             self.shards,
@@ -523,7 +523,7 @@ impl Table {
 /// `reserved`. dashmap has no capacity accessor without the raw API: hashbrown gives a shard
 /// the next power of two >= its capacity * 8 / 7 slots, each the pair and a control byte.
 /// (A shard that doubled under churn at the bound is not seen here.)
-fn index_bytes<K, V>(len: usize, reserved: usize, shards: usize) -> usize {
+fn dashmap_bytes<K, V>(len: usize, reserved: usize, shards: usize) -> usize {
     let slot = std::mem::size_of::<(K, dashmap::SharedValue<V>)>() + 1;
     let per_shard = len.max(reserved).div_ceil(shards).max(1);
     shards * (per_shard * 8).div_ceil(7).next_power_of_two() * slot

@@ -901,7 +901,7 @@ impl FastPath {
     /// The packets and bytes (IP lengths) XDP forwarded so far, all flows together: the sum
     /// of the program's per-CPU totals, read with one system call and current to the
     /// packet (the flows' own counters reach the connections later, as the flowtable gc
-    /// visits them, or at a listing's [`FastPath::sync`]).
+    /// or a listing reads them: [`FastPath::refresh`]).
     pub fn forwarded(&self) -> (u64, u64) {
         // SAFETY: libbpf reads the number from sysfs; no arguments.
         let cpus = unsafe { libbpf_num_possible_cpus() }.max(1) as usize;

@@ -10,7 +10,8 @@
 //! forwards through XDP again; when a host's veth stops running XDP (so redirects into it are
 //! lost), the download still completes: the port leaves the fast path's egress (its XDP
 //! features lose NDO_XMIT) and the workers forward its flows. SIGTERM detaches the program. In bridge mode, a download's flow is
-//! forwarded by XDP with the frames' own MACs.
+//! forwarded by XDP with the frames' own MACs. A UDP flow that only XDP forwards, for longer
+//! than the flowtable's 30 s timeout, is installed once and stays offloaded.
 //!
 //! Skipped with a message when not root or a tool is missing. The namespaces are deleted on
 //! Drop and by a watchdog if the test hangs.
@@ -20,7 +21,7 @@
 #[path = "common/live.rs"]
 mod live;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -72,6 +73,29 @@ fn worker_rx(stats: &str) -> u64 {
         .sum()
 }
 
+/// examples/lab-flowtable.toml and .nft written to `dir`, with a control socket there: the
+/// config's path and the socket's.
+fn flowtable_config(dir: &Path) -> (PathBuf, PathBuf) {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let rules_text = std::fs::read_to_string(examples.join("lab-flowtable.nft")).unwrap();
+    let rules = dir.join("lab-flowtable.nft");
+    std::fs::write(&rules, &rules_text).unwrap();
+    let sock = dir.join("control.sock");
+    let cfg = std::fs::read_to_string(examples.join("lab-flowtable.toml"))
+        .unwrap()
+        .replace(
+            "rules = \"lab-flowtable.nft\"",
+            &format!("rules = {:?}", rules.display().to_string()),
+        )
+        .replace(
+            "control = \"/run/keepstate-lab.sock\"",
+            &format!("control = {:?}", sock.display().to_string()),
+        );
+    let cfg_path = dir.join("lab-flowtable.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    (cfg_path, sock)
+}
+
 const UDP_SERVER: &str = "
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -81,13 +105,27 @@ while True:
     s.sendto(data, peer)
 ";
 
+/// A UDP echo server on the Internet host's address, port 9000, in `ns`.
+fn udp_echo_server(g: &mut Guard, ns: &str) {
+    let server = in_ns(ns, &["python3", "-c", UDP_SERVER, INTERNET, "9000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("udp server");
+    g.children.push(server);
+    std::thread::sleep(Duration::from_millis(300));
+}
+
 const UDP_CLIENT: &str = "
-import socket, sys
+import socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(1)
 s.bind(('0.0.0.0', 40404))
+gap = float(sys.argv[4]) if len(sys.argv) > 4 else 0
 got = lost = 0
 for i in range(int(sys.argv[3])):
+    if i:
+        time.sleep(gap)
     s.sendto(b'datagram %d' % i, (sys.argv[1], int(sys.argv[2])))
     try:
         if s.recv(2048) == b'datagram %d' % i:
@@ -109,24 +147,9 @@ fn offloaded_flows_are_forwarded_by_xdp() {
     let (lan, fw, wan) = (g.lab.lan.clone(), g.lab.fw.clone(), g.lab.wan.clone());
 
     let dir = tempfile::tempdir().unwrap();
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
-    let rules_text = std::fs::read_to_string(examples.join("lab-flowtable.nft")).unwrap();
+    let (cfg_path, sock) = flowtable_config(dir.path());
     let rules = dir.path().join("lab-flowtable.nft");
-    std::fs::write(&rules, &rules_text).unwrap();
-    let sock = dir.path().join("control.sock");
-    let cfg = std::fs::read_to_string(examples.join("lab-flowtable.toml"))
-        .unwrap()
-        .replace(
-            "rules = \"lab-flowtable.nft\"",
-            &format!("rules = {:?}", rules.display().to_string()),
-        )
-        .replace(
-            "control = \"/run/keepstate-lab.sock\"",
-            &format!("control = {:?}", sock.display().to_string()),
-        );
-    let cfg_path = dir.path().join("lab-flowtable.toml");
-    std::fs::write(&cfg_path, cfg).unwrap();
-
+    let rules_text = std::fs::read_to_string(&rules).unwrap();
     let (pid, lines) = start(&mut g, &cfg_path);
     assert!(
         !lines.contains("fast path is off"),
@@ -169,13 +192,7 @@ fn offloaded_flows_are_forwarded_by_xdp() {
     );
 
     eprintln!("UDP: {DATAGRAMS} datagrams echoed");
-    let udp_server = in_ns(&wan, &["python3", "-c", UDP_SERVER, INTERNET, "9000"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("udp server");
-    g.children.push(udp_server);
-    std::thread::sleep(Duration::from_millis(300));
+    udp_echo_server(&mut g, &wan);
     let n = DATAGRAMS.to_string();
     let echoed = ok(&lan, &["python3", "-c", UDP_CLIENT, INTERNET, "9000", &n]);
     assert_eq!(echoed.trim(), n, "datagrams echoed");
@@ -361,6 +378,68 @@ fn bridged_flows_are_forwarded_by_xdp_with_their_own_macs() {
     assert!(
         packets > 5_000 && packets > 20 * worker_rx(&stats),
         "the download went around XDP:\n{stats}"
+    );
+    signal(pid, "-TERM");
+}
+
+/// The fast path's cumulative count of installed flows in `keepstate stats`.
+fn installed(stats: &str) -> u64 {
+    let line = stats
+        .lines()
+        .find(|l| l.starts_with("xdp fast path: "))
+        .unwrap_or_else(|| panic!("no fast path line in the stats:\n{stats}"));
+    let (_, rest) = line.split_once("; ").expect(line);
+    rest.split(' ').next().unwrap().parse().expect(line)
+}
+
+/// Datagrams of the paced exchange and the gap between them: longer, together, than the
+/// flowtable's timeout (30 s).
+const PACED: usize = 72;
+const GAP: &str = "0.5";
+
+/// A flow that only XDP forwards outlives the flowtable's timeout: the program's last-seen
+/// times reach the gc, which extends the flow, as the kernel's flowtable moves
+/// `flow->timeout` on every packet. A datagram and its echo every half second for 36 s:
+/// the flow is installed once and stays offloaded (a flow the gc took for idle would be
+/// torn down at 30 s and installed again).
+#[test]
+fn a_flow_only_xdp_forwards_outlives_the_flow_timeout() {
+    if !can_run("netns_fastpath", &["python3", "ethtool", "ping"]) {
+        return;
+    }
+    let mut g = lab("z", 2, Duration::from_secs(120));
+    let (lan, wan) = (g.lab.lan.clone(), g.lab.wan.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg_path, sock) = flowtable_config(dir.path());
+    let (pid, lines) = start(&mut g, &cfg_path);
+    assert!(
+        !lines.contains("fast path is off"),
+        "the fast path did not load"
+    );
+    udp_echo_server(&mut g, &wan);
+    eprintln!("UDP: {PACED} datagrams echoed, one every {GAP} s");
+    let n = PACED.to_string();
+    let echoed = ok(
+        &lan,
+        &["python3", "-c", UDP_CLIENT, INTERNET, "9000", &n, GAP],
+    );
+    assert_eq!(echoed.trim(), n, "datagrams echoed");
+    std::thread::sleep(READ);
+    let ct = ctl_ok(&sock, &["ct", "list"]);
+    let udp = conn(&ct, "udp", 9000, "no UDP connection");
+    eprintln!("  {udp}");
+    assert!(udp.contains("[OFFLOAD]"), "not offloaded at the end: {udp}");
+    let stats = ctl_ok(&sock, &["stats"]);
+    let (entries, packets, _) = xdp(&stats);
+    assert_eq!(entries, 2, "the flow's two directions:\n{stats}");
+    assert_eq!(
+        installed(&stats),
+        1,
+        "the flow was installed again:\n{stats}"
+    );
+    assert!(
+        packets >= 2 * PACED as u64 - 4,
+        "the exchange went around XDP ({packets} packets):\n{stats}"
     );
     signal(pid, "-TERM");
 }

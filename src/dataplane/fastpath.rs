@@ -148,7 +148,7 @@ pub struct Value6 {
 struct Counters {
     packets: AtomicU64,
     bytes: AtomicU64,
-    /// `bpf_ktime_get_ns`: CLOCK_MONOTONIC.
+    /// `bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC as of the last tick.
     last_seen: AtomicU64,
     pad: u64,
 }
@@ -288,7 +288,7 @@ fn page_size() -> usize {
     usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
 }
 
-/// CLOCK_MONOTONIC, as `bpf_ktime_get_ns` reads it.
+/// CLOCK_MONOTONIC, which `bpf_ktime_get_coarse_ns` reads to the last tick.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

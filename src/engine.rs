@@ -856,8 +856,9 @@ impl Engine {
     }
 
     /// What a dataplane fast path forwarded for `flow` in direction `dir` since it last said:
-    /// `packets` and `bytes` (IP lengths) count on the connection if the flowtable counts,
-    /// and a packet at `last_seen` refreshes the flow as one the engine forwarded would.
+    /// `packets` and `bytes` (IP lengths; zero where the fast path does not count them, for
+    /// a flowtable without `counter`) count on the connection if the flowtable counts, and
+    /// its last packet, at `last_seen`, refreshes the flow as one the engine forwarded would.
     pub fn flow_account(
         &self,
         flow: &FlowRef,
@@ -866,10 +867,9 @@ impl Engine {
         bytes: u64,
         last_seen: Timestamp,
     ) {
-        if packets == 0 {
-            return;
+        if packets > 0 {
+            flow.account(dir, packets, bytes);
         }
-        flow.account(dir, packets, bytes);
         flow.refresh(last_seen);
     }
 

@@ -324,6 +324,19 @@ fn a_reload_without_the_flowtable_sends_its_flows_back() {
 
 #[test]
 fn a_fast_path_keeps_its_flows_alive_by_telling_the_gc_in_steps() {
+    kept_alive_by_a_fast_path(10, 470);
+}
+
+/// A fast path that does not count (for a flowtable without `counter`) tells only of the last
+/// packet's time: the flow lives on all the same.
+#[test]
+fn a_fast_path_that_does_not_count_keeps_its_flows_alive() {
+    kept_alive_by_a_fast_path(0, 0);
+}
+
+/// A fast path forwards a flow's packets, `packets` and `bytes` as it counts them, and tells
+/// the gc when it asks.
+fn kept_alive_by_a_fast_path(packets: u64, bytes: u64) {
     use keepstate::conntrack::flowtable::GC_SLICES;
     use keepstate::conntrack::Dir;
     let mut r = Run::new();
@@ -339,7 +352,7 @@ fn a_fast_path_keeps_its_flows_alive_by_telling_the_gc_in_steps() {
     let asked = std::sync::atomic::AtomicUsize::new(0);
     let xdp = |flow: &keepstate::conntrack::flowtable::FlowRef| {
         asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        r.e.flow_account(flow, Dir::Original, 10, 470, t(40));
+        r.e.flow_account(flow, Dir::Original, packets, bytes, t(40));
     };
     let mut gone = Vec::new();
     for _ in 0..GC_SLICES {

@@ -404,13 +404,32 @@ const GAP: &str = "0.5";
 /// torn down at 30 s and installed again).
 #[test]
 fn a_flow_only_xdp_forwards_outlives_the_flow_timeout() {
+    paced_flow_stays_offloaded("z", true);
+}
+
+/// The same with a flowtable without `counter`, whose flows the program does not count:
+/// the last-seen times alone keep the flow.
+#[test]
+fn an_uncounted_flow_only_xdp_forwards_outlives_the_flow_timeout() {
+    paced_flow_stays_offloaded("u", false);
+}
+
+/// The paced exchange through a lab under `tag`, its flowtable with `counter` or without.
+fn paced_flow_stays_offloaded(tag: &str, counter: bool) {
     if !can_run("netns_fastpath", &["python3", "ethtool", "ping"]) {
         return;
     }
-    let mut g = lab("z", 2, Duration::from_secs(120));
+    let mut g = lab(tag, 2, Duration::from_secs(120));
     let (lan, wan) = (g.lab.lan.clone(), g.lab.wan.clone());
     let dir = tempfile::tempdir().unwrap();
     let (cfg_path, sock) = flowtable_config(dir.path());
+    if !counter {
+        let rules = dir.path().join("lab-flowtable.nft");
+        let text = std::fs::read_to_string(&rules).unwrap();
+        let plain = text.replace("devices = { lan, wan }; counter", "devices = { lan, wan }");
+        assert_ne!(plain, text, "no `counter` in the flowtable to take away");
+        std::fs::write(&rules, plain).unwrap();
+    }
     let (pid, lines) = start(&mut g, &cfg_path);
     assert!(
         !lines.contains("fast path is off"),

@@ -5,8 +5,10 @@
 //!
 //! Who writes what: the workers install both directions of a flow when the engine offloads
 //! it (they know the neighbours' MACs) and remove them when a packet tears it down; the main
-//! loop removes the flows the flowtable gc or a reload tore down. The program counts each
-//! direction's packets, bytes and last packet's time in a slot of the `counters` array,
+//! loop removes the flows the flowtable gc or a reload tore down. The program writes each
+//! direction's last packet's time, and for a flowtable with `counter` counts its packets and
+//! bytes (locked adds, which a flow that is not counted is spared), in a slot of the
+//! `counters` array,
 //! which this process maps into its memory: the flowtable gc reads a flow's slots when the
 //! flow nears its expiry ([`FastPath::refresh`], into [`Engine::flow_account`]), as the
 //! kernel's gc reads `flow->timeout`, with no system call and no walk over the map; a
@@ -55,6 +57,13 @@ pub struct FlowKey {
     pub dport: u16,
 }
 
+/// `flow_head.flags` bits.
+pub mod flags {
+    /// Count packets and bytes in `counters` (the flowtable's `counter`); without it the
+    /// program writes only the last-seen time there.
+    pub const COUNT: u8 = 0x1;
+}
+
 /// `flow_head.nat` bits.
 pub mod nat {
     pub const SRC: u8 = 0x1;
@@ -72,6 +81,8 @@ pub struct FlowValue {
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
     pub nat: u8,
+    /// [`flags`] bits.
+    pub flags: u8,
     /// IPv4 in the first four bytes.
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -115,7 +126,7 @@ pub struct Head {
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
     pub nat: u8,
-    pub pad: u8,
+    pub flags: u8,
     pub sport: u16,
     pub dport: u16,
     pub pad2: u16,
@@ -729,7 +740,10 @@ impl FastPath {
                     c.bytes.store(0, Ordering::Relaxed);
                     c.last_seen.store(0, Ordering::Relaxed);
                 }
-                let value = value_of(tx, macs[i], nat_of(flow, dir).as_ref());
+                let mut value = value_of(tx, macs[i], nat_of(flow, dir).as_ref());
+                if flow.counter {
+                    value.flags |= flags::COUNT;
+                }
                 if self.update_flow(&key, &value, slot).is_err() {
                     ok = false;
                     continue;
@@ -990,6 +1004,7 @@ impl FastPath {
             dmac: v.dmac,
             smac: v.smac,
             nat: v.nat,
+            flags: v.flags,
             sport: v.sport,
             dport: v.dport,
             slot,
@@ -1041,6 +1056,7 @@ impl FastPath {
             dmac: h.dmac,
             smac: h.smac,
             nat: h.nat,
+            flags: h.flags,
             src,
             dst,
             sport: h.sport,
@@ -1057,12 +1073,16 @@ impl FastPath {
     }
 }
 
-/// What a direction forwarded since its counters `c` were last read: taken from them (the
-/// program adds atomically, this takes atomically, so every packet counts once).
+/// What a direction forwarded since its counters `c` were last read, taken from them: the
+/// last-seen time (zero once taken: nothing forwarded since) and, for a flow that counts,
+/// the packets and bytes (the program adds atomically, this takes atomically, so every packet
+/// counts once). The program writes the time after its counts, so counts taken before their
+/// time are taken with the next time.
 fn read(c: &Counters, flow: &FlowRef, dir: Dir) -> Option<Forwarded> {
-    if c.packets.load(Ordering::Relaxed) == 0 {
+    if c.last_seen.load(Ordering::Relaxed) == 0 {
         return None;
     }
+    let last_seen = c.last_seen.swap(0, Ordering::Relaxed);
     let packets = c.packets.swap(0, Ordering::Relaxed);
     let bytes = c.bytes.swap(0, Ordering::Relaxed);
     Some(Forwarded {
@@ -1070,7 +1090,7 @@ fn read(c: &Counters, flow: &FlowRef, dir: Dir) -> Option<Forwarded> {
         dir,
         packets,
         bytes,
-        last_seen: c.last_seen.load(Ordering::Relaxed),
+        last_seen,
     })
 }
 

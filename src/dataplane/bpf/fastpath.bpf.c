@@ -80,6 +80,10 @@ struct flow_key6 {
 #define NAT_SPORT 0x4
 #define NAT_DPORT 0x8
 
+// flow_head.flags: count the packets and bytes in `counters` (the flowtable's `counter`).
+// Without it the program writes only the last-seen time there: no locked adds.
+#define FLOW_COUNT 0x1
+
 // What both families' values start with: where the direction leaves, the port rewrite, and
 // its slot in `counters`.
 struct flow_head {
@@ -87,7 +91,7 @@ struct flow_head {
 	__u8 dmac[6];
 	__u8 smac[6];
 	__u8 nat; // NAT_* bits
-	__u8 pad;
+	__u8 flags; // FLOW_* bits
 	__u16 sport; // new ports (network order)
 	__u16 dport;
 	__u16 pad2;
@@ -110,8 +114,10 @@ struct flow_value6 {
 // (the map is mmapped) instead of walking the hash with system calls. The two directions of
 // a flow take slots 2k and 2k+1: one cache line.
 struct flow_counters {
-	__u64 packets; // atomics: the main loop takes them (exchanges them with zero)
+	__u64 packets; // atomics, with FLOW_COUNT: the main loop takes them (exchanges them with zero)
 	__u64 bytes; // IP lengths
+	// Written after the counts; the main loop takes it too: zero when nothing was forwarded
+	// since it last looked.
 	__u64 last_seen; // bpf_ktime_get_coarse_ns (CLOCK_MONOTONIC, to a tick)
 	__u64 pad;
 };
@@ -454,8 +460,10 @@ int keepstate_fastpath(struct xdp_md *ctx)
 	__u32 slot = v->slot;
 	struct flow_counters *c = bpf_map_lookup_elem(&counters, &slot);
 	if (c) {
-		__sync_fetch_and_add(&c->packets, 1);
-		__sync_fetch_and_add(&c->bytes, ip_len);
+		if (v->flags & FLOW_COUNT) {
+			__sync_fetch_and_add(&c->packets, 1);
+			__sync_fetch_and_add(&c->bytes, ip_len);
+		}
 		// The coarse clock (the last tick, a few ms): timeouts are in seconds, and the
 		// precise one read the TSC, about 20 ns a packet (profiled).
 		c->last_seen = bpf_ktime_get_coarse_ns();

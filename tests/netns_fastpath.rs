@@ -457,6 +457,10 @@ fn paced_flow_stays_offloaded(tag: &str, counter: bool) {
         "the flow was installed again:\n{stats}"
     );
     assert!(
+        stats.contains("IPv4 table at 1024 of "),
+        "a table of two entries at its first size:\n{stats}"
+    );
+    assert!(
         packets >= 2 * PACED as u64 - 4,
         "the exchange went around XDP ({packets} packets):\n{stats}"
     );

@@ -318,7 +318,8 @@ pub struct FastPathStats {
     /// Flows installed, and offloaded flows not installed (yet) for want of a neighbour.
     pub installed: AtomicU64,
     pub waiting: AtomicU64,
-    /// Map writes the kernel refused (a full map).
+    /// Map writes the kernel refused (a full map), and IPv4 entries a growth of the table
+    /// could not place (whose flows' packets then go to the workers).
     pub failed: AtomicU64,
     /// Ports that take no redirected frames at the moment.
     pub egress_off: AtomicU64,
@@ -462,6 +463,9 @@ pub struct FastPath {
     /// The IPv4 flows: our own table in the mmapped `flows4`, written without system calls.
     flows4: Mutex<Flows4>,
     flows4_mem: Mapping,
+    /// The table's shape for the program (`flows4_conf`), which [`Flows4`] updates as it
+    /// grows.
+    flows4_conf: Mapping,
     flows6_fd: c_int,
     xsks_fd: c_int,
     tx_ok_fd: c_int,
@@ -519,10 +523,10 @@ impl FastPath {
         let mut fp = FastPath {
             obj,
             prog_fd: -1,
-            // SAFETY: a placeholder over no memory, never read or written: replaced below
-            // by the table over the mapped `flows4` before `fp` is handed out.
-            flows4: Mutex::new(unsafe { Flows4::new(std::ptr::null_mut(), Conf::default()) }),
+            // Replaced below by the table over the mapped `flows4` before `fp` is handed out.
+            flows4: Mutex::new(Flows4::NONE),
             flows4_mem: Mapping::NONE,
+            flows4_conf: Mapping::NONE,
             flows6_fd: -1,
             xsks_fd: -1,
             tx_ok_fd: -1,
@@ -582,23 +586,26 @@ impl FastPath {
                 Ok(fd)
             }
         };
-        let conf = Conf {
-            seed: random_seed(),
-            mask: slots4 - 1,
-            pad: 0,
-        };
         fp.flows4_mem = Mapping::new(
             "flows4",
             map("flows4")?,
             slots4 as usize * std::mem::size_of::<Entry4>(),
         )?;
-        // SAFETY: the mapping holds `slots4` entries, zeroed by the kernel, for as long as
-        // `fp` lives; only `fp.flows4` writes them.
-        *fp.flows4.lock() = unsafe { Flows4::new(fp.flows4_mem.base.cast(), conf) };
-        update(map("flows4_conf")?, &0u32, &conf).map_err(|reason| FastPathError::Map {
-            map: "flows4_conf",
-            reason,
-        })?;
+        fp.flows4_conf = Mapping::new(
+            "flows4_conf",
+            map("flows4_conf")?,
+            std::mem::size_of::<Conf>(),
+        )?;
+        // SAFETY: the mappings hold `slots4` entries, zeroed by the kernel, and the Conf the
+        // program reads, for as long as `fp` lives; only `fp.flows4` writes them.
+        *fp.flows4.lock() = unsafe {
+            Flows4::new(
+                fp.flows4_mem.base.cast(),
+                slots4,
+                random_seed(),
+                fp.flows4_conf.base.cast(),
+            )
+        };
         fp.flows6_fd = map("flows6")?;
         fp.counters = CounterMap {
             mem: Mapping::new(
@@ -912,6 +919,11 @@ impl FastPath {
             .store(entries.len() as u64, Ordering::Relaxed);
     }
 
+    /// The IPv4 table's slots in use and in all.
+    pub fn slots4(&self) -> (u32, u32) {
+        self.flows4.lock().slots()
+    }
+
     /// The packets and bytes (IP lengths) XDP forwarded so far, all flows together: the sum
     /// of the program's per-CPU totals, read with one system call and current to the
     /// packet (the flows' own counters reach the connections later, as the flowtable gc
@@ -1016,10 +1028,15 @@ impl FastPath {
                 src: v.src[..4].try_into().unwrap_or_default(),
                 dst: v.dst[..4].try_into().unwrap_or_default(),
             };
-            self.flows4
-                .lock()
+            let mut flows4 = self.flows4.lock();
+            let r = flows4
                 .insert(&key4(key), &v4)
-                .map_err(std::io::Error::other)
+                .map_err(std::io::Error::other);
+            let lost = flows4.take_lost();
+            if lost > 0 {
+                self.stats.failed.fetch_add(lost, Ordering::Relaxed);
+            }
+            r
         } else {
             let v6 = Value6 {
                 h,

@@ -70,27 +70,74 @@ pub fn hash(k: &Key4, seed: u64) -> u64 {
 #[error("no free slot within {PROBES} of the flow's home in the IPv4 flow table")]
 pub struct Full;
 
+/// The table's first size in use: 64 KiB, a few dozen pages.
+pub const FIRST_SLOTS: u32 = 1024;
+
 /// The table, over memory it does not own (the mmapped map, or a test's vector).
+///
+/// It uses the first `mask + 1` slots of its memory and doubles that when an insert would
+/// fill it beyond two thirds ([`Flows4::grow`]), up to all of it: a box with a thousand
+/// flows looks them up in a few dozen pages, not spread over the whole map (512 MiB at two
+/// million connections), where every lookup was also a TLB miss.
 pub struct Flows4 {
     base: *mut Entry4,
+    /// The shape in use, as the program has it.
     conf: Conf,
+    /// The program's copy of the shape (the mmapped `flows4_conf`); null in tests.
+    shared: *mut Conf,
+    /// Slots at `base`: a power of two.
+    capacity: u32,
     /// Entries in use.
     len: usize,
+    /// Entries a growth could not place (none expected: see [`Flows4::grow`]).
+    lost: u64,
 }
 
-// SAFETY: `base` points to memory that outlives the table (its owner keeps both together);
-// the program only reads it, and this process writes it through `&mut self` only.
+// SAFETY: `base` and `shared` point to memory that outlives the table (its owner keeps them
+// together); the program only reads it, and this process writes it through `&mut self` only.
 unsafe impl Send for Flows4 {}
 
 impl Flows4 {
-    /// A table over `conf.mask + 1` zeroed entries at `base`.
+    /// A table over `capacity` zeroed entries at `base` (a power of two), its hash seeded
+    /// with `seed`, that tells the program its shape through `shared` (if not null).
     ///
     /// # Safety
-    /// `base` must point to that many entries, zeroed, valid for as long as the table lives,
-    /// and written by nobody else.
-    pub unsafe fn new(base: *mut Entry4, conf: Conf) -> Flows4 {
-        Flows4 { base, conf, len: 0 }
+    /// `base` must point to `capacity` entries, zeroed, and `shared` (unless null) to a
+    /// `Conf`, both valid for as long as the table lives and written by nobody else.
+    pub unsafe fn new(base: *mut Entry4, capacity: u32, seed: u64, shared: *mut Conf) -> Flows4 {
+        debug_assert!(capacity.is_power_of_two());
+        let conf = Conf {
+            seed,
+            mask: FIRST_SLOTS.min(capacity) - 1,
+            pad: 0,
+        };
+        if !shared.is_null() {
+            // SAFETY: by the contract; the program does not run yet.
+            unsafe { std::ptr::write_volatile(shared, conf) };
+        }
+        Flows4 {
+            base,
+            conf,
+            shared,
+            capacity,
+            len: 0,
+            lost: 0,
+        }
     }
+
+    /// An empty table over nothing, until [`Flows4::new`] replaces it.
+    pub const NONE: Flows4 = Flows4 {
+        base: std::ptr::null_mut(),
+        conf: Conf {
+            seed: 0,
+            mask: 0,
+            pad: 0,
+        },
+        shared: std::ptr::null_mut(),
+        capacity: 0,
+        len: 0,
+        lost: 0,
+    };
 
     /// Entries in use.
     pub fn len(&self) -> usize {
@@ -101,28 +148,46 @@ impl Flows4 {
         self.len == 0
     }
 
+    /// Slots in use (the table's size now) and in all.
+    pub fn slots(&self) -> (u32, u32) {
+        (self.conf.mask + 1, self.capacity)
+    }
+
+    /// Entries that growths could not place since the last call: their flows are no longer
+    /// in the table, and their packets go to the workers.
+    pub fn take_lost(&mut self) -> u64 {
+        std::mem::take(&mut self.lost)
+    }
+
+    /// Slot `i` (below `capacity`).
     fn entry(&self, i: u32) -> &Entry4 {
-        // SAFETY: `i` is masked to the table (mask + 1 entries at `base`, by `new`'s contract).
-        unsafe { &*self.base.add((i & self.conf.mask) as usize) }
+        debug_assert!(i < self.capacity);
+        // SAFETY: `i` is within the `capacity` entries at `base` (`new`'s contract).
+        unsafe { &*self.base.add(i as usize) }
     }
 
-    fn home(&self, k: &Key4) -> u32 {
-        hash(k, self.conf.seed) as u32 & self.conf.mask
+    fn home(&self, k: &Key4, mask: u32) -> u32 {
+        hash(k, self.conf.seed) as u32 & mask
     }
 
-    /// The slot holding `k`.
-    fn find(&self, k: &Key4) -> Option<u32> {
-        let home = self.home(k);
+    /// The slot holding `k` in a table of `mask + 1` slots, as the program looks for it.
+    fn find_in(&self, k: &Key4, mask: u32) -> Option<u32> {
+        let home = self.home(k, mask);
         for i in 0..PROBES {
-            let e = self.entry(home + i);
+            let at = (home + i) & mask;
+            let e = self.entry(at);
             if e.key.ifindex == 0 {
                 return None;
             }
             if e.key == *k {
-                return Some((home + i) & self.conf.mask);
+                return Some(at);
             }
         }
         None
+    }
+
+    fn find(&self, k: &Key4) -> Option<u32> {
+        self.find_in(k, self.conf.mask)
     }
 
     /// The value of `k`.
@@ -131,18 +196,25 @@ impl Flows4 {
     }
 
     /// Writes `k` with `v`, in its slot if it has one, else in the first free one within
-    /// [`PROBES`] of its home.
+    /// [`PROBES`] of its home; grows the table first if a new entry would fill it beyond
+    /// two thirds.
     pub fn insert(&mut self, k: &Key4, v: &Value4) -> Result<(), Full> {
         debug_assert!(k.ifindex != 0, "ifindex 0 marks an empty slot");
-        let home = self.home(k);
+        let size = self.conf.mask as usize + 1;
+        if (self.len + 1) * 3 > size * 2 && size < self.capacity as usize {
+            self.grow();
+        }
+        let mask = self.conf.mask;
+        let home = self.home(k, mask);
         for i in 0..PROBES {
-            let e = self.entry(home + i);
+            let at = (home + i) & mask;
+            let e = self.entry(at);
             if e.key.ifindex == 0 {
                 self.len += 1;
             } else if e.key != *k {
                 continue;
             }
-            self.write(home + i, k, v);
+            self.write(at, k, v);
             return Ok(());
         }
         Err(Full)
@@ -150,9 +222,16 @@ impl Flows4 {
 
     /// Removes `k`; the entries after it that may move closer to their home do.
     pub fn remove(&mut self, k: &Key4) -> bool {
-        let Some(mut hole) = self.find(k) else {
+        let Some(at) = self.find(k) else {
             return false;
         };
+        self.remove_at(at);
+        true
+    }
+
+    /// Empties slot `hole` and moves back the entries after it that may come closer to their
+    /// home (backward-shift deletion: no tombstones), keeping their order.
+    fn remove_at(&mut self, mut hole: u32) {
         let mask = self.conf.mask;
         let mut j = hole;
         loop {
@@ -162,7 +241,7 @@ impl Flows4 {
                 break;
             }
             // It may move to the hole if the hole lies between its home and it.
-            let home = self.home(&e.key);
+            let home = self.home(&e.key, mask);
             if j.wrapping_sub(home) & mask >= j.wrapping_sub(hole) & mask {
                 let (key, value) = (e.key, e.value);
                 self.write(hole, &key, &value);
@@ -171,13 +250,92 @@ impl Flows4 {
         }
         self.write(hole, &Key4::default(), &Value4::default());
         self.len -= 1;
-        true
+    }
+
+    /// Doubles the table in use, while the program reads it: no lookup misses a key that
+    /// is in the table before and after, none finds a wrong value.
+    ///
+    /// 1. Under the old size (the program's), every entry that a lookup at the new size
+    ///    would not find where it is gets a copy where it would: the slots beyond the old
+    ///    size are empty, and a copy that lands among the old ones only lengthens a run,
+    ///    with the same value as its original.
+    /// 2. The program is told the new size: every key has a slot it finds.
+    /// 3. Each slot whose key a lookup finds elsewhere (the originals that were copied)
+    ///    is emptied by backward shift, which keeps every other entry where lookups find
+    ///    it (a copy stays ahead of its original: shifts keep order).
+    ///
+    /// A copy with no free slot within [`PROBES`] would lose its entry at step 3: at a
+    /// third full, linear probing refuses none in simulation ([`PROBES`]); counted in
+    /// [`Flows4::take_lost`].
+    fn grow(&mut self) {
+        let new = self.conf.mask * 2 + 1;
+        self.copy_for(new);
+        self.publish(new);
+        self.drop_originals();
+    }
+
+    /// Step 1 of [`Flows4::grow`] to `new + 1` slots.
+    ///
+    /// The entries are visited run by run, from an empty slot on: a run that wraps past the
+    /// end (its last entries in the first slots) is copied in its order, so the copies of
+    /// its head, which go to the end of the new size, take the slots there before the
+    /// entries of its tail that wrap with them there look for theirs (and find themselves).
+    fn copy_for(&mut self, new: u32) {
+        let old = self.conf.mask;
+        let Some(start) = (0..=old).find(|&i| self.entry(i).key.ifindex == 0) else {
+            return; // never: at most two thirds full
+        };
+        for d in 0..=old {
+            let i = (start + d) & old;
+            let e = self.entry(i);
+            if e.key.ifindex == 0 || self.find_in(&e.key, new).is_some() {
+                continue;
+            }
+            let (key, value) = (e.key, e.value);
+            let home = self.home(&key, new);
+            let free = (0..PROBES)
+                .map(|d| (home + d) & new)
+                .find(|&at| self.entry(at).key.ifindex == 0);
+            match free {
+                Some(at) => {
+                    self.write(at, &key, &value);
+                    self.len += 1;
+                }
+                None => self.lost += 1,
+            }
+        }
+    }
+
+    /// Step 2: the size in use is `mask + 1`, for the program too.
+    fn publish(&mut self, mask: u32) {
+        self.conf.mask = mask;
+        if !self.shared.is_null() {
+            // SAFETY: `shared` is a valid Conf (`new`'s contract); the program reads `mask`
+            // once per lookup, as a 32-bit load.
+            let m = unsafe { &*std::ptr::addr_of!((*self.shared).mask).cast::<AtomicU32>() };
+            m.store(mask, Ordering::Release);
+        }
+    }
+
+    /// Step 3.
+    fn drop_originals(&mut self) {
+        let mut i = 0;
+        while i <= self.conf.mask {
+            let e = self.entry(i);
+            if e.key.ifindex != 0 && self.find(&e.key) != Some(i) {
+                // What moves into `i` is looked at again.
+                self.remove_at(i);
+            } else {
+                i += 1;
+            }
+        }
     }
 
     /// Writes slot `i` under its seqlock.
     fn write(&mut self, i: u32, k: &Key4, v: &Value4) {
+        debug_assert!(i < self.capacity);
         // SAFETY: as in `entry`; this process is the only writer (`&mut self`).
-        let e = unsafe { self.base.add((i & self.conf.mask) as usize) };
+        let e = unsafe { self.base.add(i as usize) };
         // SAFETY: `e` is a valid entry; its fields are written in place, volatile because the
         // program reads them concurrently (and copes with a torn read through `seq`).
         unsafe {
@@ -194,9 +352,10 @@ impl Flows4 {
     /// Every entry's distance from its home: all below [`PROBES`].
     #[cfg(test)]
     fn displacements(&self) -> Vec<u32> {
-        (0..=self.conf.mask)
+        let mask = self.conf.mask;
+        (0..=mask)
             .filter(|&i| self.entry(i).key.ifindex != 0)
-            .map(|i| i.wrapping_sub(self.home(&self.entry(i).key)) & self.conf.mask)
+            .map(|i| i.wrapping_sub(self.home(&self.entry(i).key, mask)) & mask)
             .collect()
     }
 }
@@ -234,6 +393,28 @@ mod tests {
         assert_eq!(slots_for(1 << 16), 1 << 17);
     }
 
+    /// Inserts (`add`) or removes key `n` in `t` and in `model`, the value of an insert
+    /// being `i`: they agree.
+    fn apply(
+        t: &mut Flows4,
+        model: &mut HashMap<u32, u32>,
+        add: bool,
+        n: u32,
+        i: u32,
+    ) -> Result<(), TestCaseError> {
+        if add {
+            if t.insert(&key(n), &value(i)).is_ok() {
+                model.insert(n, i);
+            } else {
+                prop_assert!(!model.contains_key(&n), "a present key is always rewritten");
+            }
+        } else {
+            prop_assert_eq!(t.remove(&key(n)), model.remove(&n).is_some());
+        }
+        prop_assert_eq!(t.len(), model.len());
+        Ok(())
+    }
+
     proptest! {
         /// Inserts and removals on a small table agree with a map: every key inserted (and
         /// not refused) is found with its latest value, every removed one is gone, and no
@@ -242,22 +423,11 @@ mod tests {
         fn agrees_with_a_map(ops in proptest::collection::vec((any::<bool>(), 0u32..200), 1..600),
                              seed in any::<u64>()) {
             let mut mem: Vec<Entry4> = (0..256).map(|_| Entry4::default()).collect();
-            let conf = Conf { seed, mask: 255, pad: 0 };
             // SAFETY: 256 zeroed entries that outlive `t`.
-            let mut t = unsafe { Flows4::new(mem.as_mut_ptr(), conf) };
+            let mut t = unsafe { Flows4::new(mem.as_mut_ptr(), 256, seed, std::ptr::null_mut()) };
             let mut model = HashMap::new();
             for (i, (add, n)) in ops.into_iter().enumerate() {
-                let k = key(n);
-                if add {
-                    if t.insert(&k, &value(i as u32)).is_ok() {
-                        model.insert(n, i as u32);
-                    } else {
-                        prop_assert!(!model.contains_key(&n), "a present key is always rewritten");
-                    }
-                } else {
-                    prop_assert_eq!(t.remove(&k), model.remove(&n).is_some());
-                }
-                prop_assert_eq!(t.len(), model.len());
+                apply(&mut t, &mut model, add, n, i as u32)?;
             }
             for n in 0..200 {
                 prop_assert_eq!(t.get(&key(n)).map(|v| v.h.slot), model.get(&n).copied());
@@ -269,21 +439,91 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// A table that grows while keys come and go agrees with a map, and at every step
+        /// of a growth the program's lookup (at the size it was told) finds every key with
+        /// its value: before the copies, after them at the old size and the new, and after
+        /// the originals went.
+        #[test]
+        fn grows_without_losing_a_key(ops in proptest::collection::vec((0u8..4, 0u32..3000), 1..4000),
+                                      seed in any::<u64>()) {
+            let mut mem: Vec<Entry4> = (0..8192).map(|_| Entry4::default()).collect();
+            let mut shared = Box::new(Conf::default());
+            // SAFETY: 8192 zeroed entries and a Conf that outlive `t`.
+            let mut t = unsafe { Flows4::new(mem.as_mut_ptr(), 8192, seed, &mut *shared) };
+            prop_assert_eq!(t.slots(), (FIRST_SLOTS, 8192));
+            let mut model = HashMap::new();
+            let sees_all = |t: &Flows4, mask: u32, model: &HashMap<u32, u32>| {
+                model.iter().all(|(&n, &v)| {
+                    t.find_in(&key(n), mask).map(|i| t.entry(i).value.h.slot) == Some(v)
+                })
+            };
+            for (i, (op, n)) in ops.into_iter().enumerate() {
+                if op > 0 {
+                    let size = t.slots().0 as usize;
+                    if (t.len() + 1) * 3 > size * 2 && size < 8192 {
+                        // The growth, step by step, as `insert` runs it.
+                        let old = t.conf.mask;
+                        let new = old * 2 + 1;
+                        t.copy_for(new);
+                        prop_assert!(sees_all(&t, old, &model), "after the copies, old size");
+                        prop_assert!(sees_all(&t, new, &model), "after the copies, new size");
+                        t.publish(new);
+                        prop_assert_eq!(shared.mask, new);
+                        t.drop_originals();
+                        prop_assert!(sees_all(&t, new, &model), "after the originals went");
+                        prop_assert_eq!(t.take_lost(), 0);
+                    }
+                }
+                apply(&mut t, &mut model, op > 0, n, i as u32)?;
+            }
+            prop_assert!(sees_all(&t, shared.mask, &model));
+            prop_assert!(t.displacements().iter().all(|&d| d < PROBES));
+            // Nothing beyond the size in use.
+            prop_assert!(mem[t.slots().0 as usize..].iter().all(|e| e.key.ifindex == 0));
+            // Two thirds full at most (the last insert may be the one that fills it so).
+            prop_assert!(t.len() * 3 <= t.slots().0 as usize * 2 || t.slots().0 == 8192);
+        }
+    }
+
+    #[test]
+    fn a_small_table_stays_small() {
+        let mut mem: Vec<Entry4> = (0..(1 << 16)).map(|_| Entry4::default()).collect();
+        // SAFETY: as above.
+        let mut t = unsafe { Flows4::new(mem.as_mut_ptr(), 1 << 16, 3, std::ptr::null_mut()) };
+        // Up to two thirds full: an insert here and there is refused (see PROBES).
+        let mut refused = Vec::new();
+        let mut n = 0;
+        while t.len() < 682 {
+            if t.insert(&key(n), &value(n)).is_err() {
+                refused.push(n);
+            }
+            n += 1;
+        }
+        assert_eq!(t.slots(), (1024, 1 << 16), "two thirds of 1024 fit");
+        t.insert(&key(n), &value(n)).unwrap();
+        assert_eq!(t.slots().0, 2048, "the next one doubles it");
+        refused.extend((n + 1..43_690).filter(|&n| t.insert(&key(n), &value(n)).is_err()));
+        assert_eq!(t.slots().0, 65536);
+        assert!(refused.len() < 43_690 / 100, "{} refused", refused.len());
+        for n in 0..43_690 {
+            let want = (!refused.contains(&n)).then_some(n);
+            assert_eq!(t.get(&key(n)).map(|v| v.h.slot), want);
+        }
+        assert_eq!(t.len(), 43_690 - refused.len());
+        assert_eq!(t.take_lost(), 0);
+    }
+
     #[test]
     fn a_crowded_neighbourhood_refuses_and_recovers() {
         let mut mem: Vec<Entry4> = (0..1024).map(|_| Entry4::default()).collect();
-        let conf = Conf {
-            seed: 7,
-            mask: 1023,
-            pad: 0,
-        };
         // SAFETY: as above.
-        let mut t = unsafe { Flows4::new(mem.as_mut_ptr(), conf) };
+        let mut t = unsafe { Flows4::new(mem.as_mut_ptr(), 1024, 7, std::ptr::null_mut()) };
         // Keys with one home, found by search: the one beyond PROBES is refused.
         let p = PROBES as usize;
-        let home = t.home(&key(0));
+        let home = t.home(&key(0), 1023);
         let same: Vec<u32> = (0..1_000_000)
-            .filter(|&n| t.home(&key(n)) == home)
+            .filter(|&n| t.home(&key(n), 1023) == home)
             .take(p + 1)
             .collect();
         assert_eq!(same.len(), p + 1);

@@ -417,9 +417,10 @@ impl Shared {
             Some(fp) => {
                 let st = &fp.stats;
                 let (packets, bytes) = fp.forwarded();
+                let (used, all) = fp.slots4();
                 let _ = writeln!(
                     s,
-                    "xdp fast path: {} entries, {} packets {} bytes forwarded by XDP; {} flows installed, {} waiting for a neighbour, {} refused by the map; {} ports taking no redirects",
+                    "xdp fast path: {} entries, {} packets {} bytes forwarded by XDP; {} flows installed, {} waiting for a neighbour, {} refused by the map; {} ports taking no redirects; IPv4 table at {used} of {all} slots",
                     r(&st.entries),
                     packets,
                     bytes,

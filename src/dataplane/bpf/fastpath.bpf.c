@@ -137,8 +137,9 @@ struct flow_entry4 {
 	__u32 pad;
 };
 
-// `flows4`'s shape, written once by the loader: its size is mask + 1 (a power of two), and
-// the hash is seeded so that nobody can pick flows that pile up on one slot.
+// `flows4`'s shape: the table in use is its first mask + 1 entries (a power of two), which
+// keepstate doubles as it fills; the hash is seeded, once, so that nobody can pick flows
+// that pile up on one slot.
 struct flow_conf {
 	__u64 seed;
 	__u32 mask;
@@ -159,9 +160,11 @@ struct {
 	__type(value, struct flow_entry4);
 } flows4 SEC(".maps");
 
+// Mapped into keepstate too, which doubles `mask` as the table fills (flows4.rs's `grow`).
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, struct flow_conf);
 } flows4_conf SEC(".maps");
@@ -270,7 +273,7 @@ static __always_inline int flows4_get(const struct flow_key4 *key, struct flow_v
 	if (!conf)
 		return -1;
 	__u64 h = flow_hash4(key, conf->seed);
-	__u32 mask = conf->mask;
+	__u32 mask = READ_ONCE_U32(conf->mask);
 #pragma unroll
 	for (int i = 0; i < PROBES; i++) {
 		__u32 idx = ((__u32)h + i) & mask;

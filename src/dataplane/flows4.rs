@@ -173,6 +173,9 @@ impl Flows4 {
 
     /// The slot holding `k` in a table of `mask + 1` slots, as the program looks for it.
     fn find_in(&self, k: &Key4, mask: u32) -> Option<u32> {
+        if self.capacity == 0 {
+            return None; // `NONE`
+        }
         let home = self.home(k, mask);
         for i in 0..PROBES {
             let at = (home + i) & mask;
@@ -201,6 +204,9 @@ impl Flows4 {
     /// two thirds, and if no slot is free. Refused only when the whole map is in use.
     pub fn insert(&mut self, k: &Key4, v: &Value4) -> Result<(), Full> {
         debug_assert!(k.ifindex != 0, "ifindex 0 marks an empty slot");
+        if self.capacity == 0 {
+            return Err(Full); // `NONE`
+        }
         let size = self.conf.mask as usize + 1;
         if (self.len + 1) * 3 > size * 2 && size < self.capacity as usize {
             self.grow();
@@ -220,7 +226,7 @@ impl Flows4 {
         }
         // No room near its home: a bigger table, if there is one, rather than a flow left to
         // the workers (at two thirds full, linear probing refuses about 1 insert in 200).
-        if mask < self.capacity - 1 {
+        if mask + 1 < self.capacity {
             self.grow();
             return self.insert(k, v);
         }

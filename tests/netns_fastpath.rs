@@ -35,12 +35,17 @@ const DATAGRAMS: usize = 100;
 /// Longer than the main loop's reading of the XDP counters (1 s).
 const READ: Duration = Duration::from_millis(1300);
 
-/// The fast path's line of `keepstate stats`: (entries, packets, bytes).
-fn xdp(stats: &str) -> (u64, u64, u64) {
-    let line = stats
+/// The fast path's line of `keepstate stats`.
+fn xdp_line(stats: &str) -> &str {
+    stats
         .lines()
         .find(|l| l.starts_with("xdp fast path: "))
-        .unwrap_or_else(|| panic!("no fast path line in the stats:\n{stats}"));
+        .unwrap_or_else(|| panic!("no fast path line in the stats:\n{stats}"))
+}
+
+/// The fast path's line of `keepstate stats`: (entries, packets, bytes).
+fn xdp(stats: &str) -> (u64, u64, u64) {
+    let line = xdp_line(stats);
     let n: Vec<u64> = line
         .split(|c: char| !c.is_ascii_digit())
         .filter_map(|w| w.parse().ok())
@@ -384,10 +389,7 @@ fn bridged_flows_are_forwarded_by_xdp_with_their_own_macs() {
 
 /// The fast path's cumulative count of installed flows in `keepstate stats`.
 fn installed(stats: &str) -> u64 {
-    let line = stats
-        .lines()
-        .find(|l| l.starts_with("xdp fast path: "))
-        .unwrap_or_else(|| panic!("no fast path line in the stats:\n{stats}"));
+    let line = xdp_line(stats);
     let (_, rest) = line.split_once("; ").expect(line);
     rest.split(' ').next().unwrap().parse().expect(line)
 }

@@ -11,7 +11,9 @@
 //! lost), the download still completes: the port leaves the fast path's egress (its XDP
 //! features lose NDO_XMIT) and the workers forward its flows. SIGTERM detaches the program. In bridge mode, a download's flow is
 //! forwarded by XDP with the frames' own MACs. A UDP flow that only XDP forwards, for longer
-//! than the flowtable's 30 s timeout, is installed once and stays offloaded.
+//! than the flowtable's 30 s timeout, is installed once and stays offloaded. A thousand UDP
+//! flows, in two batches, grow the IPv4 table twice (to the map's end and back) while XDP
+//! forwards them.
 //!
 //! Skipped with a message when not root or a tool is missing. The namespaces are deleted on
 //! Drop and by a watchdog if the test hangs.
@@ -466,5 +468,100 @@ fn paced_flow_stays_offloaded(tag: &str, counter: bool) {
         packets >= 2 * PACED as u64 - 4,
         "the exchange went around XDP ({packets} packets):\n{stats}"
     );
+    signal(pid, "-TERM");
+}
+
+/// Many UDP flows at once, from a socket each (ports from `base` on): `rounds` datagrams
+/// on every one, sent 50
+/// at a time (within the echo server's socket buffer) before their echoes are read; prints
+/// the echoes that came back.
+const MANY_CLIENT: &str = "
+import socket, sys
+host, port, n, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+base = int(sys.argv[5])
+socks = []
+for i in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(0.5)
+    s.bind(('0.0.0.0', base + i))
+    socks.append(s)
+got = 0
+for r in range(rounds):
+    for c in range(0, n, 50):
+        for i in range(c, min(c + 50, n)):
+            socks[i].sendto(b'%d %d' % (i, r), (host, port))
+        for i in range(c, min(c + 50, n)):
+            try:
+                if socks[i].recv(2048) == b'%d %d' % (i, r):
+                    got += 1
+            except socket.timeout:
+                pass
+print(got)
+";
+
+/// The IPv4 table grows while XDP forwards from it: 500 UDP flows (1,000 entries: the
+/// table of 1,024 grows to 2,048, at the map's end), then 500 more (4,096, back at its
+/// start); each time, every flow is installed and, once offloaded, its datagrams go
+/// through XDP, the earlier flows' too.
+#[test]
+fn the_ipv4_table_grows_under_traffic() {
+    if !can_run("netns_fastpath", &["python3", "ethtool", "ping"]) {
+        return;
+    }
+    const FLOWS: u64 = 500;
+    const ROUNDS: u64 = 6;
+    let mut g = lab("g", 2, Duration::from_secs(120));
+    let (lan, wan) = (g.lab.lan.clone(), g.lab.wan.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg_path, sock) = flowtable_config(dir.path());
+    let (pid, lines) = start(&mut g, &cfg_path);
+    assert!(
+        !lines.contains("fast path is off"),
+        "the fast path did not load"
+    );
+    udp_echo_server(&mut g, &wan);
+    let mut forwarded = 0;
+    for (batch, sizes) in [(1, ["2048 ", "4096 "]), (2, ["4096 ", "8192 "])] {
+        eprintln!("UDP: {FLOWS} more flows, {ROUNDS} datagrams each");
+        let base = (20_000 + 1000 * batch).to_string();
+        let args = [FLOWS.to_string(), ROUNDS.to_string(), base];
+        let cmd = [
+            "python3",
+            "-c",
+            MANY_CLIENT,
+            INTERNET,
+            "9000",
+            &args[0],
+            &args[1],
+            &args[2],
+        ];
+        let echoed: u64 = ok(&lan, &cmd).trim().parse().unwrap();
+        assert_eq!(echoed, FLOWS * ROUNDS, "datagrams echoed");
+        std::thread::sleep(READ);
+        let stats = ctl_ok(&sock, &["stats"]);
+        let line = xdp_line(&stats);
+        eprintln!("  {line}");
+        let (entries, packets, _) = xdp(&stats);
+        assert_eq!(
+            entries,
+            2 * FLOWS * batch,
+            "every flow's two directions:\n{stats}"
+        );
+        assert!(line.contains(" 0 refused by the map"), "{line}");
+        assert!(
+            sizes
+                .iter()
+                .any(|s| line.contains(&format!("IPv4 table at {s}"))),
+            "the table's size: {line}"
+        );
+        // The first datagram and its echo make the connection, the second installs it.
+        let want = 2 * FLOWS * (ROUNDS - 2);
+        assert!(
+            packets - forwarded >= want,
+            "{} packets through XDP, not {want}: {line}",
+            packets - forwarded
+        );
+        forwarded = packets;
+    }
     signal(pid, "-TERM");
 }

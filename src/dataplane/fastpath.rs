@@ -456,6 +456,11 @@ impl CounterMap {
     }
 }
 
+/// Slots of a growing IPv4 table that a tick of the main loop copies ([`FastPath::tidy`]):
+/// a millisecond or two (README, "Performance"), 20 times a second, so that a table of 4M
+/// slots moves to 8M in a few seconds without holding the lock for longer.
+const TIDY_SLOTS: u32 = 16_384;
+
 /// The loaded program and its maps.
 pub struct FastPath {
     obj: *mut BpfObject,
@@ -547,7 +552,7 @@ impl FastPath {
         };
         // An even number of slots: they go in pairs.
         let flows = flows.max(1024) & !1;
-        let slots4 = flows4::slots_for(flows);
+        let slots4 = flows4::capacity_for(flows4::slots_for(flows));
         for (map, size) in [("flows4", slots4), ("flows6", flows), ("counters", flows)] {
             let map_name = name(map);
             // SAFETY: `obj` is open and not loaded yet, when a map's size may still change;
@@ -919,9 +924,23 @@ impl FastPath {
             .store(entries.len() as u64, Ordering::Relaxed);
     }
 
-    /// The IPv4 table's slots in use and in all.
-    pub fn slots4(&self) -> (u32, u32) {
-        self.flows4.lock().slots()
+    /// The IPv4 table's size, its largest size, and whether it is growing.
+    pub fn slots4(&self) -> (u32, u32, bool) {
+        let t = self.flows4.lock();
+        let (size, max) = t.slots();
+        (size, max, t.growing())
+    }
+
+    /// A tick of the main loop: a step of the IPv4 table's growth, if one is under way
+    /// ([`Flows4::step`]): at most [`TIDY_SLOTS`] slots under the table's lock, so that a
+    /// worker installing a flow meanwhile waits for no more than that.
+    pub fn tidy(&self) {
+        let mut t = self.flows4.lock();
+        t.step(TIDY_SLOTS);
+        let lost = t.take_lost();
+        if lost > 0 {
+            self.stats.failed.fetch_add(lost, Ordering::Relaxed);
+        }
     }
 
     /// The packets and bytes (IP lengths) XDP forwarded so far, all flows together: the sum

@@ -12,8 +12,12 @@
 //! stops at the first empty slot. An entry being moved is briefly in two slots, or, for a
 //! lookup that reads the two at the wrong moments, in none: a miss, which is always safe.
 //!
-//! Owns the layout, the hash, the probing and the growth of the part in use; one writer at a
-//! time (the caller's lock).
+//! The table in use is a power-of-two region at one end of the map, which grows by steps
+//! into a region twice its size at the other end ([`Flows4::step`]), while the program
+//! reads the old one and the slow path goes on.
+//!
+//! Owns the layout, the hash, the probing and the growth; one writer at a time (the caller's
+//! lock).
 
 use std::sync::atomic::{fence, AtomicU32, Ordering};
 
@@ -22,8 +26,11 @@ use super::fastpath::{Key4, Value4};
 /// How far from its home slot an entry may lie (`PROBES` in the program). With linear
 /// probing (simulated), a table a quarter full refuses no insert in 10,000 at 8 probes
 /// as at 16; half full, 0.43 % at 8 and 0.02 % at 16; two thirds full (the most, see
-/// [`slots_for`]), 2.2 % and 0.5 %. A refused flow stays with the workers.
-pub const PROBES: u32 = 16;
+/// [`slots_for`]), 2.2 % and 0.5 %. But the longest run grows with the entries: a thousand
+/// flows (2,000 entries in 4,096 slots) found no room for one of them, and grew the table
+/// again, with 30 % of hash seeds at 16 probes, 1 % at 32 (200 seeds). A lookup stops at
+/// the first empty slot, so that the limit costs only the program's size.
+pub const PROBES: u32 = 32;
 
 /// `struct flow_entry4`: empty while `key.ifindex` is 0.
 #[derive(Debug, Default)]
@@ -40,16 +47,30 @@ pub struct Entry4 {
 #[repr(C)]
 pub struct Conf {
     pub seed: u64,
+    /// The region in use: its size less one, with [`TOP`] set if it ends where the map ends
+    /// (else it starts where the map starts). One 32-bit word, so that the program reads
+    /// the region whole.
     pub mask: u32,
-    pub pad: u32,
+    /// The map's slots.
+    pub capacity: u32,
 }
 
-/// The table's size for `flows` directions: half as many again, rounded up to a power of
-/// two, so that it is at most two thirds full.
+/// In [`Conf::mask`]: the region in use lies at the map's end.
+pub const TOP: u32 = 1 << 31;
+
+/// The largest table for `flows` directions: half as many again, rounded up to a power of
+/// two, so that it is at most two thirds full. The map holds half as much again
+/// ([`capacity_for`]).
 pub fn slots_for(flows: u32) -> u32 {
     (flows as u64 + flows as u64 / 2)
         .next_power_of_two()
-        .clamp(1024, 1 << 31) as u32
+        .clamp(FIRST_SLOTS as u64, 1 << 30) as u32
+}
+
+/// The map's slots for a largest table of `slots`: that and the half-size table it grows
+/// from, side by side.
+pub fn capacity_for(slots: u32) -> u32 {
+    slots + slots / 2
 }
 
 /// The program's `flow_hash4`: over the key's five 32-bit words in native order.
@@ -71,27 +92,76 @@ pub fn hash(k: &Key4, seed: u64) -> u64 {
 #[error("no free slot within {PROBES} of the flow's home in the IPv4 flow table")]
 pub struct Full;
 
-/// The table's first size in use: 64 KiB, 16 pages.
+/// The table's first size: 64 KiB, 16 pages.
 pub const FIRST_SLOTS: u32 = 1024;
+
+/// Slots of the old table that an insert or a removal copies into the new one while the
+/// table grows: a few microseconds each, so that a growth is done within a few thousand
+/// inserts (the main loop copies more, [`Flows4::step`]).
+pub const STEP: u32 = 64;
+
+/// A table: the map's slots `at..=at + mask`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Region {
+    at: u32,
+    mask: u32,
+}
+
+impl Region {
+    fn size(self) -> u32 {
+        self.mask + 1
+    }
+
+    /// The map's slot for position `i` (taken modulo the size).
+    fn slot(self, i: u32) -> u32 {
+        self.at + (i & self.mask)
+    }
+}
+
+/// A growth under way: the new table, filled as the old one is read.
+#[derive(Clone, Copy, Debug)]
+struct Growth {
+    to: Region,
+    /// Its entries.
+    len: usize,
+    /// Of those, the ones the old table does not have (inserted when it had no room).
+    only_new: usize,
+    /// The old table's slots below this one are in it (or were lost: [`Flows4::take_lost`]).
+    copied: u32,
+}
 
 /// The table, over memory it does not own (the mmapped map, or a test's vector).
 ///
-/// It uses the first `mask + 1` slots of its memory and doubles that when an insert would
-/// fill it beyond two thirds or finds no free slot near its home ([`Flows4::grow`]), up to
-/// all of it: a box with a thousand flows looks them up in 64 or 128 pages, not spread over
-/// the whole map (512 MiB at two million connections), where every lookup was also a TLB
-/// miss.
+/// It starts with [`FIRST_SLOTS`] slots at the map's start and doubles when an insert would
+/// fill it beyond two thirds or finds no free slot near its home, up to the largest that
+/// fits beside its half ([`capacity_for`]): a box with a thousand flows looks them up in 64
+/// or 128 pages, not spread over the whole map (half a gigabyte at two million
+/// connections), where every lookup was also a TLB miss.
+///
+/// A growth fills the new table at the other end of the map, in steps ([`STEP`] slots
+/// with each insert and removal, more with each tick of the main loop), while the program
+/// reads the old one: every insert and removal meanwhile goes to both (an insert to the old
+/// one if it has room: else the program misses that flow until the new table is in use).
+/// When every old entry is copied, the program is told the new table's place (one 32-bit
+/// store), and the old one is emptied, by steps too, before the next growth may fill the
+/// slots it shares with it.
 pub struct Flows4 {
     base: *mut Entry4,
-    /// The shape in use, as the program has it.
-    conf: Conf,
-    /// The program's copy of the shape (the mmapped `flows4_conf`); null in tests.
+    seed: u64,
+    /// The table the program reads.
+    cur: Region,
+    /// The program's copy of its shape (the mmapped `flows4_conf`); null in tests.
     shared: *mut Conf,
-    /// Slots at `base`: a power of two.
+    /// Slots at `base`.
     capacity: u32,
-    /// Entries in use.
+    /// The largest table's size.
+    max: u32,
+    /// Entries in `cur`.
     len: usize,
-    /// Entries a growth could not place (none expected: see [`Flows4::grow`]).
+    growth: Option<Growth>,
+    /// A table given up: slots from `stale.0` on (up to `stale.1`) still to be emptied.
+    stale: Option<(u32, u32)>,
+    /// Entries a growth could not place (none expected: the new table is a third full).
     lost: u64,
 }
 
@@ -100,29 +170,45 @@ pub struct Flows4 {
 unsafe impl Send for Flows4 {}
 
 impl Flows4 {
-    /// A table over `capacity` zeroed entries at `base` (a power of two), its hash seeded
-    /// with `seed`, that tells the program its shape through `shared` (if not null).
+    /// A table over `capacity` zeroed entries at `base`, its hash seeded with `seed`, that
+    /// tells the program its shape through `shared` (if not null).
     ///
     /// # Safety
     /// `base` must point to `capacity` entries, zeroed, and `shared` (unless null) to a
     /// `Conf`, both valid for as long as the table lives and written by nobody else.
     pub unsafe fn new(base: *mut Entry4, capacity: u32, seed: u64, shared: *mut Conf) -> Flows4 {
-        debug_assert!(capacity.is_power_of_two());
-        let conf = Conf {
-            seed,
-            mask: FIRST_SLOTS.min(capacity) - 1,
-            pad: 0,
+        let first = FIRST_SLOTS.min(1 << capacity.max(1).ilog2());
+        let mut max = first;
+        while max * 2 <= capacity && capacity - max * 2 >= max {
+            max *= 2;
+        }
+        let cur = Region {
+            at: 0,
+            mask: first - 1,
         };
         if !shared.is_null() {
             // SAFETY: by the contract; the program does not run yet.
-            unsafe { std::ptr::write_volatile(shared, conf) };
+            unsafe {
+                std::ptr::write_volatile(
+                    shared,
+                    Conf {
+                        seed,
+                        mask: cur.mask,
+                        capacity,
+                    },
+                )
+            };
         }
         Flows4 {
             base,
-            conf,
+            seed,
+            cur,
             shared,
             capacity,
+            max,
             len: 0,
+            growth: None,
+            stale: None,
             lost: 0,
         }
     }
@@ -130,29 +216,34 @@ impl Flows4 {
     /// An empty table over nothing, until [`Flows4::new`] replaces it.
     pub const NONE: Flows4 = Flows4 {
         base: std::ptr::null_mut(),
-        conf: Conf {
-            seed: 0,
-            mask: 0,
-            pad: 0,
-        },
+        seed: 0,
+        cur: Region { at: 0, mask: 0 },
         shared: std::ptr::null_mut(),
         capacity: 0,
+        max: 0,
         len: 0,
+        growth: None,
+        stale: None,
         lost: 0,
     };
 
-    /// Entries in use.
+    /// Entries.
     pub fn len(&self) -> usize {
-        self.len
+        self.len + self.growth.map_or(0, |g| g.only_new)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
-    /// Slots in use (the table's size now) and in all.
+    /// The size of the table the program reads, and of the largest.
     pub fn slots(&self) -> (u32, u32) {
-        (self.conf.mask + 1, self.capacity)
+        (self.cur.size(), self.max)
+    }
+
+    /// Whether a growth is under way.
+    pub fn growing(&self) -> bool {
+        self.growth.is_some()
     }
 
     /// Entries that growths could not place since the last call: their flows are no longer
@@ -161,25 +252,25 @@ impl Flows4 {
         std::mem::take(&mut self.lost)
     }
 
-    /// Slot `i` (below `capacity`).
+    /// Slot `i` of the map.
     fn entry(&self, i: u32) -> &Entry4 {
         debug_assert!(i < self.capacity);
         // SAFETY: `i` is within the `capacity` entries at `base` (`new`'s contract).
         unsafe { &*self.base.add(i as usize) }
     }
 
-    fn home(&self, k: &Key4, mask: u32) -> u32 {
-        hash(k, self.conf.seed) as u32 & mask
+    fn home(&self, k: &Key4, r: Region) -> u32 {
+        hash(k, self.seed) as u32 & r.mask
     }
 
-    /// The slot holding `k` in a table of `mask + 1` slots, as the program looks for it.
-    fn find_in(&self, k: &Key4, mask: u32) -> Option<u32> {
+    /// The slot holding `k` in table `r`, as the program looks for it.
+    fn find_in(&self, r: Region, k: &Key4) -> Option<u32> {
         if self.capacity == 0 {
             return None; // `NONE`
         }
-        let home = self.home(k, mask);
+        let home = self.home(k, r);
         for i in 0..PROBES {
-            let at = (home + i) & mask;
+            let at = r.slot(home + i);
             let e = self.entry(at);
             if e.key.ifindex == 0 {
                 return None;
@@ -191,162 +282,239 @@ impl Flows4 {
         None
     }
 
-    fn find(&self, k: &Key4) -> Option<u32> {
-        self.find_in(k, self.conf.mask)
+    /// The value of `k`: from the new table while one fills (it has the latest of every key
+    /// it has), else from the one in use.
+    pub fn get(&self, k: &Key4) -> Option<Value4> {
+        let found = self.growth.and_then(|g| self.find_in(g.to, k));
+        found
+            .or_else(|| self.find_in(self.cur, k))
+            .map(|i| self.entry(i).value)
     }
 
-    /// The value of `k`.
-    pub fn get(&self, k: &Key4) -> Option<Value4> {
-        self.find(k).map(|i| self.entry(i).value)
+    /// Writes `k` with `v` in table `r`: in its slot if it has one (false), else in the first
+    /// free one within [`PROBES`] of its home (true).
+    fn place(&mut self, r: Region, k: &Key4, v: &Value4) -> Result<bool, Full> {
+        let home = self.home(k, r);
+        for i in 0..PROBES {
+            let at = r.slot(home + i);
+            let e = self.entry(at);
+            let new = e.key.ifindex == 0;
+            if new || e.key == *k {
+                self.write(at, k, v);
+                return Ok(new);
+            }
+        }
+        Err(Full)
     }
 
     /// Writes `k` with `v`, in its slot if it has one, else in the first free one within
-    /// [`PROBES`] of its home; grows the table first if a new entry would fill it beyond
-    /// two thirds, and if no slot is free. Refused only when the whole map is in use.
+    /// [`PROBES`] of its home; grows the table if a new entry would fill it beyond two
+    /// thirds, or if no slot is free. Refused only when the largest table has no room for
+    /// it (or, while a table fills, that one).
     pub fn insert(&mut self, k: &Key4, v: &Value4) -> Result<(), Full> {
         debug_assert!(k.ifindex != 0, "ifindex 0 marks an empty slot");
         if self.capacity == 0 {
             return Err(Full); // `NONE`
         }
-        if self.one_more_needs_room() {
-            self.grow();
+        self.step(STEP);
+        if self.growth.is_none() && self.one_more_needs_room() {
+            self.start_growth();
         }
-        let mask = self.conf.mask;
-        let home = self.home(k, mask);
-        for i in 0..PROBES {
-            let at = (home + i) & mask;
-            let e = self.entry(at);
-            if e.key.ifindex == 0 {
-                self.len += 1;
-            } else if e.key != *k {
-                continue;
+        if let Some(g) = self.growth {
+            // The new table gets every key; the old one too if it has room, for the program.
+            let before = self.only_in_new(g.to, k);
+            match self.place(g.to, k, v) {
+                Ok(new) => self.grown(new as usize, 0),
+                // Not yet copied and no room for it there: lost at the switch (counted by the
+                // copy).
+                Err(Full) if self.find_in(self.cur, k).is_some() => {}
+                Err(Full) => return Err(Full),
             }
-            self.write(at, k, v);
+            if let Ok(new) = self.place(self.cur, k, v) {
+                self.len += new as usize;
+            }
+            match (before, self.only_in_new(g.to, k)) {
+                (false, true) => self.grown(0, 1),
+                (true, false) => {
+                    if let Some(g) = &mut self.growth {
+                        g.only_new -= 1;
+                    }
+                }
+                _ => {}
+            }
             return Ok(());
         }
-        // No room near its home: a bigger table, if there is one, rather than a flow left to
-        // the workers (at two thirds full, linear probing refuses about 1 insert in 200).
-        if mask + 1 < self.capacity {
-            self.grow();
-            return self.insert(k, v);
+        match self.place(self.cur, k, v) {
+            Ok(new) => {
+                self.len += new as usize;
+                Ok(())
+            }
+            // No room near its home: a bigger table, if there is one, rather than a flow left
+            // to the workers for good.
+            Err(Full) if self.cur.size() < self.max => {
+                self.start_growth();
+                self.insert(k, v)
+            }
+            Err(Full) => Err(Full),
         }
-        Err(Full)
     }
 
     /// Whether one more entry would fill the table in use beyond two thirds, and it can grow.
     fn one_more_needs_room(&self) -> bool {
-        let size = self.conf.mask as usize + 1;
-        (self.len + 1) * 3 > size * 2 && size < self.capacity as usize
+        let size = self.cur.size() as usize;
+        (self.len + 1) * 3 > size * 2 && size < self.max as usize
     }
 
-    /// Removes `k`; the entries after it that may move closer to their home do.
+    /// Counts entries added to the new table (`new`), `only` of them not in the old one.
+    fn grown(&mut self, new: usize, only: usize) {
+        if let Some(g) = &mut self.growth {
+            g.len += new;
+            g.only_new += only;
+        }
+    }
+
+    /// Whether `k` is in the new table `to` and not in the one in use.
+    fn only_in_new(&self, to: Region, k: &Key4) -> bool {
+        self.find_in(to, k).is_some() && self.find_in(self.cur, k).is_none()
+    }
+
+    /// Removes `k` (from both tables while one fills); the entries after it that may move
+    /// closer to their home do.
     pub fn remove(&mut self, k: &Key4) -> bool {
-        let Some(at) = self.find(k) else {
-            return false;
+        self.step(STEP);
+        let mut found = false;
+        if let Some(at) = self.find_in(self.cur, k) {
+            self.remove_at(self.cur, at);
+            self.len -= 1;
+            found = true;
+        }
+        let Some(to) = self.growth.map(|g| g.to) else {
+            return found;
         };
-        self.remove_at(at);
-        true
+        if let Some(at) = self.find_in(to, k) {
+            self.remove_at(to, at);
+            if let Some(g) = &mut self.growth {
+                g.len -= 1;
+                g.only_new -= usize::from(!found);
+            }
+            found = true;
+        }
+        found
     }
 
-    /// Empties slot `hole` and moves back the entries after it that may come closer to their
-    /// home (backward-shift deletion: no tombstones), keeping their order.
-    fn remove_at(&mut self, mut hole: u32) {
-        let mask = self.conf.mask;
+    /// Empties slot `hole` of table `r` and moves back the entries after it that may come
+    /// closer to their home (backward-shift deletion: no tombstones), keeping their order.
+    /// While a growth copies the table in use, an entry it moves is copied now (it may
+    /// move below the copy's progress).
+    fn remove_at(&mut self, r: Region, mut hole: u32) {
         let mut j = hole;
         loop {
-            j = (j + 1) & mask;
+            j = r.slot(j - r.at + 1);
             let e = self.entry(j);
             if e.key.ifindex == 0 {
                 break;
             }
             // It may move to the hole if the hole lies between its home and it.
-            let home = self.home(&e.key, mask);
-            if j.wrapping_sub(home) & mask >= j.wrapping_sub(hole) & mask {
+            let home = self.home(&e.key, r);
+            let (pj, ph) = (j - r.at, hole - r.at);
+            if pj.wrapping_sub(home) & r.mask >= pj.wrapping_sub(ph) & r.mask {
                 let (key, value) = (e.key, e.value);
                 self.write(hole, &key, &value);
                 hole = j;
+                if r == self.cur {
+                    self.copy(&key, &value);
+                }
             }
         }
         self.write(hole, &Key4::default(), &Value4::default());
-        self.len -= 1;
     }
 
-    /// Doubles the table in use, while the program reads it: no lookup misses a key that
-    /// is in the table before and after, none finds a wrong value.
-    ///
-    /// 1. Under the old size (the program's), every entry that a lookup at the new size
-    ///    would not find where it is gets a copy where it would: the slots beyond the old
-    ///    size are empty, and a copy that lands among the old ones only lengthens a run,
-    ///    with the same value as its original.
-    /// 2. The program is told the new size: every key has a slot it finds.
-    /// 3. Each slot whose key a lookup finds elsewhere (the originals that were copied)
-    ///    is emptied by backward shift, which keeps every other entry where lookups find
-    ///    it (a copy stays ahead of its original: shifts keep order).
-    ///
-    /// A copy with no free slot within [`PROBES`] would lose its entry at step 3: at a
-    /// third full, linear probing refuses none in simulation ([`PROBES`]); counted in
-    /// [`Flows4::take_lost`].
-    fn grow(&mut self) {
-        let new = self.conf.mask * 2 + 1;
-        self.copy_for(new);
-        self.publish(new);
-        self.drop_originals();
-    }
-
-    /// Step 1 of [`Flows4::grow`] to `new + 1` slots.
-    ///
-    /// The entries are visited run by run, from an empty slot on: a run that wraps past the
-    /// end (its last entries in the first slots) is copied in its order, so the copies of
-    /// its head, which go to the end of the new size, take the slots there before the
-    /// entries of its tail that wrap with them there look for theirs (and find themselves).
-    fn copy_for(&mut self, new: u32) {
-        let old = self.conf.mask;
-        let Some(start) = (0..=old).find(|&i| self.entry(i).key.ifindex == 0) else {
-            return; // never: at most two thirds full
+    /// Into the new table, if a growth is under way and it does not have `k` yet.
+    fn copy(&mut self, k: &Key4, v: &Value4) {
+        let Some(g) = self.growth else {
+            return;
         };
-        for d in 0..=old {
-            let i = (start + d) & old;
-            let e = self.entry(i);
-            if e.key.ifindex == 0 || self.find_in(&e.key, new).is_some() {
+        if self.find_in(g.to, k).is_some() {
+            return;
+        }
+        match self.place(g.to, k, v) {
+            Ok(new) => self.grown(new as usize, 0),
+            Err(Full) => self.lost += 1,
+        }
+    }
+
+    /// A new table twice the size of the one in use, at the other end of the map: the
+    /// table before it, which shared those slots, is emptied first if it is not yet.
+    fn start_growth(&mut self) {
+        debug_assert!(self.growth.is_none() && self.cur.size() < self.max);
+        while self.stale.is_some() {
+            self.step(u32::MAX);
+        }
+        let size = self.cur.size() * 2;
+        let at = if self.cur.at == 0 {
+            self.capacity - size
+        } else {
+            0
+        };
+        self.growth = Some(Growth {
+            to: Region { at, mask: size - 1 },
+            len: 0,
+            only_new: 0,
+            copied: 0,
+        });
+    }
+
+    /// Up to `budget` slots of the work a growth leaves: emptying the table given up last,
+    /// copying the old table's entries into the new one, and once all are in, telling the
+    /// program to read the new one. The main loop calls it once a tick; inserts and removals
+    /// call it with [`STEP`].
+    pub fn step(&mut self, mut budget: u32) {
+        if let Some((from, to)) = self.stale {
+            let end = to.min(from.saturating_add(budget));
+            for i in from..end {
+                if self.entry(i).key.ifindex != 0 {
+                    self.write(i, &Key4::default(), &Value4::default());
+                }
+            }
+            budget -= end - from;
+            self.stale = (end < to).then_some((end, to));
+        }
+        let Some(mut g) = self.growth else {
+            return;
+        };
+        let end = self.cur.size().min(g.copied.saturating_add(budget));
+        while g.copied < end {
+            let e = self.entry(self.cur.slot(g.copied));
+            g.copied += 1;
+            if e.key.ifindex == 0 || self.find_in(g.to, &e.key).is_some() {
                 continue;
             }
             let (key, value) = (e.key, e.value);
-            let home = self.home(&key, new);
-            let free = (0..PROBES)
-                .map(|d| (home + d) & new)
-                .find(|&at| self.entry(at).key.ifindex == 0);
-            match free {
-                Some(at) => {
-                    self.write(at, &key, &value);
-                    self.len += 1;
-                }
-                None => self.lost += 1,
+            match self.place(g.to, &key, &value) {
+                Ok(_) => g.len += 1,
+                Err(Full) => self.lost += 1,
             }
         }
+        if g.copied < self.cur.size() {
+            self.growth = Some(g);
+            return;
+        }
+        let old = self.cur;
+        self.growth = None;
+        self.len = g.len;
+        self.publish(g.to);
+        self.stale = Some((old.at, old.at + old.size()));
     }
 
-    /// Step 2: the size in use is `mask + 1`, for the program too.
-    fn publish(&mut self, mask: u32) {
-        self.conf.mask = mask;
+    /// Tells the program to read table `r`.
+    fn publish(&mut self, r: Region) {
+        self.cur = r;
         if !self.shared.is_null() {
+            let word = r.mask | if r.at == 0 { 0 } else { TOP };
             // SAFETY: `shared` is a valid Conf (`new`'s contract); the program reads `mask`
             // once per lookup, as a 32-bit load.
             let m = unsafe { &*std::ptr::addr_of!((*self.shared).mask).cast::<AtomicU32>() };
-            m.store(mask, Ordering::Release);
-        }
-    }
-
-    /// Step 3.
-    fn drop_originals(&mut self) {
-        let mut i = 0;
-        while i <= self.conf.mask {
-            let e = self.entry(i);
-            if e.key.ifindex != 0 && self.find(&e.key) != Some(i) {
-                // What moves into `i` is looked at again.
-                self.remove_at(i);
-            } else {
-                i += 1;
-            }
+            m.store(word, Ordering::Release);
         }
     }
 
@@ -368,13 +536,14 @@ impl Flows4 {
         }
     }
 
-    /// Every entry's distance from its home: all below [`PROBES`].
+    /// Every entry's distance from its home in the table in use: all below [`PROBES`].
     #[cfg(test)]
     fn displacements(&self) -> Vec<u32> {
-        let mask = self.conf.mask;
-        (0..=mask)
+        let r = self.cur;
+        (0..r.size())
+            .map(|i| r.slot(i))
             .filter(|&i| self.entry(i).key.ifindex != 0)
-            .map(|i| i.wrapping_sub(self.home(&self.entry(i).key, mask)) & mask)
+            .map(|i| (i - r.at).wrapping_sub(self.home(&self.entry(i).key, r)) & r.mask)
             .collect()
     }
 }
@@ -410,6 +579,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<Conf>(), 16);
         assert_eq!(slots_for(4 << 20), 8 << 20);
         assert_eq!(slots_for(1 << 16), 1 << 17);
+        assert_eq!(capacity_for(8 << 20), 12 << 20);
     }
 
     /// Inserts (`add`) or removes key `n` in `t` and in `model`, the value of an insert
@@ -458,61 +628,97 @@ mod tests {
         }
     }
 
+    /// What the program finds for `k`: it reads the table `shared` says, in `t`'s memory.
+    fn program_finds(t: &Flows4, shared: &Conf, k: &Key4) -> Option<u32> {
+        let mask = shared.mask & !TOP;
+        let at = if shared.mask & TOP != 0 {
+            shared.capacity - mask - 1
+        } else {
+            0
+        };
+        let i = t.find_in(Region { at, mask }, k)?;
+        Some(t.entry(i).value.h.slot)
+    }
+
+    /// Runs the growth under way, and the emptying of the table it leaves, to their end.
+    fn finish(t: &mut Flows4) {
+        while t.growing() || t.stale.is_some() {
+            t.step(1000);
+        }
+    }
+
     proptest! {
-        /// A table that grows while keys come and go agrees with a map, and at every step
-        /// of a growth the program's lookup (at the size it was told) finds every key with
-        /// its value: before the copies, after them at the old size and the new, and after
-        /// the originals went.
+        /// A table that grows by steps while keys come and go agrees with a map, and the
+        /// program, reading the table it was told, never finds a removed key or an old value;
+        /// it finds every key but those inserted while a growth was under way (into the new
+        /// table only, when the old one had no room), and those too once it ends.
         #[test]
-        fn grows_without_losing_a_key(ops in proptest::collection::vec((0u8..4, 0u32..3000), 1..4000),
+        fn grows_without_losing_a_key(ops in proptest::collection::vec((0u8..7, 0u32..3000, 1u32..64), 2000..6000),
                                       seed in any::<u64>()) {
-            let mut mem: Vec<Entry4> = (0..8192).map(|_| Entry4::default()).collect();
+            let capacity = capacity_for(4096);
+            let mut mem: Vec<Entry4> = (0..capacity).map(|_| Entry4::default()).collect();
             let mut shared = Box::new(Conf::default());
-            // SAFETY: 8192 zeroed entries and a Conf that outlive `t`.
-            let mut t = unsafe { Flows4::new(mem.as_mut_ptr(), 8192, seed, &mut *shared) };
-            prop_assert_eq!(t.slots(), (FIRST_SLOTS, 8192));
+            // SAFETY: `capacity` zeroed entries and a Conf that outlive `t`.
+            let mut t = unsafe { Flows4::new(mem.as_mut_ptr(), capacity, seed, &mut *shared) };
+            prop_assert_eq!(t.slots(), (FIRST_SLOTS, 4096));
+            prop_assert_eq!(shared.capacity, capacity);
             let mut model = HashMap::new();
-            let sees_all = |t: &Flows4, mask: u32, model: &HashMap<u32, u32>| {
-                model.iter().all(|(&n, &v)| {
-                    t.find_in(&key(n), mask).map(|i| t.entry(i).value.h.slot) == Some(v)
-                })
-            };
-            for (i, (op, n)) in ops.into_iter().enumerate() {
-                if op > 0 && t.one_more_needs_room() {
-                    // The growth, step by step, as `insert` runs it.
-                    let old = t.conf.mask;
-                    let new = old * 2 + 1;
-                    t.copy_for(new);
-                    prop_assert!(sees_all(&t, old, &model), "after the copies, old size");
-                    prop_assert!(sees_all(&t, new, &model), "after the copies, new size");
-                    t.publish(new);
-                    prop_assert_eq!(shared.mask, new);
-                    t.drop_originals();
-                    prop_assert!(sees_all(&t, new, &model), "after the originals went");
-                    prop_assert_eq!(t.take_lost(), 0);
+            let mut unseen = std::collections::HashSet::new();
+            for (i, (op, n, budget)) in ops.into_iter().enumerate() {
+                let growing = t.growing();
+                match op {
+                    // A tick of the main loop.
+                    0 => t.step(budget),
+                    1 | 2 => apply(&mut t, &mut model, false, n, i as u32)?,
+                    _ => {
+                        apply(&mut t, &mut model, true, n, i as u32)?;
+                        if growing || t.growing() {
+                            unseen.insert(n);
+                        }
+                    }
                 }
-                apply(&mut t, &mut model, op > 0, n, i as u32)?;
+                if !t.growing() {
+                    unseen.clear();
+                }
+                let seen = program_finds(&t, &shared, &key(n));
+                prop_assert!(seen.is_none() || seen == model.get(&n).copied(), "key {n}: {seen:?}");
+                if t.growing() || growing {
+                    for (&m, &v) in &model {
+                        let seen = program_finds(&t, &shared, &key(m));
+                        prop_assert!(seen == Some(v) || seen.is_none() && unseen.contains(&m),
+                                     "key {m}: {seen:?}, not {v}");
+                    }
+                }
             }
-            prop_assert!(sees_all(&t, shared.mask, &model));
+            finish(&mut t);
+            prop_assert_eq!(t.take_lost(), 0);
+            for (&m, &v) in &model {
+                prop_assert_eq!(program_finds(&t, &shared, &key(m)), Some(v));
+            }
+            prop_assert_eq!(t.len(), model.len());
             prop_assert!(t.displacements().iter().all(|&d| d < PROBES));
-            // Nothing beyond the size in use.
-            prop_assert!(mem[t.slots().0 as usize..].iter().all(|e| e.key.ifindex == 0));
+            // Nothing outside the table in use.
+            let (at, size) = (t.cur.at as usize, t.cur.size() as usize);
+            let outside = mem[..at].iter().chain(&mem[at + size..]);
+            prop_assert!(outside.clone().all(|e| e.key.ifindex == 0));
             // Two thirds full at most (the last insert may be the one that fills it so).
-            prop_assert!(t.len() * 3 <= t.slots().0 as usize * 2 || t.slots().0 == 8192);
+            prop_assert!(t.len() * 3 <= size * 2 || size == 4096);
         }
     }
 
     #[test]
     fn a_small_table_stays_small() {
-        let mut mem: Vec<Entry4> = (0..(1 << 16)).map(|_| Entry4::default()).collect();
+        let capacity = capacity_for(1 << 16);
+        let mut mem: Vec<Entry4> = (0..capacity).map(|_| Entry4::default()).collect();
         // SAFETY: as above.
-        let mut t = unsafe { Flows4::new(mem.as_mut_ptr(), 1 << 16, 3, std::ptr::null_mut()) };
+        let mut t = unsafe { Flows4::new(mem.as_mut_ptr(), capacity, 3, std::ptr::null_mut()) };
         assert_eq!(t.slots(), (1024, 1 << 16));
         // Two thousand entries (a thousand flows): 4,096 slots, or 8,192 if an insert found
         // no room near its home; nothing refused.
         for n in 0..2000 {
             t.insert(&key(n), &value(n)).unwrap();
         }
+        finish(&mut t);
         assert!(matches!(t.slots().0, 4096 | 8192), "{:?}", t.slots());
         // Up to two thirds of the whole: refused only once all of it is in use.
         let mut refused = Vec::new();
@@ -522,6 +728,7 @@ mod tests {
                 refused.push(n);
             }
         }
+        finish(&mut t);
         assert!(refused.len() < 43_690 / 100, "{} refused", refused.len());
         for n in 0..43_690 {
             let want = (!refused.contains(&n)).then_some(n);
@@ -538,9 +745,10 @@ mod tests {
         let mut t = unsafe { Flows4::new(mem.as_mut_ptr(), 1024, 7, std::ptr::null_mut()) };
         // Keys with one home, found by search: the one beyond PROBES is refused.
         let p = PROBES as usize;
-        let home = t.home(&key(0), 1023);
+        let r = Region { at: 0, mask: 1023 };
+        let home = t.home(&key(0), r);
         let same: Vec<u32> = (0..1_000_000)
-            .filter(|&n| t.home(&key(n), 1023) == home)
+            .filter(|&n| t.home(&key(n), r) == home)
             .take(p + 1)
             .collect();
         assert_eq!(same.len(), p + 1);

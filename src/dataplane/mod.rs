@@ -417,10 +417,11 @@ impl Shared {
             Some(fp) => {
                 let st = &fp.stats;
                 let (packets, bytes) = fp.forwarded();
-                let (used, all) = fp.slots4();
+                let (used, all, growing) = fp.slots4();
+                let growing = if growing { ", growing" } else { "" };
                 let _ = writeln!(
                     s,
-                    "xdp fast path: {} entries, {} packets {} bytes forwarded by XDP; {} flows installed, {} waiting for a neighbour, {} refused by the map; {} ports taking no redirects; IPv4 table at {used} of {all} slots",
+                    "xdp fast path: {} entries, {} packets {} bytes forwarded by XDP; {} flows installed, {} waiting for a neighbour, {} refused by the map; {} ports taking no redirects; IPv4 table at {used} of {all} slots{growing}",
                     r(&st.entries),
                     packets,
                     bytes,
@@ -478,6 +479,7 @@ impl Shared {
             return;
         };
         fp.age_slots();
+        fp.tidy();
         if fp.neighbours_changed(&self.neighbours) {
             fp.sync(&self.engine, now, &self.neighbours);
         }

@@ -137,21 +137,24 @@ struct flow_entry4 {
 	__u32 pad;
 };
 
-// `flows4`'s shape: the table in use is its first mask + 1 entries (a power of two), which
-// keepstate doubles as it fills; the hash is seeded, once, so that nobody can pick flows
-// that pile up on one slot.
+// `flows4`'s shape: the table in use is mask + 1 entries (a power of two, without TOP) at
+// the map's start, or at its end with TOP; keepstate doubles it, into the other end, as it
+// fills. The hash is seeded, once, so that nobody can pick flows that pile up on one slot.
 struct flow_conf {
 	__u64 seed;
 	__u32 mask;
-	__u32 pad;
+	__u32 capacity; // the map's entries
 };
 
+#define TOP (1u << 31)
+
 // How far from its home slot an entry may lie; keepstate places none farther.
-#define PROBES 16
+#define PROBES 32
 
 /* The loader sizes the maps from the conntrack table's max: `flows6` and `counters` take
  * both directions of every connection (`flows6` allocated as entries come, `counters` at
- * load), `flows4` half as much again, rounded up to a power of two (an array: at load). */
+ * load), `flows4` room for its largest table (half as much again, rounded up to a power of
+ * two) and the half-size one it grows from, side by side (an array: at load). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 65536);
@@ -160,7 +163,7 @@ struct {
 	__type(value, struct flow_entry4);
 } flows4 SEC(".maps");
 
-// Mapped into keepstate too, which doubles `mask` as the table fills (flows4.rs's `grow`).
+// Mapped into keepstate too, which moves the table as it grows (flows4.rs's `step`).
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -273,10 +276,12 @@ static __always_inline int flows4_get(const struct flow_key4 *key, struct flow_v
 	if (!conf)
 		return -1;
 	__u64 h = flow_hash4(key, conf->seed);
-	__u32 mask = READ_ONCE_U32(conf->mask);
+	__u32 m = READ_ONCE_U32(conf->mask); // one load: the table's size and place together
+	__u32 mask = m & ~TOP;
+	__u32 at = (m & TOP) ? conf->capacity - mask - 1 : 0;
 #pragma unroll
 	for (int i = 0; i < PROBES; i++) {
-		__u32 idx = ((__u32)h + i) & mask;
+		__u32 idx = at + (((__u32)h + i) & mask);
 		struct flow_entry4 *e = bpf_map_lookup_elem(&flows4, &idx);
 		if (!e)
 			return -1;

@@ -53,14 +53,28 @@ fn growing() -> Growing {
     Growing { t, next, _mem: mem }
 }
 
-/// Runs `f` on a growing table `iters` times, timing only `f`; a new table when the growth
-/// ends.
-fn timed(state: &mut Option<Growing>, iters: u64, mut f: impl FnMut(&mut Growing)) -> Duration {
+/// A table whose growth from `FROM` slots has just ended: the old table is still to be
+/// emptied.
+fn grown() -> Growing {
+    let mut g = growing();
+    g.t.step(u32::MAX);
+    g
+}
+
+/// Runs `f` `iters` times on a table in the state `ready` says, timing only `f`; a new one
+/// from `make` whenever it is not.
+fn timed(
+    state: &mut Option<Growing>,
+    iters: u64,
+    ready: fn(&Flows4) -> bool,
+    make: fn() -> Growing,
+    mut f: impl FnMut(&mut Growing),
+) -> Duration {
     let mut total = Duration::ZERO;
     for _ in 0..iters {
-        if !state.as_ref().is_some_and(|g| g.t.growing()) {
+        if !state.as_ref().is_some_and(|g| ready(&g.t)) {
             *state = None;
-            *state = Some(growing());
+            *state = Some(make());
         }
         let g = state.as_mut().unwrap();
         let t0 = Instant::now();
@@ -70,46 +84,38 @@ fn timed(state: &mut Option<Growing>, iters: u64, mut f: impl FnMut(&mut Growing
     total
 }
 
+/// The old table, once given up, still to be emptied by the same steps.
+fn emptying(t: &Flows4) -> bool {
+    t.busy() && !t.growing()
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     let mut state = None;
     let mut g = c.benchmark_group("flows4 growth, 2M slots to 4M");
     g.sample_size(10);
+    let step = |g: &mut Growing| g.t.step(TIDY_SLOTS);
     g.bench_function(format!("main-loop step ({TIDY_SLOTS} slots)"), |b| {
-        b.iter_custom(|iters| timed(&mut state, iters, |g| g.t.step(TIDY_SLOTS)))
+        b.iter_custom(|iters| timed(&mut state, iters, Flows4::growing, growing, step))
     });
     g.bench_function(format!("insert with its step ({STEP} slots)"), |b| {
         b.iter_custom(|iters| {
-            timed(&mut state, iters, |g| {
+            timed(&mut state, iters, Flows4::growing, growing, |g| {
                 let _ = g.t.insert(&key(g.next), &Value4::default());
                 g.next += 1;
             })
         })
     });
     g.bench_function("the whole growth in one step", |b| {
-        b.iter_custom(|iters| timed(&mut state, iters, |g| g.t.step(u32::MAX)))
+        b.iter_custom(|iters| {
+            timed(&mut state, iters, Flows4::growing, growing, |g| {
+                g.t.step(u32::MAX)
+            })
+        })
     });
-    // The old table, once given up, is emptied by the same steps.
     g.bench_function(
         format!("main-loop step emptying the old table ({TIDY_SLOTS} slots)"),
-        |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    if !state.as_ref().is_some_and(|g| g.t.busy() && !g.t.growing()) {
-                        state = None;
-                        let mut g = growing();
-                        g.t.step(u32::MAX);
-                        state = Some(g);
-                    }
-                    let g = state.as_mut().unwrap();
-                    let t0 = Instant::now();
-                    g.t.step(TIDY_SLOTS);
-                    total += t0.elapsed();
-                }
-                total
-            })
-        },
+        |b| b.iter_custom(|iters| timed(&mut state, iters, emptying, grown, step)),
     );
     g.finish();
     c.final_summary();

@@ -937,6 +937,11 @@ impl FastPath {
     pub fn tidy(&self) {
         let mut t = self.flows4.lock();
         t.step(TIDY_SLOTS);
+        self.count_lost(&mut t);
+    }
+
+    /// The flows that the IPv4 table's growths could not place, counted as refused.
+    fn count_lost(&self, t: &mut Flows4) {
         let lost = t.take_lost();
         if lost > 0 {
             self.stats.failed.fetch_add(lost, Ordering::Relaxed);
@@ -1051,10 +1056,7 @@ impl FastPath {
             let r = flows4
                 .insert(&key4(key), &v4)
                 .map_err(std::io::Error::other);
-            let lost = flows4.take_lost();
-            if lost > 0 {
-                self.stats.failed.fetch_add(lost, Ordering::Relaxed);
-            }
+            self.count_lost(&mut flows4);
             r
         } else {
             let v6 = Value6 {

@@ -35,6 +35,8 @@
 //! worker_failure = "exit"            # a worker died or stuck, a port's XDP program gone: exit 1
 //!                                    # (or "report": keep going)
 //! stall_timeout = 5                  # seconds without a heartbeat before a worker is stuck
+//! fastpath_flows = 65536             # the most flows the XDP fast path holds (default:
+//!                                    # conntrack's max; at least 512)
 //! ```
 //!
 //! A port may also say `queues = N` (default: every receive queue its interface has).
@@ -109,6 +111,10 @@ pub struct Dataplane {
     /// Seconds a worker may go without a heartbeat (it beats on every turn of its loop, at
     /// least every 100 ms when idle) before it counts as stuck.
     pub stall_timeout: u32,
+    /// The most offloaded connections the XDP fast path holds; `None`: as many as conntrack
+    /// may track (`[conntrack] max`). A flowtable's flows beyond it stay with the workers
+    /// until a refresh finds room, as flows beyond a NIC's offload table stay in software.
+    pub fastpath_flows: Option<u32>,
 }
 
 /// What the appliance does when a worker dies or is stuck (its queues are no longer served,
@@ -137,6 +143,7 @@ impl Default for Dataplane {
             control_group: None,
             worker_failure: WorkerFailure::Exit,
             stall_timeout: 5,
+            fastpath_flows: None,
         }
     }
 }
@@ -200,6 +207,9 @@ pub struct Conntrack {
     pub nf_conntrack_icmp_timeout: u32,
     pub nf_conntrack_icmpv6_timeout: u32,
     pub nf_conntrack_generic_timeout: u32,
+    /// How long an offloaded flow lives after its last packet (a flowtable's, `flow add`).
+    pub nf_flowtable_tcp_timeout: u32,
+    pub nf_flowtable_udp_timeout: u32,
 }
 
 impl Default for Conntrack {
@@ -227,6 +237,8 @@ impl Default for Conntrack {
             nf_conntrack_icmp_timeout: 30,
             nf_conntrack_icmpv6_timeout: 30,
             nf_conntrack_generic_timeout: 600,
+            nf_flowtable_tcp_timeout: 30,
+            nf_flowtable_udp_timeout: 30,
         }
     }
 }
@@ -259,6 +271,8 @@ impl Conntrack {
         t.icmp = self.nf_conntrack_icmp_timeout;
         t.icmpv6 = self.nf_conntrack_icmpv6_timeout;
         t.generic = self.nf_conntrack_generic_timeout;
+        t.flowtable_tcp = self.nf_flowtable_tcp_timeout;
+        t.flowtable_udp = self.nf_flowtable_udp_timeout;
         c
     }
 }
@@ -457,6 +471,12 @@ impl Config {
         if dataplane.workers == Some(0) {
             return Err(at(dp_span, "[dataplane] workers must be at least 1".into()));
         }
+        if dataplane.fastpath_flows == Some(0) {
+            return Err(at(
+                dp_span,
+                "[dataplane] fastpath_flows must be at least 1".into(),
+            ));
+        }
         if dataplane.stall_timeout == 0 {
             return Err(at(
                 dp_span,
@@ -638,6 +658,9 @@ nf_conntrack_tcp_timeout_established = 7200
         assert_eq!(c.conntrack.nf_conntrack_tcp_timeout_established, 7200);
         // Untouched settings keep the kernel's defaults.
         assert_eq!(c.conntrack.nf_conntrack_udp_timeout_stream, 120);
+        assert_eq!(c.conntrack.nf_flowtable_udp_timeout, 30);
+        let t = c.conntrack.tracker_config().timeouts;
+        assert_eq!((t.flowtable_tcp, t.flowtable_udp), (30, 30));
         let (p, hop) = c.route("8.8.8.8".parse().unwrap()).unwrap();
         assert_eq!(
             (p.name.as_str(), hop.to_string().as_str()),
@@ -707,7 +730,7 @@ nf_conntrack_tcp_timeout_established = 7200
             "[[port]]\nname = \"a\"\nqueues = 2\n[[port]]\nname = \"b\"\n\
              [dataplane]\nmode = \"bridge\"\nworkers = 2\nbusy_poll = true\n\
              control = \"/tmp/ks.sock\"\ncontrol_group = \"adm\"\n\
-             worker_failure = \"report\"\nstall_timeout = 2\n",
+             worker_failure = \"report\"\nstall_timeout = 2\nfastpath_flows = 4096\n",
         )
         .unwrap();
         assert_eq!(c.dataplane.mode, Mode::Bridge);
@@ -717,6 +740,7 @@ nf_conntrack_tcp_timeout_established = 7200
         assert_eq!(c.dataplane.control_group.as_deref(), Some("adm"));
         assert_eq!(c.dataplane.worker_failure, WorkerFailure::Report);
         assert_eq!(c.dataplane.stall_timeout, 2);
+        assert_eq!(c.dataplane.fastpath_flows, Some(4096));
         assert_eq!(c.ports[0].queues, Some(2));
     }
 
@@ -731,6 +755,8 @@ nf_conntrack_tcp_timeout_established = 7200
             e.contains(":1:1: [dataplane] workers must be at least 1"),
             "{e}"
         );
+        let e = err("[dataplane]\nfastpath_flows = 0\n");
+        assert!(e.contains("fastpath_flows must be at least 1"), "{e}");
         let e = err("[dataplane]\nstall_timeout = 0\n");
         assert!(e.contains("stall_timeout must be at least 1"), "{e}");
         let e = err("[dataplane]\nworker_failure = \"ignore\"\n");

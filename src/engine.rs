@@ -1674,7 +1674,10 @@ impl Engine {
                 return None;
             }
         }
-        flow.refresh(now);
+        // flow_offload_refresh: a dataplane that refused the flow is asked again.
+        if flow.refresh(now) && flow.wants_mirror(&self.flows) {
+            w.flow_events.push(FlowEvent::Offloaded(flow.clone()));
+        }
         let conn = &flow.conn;
         if conn.status() & (conntrack::status::SRC_NAT | conntrack::status::DST_NAT) != 0 {
             if let Some(b) = conn.nat() {
@@ -1763,7 +1766,11 @@ impl Engine {
             conntrack::Dir::Original => [this, other],
             conntrack::Dir::Reply => [other, this],
         };
-        if let Some(flow) = self.flows.offload(conn, &spec.key, spec.counter, dirs, now) {
+        let timeouts = &self.tracker.config().timeouts;
+        if let Some(flow) = self
+            .flows
+            .offload(conn, &spec.key, spec.counter, dirs, timeouts, now)
+        {
             w.flow_events.push(FlowEvent::Offloaded(flow));
         }
     }

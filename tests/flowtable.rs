@@ -30,7 +30,12 @@ const SERVER: [u8; 4] = [203, 0, 113, 7];
 const BOX_WAN: [u8; 4] = [198, 51, 100, 1];
 
 fn engine() -> Engine {
-    let cfg = Config::parse(CONFIG, Path::new("ks.toml")).unwrap();
+    engine_with("")
+}
+
+/// The engine with `extra` appended to the router's configuration.
+fn engine_with(extra: &str) -> Engine {
+    let cfg = Config::parse(&format!("{CONFIG}{extra}"), Path::new("ks.toml")).unwrap();
     let rules =
         rules::load_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/lab-flowtable.nft"))
             .unwrap();
@@ -291,6 +296,110 @@ fn udp_flow_expires_back_to_conntrack_with_the_stream_timeout_less_the_flows() {
         "udp_timeout_stream 120 - the flow's 30"
     );
     assert_eq!(conn.status() & status::OFFLOAD, 0);
+}
+
+/// `nf_flowtable_udp_timeout` and `nf_flowtable_tcp_timeout` set how long a flow lives
+/// after its last packet, and what the connection gets back when it expires.
+#[test]
+fn the_flowtable_timeouts_come_from_their_sysctls() {
+    let mut r = Run::new();
+    r.e = engine_with(
+        "\n[conntrack]\nnf_flowtable_udp_timeout = 5\nnf_flowtable_tcp_timeout = 300\n",
+    );
+    let _handshake = offloaded_tcp(&mut r, 40099);
+    let up = || capture::udp("lan", CLIENT, SERVER, 5353, 53, b"query");
+    let (o, _) = r.send(LAN, up(), t(0));
+    let masq = ports(&leaves(&o)).0;
+    let down = || capture::udp("wan", SERVER, BOX_WAN, 53, masq, b"answer");
+    let (_, ev) = r.send(WAN, down(), t(1));
+    assert!(matches!(ev.as_slice(), [FlowEvent::Offloaded(_)]), "{ev:?}");
+    let udp = r.e.flows().flows();
+    let udp = udp.iter().find(|f| f.dirs[0].tuple.proto == 17).unwrap();
+    let conn = udp.conn.clone();
+    assert!(r.e.flow_gc(t(5)).is_empty());
+    let gone = r.e.flow_gc(t(6));
+    assert_eq!(gone.len(), 1, "the UDP flow, 5 s after its last packet");
+    assert!(std::sync::Arc::ptr_eq(&gone[0].conn, &conn));
+    assert_eq!(
+        conn.timeout_secs(t(6)),
+        115,
+        "udp_timeout_stream 120 - the flow's 5"
+    );
+    assert!(r.e.flow_gc(t(299)).is_empty(), "the TCP flow lives 300 s");
+    assert_eq!(r.e.flow_gc(t(300)).len(), 1);
+}
+
+/// The TCP handshake of a connection from the client's `sport`, offloaded by its third
+/// packet at `t(0)`; `(c2s, s2c)` frame makers for its later segments.
+#[allow(clippy::type_complexity)]
+fn offloaded_tcp(
+    r: &mut Run,
+    sport: u16,
+) -> (
+    impl Fn(&str, u32, u32) -> Vec<u8>,
+    impl Fn(&str, u32, u32) -> Vec<u8>,
+) {
+    let c2s = move |flags: &str, seq: u32, ack: u32| {
+        capture::tcp("lan", CLIENT, SERVER, sport, 80, flags, seq, ack, b"")
+    };
+    let (o, _) = r.send(LAN, c2s("S", 1, 0), t(0));
+    let masq = ports(&leaves(&o)).0;
+    let s2c = move |flags: &str, seq: u32, ack: u32| {
+        capture::tcp("wan", SERVER, BOX_WAN, 80, masq, flags, seq, ack, b"")
+    };
+    r.send(WAN, s2c("SA", 100, 2), t(0));
+    let (_, ev) = r.send(LAN, c2s("A", 2, 101), t(0));
+    assert!(matches!(ev.as_slice(), [FlowEvent::Offloaded(_)]), "{ev:?}");
+    (c2s, s2c)
+}
+
+/// A dataplane that mirrors the flows (the XDP fast path) and has not taken one (the flow's
+/// slot is unset: its maps were full) is asked again whenever a packet the engine forwards
+/// moves the flow's timeout, at most once a second, as `flow_offload_refresh` retries a
+/// hardware offload; not once the dataplane has it, not for a closing flow, and never
+/// without a dataplane that mirrors.
+#[test]
+fn a_flow_the_fast_path_refused_is_offered_again_at_its_refresh() {
+    use keepstate::conntrack::flowtable::NO_SLOT;
+    use std::sync::atomic::Ordering::Relaxed;
+    // Without a mirroring dataplane: no event, however long.
+    let mut r = Run::new();
+    let (c2s, _) = offloaded_tcp(&mut r, 40100);
+    let (o, ev) = r.send(LAN, c2s("A", 2, 101), t(5));
+    leaves(&o);
+    assert!(ev.is_empty(), "{ev:?}");
+
+    let mut r = Run::new();
+    r.e.flows().set_mirrored();
+    let (c2s, s2c) = offloaded_tcp(&mut r, 40101);
+    let flow = r.e.flows().flows().pop().unwrap();
+    assert_eq!(flow.slot.load(Relaxed), NO_SLOT, "the dataplane refused it");
+    // Within the second the offload set the timeout: not moved, not asked.
+    let (o, ev) = r.send(WAN, s2c("A", 101, 2), t(0));
+    leaves(&o);
+    assert!(ev.is_empty(), "{ev:?}");
+    // Two seconds on: the timeout moves, the dataplane is asked for the same flow.
+    let (o, ev) = r.send(LAN, c2s("A", 2, 101), t(2));
+    leaves(&o);
+    match ev.as_slice() {
+        [FlowEvent::Offloaded(f)] => assert!(std::sync::Arc::ptr_eq(f, &flow)),
+        other => panic!("{other:?}"),
+    }
+    // Within a second of that: not again.
+    let (_, ev) = r.send(WAN, s2c("A", 101, 2), t(2));
+    assert!(ev.is_empty(), "{ev:?}");
+    // Taken: not asked any more.
+    flow.slot.store(7, Relaxed);
+    let (_, ev) = r.send(LAN, c2s("A", 2, 101), t(4));
+    assert!(ev.is_empty(), "{ev:?}");
+    // Refused again (as after a growth lost it), then closing: not asked.
+    flow.slot.store(NO_SLOT, Relaxed);
+    let (o, ev) = r.send(LAN, c2s("FA", 2, 101), t(6));
+    leaves(&o);
+    assert!(flow.is_closing());
+    assert!(ev.is_empty(), "a FIN's refresh: {ev:?}");
+    let (_, ev) = r.send(WAN, s2c("A", 101, 3), t(8));
+    assert!(ev.is_empty(), "closing: {ev:?}");
 }
 
 #[test]

@@ -27,10 +27,12 @@ use super::proto::tcp::{flag, TcpState};
 use super::proto::{Dir, ProtoState};
 use super::tuple::Tuple;
 use super::{status, Timeouts, Timestamp};
+use crate::packet::IPPROTO_TCP;
 
 const NS: u64 = 1_000_000_000;
-/// `NF_FLOW_TIMEOUT`, and the default `nf_flowtable_tcp_timeout` / `nf_flowtable_udp_timeout`
-/// (`offload_timeout`): a flow dies this long after its last packet.
+/// `NF_FLOW_TIMEOUT`, the default `nf_flowtable_tcp_timeout` / `nf_flowtable_udp_timeout`
+/// (`offload_timeout`, [`Timeouts::flowtable_tcp`]): a flow dies this long after its last
+/// packet.
 pub const FLOW_TIMEOUT_SECS: u64 = 30;
 /// `NF_CT_DAY`: the conntrack timeout of an offloaded connection (`flow_offload_add`), so it
 /// never expires while the flowtable forwards its packets.
@@ -70,8 +72,12 @@ pub struct Flow {
     pub counter: bool,
     /// Where a dataplane's fast path counts the flow's packets, if it wants a note of it on
     /// the flow (the XDP fast path: its counters' slot pair); [`NO_SLOT`] until then. The
-    /// flowtable never reads it.
+    /// flowtable never reads it, but a refresh of a flow still at [`NO_SLOT`] asks the
+    /// dataplane again ([`Flow::wants_mirror`]).
     pub slot: AtomicU32,
+    /// `flow_offload_get_timeout`: how long the flow lives after its last packet, in ns
+    /// (`nf_flowtable_tcp_timeout` or `nf_flowtable_udp_timeout` at its offload).
+    lifetime: u64,
     /// The flowtable it belongs to, as `family table name`.
     pub flowtable: Arc<str>,
     /// ORIGINAL, REPLY.
@@ -92,12 +98,26 @@ impl Flow {
         Timestamp(self.timeout.load(Ordering::Relaxed))
     }
 
-    /// `flow_offload_refresh`: a forwarded packet moves the timeout (at most once a second).
-    pub fn refresh(&self, now: Timestamp) {
-        let t = now.0 + FLOW_TIMEOUT_SECS * NS;
-        if t.saturating_sub(self.timeout.load(Ordering::Relaxed)) > NS {
+    /// `flow_offload_refresh`: a forwarded packet moves the timeout (at most once a second);
+    /// true when it did, which is when the kernel retries a hardware offload.
+    pub fn refresh(&self, now: Timestamp) -> bool {
+        let t = now.0 + self.lifetime;
+        let moved = t.saturating_sub(self.timeout.load(Ordering::Relaxed)) > NS;
+        if moved {
             self.timeout.store(t, Ordering::Relaxed);
         }
+        moved
+    }
+
+    /// Whether a refresh that moved the timeout should ask the dataplane to take the flow
+    /// again: it mirrors flows ([`Flows::set_mirrored`]) and has not taken this one (its
+    /// [`Flow::slot`] is [`NO_SLOT`]: refused, or not installed yet), which is not closing.
+    /// As `flow_offload_refresh` calls `nf_flow_offload_add` again for a flowtable with
+    /// `flags offload`, so that a flow the hardware refused gets in once there is room.
+    pub fn wants_mirror(&self, flows: &Flows) -> bool {
+        flows.mirrored.load(Ordering::Relaxed)
+            && !self.is_closing()
+            && self.slot.load(Ordering::Relaxed) == NO_SLOT
     }
 
     /// `nf_ct_acct_update` for a packet the flowtable forwarded (with the `counter` flag).
@@ -156,6 +176,8 @@ pub struct Flows {
     next_slice: AtomicUsize,
     /// Flows torn down outside a packet (reload, gc), for [`Flows::gc`]'s caller.
     pending: Mutex<Vec<FlowRef>>,
+    /// A dataplane mirrors the flows into a fast path of its own ([`Flows::set_mirrored`]).
+    mirrored: AtomicBool,
 }
 
 impl Flows {
@@ -167,6 +189,13 @@ impl Flows {
         self.map.is_empty()
     }
 
+    /// A dataplane mirrors every offloaded flow into a fast path of its own (the XDP
+    /// program's maps), as `flags offload` puts a flowtable's flows in hardware: from now on
+    /// a refresh of a flow it has not taken asks again ([`Flow::wants_mirror`]).
+    pub fn set_mirrored(&self) {
+        self.mirrored.store(true, Ordering::Relaxed);
+    }
+
     /// `flow_offload_add`: marks `conn` offloaded (`IPS_OFFLOAD`, test and set: one flowtable
     /// per connection) and puts both directions in. `None` if it was offloaded already or a
     /// direction's key is taken.
@@ -176,18 +205,26 @@ impl Flows {
         flowtable: &Arc<str>,
         counter: bool,
         dirs: [FlowDir; 2],
+        t: &Timeouts,
         now: Timestamp,
     ) -> Option<FlowRef> {
         if conn.set_status(status::OFFLOAD) & status::OFFLOAD != 0 {
             return None;
         }
+        let secs = if dirs[0].tuple.proto == IPPROTO_TCP {
+            t.flowtable_tcp
+        } else {
+            t.flowtable_udp
+        };
+        let lifetime = u64::from(secs) * NS;
         let flow = Arc::new(Flow {
             conn: conn.clone(),
             flowtable: flowtable.clone(),
             counter,
             slot: AtomicU32::new(NO_SLOT),
             dirs,
-            timeout: AtomicU64::new(now.0 + FLOW_TIMEOUT_SECS * NS),
+            timeout: AtomicU64::new(now.0 + lifetime),
+            lifetime,
             closing: AtomicBool::new(false),
             teardown: AtomicBool::new(false),
         });
@@ -394,7 +431,7 @@ fn teardown(flow: &Flow, t: &Timeouts, now: Timestamp) {
             }
             let secs = u64::from(t.tcp_state(tc.state));
             if expired && !closing {
-                secs.saturating_sub(FLOW_TIMEOUT_SECS)
+                secs.saturating_sub(flow.lifetime / NS)
             } else {
                 secs
             }
@@ -406,7 +443,7 @@ fn teardown(flow: &Flow, t: &Timeouts, now: Timestamp) {
                 u64::from(t.udp)
             };
             if expired {
-                secs.saturating_sub(FLOW_TIMEOUT_SECS)
+                secs.saturating_sub(flow.lifetime / NS)
             } else {
                 secs
             }

@@ -135,6 +135,11 @@ pub struct Timeouts {
     pub icmpv6: u32,
     /// `nf_conntrack_generic_timeout`.
     pub generic: u32,
+    /// `nf_flowtable_tcp_timeout` (`offload_timeout`): an offloaded TCP flow dies this long
+    /// after its last packet.
+    pub flowtable_tcp: u32,
+    /// `nf_flowtable_udp_timeout`: the same for UDP.
+    pub flowtable_udp: u32,
 }
 
 impl Default for Timeouts {
@@ -156,6 +161,8 @@ impl Default for Timeouts {
             icmp: 30,
             icmpv6: 30,
             generic: 600,
+            flowtable_tcp: 30,
+            flowtable_udp: 30,
         }
     }
 }
@@ -202,6 +209,8 @@ impl Timeouts {
             "icmp_timeout" => &mut self.icmp,
             "icmpv6_timeout" => &mut self.icmpv6,
             "generic_timeout" => &mut self.generic,
+            "nf_flowtable_tcp_timeout" => &mut self.flowtable_tcp,
+            "nf_flowtable_udp_timeout" => &mut self.flowtable_udp,
             _ => return Err(UnknownSetting(name.to_string())),
         };
         *slot = secs;

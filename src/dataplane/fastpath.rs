@@ -728,8 +728,11 @@ impl FastPath {
         Some(key_of(*self.ifindexes.get(d.iif)?, &d.tuple))
     }
 
-    /// Installs both directions of `flow`; `macs` are each direction's next hop's MAC and
-    /// its egress port's own. False if the map refused one (it is full).
+    /// Installs both directions of `flow`, or neither; `macs` are each direction's next
+    /// hop's MAC and its egress port's own. False if the maps refused one (they are full):
+    /// the flow stays with the workers, and its next refresh asks again
+    /// ([`Flow::wants_mirror`](crate::conntrack::flowtable::Flow::wants_mirror)). A flow
+    /// installed already is left as it is.
     pub fn install(&self, flow: &FlowRef, macs: [(Mac, Mac); 2]) -> bool {
         let mut ok = true;
         let mut installed = Vec::with_capacity(2);
@@ -737,6 +740,10 @@ impl FastPath {
             // One lock over the maps and the kernel's copy, so that a retire of a flow that
             // had the same key cannot remove this one's.
             let mut entries = self.entries.lock();
+            // Another worker's retry may have come first.
+            if flow.slot.load(Ordering::Relaxed) != NO_SLOT {
+                return true;
+            }
             let Some(pair) = self.slots.lock().take() else {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 return false;
@@ -775,12 +782,13 @@ impl FastPath {
             }
             if installed.is_empty() {
                 self.slots.lock().fresh.push(pair);
-            } else {
+            } else if ok {
                 flow.slot.store(pair, Ordering::Relaxed);
             }
             // Torn down meanwhile (its retire may have come before this install): out again,
-            // or its entries would stay until a listing's reading.
-            if flow.is_torn_down() {
+            // or its entries would stay until a listing's reading. Half installed: out too,
+            // so that a retry installs both (the pair goes back with its last user).
+            if flow.is_torn_down() || !ok {
                 for key in installed.drain(..) {
                     self.remove(&mut entries, &key);
                 }

@@ -592,6 +592,8 @@ pub struct Plan {
     mode: Mode,
     busy_poll: bool,
     stall_timeout_ns: u64,
+    /// `[dataplane] fastpath_flows`.
+    fastpath_flows: Option<u32>,
     /// Each worker's test fault ([`health::FAULT_ENV`]), normally none.
     faults: Vec<Option<health::Fault>>,
 }
@@ -665,6 +667,7 @@ pub fn plan(cfg: &Config) -> Result<Plan, DataplaneError> {
         mode: cfg.dataplane.mode,
         busy_poll: cfg.dataplane.busy_poll,
         stall_timeout_ns: u64::from(cfg.dataplane.stall_timeout) * 1_000_000_000,
+        fastpath_flows: cfg.dataplane.fastpath_flows,
         faults,
     })
 }
@@ -681,6 +684,7 @@ pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError>
         mode,
         busy_poll,
         stall_timeout_ns,
+        fastpath_flows,
         faults,
     } = plan;
     iface::quiet_libbpf();
@@ -689,14 +693,21 @@ pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError>
     let interfaces: Vec<String> = ports.iter().map(|p| p.interface.clone()).collect();
     let most = ports.iter().map(|p| p.queues).max().unwrap_or(0);
     // Room for both directions of every connection the table may hold, as the kernel's
-    // flowtable (a resizing hash) never refuses one for lack of room.
-    let flows = (engine.tracker().table().max().saturating_mul(2)).clamp(1 << 16, 1 << 23);
+    // flowtable (a resizing hash) never refuses one for lack of room; or of as many as the
+    // configuration says (at least 512: the maps' least).
+    let flows = match fastpath_flows {
+        Some(n) => (n as usize).saturating_mul(2).clamp(1 << 10, 1 << 23),
+        None => (engine.tracker().table().max().saturating_mul(2)).clamp(1 << 16, 1 << 23),
+    };
     let loaded = fastpath::FastPath::load(&interfaces, most, flows as u32).and_then(|fp| {
         fp.attach()?;
         Ok(fp)
     });
     let fastpath = match loaded {
-        Ok(fp) => Some(fp),
+        Ok(fp) => {
+            engine.flows().set_mirrored();
+            Some(fp)
+        }
         Err(e) => {
             // What a failed attach left behind, and a crashed run's program, would stop
             // libxdp from loading its own.

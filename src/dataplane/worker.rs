@@ -401,6 +401,9 @@ impl Worker {
                 FlowEvent::Offloaded(flow) if shared.mode == Mode::Bridge => {
                     install_bridged(fp, flow, frame, ingress);
                 }
+                // A refresh's retry of a flow that waits here already: its turn comes.
+                FlowEvent::Offloaded(flow) if self.waiting.iter().any(|f| Arc::ptr_eq(f, flow)) => {
+                }
                 FlowEvent::Offloaded(flow) => {
                     if !self.install(shared, flow) && self.waiting.len() < MAX_WAITING_FLOWS {
                         fp.stats.waiting.fetch_add(1, Ordering::Relaxed);
@@ -421,7 +424,8 @@ impl Worker {
     }
 
     /// Installs both directions of a routed `flow` in the fast path; false if a next hop's
-    /// MAC is not known yet (asked for here, so a later try finds it).
+    /// MAC is not known yet (asked for here, so a later try finds it). A flow the maps
+    /// refuse is not waited for: its next refresh asks again.
     fn install(&mut self, shared: &Shared, flow: &FlowRef) -> bool {
         let Some(fp) = &shared.fastpath else {
             return true;

@@ -316,12 +316,15 @@ fn the_flowtable_timeouts_come_from_their_sysctls() {
     let udp = r.e.flows().flows();
     let udp = udp.iter().find(|f| f.dirs[0].tuple.proto == 17).unwrap();
     let conn = udp.conn.clone();
-    assert!(r.e.flow_gc(t(5)).is_empty());
-    let gone = r.e.flow_gc(t(6));
+    // A packet at 3 s moves its timeout to 8 s.
+    let (o, _) = r.send(LAN, up(), t(3));
+    assert!(o.rules.is_empty(), "forwarded by the flowtable");
+    assert!(r.e.flow_gc(t(7)).is_empty());
+    let gone = r.e.flow_gc(t(8));
     assert_eq!(gone.len(), 1, "the UDP flow, 5 s after its last packet");
     assert!(std::sync::Arc::ptr_eq(&gone[0].conn, &conn));
     assert_eq!(
-        conn.timeout_secs(t(6)),
+        conn.timeout_secs(t(8)),
         115,
         "udp_timeout_stream 120 - the flow's 5"
     );

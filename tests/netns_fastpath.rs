@@ -473,12 +473,13 @@ fn paced_flow_stays_offloaded(tag: &str, counter: bool) {
 
 /// Many UDP flows at once, from a socket each (ports from `base` on): `rounds` datagrams
 /// on every one, sent 50
-/// at a time (within the echo server's socket buffer) before their echoes are read; prints
-/// the echoes that came back.
+/// at a time (within the echo server's socket buffer) before their echoes are read, with
+/// `gap` seconds between rounds (optional, default none); prints the echoes that came back.
 const MANY_CLIENT: &str = "
-import socket, sys
+import socket, sys, time
 host, port, n, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 base = int(sys.argv[5])
+gap = float(sys.argv[6]) if len(sys.argv) > 6 else 0
 socks = []
 for i in range(n):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -487,6 +488,8 @@ for i in range(n):
     socks.append(s)
 got = 0
 for r in range(rounds):
+    if r:
+        time.sleep(gap)
     for c in range(0, n, 50):
         for i in range(c, min(c + 50, n)):
             socks[i].sendto(b'%d %d' % (i, r), (host, port))
@@ -563,5 +566,104 @@ fn the_ipv4_table_grows_under_traffic() {
         );
         forwarded = packets;
     }
+    signal(pid, "-TERM");
+}
+
+/// `rounds` datagrams on each of `flows` UDP flows from the LAN host's ports `base` on to
+/// the echo server, `gap` seconds between rounds; the echoes that came back.
+fn many_flows(lan: &str, flows: u64, rounds: u64, base: u16, gap: &str) -> u64 {
+    let args = [flows.to_string(), rounds.to_string(), base.to_string()];
+    let cmd = [
+        "python3",
+        "-c",
+        MANY_CLIENT,
+        INTERNET,
+        "9000",
+        &args[0],
+        &args[1],
+        &args[2],
+        gap,
+    ];
+    ok(lan, &cmd).trim().parse().unwrap()
+}
+
+/// The "refused by the map" count of the fast path's stats line.
+fn refused(line: &str) -> u64 {
+    let (before, _) = line.split_once(" refused by the map").expect(line);
+    before.rsplit(' ').next().unwrap().parse().expect(line)
+}
+
+/// A fast path smaller than the flows (`fastpath_flows = 512`) refuses the flows beyond it,
+/// which the workers forward; when room comes back (the first flows idle out, here after
+/// `nf_flowtable_udp_timeout = 2` s), the refused flows get in at their next refresh, as the
+/// kernel retries a hardware offload, and XDP forwards them from then on.
+#[test]
+fn flows_the_full_fast_path_refused_get_in_once_there_is_room() {
+    if !can_run("netns_fastpath", &["python3", "ethtool", "ping"]) {
+        return;
+    }
+    const ROOM: u64 = 512;
+    // Few enough to leave the table's probes room (800 entries in 2,048 slots).
+    const FIRST: u64 = 400;
+    const MORE: u64 = 200;
+    let mut g = lab("r", 2, Duration::from_secs(120));
+    let (lan, wan) = (g.lab.lan.clone(), g.lab.wan.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg_path, sock) = flowtable_config(dir.path());
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    let small = cfg
+        .replace(
+            "busy_poll = false\n",
+            &format!("busy_poll = false\nfastpath_flows = {ROOM}\n"),
+        )
+        .replace(
+            "max = 65536\n",
+            "max = 65536\nnf_flowtable_udp_timeout = 2\n",
+        );
+    assert_eq!(small.matches("fastpath_flows").count(), 1, "{small}");
+    assert_eq!(small.matches("nf_flowtable_udp").count(), 1, "{small}");
+    std::fs::write(&cfg_path, small).unwrap();
+    let (pid, lines) = start(&mut g, &cfg_path);
+    assert!(
+        !lines.contains("fast path is off"),
+        "the fast path did not load"
+    );
+    udp_echo_server(&mut g, &wan);
+
+    eprintln!("UDP: {FIRST} flows in a fast path with room for {ROOM}");
+    assert_eq!(many_flows(&lan, FIRST, 3, 23_000, "0"), FIRST * 3);
+    let stats = ctl_ok(&sock, &["stats"]);
+    let line = xdp_line(&stats).to_string();
+    eprintln!("  {line}");
+    assert_eq!(xdp(&line).0, 2 * FIRST, "{line}");
+    assert_eq!(installed(&line), FIRST, "{line}");
+    assert_eq!(refused(&line), 0, "{line}");
+
+    // The second batch paces its datagrams over 8 s: refused at first, installed once the
+    // first batch's flows (idle from now on) have left.
+    eprintln!("UDP: {MORE} more flows, paced over 8 s, while the first ones idle out");
+    assert_eq!(many_flows(&lan, MORE, 17, 24_000, "0.5"), MORE * 17);
+    std::thread::sleep(READ);
+    let stats = ctl_ok(&sock, &["stats"]);
+    let line = xdp_line(&stats).to_string();
+    eprintln!("  {line}");
+    let (entries, packets, _) = xdp(&line);
+    assert!(
+        refused(&line) >= FIRST + MORE - ROOM,
+        "the later flows beyond the room were refused: {line}"
+    );
+    assert_eq!(
+        installed(&line),
+        FIRST + MORE,
+        "every later flow got in: {line}"
+    );
+    assert_eq!(entries, 2 * MORE, "only the later flows are left: {line}");
+    // The first batch's 2 x 2 datagrams a flow after its install, and at least the later
+    // flows' last 2 s (4 rounds) since theirs.
+    let want = 2 * FIRST * 2 + 2 * MORE * 4;
+    assert!(
+        packets >= want,
+        "{packets} packets through XDP, not {want}: {line}"
+    );
     signal(pid, "-TERM");
 }

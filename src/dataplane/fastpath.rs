@@ -942,18 +942,31 @@ impl FastPath {
 
     /// A tick of the main loop: a step of the IPv4 table's growth, if one is under way
     /// ([`Flows4::step`]): at most [`TIDY_SLOTS`] slots under the table's lock, so that a
-    /// worker installing a flow meanwhile waits for no more than that.
-    pub fn tidy(&self) {
-        let mut t = self.flows4.lock();
-        t.step(TIDY_SLOTS);
-        self.count_lost(&mut t);
-    }
-
-    /// The flows that the IPv4 table's growths could not place, counted as refused.
-    fn count_lost(&self, t: &mut Flows4) {
-        let lost = t.take_lost();
-        if lost > 0 {
-            self.stats.failed.fetch_add(lost, Ordering::Relaxed);
+    /// worker installing a flow meanwhile waits for no more than that. Then the flows with
+    /// an entry that a growth could not place (counted as refused) leave the fast path
+    /// whole, their counters read, so that their next refresh offers them again
+    /// ([`FastPath::install`]) rather than leaving them with the workers for good.
+    pub fn tidy(&self, engine: &Engine, now: Timestamp) {
+        let lost = {
+            let mut t = self.flows4.lock();
+            t.step(TIDY_SLOTS);
+            t.take_lost()
+        };
+        if lost.is_empty() {
+            return;
+        }
+        self.stats
+            .failed
+            .fetch_add(lost.len() as u64, Ordering::Relaxed);
+        let flows: Vec<FlowRef> = {
+            let entries = self.entries.lock();
+            lost.iter()
+                .filter_map(|k| entries.get(&flow_key4(k)).map(|e| e.flow.clone()))
+                .collect()
+        };
+        for flow in flows {
+            self.retire(engine, &flow, now);
+            flow.slot.store(NO_SLOT, Ordering::Relaxed);
         }
     }
 
@@ -1061,12 +1074,12 @@ impl FastPath {
                 src: v.src[..4].try_into().unwrap_or_default(),
                 dst: v.dst[..4].try_into().unwrap_or_default(),
             };
-            let mut flows4 = self.flows4.lock();
-            let r = flows4
+            // Keys a growth's step lost here wait in the table for the next tidy, which
+            // needs the entries' lock that the caller holds.
+            self.flows4
+                .lock()
                 .insert(&key4(key), &v4)
-                .map_err(std::io::Error::other);
-            self.count_lost(&mut flows4);
-            r
+                .map_err(std::io::Error::other)
         } else {
             let v6 = Value6 {
                 h,
@@ -1204,6 +1217,22 @@ fn key4(k: &FlowKey) -> Key4 {
     }
 }
 
+/// The entry key of the IPv4 key `k` (what [`key4`] undoes).
+fn flow_key4(k: &Key4) -> FlowKey {
+    let (mut src, mut dst) = ([0; 16], [0; 16]);
+    src[..4].copy_from_slice(&k.src);
+    dst[..4].copy_from_slice(&k.dst);
+    FlowKey {
+        ifindex: k.ifindex,
+        l3: 4,
+        proto: k.proto,
+        src,
+        dst,
+        sport: k.sport,
+        dport: k.dport,
+    }
+}
+
 /// The kernel's IPv6 key of `k`.
 fn key6(k: &FlowKey) -> Key6 {
     Key6 {
@@ -1322,6 +1351,8 @@ mod tests {
         assert_eq!((k.ifindex, k.l3, k.proto), (7, 4, 6));
         assert_eq!(&k.src[..4], &[192, 168, 1, 10]);
         assert_eq!(k.dport.to_ne_bytes(), [0, 80]);
+        // A lost IPv4 key finds its entry again.
+        assert_eq!(flow_key4(&key4(&k)), k);
         let rw = Rewrite {
             src: Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1))),
             sport: Some(0x1234),

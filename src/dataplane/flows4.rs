@@ -174,8 +174,8 @@ pub struct Flows4 {
     growth: Option<Growth>,
     /// A table given up, still to be emptied.
     stale: Option<Stale>,
-    /// Entries a growth could not place (none expected: the new table is a third full).
-    lost: u64,
+    /// Keys a growth could not place (none expected: the new table is a third full).
+    lost: Vec<Key4>,
 }
 
 // SAFETY: `base` and `shared` point to memory that outlives the table (its owner keeps them
@@ -222,7 +222,7 @@ impl Flows4 {
             len: 0,
             growth: None,
             stale: None,
-            lost: 0,
+            lost: Vec::new(),
         }
     }
 
@@ -237,7 +237,7 @@ impl Flows4 {
         len: 0,
         growth: None,
         stale: None,
-        lost: 0,
+        lost: Vec::new(),
     };
 
     /// Entries.
@@ -264,9 +264,9 @@ impl Flows4 {
         self.growth.is_some() || self.stale.is_some()
     }
 
-    /// Entries that growths could not place since the last call: their flows are no longer
-    /// in the table, and their packets go to the workers.
-    pub fn take_lost(&mut self) -> u64 {
+    /// Keys that growths could not place since the last call: their flows are no longer in
+    /// the table (or will not be after the switch), and their packets go to the workers.
+    pub fn take_lost(&mut self) -> Vec<Key4> {
         std::mem::take(&mut self.lost)
     }
 
@@ -457,7 +457,7 @@ impl Flows4 {
         }
         match self.place(g.to, k, v) {
             Ok(new) => self.grown(new as usize, 0),
-            Err(Full) => self.lost += 1,
+            Err(Full) => self.lost.push(*k),
         }
     }
 
@@ -521,7 +521,7 @@ impl Flows4 {
             let (key, value) = (e.key, e.value);
             match self.place(g.to, &key, &value) {
                 Ok(_) => g.len += 1,
-                Err(Full) => self.lost += 1,
+                Err(Full) => self.lost.push(key),
             }
         }
         if g.copied < self.cur.size() {
@@ -724,7 +724,7 @@ mod tests {
                 }
             }
             finish(&mut t);
-            prop_assert_eq!(t.take_lost(), 0);
+            prop_assert_eq!(t.take_lost().len(), 0);
             for (&m, &v) in &model {
                 prop_assert_eq!(program_finds(&t, &shared, &key(m)), Some(v));
             }
@@ -768,7 +768,7 @@ mod tests {
             assert_eq!(t.get(&key(n)).map(|v| v.h.slot), want);
         }
         assert_eq!(t.len(), 43_690 - refused.len());
-        assert_eq!(t.take_lost(), 0);
+        assert_eq!(t.take_lost().len(), 0);
     }
 
     #[test]

@@ -479,7 +479,7 @@ impl Shared {
             return;
         };
         fp.age_slots();
-        fp.tidy();
+        fp.tidy(&self.engine, now);
         if fp.neighbours_changed(&self.neighbours) {
             fp.sync(&self.engine, now, &self.neighbours);
         }

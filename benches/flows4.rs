@@ -1,6 +1,6 @@
 //! The IPv4 flow table's growth (src/dataplane/flows4.rs): how long a step holds the table's
 //! lock, at the growth a box heading for a million flows goes through last but one (2M
-//! slots to 4M, with 1.4M entries). A main-loop tick copies `TIDY_SLOTS` slots; an insert
+//! slots to 4M, with 1.4M entries). A main-loop step copies `TIDY_SLOTS` slots; an insert
 //! or a removal `STEP` with its own work; once the new table is in use, the same steps
 //! empty the old one (8 slots for one of the budget). For comparison, the same growth in one step,
 //! as the table grew before (the whole growth under the lock, in the worker whose insert

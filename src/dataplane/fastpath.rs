@@ -456,11 +456,14 @@ impl CounterMap {
     }
 }
 
-/// Slots of a growing IPv4 table that a tick of the main loop copies ([`FastPath::tidy`]):
-/// about a millisecond (README, "Performance"), 20 times a second: a table of 4M slots
-/// moves to 8M within 256 ticks (13 s), sooner while flows arrive (each insert copies
-/// too), without holding the lock for longer.
+/// Slots of a growing IPv4 table that a step of the main loop copies ([`FastPath::tidy`]):
+/// about a millisecond under the table's lock (README, "Performance").
 pub const TIDY_SLOTS: u32 = 16_384;
+/// Steps a tick of the main loop takes, the lock released between them: 4 ms of the main
+/// thread 20 times a second while a table grows, so that a table of 4M slots moves to 8M
+/// within 64 ticks (3.2 s), sooner while flows arrive (each insert copies too), and a
+/// worker installing a flow meanwhile waits for one step at most.
+pub const TIDY_STEPS: usize = 4;
 
 /// The loaded program and its maps.
 pub struct FastPath {
@@ -940,18 +943,23 @@ impl FastPath {
         (size, max, t.growing())
     }
 
-    /// A tick of the main loop: a step of the IPv4 table's growth, if one is under way
-    /// ([`Flows4::step`]): at most [`TIDY_SLOTS`] slots under the table's lock, so that a
-    /// worker installing a flow meanwhile waits for no more than that. Then the flows with
+    /// A tick of the main loop: up to [`TIDY_STEPS`] steps of the IPv4 table's growth, if
+    /// one is under way ([`Flows4::step`]), each of at most [`TIDY_SLOTS`] slots under the
+    /// table's lock, so that a worker installing a flow meanwhile waits for no more than
+    /// one. Then the flows with
     /// an entry that a growth could not place (counted as refused) leave the fast path
     /// whole, their counters read, so that their next refresh offers them again
     /// ([`FastPath::install`]) rather than leaving them with the workers for good.
     pub fn tidy(&self, engine: &Engine, now: Timestamp) {
-        let lost = {
+        let mut lost = Vec::new();
+        for _ in 0..TIDY_STEPS {
             let mut t = self.flows4.lock();
             t.step(TIDY_SLOTS);
-            t.take_lost()
-        };
+            lost.append(&mut t.take_lost());
+            if !t.busy() {
+                break;
+            }
+        }
         if lost.is_empty() {
             return;
         }

@@ -237,8 +237,8 @@ impl Default for Conntrack {
             nf_conntrack_icmp_timeout: 30,
             nf_conntrack_icmpv6_timeout: 30,
             nf_conntrack_generic_timeout: 600,
-            nf_flowtable_tcp_timeout: 30,
-            nf_flowtable_udp_timeout: 30,
+            nf_flowtable_tcp_timeout: crate::conntrack::flowtable::FLOW_TIMEOUT_SECS,
+            nf_flowtable_udp_timeout: crate::conntrack::flowtable::FLOW_TIMEOUT_SECS,
         }
     }
 }

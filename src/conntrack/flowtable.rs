@@ -33,7 +33,7 @@ const NS: u64 = 1_000_000_000;
 /// `NF_FLOW_TIMEOUT`, the default `nf_flowtable_tcp_timeout` / `nf_flowtable_udp_timeout`
 /// (`offload_timeout`, [`Timeouts::flowtable_tcp`]): a flow dies this long after its last
 /// packet.
-pub const FLOW_TIMEOUT_SECS: u64 = 30;
+pub const FLOW_TIMEOUT_SECS: u32 = 30;
 /// `NF_CT_DAY`: the conntrack timeout of an offloaded connection (`flow_offload_add`), so it
 /// never expires while the flowtable forwards its packets.
 pub const CT_DAY_SECS: u64 = 86_400;

@@ -161,8 +161,8 @@ impl Default for Timeouts {
             icmp: 30,
             icmpv6: 30,
             generic: 600,
-            flowtable_tcp: 30,
-            flowtable_udp: 30,
+            flowtable_tcp: flowtable::FLOW_TIMEOUT_SECS,
+            flowtable_udp: flowtable::FLOW_TIMEOUT_SECS,
         }
     }
 }

@@ -946,10 +946,10 @@ impl FastPath {
     /// A tick of the main loop: up to [`TIDY_STEPS`] steps of the IPv4 table's growth, if
     /// one is under way ([`Flows4::step`]), each of at most [`TIDY_SLOTS`] slots under the
     /// table's lock, so that a worker installing a flow meanwhile waits for no more than
-    /// one. Then the flows with
-    /// an entry that a growth could not place (counted as refused) leave the fast path
-    /// whole, their counters read, so that their next refresh offers them again
-    /// ([`FastPath::install`]) rather than leaving them with the workers for good.
+    /// one. Then the flows with an entry that a growth could not place (counted as refused)
+    /// leave the fast path whole, their counters read, so that their next refresh offers
+    /// them again ([`FastPath::install`]) rather than leaving them with the workers for
+    /// good.
     pub fn tidy(&self, engine: &Engine, now: Timestamp) {
         let mut lost = Vec::new();
         for _ in 0..TIDY_STEPS {

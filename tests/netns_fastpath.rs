@@ -104,6 +104,16 @@ fn flowtable_config(dir: &Path) -> (PathBuf, PathBuf) {
     (cfg_path, sock)
 }
 
+/// `keepstate run` with the configuration at `cfg_path`, its fast path loaded: its pid.
+fn start_fast(g: &mut Guard, cfg_path: &Path) -> u32 {
+    let (pid, lines) = start(g, cfg_path);
+    assert!(
+        !lines.contains("fast path is off"),
+        "the fast path did not load"
+    );
+    pid
+}
+
 const UDP_SERVER: &str = "
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -158,11 +168,7 @@ fn offloaded_flows_are_forwarded_by_xdp() {
     let (cfg_path, sock) = flowtable_config(dir.path());
     let rules = dir.path().join("lab-flowtable.nft");
     let rules_text = std::fs::read_to_string(&rules).unwrap();
-    let (pid, lines) = start(&mut g, &cfg_path);
-    assert!(
-        !lines.contains("fast path is off"),
-        "the fast path did not load"
-    );
+    let pid = start_fast(&mut g, &cfg_path);
     let before = ctl_ok(&sock, &["stats"]);
     assert_eq!(xdp(&before).0, 0, "entries before any flow");
 
@@ -435,11 +441,7 @@ fn paced_flow_stays_offloaded(tag: &str, counter: bool) {
         assert_ne!(plain, text, "no `counter` in the flowtable to take away");
         std::fs::write(&rules, plain).unwrap();
     }
-    let (pid, lines) = start(&mut g, &cfg_path);
-    assert!(
-        !lines.contains("fast path is off"),
-        "the fast path did not load"
-    );
+    let pid = start_fast(&mut g, &cfg_path);
     udp_echo_server(&mut g, &wan);
     eprintln!("UDP: {PACED} datagrams echoed, one every {GAP} s");
     let n = PACED.to_string();
@@ -518,11 +520,7 @@ fn the_ipv4_table_grows_under_traffic() {
     let (lan, wan) = (g.lab.lan.clone(), g.lab.wan.clone());
     let dir = tempfile::tempdir().unwrap();
     let (cfg_path, sock) = flowtable_config(dir.path());
-    let (pid, lines) = start(&mut g, &cfg_path);
-    assert!(
-        !lines.contains("fast path is off"),
-        "the fast path did not load"
-    );
+    let pid = start_fast(&mut g, &cfg_path);
     udp_echo_server(&mut g, &wan);
     let mut forwarded = 0;
     for (batch, sizes) in [(1, ["2048 ", "4096 "]), (2, ["4096 ", "8192 "])] {
@@ -612,11 +610,7 @@ fn flows_the_full_fast_path_refused_get_in_once_there_is_room() {
     assert_eq!(small.matches("fastpath_flows").count(), 1, "{small}");
     assert_eq!(small.matches("nf_flowtable_udp").count(), 1, "{small}");
     std::fs::write(&cfg_path, small).unwrap();
-    let (pid, lines) = start(&mut g, &cfg_path);
-    assert!(
-        !lines.contains("fast path is off"),
-        "the fast path did not load"
-    );
+    let pid = start_fast(&mut g, &cfg_path);
     udp_echo_server(&mut g, &wan);
 
     eprintln!("UDP: {FIRST} flows in a fast path with room for {ROOM}");

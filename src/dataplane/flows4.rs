@@ -281,7 +281,14 @@ impl Flows4 {
         hash(k, self.seed) as u32 & r.mask
     }
 
-    /// The slot holding `k` in table `r`, as the program looks for it.
+    /// How far slot `at` of table `r` lies from the home of `k`, the key it holds.
+    fn distance(&self, r: Region, at: u32, k: &Key4) -> u32 {
+        (at - r.at).wrapping_sub(self.home(k, r)) & r.mask
+    }
+
+    /// The slot holding `k` in table `r`, as the program looks for it, but for a miss
+    /// decided early: past the entries of its home there is no `k` (the program reads on to
+    /// the first empty slot, rather than hash every key it passes).
     fn find_in(&self, r: Region, k: &Key4) -> Option<u32> {
         if self.capacity == 0 {
             return None; // `NONE`
@@ -296,6 +303,9 @@ impl Flows4 {
             if e.key == *k {
                 return Some(at);
             }
+            if self.distance(r, at, &e.key) < i {
+                return None;
+            }
         }
         None
     }
@@ -309,20 +319,58 @@ impl Flows4 {
             .map(|i| self.entry(i).value)
     }
 
-    /// Writes `k` with `v` in table `r`: in its slot if it has one (false), else in the first
-    /// free one within [`PROBES`] of its home (true).
+    /// Writes `k` with `v` in table `r`: in its slot if it has one (false), else after the
+    /// entries whose home is at or before its own, within [`PROBES`] of its home (true),
+    /// the entries from there to the next empty slot moving one slot on ([`Flows4::shift`]).
     fn place(&mut self, r: Region, k: &Key4, v: &Value4) -> Result<bool, Full> {
         let home = self.home(k, r);
         for i in 0..PROBES {
             let at = r.slot(home + i);
             let e = self.entry(at);
-            let new = e.key.ifindex == 0;
-            if new || e.key == *k {
+            if e.key.ifindex == 0 || self.distance(r, at, &e.key) < i {
+                self.shift(r, at)?;
                 self.write(at, k, v);
-                return Ok(new);
+                return Ok(true);
+            }
+            if e.key == *k {
+                self.write(at, k, v);
+                return Ok(false);
             }
         }
         Err(Full)
+    }
+
+    /// Moves the entries of table `r` from slot `from` to the next empty one a slot on,
+    /// the last first, so that a lookup running ahead of the moves finds each entry in its
+    /// old slot or its new one, and never meets an empty slot that was not there. Refused,
+    /// moving nothing, if an entry would lie [`PROBES`] from its home. While a growth
+    /// copies the table in use, an entry moved is copied now (it may wrap around below
+    /// the copy's progress).
+    fn shift(&mut self, r: Region, from: u32) -> Result<(), Full> {
+        let start = from - r.at;
+        let mut n = 0;
+        loop {
+            let at = r.slot(start + n);
+            let e = self.entry(at);
+            if e.key.ifindex == 0 {
+                break;
+            }
+            if self.distance(r, at, &e.key) + 1 >= PROBES || n + 1 >= r.size() {
+                return Err(Full);
+            }
+            n += 1;
+        }
+        for m in (0..n).rev() {
+            let (key, value) = {
+                let e = self.entry(r.slot(start + m));
+                (e.key, e.value)
+            };
+            self.write(r.slot(start + m + 1), &key, &value);
+            if r == self.cur {
+                self.copy(&key, &value);
+            }
+        }
+        Ok(())
     }
 
     /// Writes `k` with `v`, in its slot if it has one, else in the first free one within
@@ -576,8 +624,22 @@ impl Flows4 {
         (0..r.size())
             .map(|i| r.slot(i))
             .filter(|&i| self.entry(i).key.ifindex != 0)
-            .map(|i| (i - r.at).wrapping_sub(self.home(&self.entry(i).key, r)) & r.mask)
+            .map(|i| self.distance(r, i, &self.entry(i).key))
             .collect()
+    }
+
+    /// Whether the table in use is in Robin Hood order: every run of entries sorted by home
+    /// (each entry at most one slot farther from its home than the one before it).
+    #[cfg(test)]
+    fn in_order(&self) -> bool {
+        let r = self.cur;
+        (0..r.size()).all(|i| {
+            let (a, b) = (self.entry(r.slot(i)), self.entry(r.slot(i + 1)));
+            a.key.ifindex == 0
+                || b.key.ifindex == 0
+                || self.distance(r, r.slot(i + 1), &b.key)
+                    <= self.distance(r, r.slot(i), &a.key) + 1
+        })
     }
 }
 
@@ -655,6 +717,7 @@ mod tests {
                 prop_assert_eq!(t.get(&key(n)).map(|v| v.h.slot), model.get(&n).copied());
             }
             prop_assert!(t.displacements().iter().all(|&d| d < PROBES));
+            prop_assert!(t.in_order());
             for e in &mem {
                 prop_assert_eq!(e.seq.load(Ordering::Relaxed) % 2, 0);
             }
@@ -730,6 +793,7 @@ mod tests {
             }
             prop_assert_eq!(t.len(), model.len());
             prop_assert!(t.displacements().iter().all(|&d| d < PROBES));
+            prop_assert!(t.in_order());
             // Nothing outside the table in use.
             let (at, size) = (t.cur.at as usize, t.cur.size() as usize);
             let outside = mem[..at].iter().chain(&mem[at + size..]);

@@ -19,8 +19,8 @@
 //
 // IPv4 flows are not in a kernel hash but in a table of our own, `flows4`: an mmapped array
 // of 64-byte entries (a sequence number, the key and the value: one cache line), open
-// addressing with linear probing, which keepstate writes from userspace without a system
-// call. A lookup at a million flows misses the cache once instead of twice (the kernel
+// addressing with linear probing (Robin Hood placement: lookups are unchanged by it), which
+// keepstate writes from userspace without a system call. A lookup at a million flows misses the cache once instead of twice (the kernel
 // hash's bucket, then its element). Each entry is a seqlock: the writer makes `seq` odd,
 // writes, and makes it even again; a lookup that sees it odd, or changed by the time it has
 // copied the value, gives the frame to the workers, which is always right (a miss costs

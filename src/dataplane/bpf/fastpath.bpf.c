@@ -17,15 +17,15 @@
 // counters, and the IPv4 table's hash and probing, are mirrored in src/dataplane/fastpath.rs
 // and src/dataplane/flows4.rs: change them together.
 //
-// IPv4 flows are not in a kernel hash but in a table of our own, `flows4`: an mmapped array
-// of 64-byte entries (a sequence number, the key and the value: one cache line), open
-// addressing with linear probing (Robin Hood placement: lookups are unchanged by it), which
-// keepstate writes from userspace without a system call. A lookup at a million flows misses the cache once instead of twice (the kernel
-// hash's bucket, then its element). Each entry is a seqlock: the writer makes `seq` odd,
-// writes, and makes it even again; a lookup that sees it odd, or changed by the time it has
-// copied the value, gives the frame to the workers, which is always right (a miss costs
-// speed, never a wrong rewrite). The reads rely on x86's load ordering (TSO) and on the
-// compiler barriers below.
+// IPv4 flows are not in a kernel hash but in a table of our own, `flows4`: an mmapped array of
+// 64-byte entries (a sequence number, the key and the value: one cache line), open addressing
+// with linear probing (Robin Hood placement: lookups are unchanged by it), which keepstate
+// writes from userspace without a system call. A lookup at a million flows misses the cache
+// once instead of twice (the kernel hash's bucket, then its element). Each entry is a seqlock:
+// the writer makes `seq` odd, writes, and makes it even again; a lookup that sees it odd, or
+// changed by the time it has copied the value, gives the frame to the workers, which is always
+// right (a miss costs speed, never a wrong rewrite). The reads rely on x86's load ordering
+// (TSO) and on the compiler barriers below.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>

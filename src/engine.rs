@@ -727,14 +727,25 @@ impl Engine {
         }
     }
 
-    /// A router from a configuration and its loaded ruleset.
+    /// A router from a configuration and its loaded ruleset, for one worker.
     pub fn from_config(cfg: &Config, rules: &crate::rules::Loaded) -> Result<Engine, BuildError> {
+        Engine::for_workers(cfg, rules, 1)
+    }
+
+    /// A router from a configuration and its loaded ruleset, with a statistics slot for each
+    /// of `workers` workers (the kernel's per-CPU conntrack counters).
+    pub fn for_workers(
+        cfg: &Config,
+        rules: &crate::rules::Loaded,
+        workers: usize,
+    ) -> Result<Engine, BuildError> {
         let ports = cfg
             .ports
             .iter()
             .map(|p| Port::new(&p.name, p.addresses.iter().map(|a| a.addr()).collect()))
             .collect();
         let mut ct = cfg.conntrack.tracker_config();
+        ct.cpus = workers;
         ct.events = true;
         Ok(Engine::new(
             ports,

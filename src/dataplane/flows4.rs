@@ -43,7 +43,9 @@ pub struct Entry4 {
     seq: AtomicU32,
     key: Key4,
     value: Value4,
-    pad: u32,
+    /// The low half of the key's [`hash`], so that placing and moving entries need not hash
+    /// their keys again (the program does not read it).
+    hash: u32,
 }
 
 /// `struct flow_conf`: the table's shape, for the program.
@@ -281,13 +283,19 @@ impl Flows4 {
         unsafe { &*self.base.add(i as usize) }
     }
 
-    fn home(&self, k: &Key4, r: Region) -> u32 {
-        hash(k, self.seed) as u32 & r.mask
+    /// The low half of `k`'s hash: its home in a table is the bits of the table's mask.
+    fn hash(&self, k: &Key4) -> u32 {
+        hash(k, self.seed) as u32
     }
 
-    /// How far slot `at` of table `r` lies from the home of `k`, the key it holds.
-    fn distance(&self, r: Region, at: u32, k: &Key4) -> u32 {
-        (at - r.at).wrapping_sub(self.home(k, r)) & r.mask
+    #[cfg(test)]
+    fn home(&self, k: &Key4, r: Region) -> u32 {
+        self.hash(k) & r.mask
+    }
+
+    /// How far slot `at` of table `r` lies from the home of the entry it holds.
+    fn distance(&self, r: Region, at: u32) -> u32 {
+        (at - r.at).wrapping_sub(self.entry(at).hash) & r.mask
     }
 
     /// The slot holding `k` in table `r`, as the program looks for it, but for a miss
@@ -297,7 +305,7 @@ impl Flows4 {
         if self.capacity == 0 {
             return None; // `NONE`
         }
-        let home = self.home(k, r);
+        let home = self.hash(k) & r.mask;
         for i in 0..PROBES {
             let at = r.slot(home + i);
             let e = self.entry(at);
@@ -307,7 +315,7 @@ impl Flows4 {
             if e.key == *k {
                 return Some(at);
             }
-            if self.distance(r, at, &e.key) < i {
+            if self.distance(r, at) < i {
                 return None;
             }
         }
@@ -326,18 +334,18 @@ impl Flows4 {
     /// Writes `k` with `v` in table `r`: in its slot if it has one (false), else after the
     /// entries whose home is at or before its own, within [`PROBES`] of its home (true),
     /// the entries from there to the next empty slot moving one slot on ([`Flows4::shift`]).
-    fn place(&mut self, r: Region, k: &Key4, v: &Value4) -> Result<bool, Full> {
-        let home = self.home(k, r);
+    fn place(&mut self, r: Region, k: &Key4, v: &Value4, h: u32) -> Result<bool, Full> {
+        let home = h & r.mask;
         for i in 0..PROBES {
             let at = r.slot(home + i);
             let e = self.entry(at);
-            if e.key.ifindex == 0 || self.distance(r, at, &e.key) < i {
+            if e.key.ifindex == 0 || self.distance(r, at) < i {
                 self.shift(r, at)?;
-                self.write(at, k, v);
+                self.write(at, k, v, h);
                 return Ok(true);
             }
             if e.key == *k {
-                self.write(at, k, v);
+                self.write(at, k, v, h);
                 return Ok(false);
             }
         }
@@ -359,20 +367,13 @@ impl Flows4 {
             if e.key.ifindex == 0 {
                 break;
             }
-            if self.distance(r, at, &e.key) + 1 >= PROBES || n + 1 >= r.size() {
+            if self.distance(r, at) + 1 >= PROBES || n + 1 >= r.size() {
                 return Err(Full);
             }
             n += 1;
         }
         for m in (0..n).rev() {
-            let (key, value) = {
-                let e = self.entry(r.slot(start + m));
-                (e.key, e.value)
-            };
-            self.write(r.slot(start + m + 1), &key, &value);
-            if r == self.cur {
-                self.copy(&key, &value);
-            }
+            self.relocate(r, r.slot(start + m), r.slot(start + m + 1));
         }
         Ok(())
     }
@@ -387,20 +388,21 @@ impl Flows4 {
             return Err(Full); // `NONE`
         }
         self.step(STEP);
+        let h = self.hash(k);
         if self.growth.is_none() && self.one_more_needs_room() {
             self.start_growth();
         }
         if let Some(g) = self.growth {
             // The new table gets every key; the old one too if it has room, for the program.
             let before = self.only_in_new(g.to, k);
-            match self.place(g.to, k, v) {
+            match self.place(g.to, k, v, h) {
                 Ok(new) => self.grown(new as usize, 0),
                 // Not yet copied and no room for it there: lost at the switch (counted by the
                 // copy).
                 Err(Full) if self.find_in(self.cur, k).is_some() => {}
                 Err(Full) => return Err(Full),
             }
-            if let Ok(new) = self.place(self.cur, k, v) {
+            if let Ok(new) = self.place(self.cur, k, v, h) {
                 self.len += new as usize;
             }
             match (before, self.only_in_new(g.to, k)) {
@@ -414,7 +416,7 @@ impl Flows4 {
             }
             return Ok(());
         }
-        match self.place(self.cur, k, v) {
+        match self.place(self.cur, k, v, h) {
             Ok(new) => {
                 self.len += new as usize;
                 Ok(())
@@ -485,29 +487,38 @@ impl Flows4 {
                 break;
             }
             // It may move to the hole if the hole lies between its home and it.
-            let home = self.home(&e.key, r);
             let (pj, ph) = (j - r.at, hole - r.at);
-            if pj.wrapping_sub(home) & r.mask >= pj.wrapping_sub(ph) & r.mask {
-                let (key, value) = (e.key, e.value);
-                self.write(hole, &key, &value);
+            if self.distance(r, j) >= pj.wrapping_sub(ph) & r.mask {
+                self.relocate(r, j, hole);
                 hole = j;
-                if r == self.cur {
-                    self.copy(&key, &value);
-                }
             }
         }
-        self.write(hole, &Key4::default(), &Value4::default());
+        self.clear(hole);
+    }
+
+    /// Copies the entry in slot `from` of table `r` to slot `to` (leaving it in both). While a
+    /// growth copies the table in use, an entry moved there is copied now (it may move below
+    /// the copy's progress).
+    fn relocate(&mut self, r: Region, from: u32, to: u32) {
+        let (key, value, h) = {
+            let e = self.entry(from);
+            (e.key, e.value, e.hash)
+        };
+        self.write(to, &key, &value, h);
+        if r == self.cur {
+            self.copy(&key, &value, h);
+        }
     }
 
     /// Into the new table, if a growth is under way and it does not have `k` yet.
-    fn copy(&mut self, k: &Key4, v: &Value4) {
+    fn copy(&mut self, k: &Key4, v: &Value4, h: u32) {
         let Some(g) = self.growth else {
             return;
         };
         if self.find_in(g.to, k).is_some() {
             return;
         }
-        match self.place(g.to, k, v) {
+        match self.place(g.to, k, v, h) {
             Ok(new) => self.grown(new as usize, 0),
             Err(Full) => self.lost.push(*k),
         }
@@ -552,7 +563,7 @@ impl Flows4 {
             );
             while st.from < end && st.left > 0 {
                 if self.entry(st.from).key.ifindex != 0 {
-                    self.write(st.from, &Key4::default(), &Value4::default());
+                    self.clear(st.from);
                     st.left -= 1;
                 }
                 st.from += 1;
@@ -570,8 +581,8 @@ impl Flows4 {
             if e.key.ifindex == 0 || self.find_in(g.to, &e.key).is_some() {
                 continue;
             }
-            let (key, value) = (e.key, e.value);
-            match self.place(g.to, &key, &value) {
+            let (key, value, h) = (e.key, e.value, e.hash);
+            match self.place(g.to, &key, &value, h) {
                 Ok(_) => g.len += 1,
                 Err(Full) => self.lost.push(key),
             }
@@ -603,8 +614,13 @@ impl Flows4 {
         }
     }
 
-    /// Writes slot `i` under its seqlock.
-    fn write(&mut self, i: u32, k: &Key4, v: &Value4) {
+    /// Empties slot `i`.
+    fn clear(&mut self, i: u32) {
+        self.write(i, &Key4::default(), &Value4::default(), 0);
+    }
+
+    /// Writes slot `i` under its seqlock: `k` (whose hash is `h`) with `v`.
+    fn write(&mut self, i: u32, k: &Key4, v: &Value4, h: u32) {
         debug_assert!(i < self.capacity);
         // SAFETY: as in `entry`; this process is the only writer (`&mut self`).
         let e = unsafe { self.base.add(i as usize) };
@@ -617,6 +633,7 @@ impl Flows4 {
             fence(Ordering::Release);
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*e).key), *k);
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*e).value), *v);
+            (*e).hash = h;
             seq.store(s.wrapping_add(2), Ordering::Release);
         }
     }
@@ -628,7 +645,7 @@ impl Flows4 {
         (0..r.size())
             .map(|i| r.slot(i))
             .filter(|&i| self.entry(i).key.ifindex != 0)
-            .map(|i| self.distance(r, i, &self.entry(i).key))
+            .map(|i| self.distance(r, i))
             .collect()
     }
 
@@ -641,8 +658,7 @@ impl Flows4 {
             let (a, b) = (self.entry(r.slot(i)), self.entry(r.slot(i + 1)));
             a.key.ifindex == 0
                 || b.key.ifindex == 0
-                || self.distance(r, r.slot(i + 1), &b.key)
-                    <= self.distance(r, r.slot(i), &a.key) + 1
+                || self.distance(r, r.slot(i + 1)) <= self.distance(r, r.slot(i)) + 1
         })
     }
 }

@@ -134,7 +134,7 @@ struct flow_entry4 {
 	__u32 seq; // odd while keepstate writes the entry
 	struct flow_key4 key;
 	struct flow_value4 v;
-	__u32 pad;
+	__u32 hash; // the key hash's low half, for keepstate's moves (flows4.rs); not read here
 };
 
 // `flows4`'s shape: the table in use is mask + 1 entries (a power of two, without TOP) at

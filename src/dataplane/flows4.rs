@@ -1,8 +1,8 @@
 //! The IPv4 flow table the XDP program reads (`flows4` in src/dataplane/bpf/fastpath.bpf.c):
-//! open addressing with linear probing (Robin Hood placement) over an array of 64-byte entries (a sequence number,
-//! the key and the value: one cache line) that this process maps into its memory and writes
-//! with no system call. At a million flows the kernel's hash missed the cache twice per
-//! lookup (bucket, then element); this misses once.
+//! open addressing with linear probing (Robin Hood placement) over an array of 64-byte
+//! entries (a sequence number, the key and the value: one cache line) that this process
+//! maps into its memory and writes with no system call. At a million flows the kernel's
+//! hash missed the cache twice per lookup (bucket, then element); this misses once.
 //!
 //! Each entry is a seqlock for the program's lookups: a write makes `seq` odd, writes the key
 //! and value, and makes it even again; a lookup that sees it odd, or changed once it has

@@ -876,6 +876,72 @@ mod tests {
         }
     }
 
+    /// A growth that finds no room in the new table for an old entry (its neighbourhood
+    /// there filled by inserts before the copy reached it) names it in `take_lost`: the
+    /// program finds it in the old table until the switch and not after, nothing else
+    /// changes, and it can come back once its neighbourhood has room. With the new table a
+    /// third full, only keys that share a home (found by search) can do this.
+    #[test]
+    fn a_growth_names_the_entry_it_could_not_place() {
+        let capacity = capacity_for(1 << 17);
+        let mut mem: Vec<Entry4> = (0..capacity).map(|_| Entry4::default()).collect();
+        let mut shared = Box::new(Conf::default());
+        // SAFETY: `capacity` zeroed entries and a Conf that outlive `t`.
+        let mut t = unsafe { Flows4::new(mem.as_mut_ptr(), capacity, 11, &mut *shared) };
+        // 65,536 slots two thirds full: the next insert starts a growth.
+        let full = (1u32 << 17) / 3;
+        for n in 0..full {
+            t.insert(&key(n), &value(n)).unwrap();
+        }
+        finish(&mut t);
+        assert_eq!(t.slots(), (1 << 16, 1 << 17));
+        // An entry in the old table's last slots, which the copy reaches late, and keys with
+        // its home in the new table: inserted first, they fill its neighbourhood there.
+        let old = t.cur;
+        let victim = (0..full)
+            .find(|&n| {
+                t.find_in(old, &key(n))
+                    .is_some_and(|at| at - old.at > 60_000)
+            })
+            .unwrap();
+        let to = Region {
+            at: 0,
+            mask: (1 << 17) - 1,
+        };
+        let home = t.home(&key(victim), to);
+        let crowd: Vec<u32> = (full..)
+            .filter(|&n| t.home(&key(n), to) == home)
+            .take(PROBES as usize)
+            .collect();
+        for &n in &crowd {
+            t.insert(&key(n), &value(n)).unwrap();
+        }
+        assert!(t.growing());
+        assert!(t.take_lost().is_empty(), "the copy has not reached it yet");
+        assert_eq!(program_finds(&t, &shared, &key(victim)), Some(victim));
+        finish(&mut t);
+        let lost = t.take_lost();
+        assert!(lost.contains(&key(victim)));
+        assert_eq!(t.slots(), (1 << 17, 1 << 17));
+        // Every other key as it was; the lost ones nowhere.
+        for n in (0..full).chain(crowd.iter().copied()) {
+            let seen = program_finds(&t, &shared, &key(n));
+            if lost.contains(&key(n)) {
+                assert_eq!(seen, None, "key {n}");
+            } else {
+                assert_eq!(seen, Some(n), "key {n}");
+            }
+        }
+        assert_eq!(t.len(), (full as usize + crowd.len()) - lost.len());
+        assert!(t.in_order());
+        assert!(mem.iter().all(|e| e.seq.load(Ordering::Relaxed) % 2 == 0));
+        // The largest table cannot grow: the victim is refused until a neighbour leaves.
+        assert!(t.insert(&key(victim), &value(victim)).is_err());
+        assert!(t.remove(&key(crowd[0])));
+        t.insert(&key(victim), &value(victim)).unwrap();
+        assert_eq!(program_finds(&t, &shared, &key(victim)), Some(victim));
+    }
+
     #[test]
     fn a_crowded_neighbourhood_refuses_and_recovers() {
         let mut mem: Vec<Entry4> = (0..1024).map(|_| Entry4::default()).collect();

@@ -40,6 +40,9 @@
 //! 20–66 % of a core. The prober's CPU time counts as the firewall's, not as other load:
 //! in the kernel's modes most of it is the kernel's forwarding (see `cpu_others`).
 //!
+//! Before and after the windows it prints this sitting's memory latency on the firewall's
+//! core ([`memprobe`]): the fast path's cost at a million flows is one random load a packet.
+//!
 //! Owns the bench's namespaces (removed on drop) and the processes it starts; touches
 //! nothing outside them except reading /proc/stat and, with `--ct-max`, the global
 //! `nf_conntrack_max` (restored at the end).
@@ -55,6 +58,7 @@ use std::time::{Duration, Instant};
 
 use super::gen::{Traffic, PORTS};
 use super::lab::{self, Lab};
+use super::memprobe;
 use super::probe;
 use super::wire::Mac;
 use crate::classify::classbench;
@@ -646,6 +650,7 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Vec<MixResult>, BenchE
         fw_cpu: if opts.gen_cpu == 0 { 1 } else { 0 },
         top,
     };
+    report_memory(bench.fw_cpu, "before", out);
     let mut results = Vec::new();
     for &flows in &opts.flows {
         let _ = writeln!(
@@ -688,7 +693,23 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Vec<MixResult>, BenchE
     if results.len() > 1 {
         let _ = out.write_all(scale_report(&results).as_bytes());
     }
+    report_memory(bench.fw_cpu, "after", out);
     Ok(results)
+}
+
+/// This sitting's memory latency on the firewall's core ([`memprobe`]), `when` ("before" or
+/// "after") the windows: at a million flows the fast path waits for one such load a packet,
+/// and in a virtual machine it changes from one sitting to the next.
+fn report_memory(cpu: usize, when: &str, out: &mut dyn Write) {
+    let _ = match memprobe::measure(cpu) {
+        Ok((big, small)) => writeln!(
+            out,
+            "\nmemory {when} the windows, cpu {cpu}: a random load takes {big:.0} ns over {} MiB of 4 KiB pages (as the fast path's table at a million flows), {small:.1} ns over {} MiB",
+            memprobe::BIG >> 20,
+            memprobe::SMALL >> 20,
+        ),
+        Err(e) => writeln!(out, "\nmemory {when} the windows: not measured ({e})"),
+    };
 }
 
 /// How many of the bench's flows a ClassBench rule matches (the rest run the whole set).

@@ -36,6 +36,7 @@ pub mod flows4;
 pub mod health;
 pub mod iface;
 pub mod lab;
+pub mod memprobe;
 pub mod neigh;
 pub mod probe;
 pub mod soak;

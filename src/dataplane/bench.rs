@@ -1272,6 +1272,9 @@ pub fn report(r: &MixResult, opts: &Options) -> String {
             }
         );
     }
+    if opts.traffic == Traffic::Udp {
+        s.push_str(&table_notes(r, opts));
+    }
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
@@ -1321,6 +1324,46 @@ pub fn report(r: &MixResult, opts: &Options) -> String {
     s
 }
 
+/// For each mode whose table held fewer than nine in ten of the flows at the end of its
+/// windows, a line saying so, with how often each flow was sent: a flow sent less often
+/// than an unreplied UDP connection lives (the sink never answers) expires between its
+/// packets, so such windows measure connections coming and going, not that many live ones
+/// (on a slow sitting the generator could not keep a million flows alive). Otherwise the
+/// rules dropped the others, or the warm-up ended before they came in.
+fn table_notes(r: &MixResult, opts: &Options) -> String {
+    let lives = crate::conntrack::Timeouts::default().udp as f64;
+    let mut s = String::new();
+    for &m in &opts.modes {
+        let Some(table) = r.median(m, |x| x.table.map_or(f64::NAN, |t| t as f64)) else {
+            continue;
+        };
+        let flows = f64::from(r.flows);
+        if table >= flows * 0.9 {
+            continue;
+        }
+        let every = r
+            .median(m, |x| x.sent as f64 / x.secs)
+            .filter(|&p| p > 0.0)
+            .map(|p| flows / p);
+        let _ = write!(
+            s,
+            "  {}: the table held {table:.0} of the {} flows",
+            m.key(),
+            r.flows
+        );
+        let _ = match every {
+            Some(every) if every > lives => writeln!(
+                s,
+                " (one packet a flow every {every:.0} s in the windows, longer than the {lives:.0} s an unreplied UDP connection lives: these windows measured connections coming and going, not {} live ones)",
+                r.flows
+            ),
+            Some(every) => writeln!(s, " (one packet a flow every {every:.0} s in the windows)"),
+            None => writeln!(s),
+        };
+    }
+    s
+}
+
 /// Many flows against few: what a big table costs (target: at most 30 % of the rate).
 fn scale_report(results: &[MixResult]) -> String {
     let mut s = String::new();
@@ -1337,7 +1380,13 @@ fn scale_report(results: &[MixResult]) -> String {
     );
     for m in Mode::ALL {
         if let (Some(a), Some(b)) = (many.median_pps(m), few.median_pps(m)) {
-            let _ = writeln!(s, "  {} {:<31} {:.2}", m.key(), m.title(), a / b);
+            let short = many
+                .median(m, |x| x.table.map_or(f64::NAN, |t| t as f64))
+                .filter(|&t| t < f64::from(many.flows) * 0.9)
+                .map_or(String::new(), |t| {
+                    format!(" (not {} live flows: its table held {t:.0})", many.flows)
+                });
+            let _ = writeln!(s, "  {} {:<31} {:.2}{short}", m.key(), m.title(), a / b);
         }
     }
     s
@@ -1345,7 +1394,93 @@ fn scale_report(results: &[MixResult]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::stat_fields;
+    use super::*;
+
+    fn sample(mode: Mode, sent: u64, table: u64) -> Sample {
+        Sample {
+            mode,
+            warm: 90.0,
+            secs: 4.0,
+            sent,
+            delivered: sent,
+            cpu_all: 8.0,
+            cpu_gen: 4.0,
+            cpu_ks: 2.0,
+            table: Some(table),
+            cpu_other: 0.0,
+            rtts: Vec::new(),
+            lost: 0,
+        }
+    }
+
+    fn options(modes: Vec<Mode>) -> Options {
+        Options {
+            prefix: "t".into(),
+            rules: "r.nft".into(),
+            classbench: None,
+            flowtable_rules: "f.nft".into(),
+            traffic: Traffic::Udp,
+            flows: vec![1_000_000],
+            modes,
+            rounds: 1,
+            window: Duration::from_secs(4),
+            warmup: Duration::from_secs(1),
+            busy_poll: false,
+            ct_max: None,
+            gen_cpu: 1,
+            exe: "keepstate".into(),
+        }
+    }
+
+    #[test]
+    fn a_table_short_of_the_flows_is_reported_with_its_reason() {
+        use Mode::{Flowtable, KernelNft};
+        // Session 15's slow sitting: f sent 21k packets/s to a million flows (one packet a
+        // flow every 47 s) and its table held 382k; b sent 43k/s (every 23 s) and held 675k.
+        let r = MixResult {
+            flows: 1_000_000,
+            samples: vec![
+                sample(KernelNft, 43_184 * 4, 675_004),
+                sample(Flowtable, 21_613 * 4, 382_318),
+            ],
+        };
+        let notes = table_notes(&r, &options(vec![KernelNft, Flowtable]));
+
+        let lines: Vec<&str> = notes.lines().collect();
+        assert_eq!(lines.len(), 2, "{notes}");
+        assert_eq!(
+            lines[0],
+            "  b: the table held 675004 of the 1000000 flows (one packet a flow every 23 s in the windows)"
+        );
+        assert!(
+            lines[1].starts_with("  f: the table held 382318 of the 1000000 flows (one packet a flow every 46 s in the windows, longer than the 30 s"),
+            "{}",
+            lines[1]
+        );
+        assert!(report(&r, &options(vec![KernelNft, Flowtable])).contains(&notes));
+        let few = MixResult {
+            flows: 1000,
+            samples: vec![
+                sample(KernelNft, 40_000 * 4, 1002),
+                sample(Flowtable, 163_039 * 4, 1002),
+            ],
+        };
+        let scale = scale_report(&[few, r]);
+        assert!(
+            scale.contains("1.08 (not 1000000 live flows: its table held 675004)"),
+            "{scale}"
+        );
+        assert!(
+            scale.contains("0.13 (not 1000000 live flows: its table held 382318)"),
+            "{scale}"
+        );
+        // Tables that hold their flows get no note.
+        let full = MixResult {
+            flows: 1_000_000,
+            samples: vec![sample(Flowtable, 2_000_000, 999_000)],
+        };
+        assert_eq!(table_notes(&full, &options(vec![Flowtable])), "");
+    }
 
     #[test]
     fn stat_fields_count_from_the_last_parenthesis() {

@@ -727,32 +727,41 @@ impl Engine {
         }
     }
 
-    /// A router from a configuration and its loaded ruleset, for one worker.
+    /// The box a configuration describes, with its loaded ruleset, for one worker.
     pub fn from_config(cfg: &Config, rules: &crate::rules::Loaded) -> Result<Engine, BuildError> {
         Engine::for_workers(cfg, rules, 1)
     }
 
-    /// A router from a configuration and its loaded ruleset, with a statistics slot for each
-    /// of `workers` workers (the kernel's per-CPU conntrack counters).
+    /// The box a configuration describes, with its loaded ruleset, for `workers` workers
+    /// ([`Engine::with_compiled`]).
     pub fn for_workers(
         cfg: &Config,
         rules: &crate::rules::Loaded,
         workers: usize,
     ) -> Result<Engine, BuildError> {
+        Ok(Engine::with_compiled(cfg, Compiled::new(rules)?, workers))
+    }
+
+    /// The box a configuration describes, with a compiled ruleset: its ports; a router (the
+    /// configured routing table) or, with `mode = "bridge"`, a bridge of port pairs; its
+    /// tracker, keeping destroyed connections for their DESTROY events, with a statistics
+    /// slot for each of `workers` workers (the kernel's per-CPU conntrack counters). Replay
+    /// and `keepstate run` build it alike, so that a capture replayed with a configuration
+    /// meets the box that configuration runs.
+    pub fn with_compiled(cfg: &Config, compiled: Compiled, workers: usize) -> Engine {
         let ports = cfg
             .ports
             .iter()
             .map(|p| Port::new(&p.name, p.addresses.iter().map(|a| a.addr()).collect()))
             .collect();
+        let routing = match cfg.dataplane.mode {
+            crate::config::Mode::Router => Routing::Router(cfg.routing_table()),
+            crate::config::Mode::Bridge => Routing::Pairs,
+        };
         let mut ct = cfg.conntrack.tracker_config();
         ct.cpus = workers;
         ct.events = true;
-        Ok(Engine::new(
-            ports,
-            Routing::Router(cfg.routing_table()),
-            ct,
-            Compiled::new(rules)?,
-        ))
+        Engine::new(ports, routing, ct, compiled)
     }
 
     /// The worker `cpu`'s counters (slots wrap, as the tracker's do).

@@ -586,3 +586,42 @@ fn notrack_in_a_raw_chain_leaves_packets_untracked() {
     );
     assert_eq!(e.tracker().count(), 1);
 }
+
+/// A configuration in bridge mode builds a bridge wherever it is used: replay and the tests
+/// meet the box `keepstate run` runs with it (before, they built a router from it, which
+/// has no route between two hosts of one subnet and dropped their packets).
+#[test]
+fn a_bridge_configuration_pairs_its_ports() {
+    let cfg = Config::parse(
+        "[[port]]\nname = \"lan\"\n[[port]]\nname = \"wan\"\n[dataplane]\nmode = \"bridge\"\n",
+        Path::new("bridge.toml"),
+    )
+    .unwrap();
+    let rules = rules::load_str(
+        "bridge.nft",
+        "table inet fw {\n\tchain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\
+         \t\tct state established,related accept\n\t\tiifname \"lan\" udp dport 53 accept\n\t}\n}\n",
+    )
+    .unwrap();
+    let e = Engine::from_config(&cfg, &rules).unwrap();
+    let (a, b) = ([10, 0, 0, 1], [10, 0, 0, 2]);
+    let now = Timestamp::from_millis(1_000_000);
+    let out = e.process(&udp(a, b, 40000, 53), LAN, now, 0);
+    assert!(
+        matches!(out.verdict, Verdict::Forward { port: WAN, next_hop } if next_hop == IpAddr::from(b)),
+        "{:?}",
+        out.verdict
+    );
+    let back = e.process(&udp(b, a, 53, 40000), WAN, now, 0);
+    assert!(
+        matches!(back.verdict, Verdict::Forward { port: LAN, .. }),
+        "{:?}",
+        back.verdict
+    );
+    let other = e.process(&udp(a, b, 40001, 80), LAN, now, 0);
+    assert!(
+        matches!(other.verdict, Verdict::Drop(_)),
+        "{:?}",
+        other.verdict
+    );
+}

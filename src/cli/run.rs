@@ -19,10 +19,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::config::{Config, Mode, WorkerFailure};
+use crate::config::{Config, WorkerFailure};
 use crate::dataplane::health::Supervisor;
 use crate::dataplane::{self, control};
-use crate::engine::{Compiled, Engine, Port, Routing};
+use crate::engine::{Compiled, Engine};
 use crate::rules;
 
 /// How often the main thread looks at the signals and runs a step of expiry.
@@ -51,23 +51,10 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
         )
     })?;
     let compiled = compile(&rules_path)?;
-    let ports = cfg
-        .ports
-        .iter()
-        .map(|p| Port::new(&p.name, p.addresses.iter().map(|a| a.addr()).collect()))
-        .collect();
-    let routing = match cfg.dataplane.mode {
-        Mode::Router => Routing::Router(cfg.routing_table()),
-        Mode::Bridge => Routing::Pairs,
-    };
     let plan = dataplane::plan(&cfg)?;
-    let mut ct = cfg.conntrack.tracker_config();
-    // One statistics slot per worker (the kernel's per-CPU conntrack counters).
-    ct.cpus = plan.workers();
-    // Keep destroyed connections for the DESTROY events of `keepstate ct events` (the main
-    // loop below takes them every tick).
-    ct.events = true;
-    let engine = Arc::new(Engine::new(ports, routing, ct, compiled));
+    // A statistics slot per worker; destroyed connections kept for `keepstate ct events`
+    // (the main loop below takes them every tick).
+    let engine = Arc::new(Engine::with_compiled(&cfg, compiled, plan.workers()));
 
     // One reload at a time, whether a signal or the control socket asks.
     let reload: Arc<control::ReloadFn> = {

@@ -265,6 +265,10 @@ impl MixResult {
     pub fn median_pps(&self, m: Mode) -> Option<f64> {
         self.median(m, Sample::pps)
     }
+    /// The connections in mode `m`'s table when its windows closed, the median.
+    fn median_table(&self, m: Mode) -> Option<f64> {
+        self.median(m, |x| x.table.map_or(f64::NAN, |t| t as f64))
+    }
     pub fn median_total_ns(&self, m: Mode) -> Option<f64> {
         self.median(m, Sample::total_ns)
     }
@@ -1264,7 +1268,7 @@ pub fn report(r: &MixResult, opts: &Options) -> String {
             fmt_opt(percentile(&mut rtts, 0.99), 3),
             r.median(m, |x| x.cpu_other / x.secs / 2.0 * 100.0)
                 .unwrap_or(f64::NAN),
-            fmt_opt(r.median(m, |x| x.table.map_or(f64::NAN, |t| t as f64)), 0),
+            fmt_opt(r.median_table(m), 0),
             if lost > 0 {
                 format!("  ({lost} probes lost)")
             } else {
@@ -1334,7 +1338,7 @@ fn table_notes(r: &MixResult, opts: &Options) -> String {
     let lives = crate::conntrack::Timeouts::default().udp as f64;
     let mut s = String::new();
     for &m in &opts.modes {
-        let Some(table) = r.median(m, |x| x.table.map_or(f64::NAN, |t| t as f64)) else {
+        let Some(table) = r.median_table(m) else {
             continue;
         };
         let flows = f64::from(r.flows);
@@ -1381,7 +1385,7 @@ fn scale_report(results: &[MixResult]) -> String {
     for m in Mode::ALL {
         if let (Some(a), Some(b)) = (many.median_pps(m), few.median_pps(m)) {
             let short = many
-                .median(m, |x| x.table.map_or(f64::NAN, |t| t as f64))
+                .median_table(m)
                 .filter(|&t| t < f64::from(many.flows) * 0.9)
                 .map_or(String::new(), |t| {
                     format!(" (not {} live flows: its table held {t:.0})", many.flows)
@@ -1436,7 +1440,7 @@ mod tests {
     fn a_table_short_of_the_flows_is_reported_with_its_reason() {
         use Mode::{Flowtable, KernelNft};
         // Session 15's slow sitting: f sent 21k packets/s to a million flows (one packet a
-        // flow every 47 s) and its table held 382k; b sent 43k/s (every 23 s) and held 675k.
+        // flow every 46 s) and its table held 382k; b sent 43k/s (every 23 s) and held 675k.
         let r = MixResult {
             flows: 1_000_000,
             samples: vec![
@@ -1445,7 +1449,6 @@ mod tests {
             ],
         };
         let notes = table_notes(&r, &options(vec![KernelNft, Flowtable]));
-
         let lines: Vec<&str> = notes.lines().collect();
         assert_eq!(lines.len(), 2, "{notes}");
         assert_eq!(

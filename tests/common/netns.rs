@@ -165,9 +165,8 @@ impl Lab {
 
     /// Turns IPv6 on (which [`Lab::new`] leaves off) with the `CLIENT6`... addresses, the
     /// router forwarding and the hosts routed through it. Quiet: no duplicate address
-    /// detection, no router solicitations and no link-local addresses, so the captures hold
-    /// only the test's traffic and the neighbour discovery it needs. Call before
-    /// [`Lab::start_captures`], which then resolves the IPv6 neighbours too.
+    /// detection, no router solicitations, no link-local addresses and permanent neighbours,
+    /// so the captures hold only the test's traffic. Call before [`Lab::start_captures`].
     pub fn enable_ipv6(&mut self) {
         let hosts = [
             (self.c.clone(), CLIENT6, ROUTER_LAN6),
@@ -214,14 +213,42 @@ impl Lab {
             self.sh(ns, &format!("ip -6 addr add {addr}/64 dev eth0 nodad"));
             self.sh(ns, &format!("ip -6 route add default via {gw}"));
         }
+        // Without a link-local address the kernel sends no neighbour solicitation for a packet
+        // it forwards (ndisc_send_ns needs one as the source), so a neighbour learnt from the
+        // hosts' own solicitations dies a few seconds after it goes stale, and forwarding then
+        // fails with "No route to host". A slow machine gets there within one test: the
+        // neighbours are permanent instead, on all four ends of the two links.
+        for (ns, addr, iface, peer, peer_iface, peer_addr) in [
+            (&hosts[0].0, CLIENT6, "eth0", &r, "lan", ROUTER_LAN6),
+            (&hosts[1].0, SERVER6, "eth0", &r, "wan", ROUTER_WAN6),
+        ] {
+            let (mac, peer_mac) = (self.mac_text(ns, iface), self.mac_text(peer, peer_iface));
+            self.sh(
+                peer,
+                &format!("ip -6 neigh replace {addr} lladdr {mac} dev {peer_iface} nud permanent"),
+            );
+            self.sh(
+                ns,
+                &format!(
+                    "ip -6 neigh replace {peer_addr} lladdr {peer_mac} dev {iface} nud permanent"
+                ),
+            );
+        }
         self.ipv6 = true;
+    }
+
+    /// The MAC address of `iface` in namespace `ns`, as `ip` prints it.
+    fn mac_text(&self, ns: &str, iface: &str) -> String {
+        self.sh(ns, &format!("cat /sys/class/net/{iface}/address"))
+            .trim()
+            .to_string()
     }
 
     /// The MAC address of `iface` in namespace `ns`.
     pub fn mac(&self, ns: &str, iface: &str) -> [u8; 6] {
-        let text = self.sh(ns, &format!("cat /sys/class/net/{iface}/address"));
+        let text = self.mac_text(ns, iface);
         let mut mac = [0u8; 6];
-        for (b, hex) in mac.iter_mut().zip(text.trim().split(':')) {
+        for (b, hex) in mac.iter_mut().zip(text.split(':')) {
             *b = u8::from_str_radix(hex, 16).unwrap();
         }
         mac

@@ -118,41 +118,74 @@ const UDP_SERVER: &str = "
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((sys.argv[1], int(sys.argv[2])))
+print('ready', flush=True)
 while True:
     data, peer = s.recvfrom(2048)
     s.sendto(data, peer)
 ";
 
-/// A UDP echo server on the Internet host's address, port 9000, in `ns`.
+/// A UDP echo server on the Internet host's address, port 9000, in `ns`, once it listens (a
+/// fixed wait was too short for a slow VM's Python: the first datagram went unanswered).
 fn udp_echo_server(g: &mut Guard, ns: &str) {
-    let server = in_ns(ns, &["python3", "-c", UDP_SERVER, INTERNET, "9000"])
-        .stdout(Stdio::null())
+    let mut server = in_ns(ns, &["python3", "-c", UDP_SERVER, INTERNET, "9000"])
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("udp server");
+    let mut line = String::new();
+    let read = std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.as_mut().unwrap()),
+        &mut line,
+    );
     g.children.push(server);
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        read.is_ok() && line.trim() == "ready",
+        "the UDP echo server did not start: {line:?}"
+    );
 }
 
 const UDP_CLIENT: &str = "
 import socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(1)
 s.bind(('0.0.0.0', 40404))
 gap = float(sys.argv[4]) if len(sys.argv) > 4 else 0
 got = lost = 0
+start = time.monotonic()
 for i in range(int(sys.argv[3])):
-    if i:
-        time.sleep(gap)
+    # Each datagram on the clock, not after a sleep: a slow VM oversleeps.
+    time.sleep(max(0, start + i * gap - time.monotonic()))
     s.sendto(b'datagram %d' % i, (sys.argv[1], int(sys.argv[2])))
-    try:
-        if s.recv(2048) == b'datagram %d' % i:
-            got += 1
-    except socket.timeout:
+    if echoed(s, b'datagram %d' % i):
+        got += 1
+    else:
         lost += 1
         if lost == 3:
             break
 print(got)
+";
+
+/// [`UDP_CLIENT`] with the [`ECHOED`] it calls.
+fn udp_client() -> String {
+    format!("{ECHOED}{UDP_CLIENT}")
+}
+
+/// The Python helper both UDP clients share: whether `sock` receives `want` within 2 s,
+/// skipping the answers to earlier datagrams (one that came after its own wait ended, on a
+/// VM that stalls, must not count against the next).
+const ECHOED: &str = "
+import socket, time
+def echoed(sock, want):
+    end = time.monotonic() + 2
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        sock.settimeout(left)
+        try:
+            if sock.recv(2048) == want:
+                return True
+        except socket.timeout:
+            return False
 ";
 
 #[test]
@@ -208,7 +241,10 @@ fn offloaded_flows_are_forwarded_by_xdp() {
     eprintln!("UDP: {DATAGRAMS} datagrams echoed");
     udp_echo_server(&mut g, &wan);
     let n = DATAGRAMS.to_string();
-    let echoed = ok(&lan, &["python3", "-c", UDP_CLIENT, INTERNET, "9000", &n]);
+    let echoed = ok(
+        &lan,
+        &["python3", "-c", &udp_client(), INTERNET, "9000", &n],
+    );
     assert_eq!(echoed.trim(), n, "datagrams echoed");
     std::thread::sleep(READ);
     let ct = ctl_ok(&sock, &["ct", "list"]);
@@ -254,7 +290,10 @@ fn offloaded_flows_are_forwarded_by_xdp() {
     // Its ARP question for the firewall tells the firewall the new MAC.
     ok(&wan, &["ping", "-c", "1", "-W", "2", FW_WAN]);
     std::thread::sleep(READ);
-    let echoed = ok(&lan, &["python3", "-c", UDP_CLIENT, INTERNET, "9000", &n]);
+    let echoed = ok(
+        &lan,
+        &["python3", "-c", &udp_client(), INTERNET, "9000", &n],
+    );
     assert_eq!(echoed.trim(), n, "datagrams echoed after the MAC changed");
     let stats = ctl_ok(&sock, &["stats"]);
     assert_eq!(xdp(&stats).0, 6, "the same three flows:\n{stats}");
@@ -447,7 +486,7 @@ fn paced_flow_stays_offloaded(tag: &str, counter: bool) {
     let n = PACED.to_string();
     let echoed = ok(
         &lan,
-        &["python3", "-c", UDP_CLIENT, INTERNET, "9000", &n, GAP],
+        &["python3", "-c", &udp_client(), INTERNET, "9000", &n, GAP],
     );
     assert_eq!(echoed.trim(), n, "datagrams echoed");
     std::thread::sleep(READ);
@@ -486,22 +525,19 @@ gap = float(sys.argv[6]) if len(sys.argv) > 6 else 0
 socks = []
 for i in range(n):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(0.5)
     s.bind(('0.0.0.0', base + i))
     socks.append(s)
 got = 0
+start = time.monotonic()
 for r in range(rounds):
-    if r:
-        time.sleep(gap)
+    # Each round on the clock, not after a sleep: a slow VM oversleeps.
+    time.sleep(max(0, start + r * gap - time.monotonic()))
     for c in range(0, n, 50):
         for i in range(c, min(c + 50, n)):
             socks[i].sendto(b'%d %d' % (i, r), (host, port))
         for i in range(c, min(c + 50, n)):
-            try:
-                if socks[i].recv(2048) == b'%d %d' % (i, r):
-                    got += 1
-            except socket.timeout:
-                pass
+            if echoed(socks[i], b'%d %d' % (i, r)):
+                got += 1
 print(got)
 ";
 
@@ -560,16 +596,9 @@ fn the_ipv4_table_grows_under_traffic() {
 /// the echo server, `gap` seconds between rounds; the echoes that came back.
 fn many_flows(lan: &str, flows: u64, rounds: u64, base: u16, gap: &str) -> u64 {
     let args = [flows.to_string(), rounds.to_string(), base.to_string()];
+    let script = format!("{ECHOED}{MANY_CLIENT}");
     let cmd = [
-        "python3",
-        "-c",
-        MANY_CLIENT,
-        INTERNET,
-        "9000",
-        &args[0],
-        &args[1],
-        &args[2],
-        gap,
+        "python3", "-c", &script, INTERNET, "9000", &args[0], &args[1], &args[2], gap,
     ];
     ok(lan, &cmd).trim().parse().unwrap()
 }
@@ -582,8 +611,12 @@ fn refused(line: &str) -> u64 {
 
 /// A fast path smaller than the flows (`fastpath_flows = 512`) refuses the flows beyond it,
 /// which the workers forward; when room comes back (the first flows idle out, here after
-/// `nf_flowtable_udp_timeout = 2` s), the refused flows get in at their next refresh, as the
-/// kernel retries a hardware offload, and XDP forwards them from then on.
+/// `nf_flowtable_udp_timeout = 6` s), the refused flows get in at their next refresh, as the
+/// kernel retries a hardware offload, and XDP forwards them from then on. The timeout is long
+/// enough that the first flows are still there when the second batch starts, however slowly
+/// its client starts (a 2 s timeout let a slow machine's first flows leave before it: 28 to
+/// 53 refused, not 88), and the second batch is paced over 12 s so that they leave during
+/// it.
 #[test]
 fn flows_the_full_fast_path_refused_get_in_once_there_is_room() {
     if !can_run("netns_fastpath", &["python3", "ethtool", "ping"]) {
@@ -605,7 +638,7 @@ fn flows_the_full_fast_path_refused_get_in_once_there_is_room() {
         )
         .replace(
             "max = 65536\n",
-            "max = 65536\nnf_flowtable_udp_timeout = 2\n",
+            "max = 65536\nnf_flowtable_udp_timeout = 6\n",
         );
     assert_eq!(small.matches("fastpath_flows").count(), 1, "{small}");
     assert_eq!(small.matches("nf_flowtable_udp").count(), 1, "{small}");
@@ -622,10 +655,10 @@ fn flows_the_full_fast_path_refused_get_in_once_there_is_room() {
     assert_eq!(installed(&line), FIRST, "{line}");
     assert_eq!(refused(&line), 0, "{line}");
 
-    // The second batch paces its datagrams over 8 s: refused at first, installed once the
+    // The second batch paces its datagrams over 12 s: refused at first, installed once the
     // first batch's flows (idle from now on) have left.
-    eprintln!("UDP: {MORE} more flows, paced over 8 s, while the first ones idle out");
-    assert_eq!(many_flows(&lan, MORE, 17, 24_000, "0.5"), MORE * 17);
+    eprintln!("UDP: {MORE} more flows, paced over 12 s, while the first ones idle out");
+    assert_eq!(many_flows(&lan, MORE, 17, 24_000, "0.75"), MORE * 17);
     std::thread::sleep(READ);
     let stats = ctl_ok(&sock, &["stats"]);
     let line = xdp_line(&stats).to_string();
@@ -642,7 +675,7 @@ fn flows_the_full_fast_path_refused_get_in_once_there_is_room() {
     );
     assert_eq!(entries, 2 * MORE, "only the later flows are left: {line}");
     // The first batch's 2 x 2 datagrams a flow after its install, and at least the later
-    // flows' last 2 s (4 rounds) since theirs.
+    // flows' last 3 s (4 rounds) since theirs.
     let want = 2 * FIRST * 2 + 2 * MORE * 4;
     assert!(
         packets >= want,

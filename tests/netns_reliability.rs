@@ -212,8 +212,10 @@ fn a_dead_or_stuck_worker_ends_the_appliance_with_exit() {
     if !can_run("netns_reliability", TOOLS) {
         return;
     }
-    // The default policy, worker_failure = "exit".
-    let mut s = setup('e', "stall_timeout = 1");
+    // The default policy, worker_failure = "exit". A 2 s stall timeout: a healthy worker of a
+    // slow machine's appliance can miss its heartbeat for a second, and the appliance then
+    // exits for the wrong worker.
+    let mut s = setup('e', "stall_timeout = 2");
     for (fault, said) in [
         (
             "1:panic@500",

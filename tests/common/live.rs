@@ -114,7 +114,8 @@ impl Lines {
             let left = end.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),
-                "keepstate did not say `{what}` within {limit:?}"
+                "keepstate did not say `{what}` within {limit:?}; it said:\n{}",
+                lines[from.min(lines.len())..].join("\n")
             );
             lines = self.more.wait_timeout(lines, left).unwrap().0;
         }
@@ -174,7 +175,7 @@ fn wait_http(ns: &str, addr: &str, port: u16, path: &str) {
 }
 
 /// An HTTP server on `addr`:`port` in `ns` whose every GET answers `file`, paced by the server
-/// over `secs` seconds (a chunk, then a sleep); `/ready` answers at once. A download from it
+/// over `secs` seconds (each chunk at its time); `/ready` answers at once. A download from it
 /// lasts that long whatever the client does. curl's `--limit-rate` paces by the time it
 /// measures, and in CI two downloads paced that way (15 s and 1 s) ended within 3 s and 0.4 s,
 /// complete (cause not established; this VM's clocks jump, which would do it).
@@ -205,9 +206,12 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header('Content-Length', str(len(body)))
         self.end_headers()
-        for i in range(0, len(body), CHUNK):
+        start = time.monotonic()
+        for n, i in enumerate(range(0, len(body), CHUNK)):
+            # Each chunk on the clock, not after a sleep: a slow VM oversleeps (a 42 ms
+            # sleep took 130 to 340 ms, and a 4 s download took 30 s and more).
+            time.sleep(max(0, start + n * pause - time.monotonic()))
             self.wfile.write(body[i:i + CHUNK])
-            time.sleep(pause)
     def log_message(self, *a):
         pass
 class S(socketserver.ThreadingMixIn, http.server.HTTPServer):

@@ -173,7 +173,7 @@ fn live_bridge_passes_arp_and_filters() {
         !o.status.success(),
         "an inbound connection crossed the bridge"
     );
-    lines.wait_for("forward drop: IN=wan OUT=lan", 0, Duration::from_secs(5));
+    lines.wait_for("forward drop: IN=wan OUT=lan", 0, Duration::from_secs(10));
     signal(pid, "-TERM");
     let status = g.children.remove(0).wait().expect("wait");
     assert!(status.success(), "keepstate run ended with {status}");
@@ -267,11 +267,11 @@ fn live_router_forwards_answers_drops_and_reloads() {
     assert!(out.contains("ttl=63"), "{out}");
     ok(&lab.lan, &["ping", "-c", "3", "-W", "2", INTERNET6]);
     let new_icmp = format!("    [NEW] icmp     1 30 src={LAN_HOST} dst={INTERNET} type=8 code=0");
-    event_lines.wait_for(&new_icmp, 0, Duration::from_secs(5));
+    event_lines.wait_for(&new_icmp, 0, Duration::from_secs(10));
     event_lines.wait_for(
         &format!("src={INTERNET} dst={FW_WAN} type=0 code=0"),
         0,
-        Duration::from_secs(5),
+        Duration::from_secs(10),
     );
 
     eprintln!("tcp: a {BODY}-byte download, lan <- internet");
@@ -328,7 +328,7 @@ fn live_router_forwards_answers_drops_and_reloads() {
     assert!(!o.status.success(), "an inbound connection got through");
     let o = output(&lab.wan, &["ping", "-c", "2", "-W", "1", LAN_HOST]);
     assert!(!o.status.success(), "an inbound ping got through");
-    lines.wait_for("forward drop: IN=wan OUT=lan", 0, Duration::from_secs(5));
+    lines.wait_for("forward drop: IN=wan OUT=lan", 0, Duration::from_secs(10));
 
     eprintln!("port forward: wan tcp/8080 on the firewall reaches the LAN server's port 80");
     http_server(&mut g, &lab.lan, LAN_HOST, 80, &inside);
@@ -389,7 +389,7 @@ fn live_router_forwards_answers_drops_and_reloads() {
         from,
         Duration::from_secs(10),
     );
-    lines.wait_for("@nope", at, Duration::from_secs(5));
+    lines.wait_for("@nope", at, Duration::from_secs(10));
     ok(&lab.lan, &["ping", "-c", "2", "-W", "2", INTERNET]);
     download(&lab.lan, &url, &dir.path().join("got2"), &want);
     let o = output(
@@ -466,7 +466,7 @@ fn live_router_forwards_answers_drops_and_reloads() {
     let left = ctl(&sock, &["ct", "list", "-s", LAN_HOST]);
     assert!(left.stdout.is_empty(), "{left:?}");
     assert!(String::from_utf8_lossy(&left.stderr).contains(" 0 flow entries"));
-    event_lines.wait_for("[DESTROY] tcp", 0, Duration::from_secs(5));
+    event_lines.wait_for("[DESTROY] tcp", 0, Duration::from_secs(10));
     // New connections are tracked again at once.
     ok(&lab.lan, &["ping", "-c", "1", "-W", "2", INTERNET]);
     let listed = ctl_ok(&sock, &["ct", "list", "-p", "icmp"]);
@@ -511,7 +511,7 @@ fn live_router_forwards_answers_drops_and_reloads() {
     let status = g.children.remove(0).wait().expect("wait");
     assert!(status.success(), "keepstate run ended with {status}");
     assert!(!sock.exists(), "the control socket was left behind");
-    let i = lines.wait_for("port lan (", from, Duration::from_secs(5));
+    let i = lines.wait_for("port lan (", from, Duration::from_secs(10));
     let all = lines.lines.lock().unwrap();
     let tx: u64 = all[i]
         .split("tx ")

@@ -35,8 +35,12 @@ use live::*;
 const BODY: usize = 8 * 1024 * 1024;
 /// UDP datagrams echoed.
 const DATAGRAMS: usize = 100;
-/// Longer than the main loop's reading of the XDP counters (1 s).
-const READ: Duration = Duration::from_millis(1300);
+/// Longer than the main loop's reading of the XDP counters (1 s), by more than this VM's
+/// longest stop of a vCPU (0.7 s).
+const READ: Duration = Duration::from_millis(2000);
+
+/// How long to wait for a line keepstate's main loop writes within a second or so.
+const SAY: Duration = Duration::from_secs(10);
 
 /// The fast path's line of `keepstate stats`.
 fn xdp_line(stats: &str) -> &str {
@@ -350,7 +354,7 @@ fn offloaded_flows_are_forwarded_by_xdp() {
 
     eprintln!("the LAN host stops running XDP: redirects into its veth are lost, so the workers take them over");
     ok(&lan, &["ip", "link", "set", "dev", "eth0", "xdpdrv", "off"]);
-    lines.wait_for("ks-lan takes no redirected frames", 0, READ);
+    lines.wait_for("ks-lan takes no redirected frames", 0, SAY);
     download(&lan, &url, &dir.path().join("got3"), &want);
     let stats = ctl_ok(&sock, &["stats"]);
     assert!(

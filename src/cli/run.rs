@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
@@ -30,8 +30,8 @@ const TICK: Duration = Duration::from_millis(50);
 /// A pass of the tracker's GC is spread over this many ticks (2 s); passes start 1-60 s
 /// apart, as the kernel paces them (`Table::gc_paced`).
 const TICKS_PER_GC_PASS: usize = 40;
-/// The ports' XDP programs are checked every this many ticks (1 s).
-const TICKS_PER_PORT_CHECK: usize = 20;
+/// How often the ports' XDP programs are checked.
+const PORT_CHECK: Duration = Duration::from_secs(1);
 
 fn compile(path: &Path) -> anyhow::Result<Compiled> {
     let loaded = rules::load_file(path).map_err(|d| anyhow::anyhow!("{}:\n{d}", path.display()))?;
@@ -133,9 +133,16 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
         .collect();
     let mut steering = Vec::new();
     let mut failed = false;
-    let mut tick = 0usize;
+    let (mut last_tick, mut last_port_check) = (Instant::now(), Instant::now());
     while !term.load(Ordering::Relaxed) {
         std::thread::sleep(TICK);
+        // The ticks due since the last: more than one when the sleep overslept (a loaded box,
+        // or a virtual machine whose host stops it: one here overslept 50 ms sleeps by up to
+        // 0.3 s), so that expiry keeps to the clock; at most a whole gc pass.
+        let woke = Instant::now();
+        let due = ((woke - last_tick).as_nanos() / TICK.as_nanos())
+            .clamp(1, TICKS_PER_GC_PASS as u128) as usize;
+        last_tick = woke;
         if hup.swap(false, Ordering::Relaxed) {
             // Its outcome is printed by the reload itself.
             let _ = reload();
@@ -143,19 +150,21 @@ pub fn run(config: &Path) -> anyhow::Result<ExitCode> {
         if usr1.swap(false, Ordering::Relaxed) {
             eprint!("{}", shared.render_stats());
         }
-        engine.housekeeping_paced(shared.now(), buckets);
-        // A slice of the flowtable gc (one of its 20 a tick, so a pass a second, as the
+        engine.housekeeping_paced(shared.now(), buckets * due);
+        // A slice of the flowtable gc a tick due (one of its 20, so a pass a second, as the
         // kernel's): it looks at the flows due to expire, which first take what the XDP fast
         // path counted for them, and at the start of a pass for the flows of removed
         // connections.
-        tick += 1;
-        shared.flow_gc();
+        for _ in 0..due.min(crate::conntrack::flowtable::GC_SLICES) {
+            shared.flow_gc();
+        }
         shared.publish_destroyed();
         let health = shared.health();
         for line in supervisor.observe(shared.now().0, &health, &shared.worker_queues) {
             eprintln!("keepstate: {line}");
         }
-        if tick % TICKS_PER_PORT_CHECK == 0 {
+        if woke - last_port_check >= PORT_CHECK {
+            last_port_check = woke;
             steering = shared.watch_ports();
             for line in supervisor.observe_ports(&steering, &port_names) {
                 eprintln!("keepstate: {line}");

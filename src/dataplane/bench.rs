@@ -702,15 +702,20 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Vec<MixResult>, BenchE
 }
 
 /// This sitting's memory latency on the firewall's core ([`memprobe`]), `when` ("before" or
-/// "after") the windows: at a million flows the fast path waits for one such load a packet,
-/// and in a virtual machine it changes from one sitting to the next.
+/// "after") the windows: at a million flows the fast path waits for one such load a packet.
+/// And how much of a second that core ran: a virtual machine's host may stop it.
 fn report_memory(cpu: usize, when: &str, out: &mut dyn Write) {
     let _ = match memprobe::measure(cpu) {
-        Ok((big, small)) => writeln!(
+        Ok(p) => writeln!(
             out,
-            "\nmemory {when} the windows, cpu {cpu}: a random load takes {big:.0} ns over {} MiB of 4 KiB pages (as the fast path's table at a million flows), {small:.1} ns over {} MiB",
+            "\nmemory {when} the windows, cpu {cpu}: a random load takes {:.0} ns over {} MiB of 4 KiB pages (as the fast path's table at a million flows), {:.1} ns over {} MiB; the core ran {:.0} % of a second (longest stop {:.0} ms{})",
+            p.big_ns,
             memprobe::BIG >> 20,
+            p.small_ns,
             memprobe::SMALL >> 20,
+            p.ran * 100.0,
+            p.longest_stop.as_secs_f64() * 1e3,
+            if p.ran < 0.9 { ": something else holds this core, other work or the virtual machine's host, and every figure here is the worse for it" } else { "" },
         ),
         Err(e) => writeln!(out, "\nmemory {when} the windows: not measured ({e})"),
     };

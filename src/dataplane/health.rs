@@ -35,6 +35,7 @@
 
 use std::any::Any;
 use std::fmt;
+use std::sync::Arc;
 
 /// Nanoseconds per second, for the reports' durations.
 const NS: u64 = 1_000_000_000;
@@ -80,6 +81,33 @@ fn secs(ns: u64) -> String {
 pub enum Ending {
     Stopped,
     Died(String),
+}
+
+thread_local! {
+    /// Where this thread records its ending, if it is a worker ([`record_panics_in`]).
+    static ENDING: std::cell::RefCell<Option<Arc<dyn Fn(Ending) + Send + Sync>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Makes a panic of the calling thread record `Died(message)` through `record` as soon as it
+/// starts, before the panic's report is printed: printing a backtrace can take seconds (a
+/// debug build symbolises it), and a worker stops beating meanwhile, so the main loop would
+/// call a dying worker stuck. Installs, once per process, a panic hook that does this ahead
+/// of the hook that was there.
+pub fn record_panics_in(record: Arc<dyn Fn(Ending) + Send + Sync>) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let earlier = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            // `try_with`: a panic while the thread's locals are torn down has none.
+            let record = ENDING.try_with(|e| e.borrow().clone()).ok().flatten();
+            if let Some(record) = record {
+                record(Ending::Died(panic_message(info.payload())));
+            }
+            earlier(info);
+        }));
+    });
+    ENDING.with(|e| *e.borrow_mut() = Some(record));
 }
 
 /// The text of a panic's payload, on one line (it is shown in `stats` and log lines).
@@ -471,6 +499,26 @@ mod tests {
                  program (id 43) still runs (No such device): its frames may bypass the workers"
             ]
         );
+    }
+
+    #[test]
+    fn a_worker_panic_is_recorded_as_it_starts() {
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let g = got.clone();
+        let ended = std::thread::spawn(move || {
+            record_panics_in(Arc::new(move |e| g.lock().unwrap().push(e)));
+            panic!("worker 3 panics\n  on two lines");
+        })
+        .join();
+        assert!(ended.is_err());
+        assert_eq!(
+            *got.lock().unwrap(),
+            [Ending::Died("worker 3 panics on two lines".into())]
+        );
+        // A thread that did not ask records nothing.
+        let ended = std::thread::spawn(|| panic!("not a worker")).join();
+        assert!(ended.is_err());
+        assert_eq!(got.lock().unwrap().len(), 1);
     }
 
     #[test]

@@ -794,7 +794,11 @@ pub fn start(plan: Plan, engine: Arc<Engine>) -> Result<Running, DataplaneError>
                     core_affinity::set_for_current(c);
                 }
                 // A panic ends only this worker (its sockets close as it unwinds); its
-                // message stays for the main loop's report.
+                // message stays for the main loop's report, recorded as the panic starts.
+                let rec = sh.clone();
+                health::record_panics_in(Arc::new(move |e| {
+                    let _ = rec.worker_stats[w].ending.set(e);
+                }));
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
                 let ending = match ran {
                     Err(p) => health::Ending::Died(health::panic_message(&*p)),

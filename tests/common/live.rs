@@ -112,11 +112,12 @@ impl Lines {
                 return from + i;
             }
             let left = end.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "keepstate did not say `{what}` within {limit:?}; it said:\n{}",
-                lines[from.min(lines.len())..].join("\n")
-            );
+            if left.is_zero() {
+                let said = lines[from.min(lines.len())..].join("\n");
+                // Unlocked first: a panic holding the lock would poison it for the reader.
+                drop(lines);
+                panic!("keepstate did not say `{what}` within {limit:?}; it said:\n{said}");
+            }
             lines = self.more.wait_timeout(lines, left).unwrap().0;
         }
     }

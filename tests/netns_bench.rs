@@ -73,6 +73,12 @@ fn bench(args: &[&str]) -> String {
     text
 }
 
+/// The rate (packets/s, a hundred packets in a 2 s window) above which a mode forwards: a
+/// mode that does not gets nothing through. Not a speed: session 16's virtual machine, whose
+/// host ran the firewall's core for 7 to 34 % of a second, brought mode f down to 650
+/// packets/s (all it was sent) and keepstate's SYN churn in a debug build to 158.
+const FORWARDS: f64 = 50.0;
+
 /// The delivered packets per second of `mode` in the report's table.
 fn pps(report: &str, mode: char) -> f64 {
     let line = report
@@ -96,7 +102,7 @@ fn every_mode_forwards_udp() {
     println!("{r}");
     for m in ['a', 'b', 'c', 'd', 'e', 'f'] {
         assert!(
-            pps(&r, m) > 1000.0,
+            pps(&r, m) > FORWARDS,
             "mode {m} forwarded almost nothing:\n{r}"
         );
     }
@@ -121,7 +127,7 @@ fn syn_churn_and_classbench_rules() {
     println!("{r}");
     for m in ['b', 'c'] {
         assert!(
-            pps(&r, m) > 1000.0,
+            pps(&r, m) > FORWARDS,
             "mode {m} forwarded almost nothing:\n{r}"
         );
     }

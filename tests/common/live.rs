@@ -43,6 +43,8 @@ pub fn can_run(test: &str, tools: &[&str]) -> bool {
 pub struct Guard {
     pub lab: Lab,
     pub children: Vec<Child>,
+    /// Dropped with the guard, which calls off the watchdog of [`lab`].
+    _dog: std::sync::mpsc::Sender<()>,
 }
 
 impl Drop for Guard {
@@ -279,19 +281,30 @@ pub fn signal(pid: u32, sig: &str) {
 }
 
 /// Builds a lab under `tag` and this process's id, with `queues` queues per veth, and a
-/// watchdog that deletes it (and ends the test) if the test takes longer than `limit`.
+/// watchdog that deletes it (and ends the test binary) if the test takes longer than `limit`.
+/// The watchdog is called off when the guard drops: tests that run one after another must
+/// not be ended by an earlier test's watchdog.
 pub fn lab(tag: &str, queues: u32, limit: Duration) -> Guard {
     let lab = Lab::named(&format!("k{tag}{}", std::process::id() % 1_000_000)).unwrap();
     let dog = lab.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        eprintln!("timed out; deleting the lab {}", dog.fw);
-        dog.down();
-        std::process::exit(101);
+        if rx.recv_timeout(limit) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            // Printed to the terminal: the test harness's capture dies with the process.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "timed out after {limit:?}; deleting the lab {}",
+                dog.fw
+            );
+            dog.down();
+            std::process::exit(101);
+        }
     });
     let g = Guard {
         lab,
         children: Vec::new(),
+        _dog: tx,
     };
     g.lab.up(queues).expect("lab up");
     g

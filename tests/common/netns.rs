@@ -86,6 +86,8 @@ pub struct Lab {
     children: Vec<Child>,
     /// Whether [`Lab::enable_ipv6`] ran.
     ipv6: bool,
+    /// Dropped with the lab, which calls off its watchdog.
+    _dog: std::sync::mpsc::Sender<()>,
 }
 
 impl Lab {
@@ -99,20 +101,30 @@ impl Lab {
             std::process::id(),
             LABS.fetch_add(1, Ordering::Relaxed)
         );
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
         let lab = Lab {
             c: format!("{tag}-c-{id}"),
             r: format!("{tag}-r-{id}"),
             s: format!("{tag}-s-{id}"),
             children: Vec::new(),
             ipv6: false,
+            _dog: tx,
         };
         // A watchdog: a hung peer must not leave namespaces behind when the harness is
-        // killed, so after `limit` it deletes them and ends the test binary.
+        // killed, so after `limit` it deletes them and ends the test binary. Called off when
+        // the lab drops, so that it cannot end a later test.
         let names = [lab.c.clone(), lab.r.clone(), lab.s.clone()];
         let tag = tag.to_string();
         std::thread::spawn(move || {
-            std::thread::sleep(limit);
-            eprintln!("{tag}: timed out; deleting {names:?}");
+            if rx.recv_timeout(limit) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                return;
+            }
+            // Printed to the terminal: the test harness's capture dies with the process.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "{tag}: timed out after {limit:?}; deleting {names:?}"
+            );
             for ns in &names {
                 let _ = Command::new("ip")
                     .args(["netns", "pids", ns])

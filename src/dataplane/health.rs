@@ -83,10 +83,12 @@ pub enum Ending {
     Died(String),
 }
 
+/// Records a worker's ending where the main loop reads it.
+pub type Recorder = Arc<dyn Fn(Ending) + Send + Sync>;
+
 thread_local! {
     /// Where this thread records its ending, if it is a worker ([`record_panics_in`]).
-    static ENDING: std::cell::RefCell<Option<Arc<dyn Fn(Ending) + Send + Sync>>> =
-        const { std::cell::RefCell::new(None) };
+    static ENDING: std::cell::RefCell<Option<Recorder>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Makes a panic of the calling thread record `Died(message)` through `record` as soon as it
@@ -94,7 +96,7 @@ thread_local! {
 /// debug build symbolises it), and a worker stops beating meanwhile, so the main loop would
 /// call a dying worker stuck. Installs, once per process, a panic hook that does this ahead
 /// of the hook that was there.
-pub fn record_panics_in(record: Arc<dyn Fn(Ending) + Send + Sync>) {
+pub fn record_panics_in(record: Recorder) {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
         let earlier = std::panic::take_hook();

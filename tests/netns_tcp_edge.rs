@@ -41,7 +41,8 @@
 //! the real IPv6 traffic run, from threads that entered the end namespaces (checksum offload
 //! is off on the hosts' veths, as in `netns_conntrack`, so the captured checksums are final).
 //! IPv6 runs without duplicate address detection, router solicitations or link-local
-//! addresses, and with permanent neighbours, so the router's MLD reports are the only other traffic.
+//! addresses, and with permanent neighbours, so the router's MLD reports are the only other
+//! traffic.
 //!
 //! The router's ingress is captured with tcpdump and replayed through keepstate. Compared:
 //! `conntrack -L` (IPv4 and IPv6, with accounting; only the remaining timeout and `use=` are

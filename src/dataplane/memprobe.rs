@@ -11,7 +11,7 @@
 //! hardware cannot prefetch. It is timed in short slices and the median slice counts: a
 //! stop of the vCPU lands in few of them. (Session 15 timed the chase whole and read the
 //! stops as memory latency, 0.2 to 10 µs a load; sliced, the same machine gives 0.2 to
-//! 0.3 µs.) Owns nothing but its own mapping, unmapped on return.
+//! 0.4 µs.) Owns nothing but its own mapping, unmapped on return.
 
 use std::time::{Duration, Instant};
 
